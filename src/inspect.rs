@@ -1,0 +1,283 @@
+//! `oftool inspect`: what an adapter holds, per layer and in total.
+//!
+//! The JSON form (`--json`) is a stable interface documented in README.md; fields are only
+//! ever added.
+
+use crate::error::Result;
+use crate::import;
+use crate::model::{Adapter, Layer, Provenance, ScalePosition};
+use crate::rotation::{max_rotation_angle, orthogonality_error, rotation_block, skew_norm};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct StageReport {
+    pub blocks: Option<u64>,
+    pub block_size: u64,
+    pub shared: bool,
+    pub map: String,
+    pub wiring: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConstraintReport {
+    pub kind: String,
+    pub scope: String,
+    pub radius: f64,
+    /// ‖Q‖_F over the layer (scope `layer`) or the largest block norm (scope `block`).
+    pub norm: f64,
+    /// `norm / radius`: 1.0 means the constraint binds.
+    pub usage: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RowScaleReport {
+    pub position: String,
+    pub min: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerReport {
+    pub target: String,
+    pub convention: String,
+    pub component: Option<String>,
+    pub module: String,
+    pub side: String,
+    pub rotated_dim: Option<u64>,
+    pub stages: Vec<StageReport>,
+    pub parameters: u64,
+    /// Largest rotation angle of any block, radians (Cayley angle of Q for Neumann stages).
+    pub max_angle_rad: f64,
+    /// Largest ‖RᵀR − I‖_F of any block (non-zero for Neumann stages).
+    pub orthogonality_error: f64,
+    pub constraint: Option<ConstraintReport>,
+    pub row_scale: Option<RowScaleReport>,
+    pub base_binding: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Totals {
+    pub layers: usize,
+    pub stages: usize,
+    pub parameters: u64,
+    pub max_angle_rad: f64,
+    pub orthogonality_error: f64,
+    pub constrained_layers: usize,
+    pub row_scaled_layers: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub file: String,
+    pub layout: String,
+    pub provenance: Provenance,
+    pub totals: Totals,
+    pub layers: Vec<LayerReport>,
+}
+
+fn module_name(l: &Layer) -> String {
+    serde_json::to_value(l.target.module)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+pub fn layer_report(layer: &Layer) -> LayerReport {
+    let mut max_angle: f64 = 0.0;
+    let mut orth: f64 = 0.0;
+    for s in &layer.stages {
+        let b = s.spec.block_size as usize;
+        for k in 0..s.stored_blocks() as usize {
+            let tri = s.q_row(k);
+            max_angle = max_angle.max(max_rotation_angle(tri, b));
+            orth = orth.max(orthogonality_error(&rotation_block(tri, b, &s.spec.map), b));
+        }
+    }
+    let constraint = layer.constraint.as_ref().map(|c| {
+        let norm = if c.scope == "block" {
+            layer
+                .stages
+                .iter()
+                .flat_map(|s| (0..s.stored_blocks() as usize).map(move |k| skew_norm(s.q_row(k))))
+                .fold(0.0, f64::max)
+        } else {
+            let all: Vec<f64> = layer
+                .stages
+                .iter()
+                .flat_map(|s| s.q.iter().copied())
+                .collect();
+            skew_norm(&all)
+        };
+        ConstraintReport {
+            kind: c.kind.clone(),
+            scope: c.scope.clone(),
+            radius: c.radius,
+            norm,
+            usage: if c.radius > 0.0 { norm / c.radius } else { 0.0 },
+        }
+    });
+    let row_scale = layer.row_scale.as_ref().map(|(pos, v)| RowScaleReport {
+        position: match pos {
+            ScalePosition::Before => "before".into(),
+            ScalePosition::After => "after".into(),
+        },
+        min: v.iter().copied().fold(f64::INFINITY, f64::min),
+        max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    });
+    LayerReport {
+        target: layer.target.name.clone(),
+        convention: layer.target.convention.clone(),
+        component: layer.target.component.clone(),
+        module: module_name(layer),
+        side: layer.side.as_str().into(),
+        rotated_dim: layer.target.rotated_dim,
+        stages: layer
+            .stages
+            .iter()
+            .map(|s| StageReport {
+                blocks: s.spec.blocks,
+                block_size: s.spec.block_size,
+                shared: s.spec.shared,
+                map: s.spec.map.describe(),
+                wiring: s.spec.wiring.describe(),
+            })
+            .collect(),
+        parameters: layer.parameter_count(),
+        max_angle_rad: max_angle,
+        orthogonality_error: orth,
+        constraint,
+        row_scale,
+        base_binding: layer.base_binding.is_some(),
+    }
+}
+
+pub fn report(file: &Path, layout: &str, adapter: &Adapter) -> Report {
+    let layers: Vec<LayerReport> = adapter.layers.iter().map(layer_report).collect();
+    let totals = Totals {
+        layers: layers.len(),
+        stages: layers.iter().map(|l| l.stages.len()).sum(),
+        parameters: layers.iter().map(|l| l.parameters).sum(),
+        max_angle_rad: layers.iter().map(|l| l.max_angle_rad).fold(0.0, f64::max),
+        orthogonality_error: layers
+            .iter()
+            .map(|l| l.orthogonality_error)
+            .fold(0.0, f64::max),
+        constrained_layers: layers.iter().filter(|l| l.constraint.is_some()).count(),
+        row_scaled_layers: layers.iter().filter(|l| l.row_scale.is_some()).count(),
+    };
+    Report {
+        file: file.display().to_string(),
+        layout: layout.into(),
+        provenance: adapter.provenance.clone(),
+        totals,
+        layers,
+    }
+}
+
+/// Load any supported adapter and build its report.
+pub fn run(path: &Path) -> Result<Report> {
+    let layout = import::detect(path)?;
+    let adapter = import::load(path)?;
+    Ok(report(path, layout.name(), &adapter))
+}
+
+/// The human-readable table.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let p = &r.provenance;
+    let _ = writeln!(s, "{}", r.file);
+    let _ = writeln!(
+        s,
+        "  layout {}   source {}{}   {} layers, {} stages, {} parameters",
+        r.layout,
+        p.source_format,
+        p.source_version
+            .as_ref()
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default(),
+        r.totals.layers,
+        r.totals.stages,
+        r.totals.parameters
+    );
+    let _ = writeln!(
+        s,
+        "  largest angle {:.4}°   largest ‖RᵀR−I‖ {:.2e}   constrained {}   row-scaled {}",
+        r.totals.max_angle_rad.to_degrees(),
+        r.totals.orthogonality_error,
+        r.totals.constrained_layers,
+        r.totals.row_scaled_layers
+    );
+    let _ = writeln!(s);
+    let width = r
+        .layers
+        .iter()
+        .map(|l| l.target.len())
+        .max()
+        .unwrap_or(6)
+        .clamp(6, 80);
+    let _ = writeln!(
+        s,
+        "  {:<width$}  {:<6}  {:>6}  {:<22}  {:>8}  {:>9}  {:>8}  {:>10}  row scale",
+        "target", "side", "dim", "stages (r×b map)", "params", "angle°", "‖RᵀR−I‖", "constraint"
+    );
+    for l in &r.layers {
+        let stages = l
+            .stages
+            .iter()
+            .map(|st| {
+                let r = st
+                    .blocks
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "*".into());
+                let share = if st.shared { " shared" } else { "" };
+                let wiring = if st.wiring == "identity" {
+                    String::new()
+                } else {
+                    format!(" {}", st.wiring)
+                };
+                format!("{r}×{} {}{share}{wiring}", st.block_size, st.map)
+            })
+            .collect::<Vec<_>>()
+            .join(" → ");
+        let constraint = l
+            .constraint
+            .as_ref()
+            .map(|c| format!("{:.0}%", 100.0 * c.usage))
+            .unwrap_or_else(|| "-".into());
+        let row_scale = l
+            .row_scale
+            .as_ref()
+            .map(|rs| format!("{:.4}..{:.4} {}", rs.min, rs.max, rs.position))
+            .unwrap_or_else(|| "-".into());
+        let mut target = l.target.clone();
+        if target.chars().count() > width {
+            let tail: String = target
+                .chars()
+                .rev()
+                .take(width - 1)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            target = format!("…{tail}");
+        }
+        let _ = writeln!(
+            s,
+            "  {:<width$}  {:<6}  {:>6}  {:<22}  {:>8}  {:>9.4}  {:>8.1e}  {:>10}  {}",
+            target,
+            l.side,
+            l.rotated_dim
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "?".into()),
+            stages,
+            l.parameters,
+            l.max_angle_rad.to_degrees(),
+            l.orthogonality_error,
+            constraint,
+            row_scale
+        );
+    }
+    s
+}

@@ -1,0 +1,108 @@
+//! The `oftool` command line: parses arguments and calls the library.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use oftool::{convert, inspect, validate};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "oftool",
+    version,
+    about = "Inspect, validate, convert and bake OFT/BOFT adapters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Target {
+    /// The spec-defined `.oft` format (spec/oft-format.md).
+    Oft,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what an adapter holds: per layer target, side, stages, angles, constraint use.
+    Inspect {
+        /// A `.oft` file, a PEFT adapter directory or file, or a LyCORIS file.
+        file: PathBuf,
+        /// Print the stable JSON report instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an adapter (and optionally that it fits a base checkpoint). Exit 0 valid, 1 invalid, 2 usage or I/O error.
+    Validate {
+        file: PathBuf,
+        /// Base checkpoint (safetensors) to check targets, shapes and binding hashes against.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import any supported adapter layout and write it in another layout.
+    Convert {
+        input: PathBuf,
+        /// Output path.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Layout to write.
+        #[arg(long, value_enum, default_value = "oft")]
+        to: Target,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("oftool: cannot encode JSON: {e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect { file, json } => inspect::run(&file).map(|r| {
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", inspect::render(&r));
+            }
+            0
+        }),
+        Command::Validate { file, base, json } => validate::run(&file, base.as_deref()).map(|v| {
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", validate::render(&v));
+            }
+            if v.valid { 0 } else { 1 }
+        }),
+        Command::Convert {
+            input,
+            output,
+            to: Target::Oft,
+            json,
+        } => convert::run(&input, &output).map(|s| {
+            if json {
+                print_json(&s);
+            } else {
+                println!(
+                    "{} ({}) → {}: {} layers, {} parameters",
+                    s.input, s.layout, s.output, s.layers, s.parameters
+                );
+            }
+            0
+        }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("oftool: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

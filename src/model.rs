@@ -1,0 +1,300 @@
+//! The canonical adapter model: what a `.oft` file holds, independent of any producer's layout.
+//!
+//! Every importer maps its producer's parameters onto these types exactly (see
+//! `spec/oft-format.md`); every exporter and the bake path read only these types.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Which axis of the 2-D weight view a layer rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// Axis 1 (flattened columns): each stage does `W ← W · Eᵀ`.
+    Input,
+    /// Axis 0 (rows): each stage does `W ← Eᵀ · W`.
+    Output,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Input => "input",
+            Side::Output => "output",
+        }
+    }
+}
+
+/// Coefficient variant of PEFT's truncated Cayley–Neumann series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NeumannVariant {
+    /// PEFT 0.16–0.17: `I + 2·Σ_{k=1}^{n−1} Qᵏ`.
+    #[serde(rename = "peft-0.16")]
+    Peft016,
+    /// PEFT ≥ 0.18: `I + 2·Σ_{k=1}^{n−2} Qᵏ + Q^{n−1}` (n ≥ 3).
+    #[serde(rename = "peft-0.18")]
+    Peft018,
+}
+
+/// How a stage turns its skew-symmetric Q into the block R.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum RotationMap {
+    /// Exact Cayley transform `R = (I + Q)(I − Q)⁻¹`.
+    Cayley,
+    /// Truncated series approximating the Cayley transform (not orthogonal: reproduced as is).
+    Neumann { terms: u32, variant: NeumannVariant },
+}
+
+impl RotationMap {
+    pub fn describe(&self) -> String {
+        match self {
+            RotationMap::Cayley => "cayley".to_string(),
+            RotationMap::Neumann { terms, variant } => {
+                let v = match variant {
+                    NeumannVariant::Peft016 => "peft-0.16",
+                    NeumannVariant::Peft018 => "peft-0.18",
+                };
+                format!("neumann({terms}, {v})")
+            }
+        }
+    }
+}
+
+/// Producer whose butterfly wiring a stage uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WiringProducer {
+    Peft,
+    Lycoris,
+}
+
+/// Which global indices each block of a stage acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Wiring {
+    /// Block k acts on indices `[k·b, (k+1)·b)`.
+    Identity,
+    /// Stage `index` of a butterfly factorisation, as wired by `producer`.
+    Butterfly {
+        producer: WiringProducer,
+        index: u32,
+    },
+}
+
+impl Wiring {
+    pub fn describe(&self) -> String {
+        match self {
+            Wiring::Identity => "identity".to_string(),
+            Wiring::Butterfly { producer, index } => {
+                let p = match producer {
+                    WiringProducer::Peft => "peft",
+                    WiringProducer::Lycoris => "lycoris",
+                };
+                format!("butterfly({p}, {index})")
+            }
+        }
+    }
+}
+
+/// Kind of module the target weight belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleKind {
+    Linear,
+    Conv,
+    Embedding,
+    #[default]
+    Unknown,
+}
+
+/// The module a layer adapts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    /// Module name as the source names it (without the tensor suffix).
+    pub name: String,
+    /// Naming convention of `name`: diffusers, kohya, peft, comfyui, ldm, transformers, unknown.
+    pub convention: String,
+    /// Pipeline component (unet, text_encoder, text_encoder_2, transformer), when known.
+    #[serde(default)]
+    pub component: Option<String>,
+    #[serde(default)]
+    pub module: ModuleKind,
+    /// Full expected weight shape, when the source records it.
+    #[serde(default)]
+    pub shape: Option<Vec<u64>>,
+    /// Size of the rotated (flattened) axis; `None` only when every stage is shared and the
+    /// source does not record the target's dimension (PEFT `block_share`).
+    #[serde(default)]
+    pub rotated_dim: Option<u64>,
+}
+
+/// One block-diagonal rotation stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSpec {
+    /// Number of blocks r; `None` only for a shared stage whose source does not say how many
+    /// times the block repeats: it then tiles the whole rotated axis (d / b blocks).
+    pub blocks: Option<u64>,
+    pub block_size: u64,
+    pub shared: bool,
+    pub wiring: Wiring,
+    pub map: RotationMap,
+    /// Name of the tensor holding the packed strict upper triangles.
+    pub q: String,
+}
+
+/// Where the per-row scale is applied relative to the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScalePosition {
+    Before,
+    After,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowScaleSpec {
+    pub tensor: String,
+    pub position: ScalePosition,
+}
+
+/// The producer's constraint (COFT), informational: stored Q already satisfies it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Constraint {
+    /// lycoris, peft-coft, kohya, comfyui-raw.
+    pub kind: String,
+    /// Radius of the Frobenius ball Q was clamped or projected onto.
+    pub radius: f64,
+    /// `layer` (one norm over all blocks) or `block` (per block).
+    pub scope: String,
+    /// The producer's raw parameter (alpha or eps) as recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+}
+
+/// Proof of which base tensor an adapter layer was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseBinding {
+    pub blake3: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    pub target: Target,
+    pub side: Side,
+    pub stages: Vec<StageSpec>,
+    #[serde(default)]
+    pub row_scale: Option<RowScaleSpec>,
+    #[serde(default)]
+    pub constraint: Option<Constraint>,
+    #[serde(default)]
+    pub base_binding: Option<BaseBinding>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Provenance {
+    pub source_format: String,
+    #[serde(default)]
+    pub source_version: Option<String>,
+    pub tool: String,
+    #[serde(default)]
+    pub created: Option<String>,
+    #[serde(default)]
+    pub source_digest: Option<String>,
+    #[serde(default)]
+    pub user_metadata: BTreeMap<String, String>,
+}
+
+/// The JSON manifest stored in `oft.manifest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: String,
+    #[serde(default)]
+    pub requires: Vec<String>,
+    pub provenance: Provenance,
+    pub layers: Vec<LayerSpec>,
+}
+
+/// Values of one stage: packed triangles, one row per stored block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub spec: StageSpec,
+    /// Row-major `[stored_blocks, b(b−1)/2]`.
+    pub q: Vec<f64>,
+    /// Whether `q` must be written as f64 (it is not exactly representable in f32).
+    pub q_f64: bool,
+}
+
+impl Stage {
+    /// Number of stored Q rows (1 when shared).
+    pub fn stored_blocks(&self) -> u64 {
+        if self.spec.shared {
+            1
+        } else {
+            self.spec.blocks.unwrap_or(1)
+        }
+    }
+
+    /// Number of blocks on an axis of `axis` features: the recorded count, or for an unsized
+    /// shared stage as many as tile the axis.
+    pub fn blocks_on(&self, axis: u64) -> u64 {
+        self.spec
+            .blocks
+            .unwrap_or(axis / self.spec.block_size.max(1))
+    }
+
+    pub fn tri_len(&self) -> usize {
+        crate::rotation::tri_len(self.spec.block_size as usize)
+    }
+
+    /// Packed triangle of stored block `k`.
+    pub fn q_row(&self, k: usize) -> &[f64] {
+        let n = self.tri_len();
+        let k = if self.spec.shared { 0 } else { k };
+        &self.q[k * n..(k + 1) * n]
+    }
+
+    /// Rotated dimension r·b, when the block count is recorded.
+    pub fn dim(&self) -> Option<u64> {
+        self.spec.blocks.map(|r| r * self.spec.block_size)
+    }
+}
+
+/// A layer with its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    pub target: Target,
+    pub side: Side,
+    pub stages: Vec<Stage>,
+    pub row_scale: Option<(ScalePosition, Vec<f64>)>,
+    pub row_scale_f64: bool,
+    pub constraint: Option<Constraint>,
+    pub base_binding: Option<BaseBinding>,
+}
+
+impl Layer {
+    pub fn parameter_count(&self) -> u64 {
+        let q: u64 = self.stages.iter().map(|s| s.q.len() as u64).sum();
+        q + self.row_scale.as_ref().map_or(0, |(_, v)| v.len() as u64)
+    }
+}
+
+/// A whole adapter in canonical form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    pub provenance: Provenance,
+    pub layers: Vec<Layer>,
+}
+
+pub const FORMAT_NAME: &str = "oft";
+pub const FORMAT_VERSION: &str = "1.0";
+/// Features this reader implements (a file whose `requires` lists anything else is refused).
+pub const KNOWN_FEATURES: &[&str] = &[];
+
+pub fn tool_name() -> String {
+    format!("oftool {}", env!("CARGO_PKG_VERSION"))
+}

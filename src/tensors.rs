@@ -1,0 +1,142 @@
+//! Safetensors access: memory-mapped reading, dtype conversion to f64 and back, atomic writing.
+
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, Metadata, TensorView};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+/// A memory-mapped safetensors file whose header has been parsed and checked.
+pub struct MappedFile {
+    mmap: Mmap,
+    pub metadata: HashMap<String, String>,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; a file truncated underneath us is reported by the
+        // safetensors offset checks at parse time (later truncation is documented in SECURITY.md).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            detail: describe_st_error(&e),
+        })?;
+        // Parse the whole file once so every offset is checked before anyone reads a tensor.
+        SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            detail: describe_st_error(&e),
+        })?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(MappedFile { mmap, metadata })
+    }
+
+    pub fn tensors(&self) -> SafeTensors<'_> {
+        // ok: deserialize succeeded on the same bytes in `open`.
+        SafeTensors::deserialize(&self.mmap).expect("header validated in open")
+    }
+
+    pub fn header(&self) -> Metadata {
+        // ok: read_metadata succeeded on the same bytes in `open`.
+        SafeTensors::read_metadata(&self.mmap)
+            .expect("header validated in open")
+            .1
+    }
+}
+
+fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => "the file is too short to hold a safetensors header".into(),
+        E::HeaderTooLarge => "the header length is larger than the 100 MB cap".into(),
+        E::InvalidHeaderLength => {
+            "the header length runs past the end of the file (truncated?)".into()
+        }
+        E::InvalidHeader(_) => "the header is not valid UTF-8".into(),
+        E::InvalidHeaderDeserialization(m) => format!("the header is not valid JSON: {m}"),
+        E::InvalidOffset(name) => format!(
+            "tensor `{name}` has offsets that overlap, leave gaps or run past the end of the file"
+        ),
+        E::MetadataIncompleteBuffer => {
+            "the data section is shorter than the header says (truncated file?)".into()
+        }
+        E::TensorInvalidInfo => "a tensor's offsets do not match its dtype and shape".into(),
+        E::ValidationOverflow => "a tensor's shape overflows".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Decode a tensor's elements to f64. Refuses dtypes an adapter or weight never uses.
+pub fn to_f64(view: &TensorView<'_>, what: &str) -> Result<Vec<f64>> {
+    let d = view.data();
+    Ok(match view.dtype() {
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64)
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        Dtype::BOOL | Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
+        other => {
+            return Err(Error::Invalid(format!(
+                "{what}: dtype {other:?} is not a floating-point dtype"
+            )));
+        }
+    })
+}
+
+/// Encode f64 values in a floating dtype, rounding to nearest even.
+pub fn from_f64(values: &[f64], dtype: Dtype) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(values.len() * dtype.bitsize() / 8);
+    match dtype {
+        Dtype::F64 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        Dtype::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as f32).to_le_bytes())),
+        Dtype::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::f16::from_f64(*v).to_le_bytes())),
+        Dtype::BF16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f64(*v).to_le_bytes())),
+        other => {
+            return Err(Error::Invalid(format!(
+                "cannot write dtype {other:?}: only F64, F32, F16 and BF16 weights are supported"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Write `path` atomically: the bytes go to a temporary file in the same directory, which is
+/// synced and renamed into place only when complete. A failure leaves nothing at `path`.
+pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".oftool-tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    write(tmp.as_file_mut())?;
+    tmp.as_file_mut().flush().map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! `oftool validate`: every structural and numerical problem of an adapter, optionally
+//! checked against the base checkpoint it is meant for (headers and bound tensors only).
+
+use crate::error::{Error, Result};
+use crate::import::{self, Layout};
+use crate::model::{Adapter, Layer, Side};
+use crate::oft_file::{self, DigestStatus};
+use crate::resolve::AliasTable;
+use crate::rotation::skew_norm;
+use crate::tensors::MappedFile;
+use crate::wiring::gather;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Problem {
+    /// Layer target name, or null for file-level problems.
+    pub layer: Option<String>,
+    /// Stable identifier: parse, digest, non-finite, partition, wiring, constraint, target-missing,
+    /// target-ambiguous, target-shape, binding.
+    pub check: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Validation {
+    pub file: String,
+    pub layout: Option<String>,
+    pub valid: bool,
+    pub layers: usize,
+    pub base: Option<String>,
+    pub problems: Vec<Problem>,
+}
+
+fn problem(layer: Option<&Layer>, check: &str, message: String) -> Problem {
+    Problem {
+        layer: layer.map(|l| l.target.name.clone()),
+        check: check.into(),
+        message,
+    }
+}
+
+/// The checks that need only the adapter.
+pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for layer in &adapter.layers {
+        let p = |check: &str, m: String| problem(Some(layer), check, m);
+        for (j, s) in layer.stages.iter().enumerate() {
+            if let Some(i) = s.q.iter().position(|x| !x.is_finite()) {
+                out.push(p(
+                    "non-finite",
+                    format!("stage {j}: Q element {i} is {}", s.q[i]),
+                ));
+            }
+            let b = s.spec.block_size;
+            match (s.spec.blocks, layer.target.rotated_dim) {
+                (Some(r), Some(d)) if r * b != d => out.push(p(
+                    "partition",
+                    format!(
+                        "stage {j}: {r} blocks × {b} = {} does not equal the rotated dimension {d}",
+                        r * b
+                    ),
+                )),
+                (None, Some(d)) if d % b != 0 => out.push(p(
+                    "partition",
+                    format!(
+                        "stage {j}: shared blocks of size {b} do not tile the rotated dimension {d}"
+                    ),
+                )),
+                _ => {}
+            }
+            if let Some(r) = s.spec.blocks
+                && let Err(e) = gather(&s.spec.wiring, r as usize, b as usize)
+            {
+                out.push(p("wiring", format!("stage {j}: {}", e.0)));
+            }
+        }
+        if let Some((_, v)) = &layer.row_scale {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                out.push(p(
+                    "non-finite",
+                    format!("row scale element {i} is {}", v[i]),
+                ));
+            }
+            if let Some(shape) = &layer.target.shape
+                && shape.first() != Some(&(v.len() as u64))
+            {
+                out.push(p(
+                    "partition",
+                    format!(
+                        "row scale has {} entries for a weight of shape {shape:?}",
+                        v.len()
+                    ),
+                ));
+            }
+        }
+        if let (Some(shape), Some(d)) = (&layer.target.shape, layer.target.rotated_dim) {
+            let axis = axis_len(layer.side, shape);
+            if axis != d {
+                out.push(p(
+                    "partition",
+                    format!("rotated dimension {d} does not match the target shape {shape:?}"),
+                ));
+            }
+        }
+        if let Some(c) = &layer.constraint {
+            // Stored Q must already satisfy the constraint (allow rounding of the stored dtype).
+            let tol = c.radius * 1e-6 + 1e-12;
+            if c.scope == "block" {
+                for s in &layer.stages {
+                    for k in 0..s.stored_blocks() as usize {
+                        let n = skew_norm(s.q_row(k));
+                        if n > c.radius + tol {
+                            out.push(p(
+                                "constraint",
+                                format!(
+                                    "block {k}: ‖Q‖ = {n:.6e} exceeds the {} radius {:.6e}",
+                                    c.kind, c.radius
+                                ),
+                            ));
+                        }
+                    }
+                }
+            } else {
+                let all: Vec<f64> = layer
+                    .stages
+                    .iter()
+                    .flat_map(|s| s.q.iter().copied())
+                    .collect();
+                let n = skew_norm(&all);
+                if c.radius > 0.0 && n > c.radius + tol {
+                    out.push(p(
+                        "constraint",
+                        format!(
+                            "‖Q‖ = {n:.6e} exceeds the {} radius {:.6e}",
+                            c.kind, c.radius
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Length of the rotated axis of a weight of `shape`.
+pub fn axis_len(side: Side, shape: &[u64]) -> u64 {
+    match side {
+        Side::Output => shape.first().copied().unwrap_or(0),
+        Side::Input => shape.iter().skip(1).product(),
+    }
+}
+
+/// Check every target against the base's headers, and binding hashes against its tensors.
+pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
+    let file = MappedFile::open(base)?;
+    let st = file.tensors();
+    let table = AliasTable::new(st.names().into_iter().map(|s| s));
+    let mut out = Vec::new();
+    for layer in &adapter.layers {
+        let p = |check: &str, m: String| problem(Some(layer), check, m);
+        let key = match table.resolve(&layer.target) {
+            Ok(k) => k,
+            Err(c) if c.is_empty() => {
+                out.push(p(
+                    "target-missing",
+                    format!(
+                        "no tensor in {} matches `{}`",
+                        base.display(),
+                        layer.target.name
+                    ),
+                ));
+                continue;
+            }
+            Err(c) => {
+                out.push(p(
+                    "target-ambiguous",
+                    format!(
+                        "`{}` matches several tensors: {}",
+                        layer.target.name,
+                        c.join(", ")
+                    ),
+                ));
+                continue;
+            }
+        };
+        let view = st
+            .tensor(&key)
+            .map_err(|e| Error::format(base, e.to_string()))?;
+        let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+        let axis = axis_len(layer.side, &shape);
+        for (j, s) in layer.stages.iter().enumerate() {
+            let r = s.blocks_on(axis);
+            if r * s.spec.block_size != axis {
+                out.push(p(
+                    "target-shape",
+                    format!(
+                        "stage {j} rotates {r} × {} = {} {} features, but `{key}` has shape {shape:?} ({axis} on that side)",
+                        s.spec.block_size,
+                        r * s.spec.block_size,
+                        layer.side.as_str()
+                    ),
+                ));
+            }
+        }
+        if let Some((_, v)) = &layer.row_scale
+            && v.len() as u64 != shape.first().copied().unwrap_or(0)
+        {
+            out.push(p(
+                "target-shape",
+                format!(
+                    "row scale has {} entries, `{key}` has {} rows",
+                    v.len(),
+                    shape[0]
+                ),
+            ));
+        }
+        if let Some(bind) = &layer.base_binding {
+            let dtype = format!("{:?}", view.dtype());
+            let hash = blake3::hash(view.data()).to_hex().to_string();
+            if bind.dtype != dtype || bind.shape != shape || bind.blake3 != hash {
+                out.push(p(
+                    "binding",
+                    format!("`{key}` is not the tensor this adapter was made for (bound {} {:?} {}, found {dtype} {shape:?} {hash})", bind.dtype, bind.shape, bind.blake3),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Validate `path` (any importable layout); `Err` only for usage and I/O problems.
+pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
+    if !path.exists() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
+    }
+    if let Some(b) = base
+        && !b.exists()
+    {
+        return Err(Error::io(
+            b,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
+    }
+    let mut v = Validation {
+        file: path.display().to_string(),
+        layout: None,
+        valid: false,
+        layers: 0,
+        base: base.map(|b| b.display().to_string()),
+        problems: Vec::new(),
+    };
+    let loaded = import::detect(path).and_then(|layout| {
+        v.layout = Some(layout.name().into());
+        if layout == Layout::Oft {
+            let (adapter, status) = oft_file::read_unverified(path)?;
+            match status {
+                DigestStatus::Ok => {}
+                DigestStatus::Missing => {
+                    v.problems
+                        .push(problem(None, "digest", "missing `oft.digest`".into()))
+                }
+                DigestStatus::Mismatch { stored, computed } => v.problems.push(problem(
+                    None,
+                    "digest",
+                    format!("integrity digest mismatch: stored {stored}, computed {computed}"),
+                )),
+            }
+            Ok(adapter)
+        } else {
+            import::load(path)
+        }
+    });
+    let adapter = match loaded {
+        Ok(a) => a,
+        Err(e @ Error::Io { .. }) => return Err(e),
+        Err(e) => {
+            v.problems.push(problem(None, "parse", e.to_string()));
+            return Ok(v);
+        }
+    };
+    v.layers = adapter.layers.len();
+    v.problems.extend(check_adapter(&adapter));
+    if let Some(b) = base {
+        match check_base(&adapter, b) {
+            Ok(p) => v.problems.extend(p),
+            Err(e @ Error::Io { .. }) => return Err(e),
+            Err(e) => v.problems.push(problem(None, "base", e.to_string())),
+        }
+    }
+    v.valid = v.problems.is_empty();
+    Ok(v)
+}
+
+pub fn render(v: &Validation) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if v.valid {
+        let _ = writeln!(
+            s,
+            "{}: valid ({} layers, {}{})",
+            v.file,
+            v.layers,
+            v.layout.as_deref().unwrap_or("?"),
+            v.base
+                .as_ref()
+                .map(|b| format!(", checked against {b}"))
+                .unwrap_or_default()
+        );
+    } else {
+        let _ = writeln!(s, "{}: invalid, {} problem(s):", v.file, v.problems.len());
+        for p in &v.problems {
+            match &p.layer {
+                Some(l) => {
+                    let _ = writeln!(s, "  [{}] {l}: {}", p.check, p.message);
+                }
+                None => {
+                    let _ = writeln!(s, "  [{}] {}", p.check, p.message);
+                }
+            }
+        }
+    }
+    s
+}
