@@ -155,7 +155,7 @@ pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) 
     };
     let file = MappedFile::open(weights)?;
     let st = file.tensors();
-    let mut names: Vec<&str> = st.names().into_iter().map(|s| s).collect();
+    let mut names: Vec<&str> = st.names().into_iter().collect();
     names.sort_unstable();
 
     let mut layers = Vec::new();

@@ -1,0 +1,131 @@
+//! Ground truth from the real libraries: each fixture case's merged weights (computed by PEFT
+//! or LyCORIS, see fixtures/generate.py) must equal what oftool computes from the imported
+//! adapter, and from its `.oft` round trip.
+
+mod common;
+
+use common::*;
+use oftool::apply::{Matrix, apply_layer};
+use oftool::model::Adapter;
+use oftool::{import, oft_file};
+use std::path::Path;
+
+fn find_layer<'a>(adapter: &'a Adapter, name: &str) -> &'a oftool::model::Layer {
+    let name = name.strip_prefix("base_model.model.").unwrap_or(name);
+    let hits: Vec<_> = adapter
+        .layers
+        .iter()
+        .filter(|l| l.target.name == name)
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "adapter layer `{name}` found {} times",
+        hits.len()
+    );
+    hits[0]
+}
+
+/// Check every layer of one case; returns the number of layers checked.
+fn check_case(dir: &Path, adapter: &Adapter, label: &str) -> usize {
+    let case = read_json(&dir.join("case.json"));
+    let base = dir.join(case["base"].as_str().expect("base"));
+    let merged = dir.join(case["merged"].as_str().expect("merged"));
+    let layers = case["layers"].as_array().expect("layers");
+    assert_eq!(
+        layers.len(),
+        adapter.layers.len(),
+        "{label}: case.json lists {} layers, the adapter has {}",
+        layers.len(),
+        adapter.layers.len()
+    );
+    let mut failures = Vec::new();
+    for l in layers {
+        let key = l["base_key"].as_str().expect("base_key");
+        let layer = find_layer(adapter, l["adapter_name"].as_str().expect("adapter_name"));
+        let (w, shape, dtype) = tensor(&base, key);
+        let (want, want_shape, want_dtype) = tensor(&merged, key);
+        assert_eq!(shape, want_shape);
+        assert_eq!(dtype, want_dtype);
+        let mut m = Matrix::from_shape(&shape, w.clone()).expect("2-D view");
+        apply_layer(layer, &mut m).unwrap_or_else(|e| panic!("{label} {key}: {e}"));
+        let got = round_to(&m.data, dtype);
+        let (ratio, i) = worst(&got, &want, dtype);
+        if ratio > 1.0 {
+            failures.push(format!(
+                "{key}: element {i}: oftool {} vs library {} (base {}), {ratio:.2}× the tolerance",
+                got[i], want[i], w[i]
+            ));
+        }
+        // The adapter must actually change the weight, or the case proves nothing.
+        assert!(
+            want != round_to(&w, dtype),
+            "{label} {key}: merged equals base"
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{label}: {} layer(s) off:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    layers.len()
+}
+
+#[test]
+fn every_fixture_case_matches_the_library_merge() {
+    let cases = cases();
+    assert!(
+        cases.len() >= 10,
+        "expected the fixture cases, found {}",
+        cases.len()
+    );
+    let mut total = 0;
+    for dir in &cases {
+        let case = read_json(&dir.join("case.json"));
+        let adapter_path = dir.join(case["adapter"].as_str().expect("adapter"));
+        let label = dir.file_name().unwrap().to_string_lossy().to_string();
+        let adapter =
+            import::load(&adapter_path).unwrap_or_else(|e| panic!("{label}: import: {e}"));
+        total += check_case(dir, &adapter, &label);
+    }
+    assert!(total >= 50, "only {total} layers checked");
+}
+
+#[test]
+fn oft_round_trip_is_bit_exact_and_merges_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in cases() {
+        let case = read_json(&dir.join("case.json"));
+        let label = dir.file_name().unwrap().to_string_lossy().to_string();
+        let adapter = import::load(&dir.join(case["adapter"].as_str().unwrap())).unwrap();
+        let out = tmp.path().join(format!("{label}.oft"));
+        oft_file::write(&adapter, &out).unwrap();
+        let back = oft_file::read(&out).unwrap();
+        assert_eq!(back.layers.len(), adapter.layers.len());
+        for (a, b) in adapter.layers.iter().zip(&back.layers) {
+            assert_eq!(a.target, b.target, "{label}");
+            assert_eq!(a.side, b.side);
+            assert_eq!(a.row_scale, b.row_scale, "{label}: row scale changed");
+            for (sa, sb) in a.stages.iter().zip(&b.stages) {
+                // bit-exact values (compare bits, so −0.0 and NaN would be caught too)
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&sa.q),
+                    bits(&sb.q),
+                    "{label}: Q changed in the round trip"
+                );
+                assert_eq!(sa.spec.map, sb.spec.map);
+            }
+        }
+        // Writing the re-read adapter gives the same bytes.
+        let again = tmp.path().join(format!("{label}.again.oft"));
+        oft_file::write(&back, &again).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&again).unwrap(),
+            "{label}: rewrite differs"
+        );
+        check_case(&dir, &back, &format!("{label} (.oft)"));
+    }
+}

@@ -1,0 +1,151 @@
+//! The spec's test vectors (spec/vectors/*.json): R blocks and merged weights computed by an
+//! independent NumPy implementation of spec/oft-format.md (cross-checked there against PEFT
+//! and LyCORIS) must equal oftool's to 1e-12.
+
+mod common;
+
+use common::*;
+use oftool::apply::{Matrix, apply_layer};
+use oftool::model::*;
+use oftool::rotation::rotation_block;
+use oftool::wiring::gather;
+use serde_json::Value;
+
+fn floats(v: &Value) -> Vec<f64> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().expect("number")],
+        other => panic!("expected numbers, got {other}"),
+    }
+}
+
+fn layer_from(v: &Value) -> Layer {
+    let side: Side = serde_json::from_value(v["side"].clone()).expect("side");
+    let stages = v["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| Stage {
+            spec: StageSpec {
+                blocks: s["blocks"].as_u64(),
+                block_size: s["block_size"].as_u64().expect("block_size"),
+                shared: s["shared"].as_bool().unwrap_or(false),
+                wiring: serde_json::from_value(s["wiring"].clone()).expect("wiring"),
+                map: serde_json::from_value(s["map"].clone()).expect("map"),
+                q: String::new(),
+            },
+            q: floats(&s["q"]),
+            q_f64: true,
+        })
+        .collect();
+    let row_scale = match &v["row_scale"] {
+        Value::Null => None,
+        rs => Some((
+            serde_json::from_value(rs["position"].clone()).expect("position"),
+            floats(&rs["values"]),
+        )),
+    };
+    Layer {
+        target: Target {
+            name: "vector".into(),
+            convention: "unknown".into(),
+            component: None,
+            module: ModuleKind::Unknown,
+            shape: None,
+            rotated_dim: None,
+        },
+        side,
+        stages,
+        row_scale,
+        row_scale_f64: true,
+        constraint: None,
+        base_binding: None,
+    }
+}
+
+#[test]
+fn spec_vectors_match() {
+    let dir = repo().join("spec").join("vectors");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("spec/vectors exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 15,
+        "expected the spec vectors, found {}",
+        files.len()
+    );
+    let mut kinds = std::collections::BTreeSet::new();
+    for f in &files {
+        let v = read_json(f);
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        let layer = layer_from(&v);
+        for (j, (stage, sv)) in layer
+            .stages
+            .iter()
+            .zip(v["stages"].as_array().unwrap())
+            .enumerate()
+        {
+            kinds.insert(format!(
+                "{} {}",
+                stage.spec.map.describe(),
+                stage.spec.wiring.describe()
+            ));
+            let b = stage.spec.block_size as usize;
+            let want_r = sv["r_blocks"].as_array().expect("r_blocks");
+            assert_eq!(
+                want_r.len() as u64,
+                stage.stored_blocks(),
+                "{name} stage {j}"
+            );
+            for (k, rb) in want_r.iter().enumerate() {
+                let got = rotation_block(stage.q_row(k), b, &stage.spec.map);
+                let want = floats(rb);
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    err < 1e-12,
+                    "{name} stage {j} block {k}: R differs by {err}"
+                );
+            }
+            if let Some(sigma) = sv.get("sigma").filter(|s| !s.is_null()) {
+                let want: Vec<usize> = floats(sigma).iter().map(|&x| x as usize).collect();
+                let blocks = want.len() / b;
+                assert_eq!(
+                    gather(&stage.spec.wiring, blocks, b).unwrap(),
+                    want,
+                    "{name} stage {j}: σ"
+                );
+            }
+        }
+        let w = floats(&v["w"]);
+        let rows = v["w"].as_array().unwrap().len();
+        let mut m = Matrix::from_shape(&[rows, w.len() / rows], w).unwrap();
+        apply_layer(&layer, &mut m).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = floats(&v["expected"]);
+        let err = m
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-12, "{name}: W' differs by {err}");
+    }
+    assert!(
+        kinds.iter().any(|k| k.contains("butterfly(peft")),
+        "no peft butterfly vector"
+    );
+    assert!(
+        kinds.iter().any(|k| k.contains("butterfly(lycoris")),
+        "no lycoris butterfly vector"
+    );
+    assert!(
+        kinds.iter().any(|k| k.contains("peft-0.16")),
+        "no peft-0.16 vector"
+    );
+}
