@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::rotation::tri_len;
-use crate::tensors::{MappedFile, atomic_write, from_f64, to_f64};
+use crate::tensors::{MappedFile, atomic_write, from_f64, serialize_sorted, to_f64};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -123,6 +123,36 @@ pub fn from_f64(values: &[f64], dtype: Dtype) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Serialize tensors with metadata deterministically.
+///
+/// The `safetensors` crate writes `__metadata__` in `HashMap` order, which changes from run to
+/// run; we re-emit its own header with sorted keys (the data section is untouched, offsets
+/// stay valid) and check the result parses.
+pub fn serialize_sorted<'a>(
+    views: Vec<(String, TensorView<'a>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let raw = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::Invalid(format!("cannot serialize tensors: {e}")))?;
+    let n = u64::from_le_bytes(raw[..8].try_into().unwrap_or([0; 8])) as usize;
+    // serde_json's map is a BTreeMap (no preserve_order): re-encoding sorts every key.
+    let header: serde_json::Value = serde_json::from_slice(&raw[8..8 + n])
+        .map_err(|e| Error::Invalid(format!("cannot re-read our own header: {e}")))?;
+    let mut json = serde_json::to_vec(&header)
+        .map_err(|e| Error::Invalid(format!("cannot encode the header: {e}")))?;
+    // Pad with spaces so the data section stays 8-byte aligned, as the crate does.
+    while (json.len() + 8) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + raw.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&raw[8 + n..]);
+    SafeTensors::deserialize(&out)
+        .map_err(|e| Error::Invalid(format!("re-encoded header does not parse: {e}")))?;
+    Ok(out)
+}
+
 /// Write `path` atomically: the bytes go to a temporary file in the same directory, which is
 /// synced and renamed into place only when complete. A failure leaves nothing at `path`.
 pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {

@@ -121,11 +121,22 @@ fn oft_round_trip_is_bit_exact_and_merges_the_same() {
         // Writing the re-read adapter gives the same bytes.
         let again = tmp.path().join(format!("{label}.again.oft"));
         oft_file::write(&back, &again).unwrap();
-        assert_eq!(
-            std::fs::read(&out).unwrap(),
-            std::fs::read(&again).unwrap(),
-            "{label}: rewrite differs"
-        );
+        let (a, b) = (std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+        if let Some(i) = a
+            .iter()
+            .zip(&b)
+            .position(|(x, y)| x != y)
+            .or((a.len() != b.len()).then_some(a.len().min(b.len())))
+        {
+            let ctx = |v: &[u8]| {
+                String::from_utf8_lossy(&v[i.saturating_sub(80)..(i + 80).min(v.len())]).to_string()
+            };
+            panic!(
+                "{label}: rewrite differs at byte {i}:\n{}\nvs\n{}",
+                ctx(&a),
+                ctx(&b)
+            );
+        }
         check_case(&dir, &back, &format!("{label} (.oft)"));
     }
 }
