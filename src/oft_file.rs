@@ -153,8 +153,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
                 .map_err(|e| Error::Invalid(format!("tensor {}: {e}", t.name)))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::Invalid(format!("cannot serialize: {e}")))
+    serialize_sorted(views, Some(meta))
 }
 
 /// Write `adapter` to `path` atomically.

@@ -7,9 +7,17 @@
 use crate::model::Target;
 use std::collections::HashMap;
 
-/// Alias → base weight keys (more than one key means the alias is ambiguous).
+/// Where a target lives in the base: a weight key, and for fused tensors (SDXL OpenCLIP
+/// `in_proj_weight`, Flux `qkv`) the row slice `[start, start + len)` of that key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Resolved {
+    pub key: String,
+    pub rows: Option<(usize, usize)>,
+}
+
+/// Alias → base weight locations (more than one means the alias is ambiguous).
 pub struct AliasTable {
-    map: HashMap<String, Vec<String>>,
+    map: HashMap<String, Vec<Resolved>>,
 }
 
 const FLAT_PREFIXES: [&str; 6] = [
@@ -23,7 +31,7 @@ const FLAT_PREFIXES: [&str; 6] = [
 
 impl AliasTable {
     pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut map: HashMap<String, Vec<String>> = HashMap::new();
+        let mut map: HashMap<String, Vec<Resolved>> = HashMap::new();
         for key in keys {
             let Some(module) = key.strip_suffix(".weight") else {
                 continue;
@@ -63,23 +71,23 @@ impl AliasTable {
             aliases.dedup();
             for a in aliases {
                 let v = map.entry(a).or_default();
-                if !v.iter().any(|k| k == key) {
-                    v.push(key.to_string());
+                if !v.iter().any(|k| k.key == key) {
+                    v.push(Resolved { key: key.to_string(), rows: None });
                 }
             }
         }
         AliasTable { map }
     }
 
-    /// The base key a target resolves to: `Ok(key)`, or `Err(candidates)` (empty: not found).
-    pub fn resolve(&self, target: &Target) -> Result<String, Vec<String>> {
+    /// Where a target resolves to: `Ok(location)`, or `Err(candidate keys)` (empty: not found).
+    pub fn resolve(&self, target: &Target) -> Result<Resolved, Vec<String>> {
         let name = target
             .name
             .strip_prefix("base_model.model.")
             .unwrap_or(&target.name);
         match self.map.get(name) {
             Some(keys) if keys.len() == 1 => Ok(keys[0].clone()),
-            Some(keys) => Err(keys.clone()),
+            Some(keys) => Err(keys.iter().map(|k| k.key.clone()).collect()),
             None => Err(Vec::new()),
         }
     }

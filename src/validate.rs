@@ -159,8 +159,8 @@ pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
     let mut out = Vec::new();
     for layer in &adapter.layers {
         let p = |check: &str, m: String| problem(Some(layer), check, m);
-        let key = match table.resolve(&layer.target) {
-            Ok(k) => k,
+        let (key, rows) = match table.resolve(&layer.target) {
+            Ok(r) => (r.key, r.rows),
             Err(c) if c.is_empty() => {
                 out.push(p(
                     "target-missing",
@@ -187,7 +187,10 @@ pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
         let view = st
             .tensor(&key)
             .map_err(|e| Error::format(base, e.to_string()))?;
-        let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+        let mut shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+        if let (Some((_, len)), Some(first)) = (rows, shape.first_mut()) {
+            *first = len as u64;
+        }
         let axis = axis_len(layer.side, &shape);
         for (j, s) in layer.stages.iter().enumerate() {
             let r = s.blocks_on(axis);
