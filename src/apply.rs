@@ -1,24 +1,107 @@
-//! Applying a layer to a weight held in memory (f64), per the spec's per-side formulas.
+//! Applying a layer to a weight held in memory, per the spec's per-side formulas.
 //!
-//! The streaming bake builds on this; it is also what the fixtures check against PEFT and LyCORIS.
+//! R is built in f64; the weight is rotated in f32 or f64 with one small GEMM per block (never a
+//! dense block-diagonal matrix). Work is cut into chunks of a fixed size, so the result does not
+//! depend on the number of threads. The fixtures check this exact code against PEFT and LyCORIS.
 
 use crate::error::Error;
 use crate::model::{Layer, ScalePosition, Side, Stage};
 use crate::rotation::rotation_block;
 use crate::wiring::gather;
+use rayon::prelude::*;
+
+/// Rows per unit of parallel work on the input side (fixed: results must not depend on threads).
+const INPUT_CHUNK_ROWS: usize = 64;
+
+/// The element types the rotation runs in.
+pub trait Real: Copy + Send + Sync + Default + std::ops::MulAssign + 'static {
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// `C = A · B` for an `m × k` A and a `k × n` B with arbitrary strides.
+    ///
+    /// # Safety
+    /// The pointers and strides must describe valid, non-overlapping (for C) memory.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+impl Real for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc) }
+    }
+}
+
+impl Real for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { matrixmultiply::dgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc) }
+    }
+}
 
 /// A weight viewed as a row-major 2-D matrix `(rows, cols)`: Linear `(out, in)`, Conv
 /// `(out, in·kh·kw)`, Embedding `(num_embeddings, dim)`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Matrix {
+pub struct Matrix<T = f64> {
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<f64>,
+    pub data: Vec<T>,
 }
 
-impl Matrix {
+impl<T> Matrix<T> {
     /// View a tensor of `shape` as 2-D: the first axis against all others flattened.
-    pub fn from_shape(shape: &[usize], data: Vec<f64>) -> Result<Self, Error> {
+    pub fn from_shape(shape: &[usize], data: Vec<T>) -> Result<Self, Error> {
         let rows = *shape.first().ok_or_else(|| Error::Shape {
             what: "a weight".into(),
             detail: "a 0-dimensional tensor cannot be rotated".into(),
@@ -35,33 +118,40 @@ impl Matrix {
 }
 
 /// The evaluated blocks of one stage with its gather list.
-pub struct PreparedStage {
+pub struct PreparedStage<T> {
     pub b: usize,
     pub blocks: usize,
-    /// One `b × b` block per stored block (1 when shared).
-    pub rotations: Vec<Vec<f64>>,
-    pub sigma: Vec<usize>,
+    /// One `b × b` block per stored block (1 when shared), row-major.
+    rotations: Vec<Vec<T>>,
+    /// Gather list; `None` for the identity wiring.
+    sigma: Option<Vec<usize>>,
 }
 
-impl PreparedStage {
+impl<T: Real> PreparedStage<T> {
     /// Evaluate `stage` for an axis of `axis` features (which fixes the block count of an
     /// unsized shared stage).
     pub fn new(stage: &Stage, axis: usize) -> Result<Self, Error> {
         let b = stage.spec.block_size as usize;
         let blocks = stage.blocks_on(axis as u64) as usize;
         let sigma = gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::Invalid(e.0))?;
+        let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
         let rotations = (0..stage.stored_blocks() as usize)
-            .map(|k| rotation_block(stage.q_row(k), b, &stage.spec.map))
+            .map(|k| {
+                rotation_block(stage.q_row(k), b, &stage.spec.map)
+                    .into_iter()
+                    .map(T::from_f64)
+                    .collect()
+            })
             .collect();
         Ok(PreparedStage {
             b,
             blocks,
             rotations,
-            sigma,
+            sigma: (!identity).then_some(sigma),
         })
     }
 
-    fn block(&self, k: usize) -> &[f64] {
+    fn block(&self, k: usize) -> &[T] {
         if self.rotations.len() == 1 {
             &self.rotations[0]
         } else {
@@ -70,64 +160,133 @@ impl PreparedStage {
     }
 
     /// `W ← W · Eᵀ`: `W'[:, σ[kb+t]] = Σ_u W[:, σ[kb+u]] · R_k[t][u]`.
-    fn apply_input(&self, w: &mut Matrix) {
+    fn apply_input(&self, data: &mut [T], cols: usize) {
         let b = self.b;
-        let mut x = vec![0.0; b];
-        for row in w.data.chunks_exact_mut(w.cols) {
-            for k in 0..self.blocks {
-                let idx = &self.sigma[k * b..(k + 1) * b];
-                for (xu, &i) in x.iter_mut().zip(idx) {
-                    *xu = row[i];
-                }
-                let r = self.block(k);
-                for (t, &i) in idx.iter().enumerate() {
-                    let rt = &r[t * b..(t + 1) * b];
-                    row[i] = rt.iter().zip(&x).map(|(a, c)| a * c).sum();
+        data.par_chunks_mut(INPUT_CHUNK_ROWS * cols).for_each(|chunk| {
+            let m = chunk.len() / cols;
+            let src: Vec<T> = match &self.sigma {
+                None => chunk.to_vec(),
+                Some(s) => chunk
+                    .chunks_exact(cols)
+                    .flat_map(|row| s.iter().map(move |&j| row[j]))
+                    .collect(),
+            };
+            let mut dst = vec![T::default(); chunk.len()];
+            if self.rotations.len() == 1 {
+                // One shared block: the chunk is an (m·blocks × b) matrix times Rᵀ.
+                let r = self.block(0);
+                // SAFETY: src/dst hold m·cols = m·blocks·b elements; R is b × b.
+                unsafe {
+                    T::gemm(
+                        m * self.blocks,
+                        b,
+                        b,
+                        src.as_ptr(),
+                        b as isize,
+                        1,
+                        r.as_ptr(),
+                        1,
+                        b as isize,
+                        dst.as_mut_ptr(),
+                        b as isize,
+                        1,
+                    )
+                };
+            } else {
+                for k in 0..self.blocks {
+                    let r = self.block(k);
+                    // SAFETY: block k's columns [kb, kb+b) of m rows of stride `cols` lie in src/dst.
+                    unsafe {
+                        T::gemm(
+                            m,
+                            b,
+                            b,
+                            src.as_ptr().add(k * b),
+                            cols as isize,
+                            1,
+                            r.as_ptr(),
+                            1,
+                            b as isize,
+                            dst.as_mut_ptr().add(k * b),
+                            cols as isize,
+                            1,
+                        )
+                    };
                 }
             }
-        }
+            match &self.sigma {
+                None => chunk.copy_from_slice(&dst),
+                Some(s) => {
+                    for (row, drow) in chunk.chunks_exact_mut(cols).zip(dst.chunks_exact(cols)) {
+                        for (&j, &v) in s.iter().zip(drow) {
+                            row[j] = v;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// `W ← Eᵀ · W`: `W'[σ[kb+t], :] = Σ_u R_k[u][t] · W[σ[kb+u], :]`.
-    fn apply_output(&self, w: &mut Matrix) {
+    fn apply_output(&self, data: &mut [T], cols: usize) {
         let b = self.b;
-        let cols = w.cols;
-        let mut src = vec![0.0; b * cols];
-        for k in 0..self.blocks {
-            let idx = &self.sigma[k * b..(k + 1) * b];
-            for (u, &i) in idx.iter().enumerate() {
-                src[u * cols..(u + 1) * cols].copy_from_slice(&w.data[i * cols..(i + 1) * cols]);
-            }
+        let src: Vec<T> = match &self.sigma {
+            None => data.to_vec(),
+            Some(s) => s
+                .iter()
+                .flat_map(|&i| data[i * cols..(i + 1) * cols].iter().copied())
+                .collect(),
+        };
+        let compute = |k: usize, out: &mut [T]| {
             let r = self.block(k);
-            for (t, &i) in idx.iter().enumerate() {
-                let dst = &mut w.data[i * cols..(i + 1) * cols];
-                dst.fill(0.0);
-                for u in 0..b {
-                    let c = r[u * b + t];
-                    if c == 0.0 {
-                        continue;
-                    }
-                    for (d, &s) in dst.iter_mut().zip(&src[u * cols..(u + 1) * cols]) {
-                        *d += c * s;
-                    }
+            // SAFETY: A = Rᵀ (b × b, via strides), B = block k of src (b × cols), C = out (b × cols).
+            unsafe {
+                T::gemm(
+                    b,
+                    b,
+                    cols,
+                    r.as_ptr(),
+                    1,
+                    b as isize,
+                    src.as_ptr().add(k * b * cols),
+                    cols as isize,
+                    1,
+                    out.as_mut_ptr(),
+                    cols as isize,
+                    1,
+                )
+            };
+        };
+        match &self.sigma {
+            None => data
+                .par_chunks_mut(b * cols)
+                .enumerate()
+                .for_each(|(k, out)| compute(k, out)),
+            Some(s) => {
+                let mut dst = vec![T::default(); data.len()];
+                dst.par_chunks_mut(b * cols)
+                    .enumerate()
+                    .for_each(|(k, out)| compute(k, out));
+                for (p, &i) in s.iter().enumerate() {
+                    data[i * cols..(i + 1) * cols].copy_from_slice(&dst[p * cols..(p + 1) * cols]);
                 }
             }
         }
     }
 
-    pub fn apply(&self, side: Side, w: &mut Matrix) {
+    pub fn apply(&self, side: Side, data: &mut [T], cols: usize) {
         match side {
-            Side::Input => self.apply_input(w),
-            Side::Output => self.apply_output(w),
+            Side::Input => self.apply_input(data, cols),
+            Side::Output => self.apply_output(data, cols),
         }
     }
 }
 
 /// Check that `layer` fits a weight of this 2-D view.
-pub fn check_fits(layer: &Layer, w: &Matrix) -> Result<(), Error> {
+pub fn check_fits(layer: &Layer, rows: usize, cols: usize) -> Result<(), Error> {
     let axis = match layer.side {
-        Side::Input => w.cols,
-        Side::Output => w.rows,
+        Side::Input => cols,
+        Side::Output => rows,
     };
     for (j, s) in layer.stages.iter().enumerate() {
         let b = s.spec.block_size as usize;
@@ -136,51 +295,51 @@ pub fn check_fits(layer: &Layer, w: &Matrix) -> Result<(), Error> {
             return Err(Error::Shape {
                 what: layer.target.name.clone(),
                 detail: format!(
-                    "stage {j} rotates {blocks} × {b} = {} {} features but the weight has {axis} ({} × {} view)",
+                    "stage {j} rotates {blocks} × {b} = {} {} features but the weight has {axis} ({rows} × {cols} view)",
                     blocks * b,
                     layer.side.as_str(),
-                    w.rows,
-                    w.cols
                 ),
             });
         }
     }
     if let Some((_, s)) = &layer.row_scale
-        && s.len() != w.rows
+        && s.len() != rows
     {
         return Err(Error::Shape {
             what: layer.target.name.clone(),
-            detail: format!(
-                "row scale has {} entries but the weight has {} rows",
-                s.len(),
-                w.rows
-            ),
+            detail: format!("row scale has {} entries but the weight has {rows} rows", s.len()),
         });
     }
     Ok(())
 }
 
-fn scale_rows(w: &mut Matrix, s: &[f64]) {
-    for (row, &f) in w.data.chunks_exact_mut(w.cols).zip(s) {
+fn scale_rows<T: Real>(data: &mut [T], cols: usize, s: &[f64]) {
+    for (row, &f) in data.chunks_exact_mut(cols).zip(s) {
+        let f = T::from_f64(f);
         row.iter_mut().for_each(|x| *x *= f);
     }
 }
 
-/// Apply every stage of `layer` (and its row scale) to `w` in place.
-pub fn apply_layer(layer: &Layer, w: &mut Matrix) -> Result<(), Error> {
-    check_fits(layer, w)?;
+/// Apply every stage of `layer` (and its row scale) to a `(rows, cols)` row-major weight.
+pub fn apply_layer_to<T: Real>(layer: &Layer, data: &mut [T], rows: usize, cols: usize) -> Result<(), Error> {
+    check_fits(layer, rows, cols)?;
     if let Some((ScalePosition::Before, s)) = &layer.row_scale {
-        scale_rows(w, s);
+        scale_rows(data, cols, s);
     }
     let axis = match layer.side {
-        Side::Input => w.cols,
-        Side::Output => w.rows,
+        Side::Input => cols,
+        Side::Output => rows,
     };
     for stage in &layer.stages {
-        PreparedStage::new(stage, axis)?.apply(layer.side, w);
+        PreparedStage::<T>::new(stage, axis)?.apply(layer.side, data, cols);
     }
     if let Some((ScalePosition::After, s)) = &layer.row_scale {
-        scale_rows(w, s);
+        scale_rows(data, cols, s);
     }
     Ok(())
+}
+
+/// Apply `layer` to `w` in place.
+pub fn apply_layer<T: Real>(layer: &Layer, w: &mut Matrix<T>) -> Result<(), Error> {
+    apply_layer_to(layer, &mut w.data, w.rows, w.cols)
 }
