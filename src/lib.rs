@@ -6,6 +6,7 @@
 //! `src/main.rs` calls.
 
 pub mod apply;
+pub mod bake;
 pub mod convert;
 pub mod error;
 pub mod import;

@@ -1,7 +1,7 @@
 //! The `oftool` command line: parses arguments and calls the library.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use oftool::{convert, inspect, validate};
+use oftool::{bake, convert, inspect, validate};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -38,6 +38,32 @@ enum Command {
         /// Base checkpoint (safetensors) to check targets, shapes and binding hashes against.
         #[arg(long)]
         base: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bake adapters into a base checkpoint (applied in the order given), streaming.
+    Merge {
+        /// Base checkpoint: a .safetensors file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
+        base: PathBuf,
+        /// Adapters (.oft, PEFT directory or file, LyCORIS file, or a folder of per-component PEFT directories).
+        #[arg(required = true)]
+        adapters: Vec<PathBuf>,
+        /// Output file (or folder, for sharded and diffusers bases).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Worker threads (default: all cores); the output is the same for any value.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Bake the layers that resolve and report the others, instead of failing.
+        #[arg(long)]
+        skip_missing: bool,
+        /// Bake even if the adapter's base-binding hashes do not match this base.
+        #[arg(long)]
+        force: bool,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print a JSON summary (layers baked, bytes, seconds, peak memory).
         #[arg(long)]
         json: bool,
     },
@@ -81,6 +107,48 @@ fn main() -> ExitCode {
             }
             if v.valid { 0 } else { 1 }
         }),
+        Command::Merge {
+            base,
+            adapters,
+            output,
+            threads,
+            skip_missing,
+            force,
+            quiet,
+            json,
+        } => {
+            let opts = bake::MergeOptions {
+                threads,
+                skip_missing,
+                force,
+                progress: !quiet && !json,
+            };
+            bake::run(&base, &adapters, &output, &opts).map(|s| {
+                if json {
+                    print_json(&s);
+                } else if !quiet {
+                    eprintln!(
+                        "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){}",
+                        s.layers_baked,
+                        s.tensors_rotated,
+                        s.base,
+                        s.output,
+                        s.bytes_written as f64 / 1e6,
+                        s.seconds,
+                        if s.layers_skipped.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                "; skipped {} without a target: {}",
+                                s.layers_skipped.len(),
+                                s.layers_skipped.join(", ")
+                            )
+                        }
+                    );
+                }
+                0
+            })
+        }
         Command::Convert {
             input,
             output,

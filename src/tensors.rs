@@ -34,6 +34,12 @@ impl MappedFile {
         Ok(MappedFile { mmap, metadata })
     }
 
+    /// Tell the kernel we read front to back (bigger read-ahead).
+    pub fn advise_sequential(&self) {
+        #[cfg(unix)]
+        let _ = self.mmap.advise(memmap2::Advice::Sequential);
+    }
+
     pub fn tensors(&self) -> SafeTensors<'_> {
         // ok: deserialize succeeded on the same bytes in `open`.
         SafeTensors::deserialize(&self.mmap).expect("header validated in open")

@@ -26,8 +26,8 @@ fn find_layer<'a>(adapter: &'a Adapter, name: &str) -> &'a oftool::model::Layer 
     hits[0]
 }
 
-/// Check every layer of one case; returns the number of layers checked.
-fn check_case(dir: &Path, adapter: &Adapter, label: &str) -> usize {
+/// Check every layer of one case; returns the number of layers checked, or what is off.
+fn check_case(dir: &Path, adapter: &Adapter, label: &str) -> Result<usize, String> {
     let case = read_json(&dir.join("case.json"));
     let base = dir.join(case["base"].as_str().expect("base"));
     let merged = dir.join(case["merged"].as_str().expect("merged"));
@@ -63,13 +63,15 @@ fn check_case(dir: &Path, adapter: &Adapter, label: &str) -> usize {
             "{label} {key}: merged equals base"
         );
     }
-    assert!(
-        failures.is_empty(),
-        "{label}: {} layer(s) off:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    layers.len()
+    if failures.is_empty() {
+        Ok(layers.len())
+    } else {
+        Err(format!(
+            "{label}: {} layer(s) off, first: {}",
+            failures.len(),
+            failures[0]
+        ))
+    }
 }
 
 #[test]
@@ -81,14 +83,24 @@ fn every_fixture_case_matches_the_library_merge() {
         cases.len()
     );
     let mut total = 0;
+    let mut errors = Vec::new();
     for dir in &cases {
         let case = read_json(&dir.join("case.json"));
         let adapter_path = dir.join(case["adapter"].as_str().expect("adapter"));
         let label = dir.file_name().unwrap().to_string_lossy().to_string();
         let adapter =
             import::load(&adapter_path).unwrap_or_else(|e| panic!("{label}: import: {e}"));
-        total += check_case(dir, &adapter, &label);
+        match check_case(dir, &adapter, &label) {
+            Ok(n) => total += n,
+            Err(e) => errors.push(e),
+        }
     }
+    assert!(
+        errors.is_empty(),
+        "{} case(s) off:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
     assert!(total >= 50, "only {total} layers checked");
 }
 
@@ -137,6 +149,6 @@ fn oft_round_trip_is_bit_exact_and_merges_the_same() {
                 ctx(&b)
             );
         }
-        check_case(&dir, &back, &format!("{label} (.oft)"));
+        check_case(&dir, &back, &format!("{label} (.oft)")).unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -163,11 +163,17 @@ fn container_vector_reads_and_merges() {
     let (adapter, status) = oftool::oft_file::read_unverified(&file).expect("reads");
     assert_eq!(status, oftool::oft_file::DigestStatus::Ok);
     assert_eq!(
-        oftool::oft_file::read(&file).expect("digest ok").layers.len(),
+        oftool::oft_file::read(&file)
+            .expect("digest ok")
+            .layers
+            .len(),
         adapter.layers.len()
     );
     let hex = |s: &str| -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     };
     for m in v["merged"].as_array().expect("merged") {
         let i = m["layer"].as_u64().unwrap() as usize;
@@ -180,16 +186,30 @@ fn container_vector_reads_and_merges() {
             .expect("base tensor for the layer");
         let bytes = hex(base["data_hex"].as_str().unwrap());
         let dtype: safetensors::Dtype = serde_json::from_value(base["dtype"].clone()).unwrap();
-        let shape: Vec<usize> = base["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = base["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
         if let Some(bind) = &layer.base_binding {
-            assert_eq!(bind.blake3, blake3::hash(&bytes).to_hex().to_string(), "binding hash");
+            assert_eq!(
+                bind.blake3,
+                blake3::hash(&bytes).to_hex().to_string(),
+                "binding hash"
+            );
         }
         let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), &bytes).unwrap();
         let w = oftool::tensors::to_f64(&view, "base").unwrap();
         let mut mat = Matrix::from_shape(&shape, w).unwrap();
         apply_layer(layer, &mut mat).unwrap();
         let want = floats(&m["expected_f64"]);
-        let err = mat.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let err = mat
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(err < 1e-12, "container layer {i}: W' differs by {err}");
     }
 }

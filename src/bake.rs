@@ -1,0 +1,679 @@
+//! `oftool merge`: bake adapters into a base checkpoint, streaming.
+//!
+//! The base is memory-mapped and read once in file order; untouched tensors are copied byte
+//! for byte, adapted ones are rotated (R in f64; the weight in f64 for F32/F64 bases, f32 for
+//! F16/BF16 bases, one rounding at the end) while a writer thread writes the previous piece.
+//! At most a few tensors are in memory at once. Output goes to a temporary file (or folder)
+//! beside OUT, synced and renamed into place only when complete.
+
+use crate::apply::{Real, apply_layer_to};
+use crate::convert::refuse_overwriting_input;
+use crate::error::{Error, Result};
+use crate::import;
+use crate::model::{Adapter, Layer};
+use crate::resolve::{AliasTable, Resolved};
+use crate::tensors::MappedFile;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+/// Bytes copied per piece for untouched tensors (bounds what is in flight).
+const COPY_PIECE: usize = 16 << 20;
+
+#[derive(Debug, Clone, Default)]
+pub struct MergeOptions {
+    /// Worker threads for the rotation (default: all cores). Output does not depend on it.
+    pub threads: Option<usize>,
+    /// Skip adapter layers whose target the base lacks instead of failing.
+    pub skip_missing: bool,
+    /// Bake even where base-binding hashes do not match.
+    pub force: bool,
+    /// Draw a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MergeSummary {
+    pub base: String,
+    pub output: String,
+    pub adapters: Vec<String>,
+    pub files_written: usize,
+    pub tensors: usize,
+    pub tensors_rotated: usize,
+    pub layers_baked: usize,
+    pub layers_skipped: Vec<String>,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// One adapter layer applied to one base tensor (optionally to a row slice of it).
+struct Edit<'a> {
+    layer: &'a Layer,
+    rows: Option<(usize, usize)>,
+}
+
+/// One safetensors file of the base and the edits for its tensors.
+struct FileJob<'a> {
+    input: PathBuf,
+    /// Path relative to the output root (a file name for single-file bases).
+    relative: PathBuf,
+    edits: BTreeMap<String, Vec<Edit<'a>>>,
+}
+
+/// What the base is: a file, a sharded checkpoint, or a diffusers pipeline folder.
+enum BaseKind {
+    Single(PathBuf),
+    /// Index file; shards are beside it.
+    Sharded(PathBuf),
+    /// Pipeline root and its components (subfolder name → its safetensors files).
+    Diffusers(PathBuf, Vec<(String, Vec<PathBuf>)>),
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn is_index(p: &Path) -> bool {
+    p.to_string_lossy().ends_with(".safetensors.index.json")
+}
+
+fn is_safetensors(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// The safetensors files of a model folder: its shards when it has an index, else its files.
+fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = list_dir(dir)?;
+    if let Some(index) = entries.iter().find(|p| is_index(p)) {
+        return shard_files(index);
+    }
+    Ok(entries.into_iter().filter(|p| is_safetensors(p)).collect())
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for f in map.values() {
+        let name = f
+            .as_str()
+            .filter(|n| !n.contains('/') && !n.contains('\\') && *n != ".." && !n.is_empty())
+            .ok_or_else(|| Error::format(index, format!("shard name {f} is not a plain file name")))?;
+        let p = dir.join(name);
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+const COMPONENTS: [&str; 4] = ["unet", "text_encoder", "text_encoder_2", "transformer"];
+
+fn classify_base(base: &Path) -> Result<BaseKind> {
+    if !base.exists() {
+        return Err(Error::io(
+            base,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
+    }
+    if base.is_file() {
+        return Ok(if is_index(base) { BaseKind::Sharded(base.to_path_buf()) } else { BaseKind::Single(base.to_path_buf()) });
+    }
+    let entries = list_dir(base)?;
+    let indexes: Vec<&PathBuf> = entries.iter().filter(|p| is_index(p)).collect();
+    if indexes.len() == 1 {
+        return Ok(BaseKind::Sharded(indexes[0].clone()));
+    }
+    let mut comps = Vec::new();
+    for c in COMPONENTS {
+        let d = base.join(c);
+        if d.is_dir() {
+            let files = model_files(&d)?;
+            if !files.is_empty() {
+                comps.push((c.to_string(), files));
+            }
+        }
+    }
+    if !comps.is_empty() {
+        return Ok(BaseKind::Diffusers(base.to_path_buf(), comps));
+    }
+    let st: Vec<&PathBuf> = entries.iter().filter(|p| is_safetensors(p)).collect();
+    match st.as_slice() {
+        [one] => Ok(BaseKind::Single((*one).clone())),
+        _ => Err(Error::Usage(format!(
+            "{}: not a checkpoint oftool understands (a .safetensors file, a sharded folder with a \
+             *.safetensors.index.json, or a diffusers folder with unet/, text_encoder/, … subfolders)",
+            base.display()
+        ))),
+    }
+}
+
+/// A group of base files that share one alias table (one model or pipeline component).
+struct Group {
+    component: Option<String>,
+    files: Vec<(PathBuf, PathBuf)>, // (input, output relative path)
+    table: AliasTable,
+    key_file: HashMap<String, usize>,
+    shapes: HashMap<String, (Vec<usize>, Dtype)>,
+}
+
+fn build_group(component: Option<String>, files: Vec<(PathBuf, PathBuf)>) -> Result<Group> {
+    let mut key_file = HashMap::new();
+    let mut shapes = HashMap::new();
+    for (i, (path, _)) in files.iter().enumerate() {
+        let f = MappedFile::open(path)?;
+        for (name, info) in f.header().tensors() {
+            shapes.insert(name.clone(), (info.shape.clone(), info.dtype));
+            key_file.insert(name, i);
+        }
+    }
+    let table = AliasTable::new(key_file.keys().map(String::as_str));
+    Ok(Group { component, files, table, key_file, shapes })
+}
+
+fn groups_for(kind: &BaseKind) -> Result<Vec<Group>> {
+    let rel = |p: &Path, root: &Path| p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    match kind {
+        BaseKind::Single(p) => Ok(vec![build_group(None, vec![(p.clone(), PathBuf::from(p.file_name().unwrap_or_default()))])?]),
+        BaseKind::Sharded(index) => {
+            let dir = index.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let files = shard_files(index)?.into_iter().map(|p| {
+                let r = rel(&p, &dir);
+                (p, r)
+            });
+            Ok(vec![build_group(None, files.collect())?])
+        }
+        BaseKind::Diffusers(root, comps) => comps
+            .iter()
+            .map(|(c, files)| build_group(Some(c.clone()), files.iter().map(|p| (p.clone(), rel(p, root))).collect()))
+            .collect(),
+    }
+}
+
+/// Peak resident memory of this process, from /proc (Linux only).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Where each adapter layer lands: (adapter index, layer) → (group, key, rows).
+struct Placement<'a> {
+    group: usize,
+    key: String,
+    edit: Edit<'a>,
+}
+
+fn place<'a>(adapters: &'a [(PathBuf, Adapter)], groups: &[Group], opts: &MergeOptions) -> Result<(Vec<Placement<'a>>, Vec<String>)> {
+    let mut placements = Vec::new();
+    let mut missing = Vec::new();
+    let mut problems = Vec::new();
+    for (path, adapter) in adapters {
+        for layer in &adapter.layers {
+            let name = &layer.target.name;
+            let candidates: Vec<usize> = (0..groups.len())
+                .filter(|&g| match (&layer.target.component, &groups[g].component) {
+                    (Some(a), Some(b)) => a == b || !groups.iter().any(|x| x.component.as_ref() == Some(a)),
+                    _ => true,
+                })
+                .collect();
+            let mut hits: Vec<(usize, Resolved)> = Vec::new();
+            let mut ambiguous = Vec::new();
+            for g in candidates {
+                match groups[g].table.resolve(&layer.target) {
+                    Ok(r) => hits.push((g, r)),
+                    Err(c) if !c.is_empty() => ambiguous.extend(c),
+                    Err(_) => {}
+                }
+            }
+            if !ambiguous.is_empty() || hits.len() > 1 {
+                let mut keys: Vec<String> = hits.iter().map(|(_, r)| r.key.clone()).collect();
+                keys.extend(ambiguous);
+                problems.push(format!("`{name}` ({}) matches several tensors: {}", path.display(), keys.join(", ")));
+                continue;
+            }
+            let Some((g, r)) = hits.pop() else {
+                missing.push(format!("{name} ({})", path.display()));
+                continue;
+            };
+            // Shape check from the header before anything is written.
+            let (shape, dtype) = &groups[g].shapes[&r.key];
+            if !matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                problems.push(format!("`{}` has dtype {dtype:?}; only F64, F32, F16 and BF16 weights can be rotated", r.key));
+                continue;
+            }
+            let rows_total = shape.first().copied().unwrap_or(0);
+            let cols: usize = shape.iter().skip(1).product();
+            let rows = match r.rows {
+                Some((start, len)) if start + len <= rows_total => len,
+                Some((start, len)) => {
+                    problems.push(format!("`{}` rows {start}..{} are outside its {rows_total} rows", r.key, start + len));
+                    continue;
+                }
+                None => rows_total,
+            };
+            if shape.len() < 2 {
+                problems.push(format!("`{}` has shape {shape:?}, not a weight matrix", r.key));
+                continue;
+            }
+            if let Err(e) = crate::apply::check_fits(layer, rows, cols) {
+                problems.push(format!("{e} (base tensor `{}` of shape {shape:?})", r.key));
+                continue;
+            }
+            placements.push(Placement { group: g, key: r.key, edit: Edit { layer, rows: r.rows } });
+        }
+    }
+    if !missing.is_empty() && !opts.skip_missing {
+        problems.push(format!(
+            "{} adapter layer(s) have no target in the base (use --skip-missing to bake the rest): {}",
+            missing.len(),
+            missing.join(", ")
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Invalid(format!("cannot bake: {}", problems.join("; "))));
+    }
+    Ok((placements, missing))
+}
+
+/// Check base-binding hashes of every bound layer before anything is written.
+fn check_bindings(placements: &[Placement<'_>], groups: &[Group]) -> Result<()> {
+    let mut bad = Vec::new();
+    let mut open: HashMap<PathBuf, MappedFile> = HashMap::new();
+    for p in placements {
+        let Some(bind) = &p.edit.layer.base_binding else { continue };
+        let g = &groups[p.group];
+        let path = &g.files[g.key_file[&p.key]].0;
+        if !open.contains_key(path) {
+            open.insert(path.clone(), MappedFile::open(path)?);
+        }
+        let f = &open[path];
+        let st = f.tensors();
+        let view = st.tensor(&p.key).map_err(|e| Error::format(path, e.to_string()))?;
+        let hash = blake3::hash(view.data()).to_hex().to_string();
+        let dtype = format!("{:?}", view.dtype());
+        let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+        if hash != bind.blake3 || dtype != bind.dtype || shape != bind.shape {
+            bad.push(p.edit.layer.target.name.clone());
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "the base is not the one these adapter layers were made for (binding hash mismatch; --force bakes anyway): {}",
+            bad.join(", ")
+        )))
+    }
+}
+
+/// A piece of output data: borrowed from the base mapping, or computed.
+enum Piece<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+/// View little-endian bytes as 16-bit floats (copying only when the bytes are misaligned).
+fn halves<H: bytemuck::Pod>(bytes: &[u8], f: impl FnOnce(&[H])) {
+    match bytemuck::try_cast_slice::<u8, H>(bytes) {
+        Ok(h) => f(h),
+        Err(_) => f(&bytemuck::pod_collect_to_vec::<u8, H>(bytes)),
+    }
+}
+
+fn decode<T: Real>(bytes: &[u8], dtype: Dtype) -> Vec<T> {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        Dtype::F16 => {
+            let mut f32s = vec![0f32; bytes.len() / 2];
+            halves::<half::f16>(bytes, |h| h.convert_to_f32_slice(&mut f32s));
+            f32s.into_iter().map(|x| T::from_f64(x as f64)).collect()
+        }
+        Dtype::BF16 => {
+            let mut f32s = vec![0f32; bytes.len() / 2];
+            halves::<half::bf16>(bytes, |h| h.convert_to_f32_slice(&mut f32s));
+            f32s.into_iter().map(|x| T::from_f64(x as f64)).collect()
+        }
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| T::from_f64(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64))
+            .collect(),
+        _ => bytes
+            .chunks_exact(8)
+            .map(|c| T::from_f64(f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))))
+            .collect(),
+    }
+}
+
+fn encode<T: Real>(values: &[T], dtype: Dtype) -> Vec<u8> {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        Dtype::F16 | Dtype::BF16 => {
+            let f32s: Vec<f32> = values.iter().map(|v| v.to_f64() as f32).collect();
+            let mut bits = vec![0u16; f32s.len()];
+            if dtype == Dtype::F16 {
+                let mut h = vec![half::f16::ZERO; f32s.len()];
+                h.convert_from_f32_slice(&f32s);
+                bits.iter_mut().zip(&h).for_each(|(b, x)| *b = x.to_bits());
+            } else {
+                let mut h = vec![half::bf16::ZERO; f32s.len()];
+                h.convert_from_f32_slice(&f32s);
+                bits.iter_mut().zip(&h).for_each(|(b, x)| *b = x.to_bits());
+            }
+            bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+        }
+        Dtype::F32 => values.iter().flat_map(|v| (v.to_f64() as f32).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|v| v.to_f64().to_le_bytes()).collect(),
+    }
+}
+
+/// Rotate one tensor with its edits, in the compute type `T`.
+fn rotate<T: Real>(key: &str, bytes: &[u8], dtype: Dtype, shape: &[usize], edits: &[Edit<'_>]) -> Result<Vec<u8>> {
+    let mut data: Vec<T> = decode(bytes, dtype);
+    let cols: usize = shape.iter().skip(1).product();
+    let rows = shape.first().copied().unwrap_or(0);
+    for e in edits {
+        let (start, len) = e.rows.unwrap_or((0, rows));
+        apply_layer_to(e.layer, &mut data[start * cols..(start + len) * cols], len, cols)
+            .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
+    }
+    if let Some(i) = data.iter().position(|v| !v.to_f64().is_finite()) {
+        return Err(Error::Invalid(format!("`{key}`: the merged value at element {i} is not finite")));
+    }
+    let out = encode(&data, dtype);
+    // Overflow to ±inf in the final rounding (e.g. F16) is a failure too.
+    if matches!(dtype, Dtype::F16 | Dtype::BF16) {
+        let back: Vec<f32> = decode(&out, dtype);
+        if let Some(i) = back.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!("`{key}`: the merged value at element {i} overflows {dtype:?}")));
+        }
+    }
+    Ok(out)
+}
+
+/// The header of the output: the input's tensors at the same offsets, metadata extended,
+/// keys sorted (deterministic).
+fn output_header(input: &MappedFile, extra: &BTreeMap<String, String>, path: &Path) -> Result<Vec<u8>> {
+    let header = input.header();
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    for (k, v) in extra {
+        meta.insert(k.clone(), v.clone());
+    }
+    let infos = header.tensors();
+    let tensors: Vec<(String, TensorInfo)> = header
+        .offset_keys()
+        .into_iter()
+        .map(|k| {
+            let info = (*infos[&k]).clone();
+            (k, info)
+        })
+        .collect();
+    let md = Metadata::new(Some(meta), tensors).map_err(|e| Error::format(path, e.to_string()))?;
+    let value = serde_json::to_value(&md).map_err(|e| Error::format(path, e.to_string()))?;
+    let mut json = serde_json::to_vec(&value).map_err(|e| Error::format(path, e.to_string()))?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Stream one base file to `out`, rotating the tensors that have edits.
+fn bake_file(job: &FileJob<'_>, out: &Path, extra: &BTreeMap<String, String>, bar: &indicatif::ProgressBar) -> Result<(u64, usize)> {
+    let input = MappedFile::open(&job.input)?;
+    input.advise_sequential();
+    let header_bytes = output_header(&input, extra, &job.input)?;
+    let st = input.tensors();
+    let header = input.header();
+    let order = header.offset_keys();
+    let file = File::create(out).map_err(|e| Error::io(out, e))?;
+    let mut rotated = 0;
+    let written = std::thread::scope(|s| -> Result<u64> {
+        let (tx, rx) = sync_channel::<Piece<'_>>(2);
+        let writer = s.spawn(move || -> Result<u64> {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let mut n = 0u64;
+            w.write_all(&header_bytes).map_err(|e| Error::io(out, e))?;
+            n += header_bytes.len() as u64;
+            for piece in rx {
+                let bytes: &[u8] = match &piece {
+                    Piece::Borrowed(b) => b,
+                    Piece::Owned(v) => v,
+                };
+                w.write_all(bytes).map_err(|e| Error::io(out, e))?;
+                n += bytes.len() as u64;
+                bar.inc(bytes.len() as u64);
+            }
+            let f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(out, e))?;
+            Ok(n)
+        });
+        let mut produce = || -> Result<()> {
+            for key in &order {
+                let view = st.tensor(key).map_err(|e| Error::format(&job.input, e.to_string()))?;
+                let piece = match job.edits.get(key) {
+                    None => {
+                        for chunk in view.data().chunks(COPY_PIECE) {
+                            if tx.send(Piece::Borrowed(chunk)).is_err() {
+                                return Ok(()); // the writer failed; its error is reported
+                            }
+                        }
+                        continue;
+                    }
+                    Some(edits) => {
+                        rotated += 1;
+                        let data = match view.dtype() {
+                            Dtype::F16 | Dtype::BF16 => rotate::<f32>(key, view.data(), view.dtype(), view.shape(), edits)?,
+                            _ => rotate::<f64>(key, view.data(), view.dtype(), view.shape(), edits)?,
+                        };
+                        Piece::Owned(data)
+                    }
+                };
+                if tx.send(piece).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        };
+        let produced = produce();
+        drop(tx);
+        let written = writer.join().map_err(|_| Error::Invalid("the writer thread panicked".into()))?;
+        produced?;
+        written
+    })?;
+    Ok((written, rotated))
+}
+
+/// Load one adapter argument: a file, a PEFT directory, or a folder of per-component PEFT
+/// directories (`unet/`, `text_encoder/`, …).
+pub fn load_adapter(path: &Path) -> Result<Adapter> {
+    if path.is_dir() && !path.join("adapter_config.json").is_file() {
+        let mut merged: Option<Adapter> = None;
+        for c in COMPONENTS {
+            let d = path.join(c);
+            if d.join("adapter_config.json").is_file() {
+                let a = import::load(&d)?;
+                match &mut merged {
+                    None => merged = Some(a),
+                    Some(m) => m.layers.extend(a.layers),
+                }
+            }
+        }
+        return merged.ok_or_else(|| {
+            Error::format(path, "holds neither adapter_config.json nor per-component PEFT folders (unet/, text_encoder/, …)")
+        });
+    }
+    import::load(path)
+}
+
+/// Copy everything of `src` except the files in `skip` into `dst` (recursively).
+fn copy_tree(src: &Path, dst: &Path, skip: &[PathBuf]) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    for entry in list_dir(src)? {
+        if skip.contains(&entry) {
+            continue;
+        }
+        let target = dst.join(entry.file_name().unwrap_or_default());
+        let meta = std::fs::symlink_metadata(&entry).map_err(|e| Error::io(&entry, e))?;
+        if meta.is_dir() {
+            copy_tree(&entry, &target, skip)?;
+        } else if meta.is_file() {
+            std::fs::copy(&entry, &target).map_err(|e| Error::io(&entry, e))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptions) -> Result<MergeSummary> {
+    let start = Instant::now();
+    if adapter_paths.is_empty() {
+        return Err(Error::Usage("give at least one adapter".into()));
+    }
+    let mut inputs: Vec<&Path> = vec![base];
+    inputs.extend(adapter_paths.iter().map(PathBuf::as_path));
+    refuse_overwriting_input(out, &inputs)?;
+    let kind = classify_base(base)?;
+    if let BaseKind::Sharded(_) | BaseKind::Diffusers(..) = kind
+        && out.exists()
+    {
+        return Err(Error::Usage(format!("{} already exists; a sharded or pipeline output is a new folder", out.display())));
+    }
+    let adapters: Vec<(PathBuf, Adapter)> =
+        adapter_paths.iter().map(|p| load_adapter(p).map(|a| (p.clone(), a))).collect::<Result<_>>()?;
+    let groups = groups_for(&kind)?;
+    let (placements, skipped) = place(&adapters, &groups, opts)?;
+    if !opts.force {
+        check_bindings(&placements, &groups)?;
+    }
+
+    // Jobs: one per base file, with its edits in adapter order.
+    let mut jobs: Vec<FileJob<'_>> = Vec::new();
+    let mut job_index: HashMap<(usize, usize), usize> = HashMap::new();
+    for (g, group) in groups.iter().enumerate() {
+        for (i, (input, relative)) in group.files.iter().enumerate() {
+            job_index.insert((g, i), jobs.len());
+            jobs.push(FileJob { input: input.clone(), relative: relative.clone(), edits: BTreeMap::new() });
+        }
+    }
+    let layers_baked = placements.len();
+    for p in placements {
+        let i = groups[p.group].key_file[&p.key];
+        jobs[job_index[&(p.group, i)]].edits.entry(p.key).or_default().push(p.edit);
+    }
+
+    let mut extra = BTreeMap::new();
+    extra.insert("oftool.version".to_string(), crate::model::tool_name());
+    let list: Vec<serde_json::Value> = adapters
+        .iter()
+        .map(|(p, a)| {
+            serde_json::json!({
+                "name": p.file_name().map(|n| n.to_string_lossy().to_string()),
+                "source_format": a.provenance.source_format,
+                "source_digest": a.provenance.source_digest,
+                "layers": a.layers.len(),
+            })
+        })
+        .collect();
+    extra.insert("oftool.adapters".to_string(), serde_json::Value::Array(list).to_string());
+
+    let total: u64 = jobs.iter().map(|j| std::fs::metadata(&j.input).map(|m| m.len()).unwrap_or(0)).sum();
+    let bar = if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| Error::Usage(format!("cannot start {:?} threads: {e}", opts.threads)))?;
+
+    // Write into a temporary file or folder beside OUT, then rename it into place.
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::io(&parent, std::io::Error::new(std::io::ErrorKind::NotFound, "the output folder does not exist")));
+    }
+    let single = matches!(kind, BaseKind::Single(_));
+    let staging = tempfile::Builder::new().prefix(".oftool-tmp-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let mut bytes_written = 0u64;
+    let mut tensors = 0usize;
+    let mut tensors_rotated = 0usize;
+    pool.install(|| -> Result<()> {
+        for job in &jobs {
+            let dest = if single { staging.path().join("out.safetensors") } else { staging.path().join(&job.relative) };
+            if let Some(d) = dest.parent() {
+                std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            }
+            bar.set_message(job.relative.display().to_string());
+            let (n, r) = bake_file(job, &dest, &extra, &bar)?;
+            bytes_written += n;
+            tensors_rotated += r;
+            tensors += MappedFile::open(&job.input)?.header().tensors().len();
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+
+    if single {
+        let tmp = staging.path().join("out.safetensors");
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    } else {
+        // Copy the rest of the folder (configs, index, other files), then move it into place.
+        let (src_root, skip): (PathBuf, Vec<PathBuf>) = match &kind {
+            BaseKind::Sharded(index) => (index.parent().unwrap_or(Path::new(".")).to_path_buf(), jobs.iter().map(|j| j.input.clone()).collect()),
+            BaseKind::Diffusers(root, _) => (root.clone(), jobs.iter().map(|j| j.input.clone()).collect()),
+            BaseKind::Single(_) => unreachable!("handled above"),
+        };
+        copy_tree(&src_root, staging.path(), &skip)?;
+        let kept = staging.keep();
+        std::fs::rename(&kept, out).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&kept);
+            Error::io(out, e)
+        })?;
+    }
+    if let Ok(d) = File::open(&parent) {
+        let _ = d.sync_all(); // make the rename durable where the platform allows
+    }
+
+    Ok(MergeSummary {
+        base: base.display().to_string(),
+        output: out.display().to_string(),
+        adapters: adapter_paths.iter().map(|p| p.display().to_string()).collect(),
+        files_written: jobs.len(),
+        tensors,
+        tensors_rotated,
+        layers_baked,
+        layers_skipped: skipped,
+        bytes_written,
+        seconds: start.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
