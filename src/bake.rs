@@ -103,8 +103,8 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -115,7 +115,9 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         let name = f
             .as_str()
             .filter(|n| !n.contains('/') && !n.contains('\\') && *n != ".." && !n.is_empty())
-            .ok_or_else(|| Error::format(index, format!("shard name {f} is not a plain file name")))?;
+            .ok_or_else(|| {
+                Error::format(index, format!("shard name {f} is not a plain file name"))
+            })?;
         let p = dir.join(name);
         if !files.contains(&p) {
             files.push(p);
@@ -135,7 +137,11 @@ fn classify_base(base: &Path) -> Result<BaseKind> {
         ));
     }
     if base.is_file() {
-        return Ok(if is_index(base) { BaseKind::Sharded(base.to_path_buf()) } else { BaseKind::Single(base.to_path_buf()) });
+        return Ok(if is_index(base) {
+            BaseKind::Sharded(base.to_path_buf())
+        } else {
+            BaseKind::Single(base.to_path_buf())
+        });
     }
     let entries = list_dir(base)?;
     let indexes: Vec<&PathBuf> = entries.iter().filter(|p| is_index(p)).collect();
@@ -186,13 +192,26 @@ fn build_group(component: Option<String>, files: Vec<(PathBuf, PathBuf)>) -> Res
         }
     }
     let table = AliasTable::new(key_file.keys().map(String::as_str));
-    Ok(Group { component, files, table, key_file, shapes })
+    Ok(Group {
+        component,
+        files,
+        table,
+        key_file,
+        shapes,
+    })
 }
 
 fn groups_for(kind: &BaseKind) -> Result<Vec<Group>> {
-    let rel = |p: &Path, root: &Path| p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let rel = |p: &Path, root: &Path| {
+        p.strip_prefix(root)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
     match kind {
-        BaseKind::Single(p) => Ok(vec![build_group(None, vec![(p.clone(), PathBuf::from(p.file_name().unwrap_or_default()))])?]),
+        BaseKind::Single(p) => Ok(vec![build_group(
+            None,
+            vec![(p.clone(), PathBuf::from(p.file_name().unwrap_or_default()))],
+        )?]),
         BaseKind::Sharded(index) => {
             let dir = index.parent().unwrap_or(Path::new(".")).to_path_buf();
             let files = shard_files(index)?.into_iter().map(|p| {
@@ -203,7 +222,12 @@ fn groups_for(kind: &BaseKind) -> Result<Vec<Group>> {
         }
         BaseKind::Diffusers(root, comps) => comps
             .iter()
-            .map(|(c, files)| build_group(Some(c.clone()), files.iter().map(|p| (p.clone(), rel(p, root))).collect()))
+            .map(|(c, files)| {
+                build_group(
+                    Some(c.clone()),
+                    files.iter().map(|p| (p.clone(), rel(p, root))).collect(),
+                )
+            })
             .collect(),
     }
 }
@@ -223,7 +247,11 @@ struct Placement<'a> {
     edit: Edit<'a>,
 }
 
-fn place<'a>(adapters: &'a [(PathBuf, Adapter)], groups: &[Group], opts: &MergeOptions) -> Result<(Vec<Placement<'a>>, Vec<String>)> {
+fn place<'a>(
+    adapters: &'a [(PathBuf, Adapter)],
+    groups: &[Group],
+    opts: &MergeOptions,
+) -> Result<(Vec<Placement<'a>>, Vec<String>)> {
     let mut placements = Vec::new();
     let mut missing = Vec::new();
     let mut problems = Vec::new();
@@ -232,7 +260,9 @@ fn place<'a>(adapters: &'a [(PathBuf, Adapter)], groups: &[Group], opts: &MergeO
             let name = &layer.target.name;
             let candidates: Vec<usize> = (0..groups.len())
                 .filter(|&g| match (&layer.target.component, &groups[g].component) {
-                    (Some(a), Some(b)) => a == b || !groups.iter().any(|x| x.component.as_ref() == Some(a)),
+                    (Some(a), Some(b)) => {
+                        a == b || !groups.iter().any(|x| x.component.as_ref() == Some(a))
+                    }
                     _ => true,
                 })
                 .collect();
@@ -248,7 +278,11 @@ fn place<'a>(adapters: &'a [(PathBuf, Adapter)], groups: &[Group], opts: &MergeO
             if !ambiguous.is_empty() || hits.len() > 1 {
                 let mut keys: Vec<String> = hits.iter().map(|(_, r)| r.key.clone()).collect();
                 keys.extend(ambiguous);
-                problems.push(format!("`{name}` ({}) matches several tensors: {}", path.display(), keys.join(", ")));
+                problems.push(format!(
+                    "`{name}` ({}) matches several tensors: {}",
+                    path.display(),
+                    keys.join(", ")
+                ));
                 continue;
             }
             let Some((g, r)) = hits.pop() else {
@@ -258,7 +292,10 @@ fn place<'a>(adapters: &'a [(PathBuf, Adapter)], groups: &[Group], opts: &MergeO
             // Shape check from the header before anything is written.
             let (shape, dtype) = &groups[g].shapes[&r.key];
             if !matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-                problems.push(format!("`{}` has dtype {dtype:?}; only F64, F32, F16 and BF16 weights can be rotated", r.key));
+                problems.push(format!(
+                    "`{}` has dtype {dtype:?}; only F64, F32, F16 and BF16 weights can be rotated",
+                    r.key
+                ));
                 continue;
             }
             let rows_total = shape.first().copied().unwrap_or(0);
@@ -266,20 +303,34 @@ fn place<'a>(adapters: &'a [(PathBuf, Adapter)], groups: &[Group], opts: &MergeO
             let rows = match r.rows {
                 Some((start, len)) if start + len <= rows_total => len,
                 Some((start, len)) => {
-                    problems.push(format!("`{}` rows {start}..{} are outside its {rows_total} rows", r.key, start + len));
+                    problems.push(format!(
+                        "`{}` rows {start}..{} are outside its {rows_total} rows",
+                        r.key,
+                        start + len
+                    ));
                     continue;
                 }
                 None => rows_total,
             };
             if shape.len() < 2 {
-                problems.push(format!("`{}` has shape {shape:?}, not a weight matrix", r.key));
+                problems.push(format!(
+                    "`{}` has shape {shape:?}, not a weight matrix",
+                    r.key
+                ));
                 continue;
             }
             if let Err(e) = crate::apply::check_fits(layer, rows, cols) {
                 problems.push(format!("{e} (base tensor `{}` of shape {shape:?})", r.key));
                 continue;
             }
-            placements.push(Placement { group: g, key: r.key, edit: Edit { layer, rows: r.rows } });
+            placements.push(Placement {
+                group: g,
+                key: r.key,
+                edit: Edit {
+                    layer,
+                    rows: r.rows,
+                },
+            });
         }
     }
     if !missing.is_empty() && !opts.skip_missing {
@@ -290,7 +341,10 @@ fn place<'a>(adapters: &'a [(PathBuf, Adapter)], groups: &[Group], opts: &MergeO
         ));
     }
     if !problems.is_empty() {
-        return Err(Error::Invalid(format!("cannot bake: {}", problems.join("; "))));
+        return Err(Error::Invalid(format!(
+            "cannot bake: {}",
+            problems.join("; ")
+        )));
     }
     Ok((placements, missing))
 }
@@ -300,7 +354,9 @@ fn check_bindings(placements: &[Placement<'_>], groups: &[Group]) -> Result<()> 
     let mut bad = Vec::new();
     let mut open: HashMap<PathBuf, MappedFile> = HashMap::new();
     for p in placements {
-        let Some(bind) = &p.edit.layer.base_binding else { continue };
+        let Some(bind) = &p.edit.layer.base_binding else {
+            continue;
+        };
         let g = &groups[p.group];
         let path = &g.files[g.key_file[&p.key]].0;
         if !open.contains_key(path) {
@@ -308,7 +364,9 @@ fn check_bindings(placements: &[Placement<'_>], groups: &[Group]) -> Result<()> 
         }
         let f = &open[path];
         let st = f.tensors();
-        let view = st.tensor(&p.key).map_err(|e| Error::format(path, e.to_string()))?;
+        let view = st
+            .tensor(&p.key)
+            .map_err(|e| Error::format(path, e.to_string()))?;
         let hash = blake3::hash(view.data()).to_hex().to_string();
         let dtype = format!("{:?}", view.dtype());
         let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
@@ -381,30 +439,51 @@ fn encode<T: Real>(values: &[T], dtype: Dtype) -> Vec<u8> {
             }
             bits.iter().flat_map(|b| b.to_le_bytes()).collect()
         }
-        Dtype::F32 => values.iter().flat_map(|v| (v.to_f64() as f32).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|v| v.to_f64().to_le_bytes()).collect(),
+        Dtype::F32 => values
+            .iter()
+            .flat_map(|v| (v.to_f64() as f32).to_le_bytes())
+            .collect(),
+        _ => values
+            .iter()
+            .flat_map(|v| v.to_f64().to_le_bytes())
+            .collect(),
     }
 }
 
 /// Rotate one tensor with its edits, in the compute type `T`.
-fn rotate<T: Real>(key: &str, bytes: &[u8], dtype: Dtype, shape: &[usize], edits: &[Edit<'_>]) -> Result<Vec<u8>> {
+fn rotate<T: Real>(
+    key: &str,
+    bytes: &[u8],
+    dtype: Dtype,
+    shape: &[usize],
+    edits: &[Edit<'_>],
+) -> Result<Vec<u8>> {
     let mut data: Vec<T> = decode(bytes, dtype);
     let cols: usize = shape.iter().skip(1).product();
     let rows = shape.first().copied().unwrap_or(0);
     for e in edits {
         let (start, len) = e.rows.unwrap_or((0, rows));
-        apply_layer_to(e.layer, &mut data[start * cols..(start + len) * cols], len, cols)
-            .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
+        apply_layer_to(
+            e.layer,
+            &mut data[start * cols..(start + len) * cols],
+            len,
+            cols,
+        )
+        .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
     }
     if let Some(i) = data.iter().position(|v| !v.to_f64().is_finite()) {
-        return Err(Error::Invalid(format!("`{key}`: the merged value at element {i} is not finite")));
+        return Err(Error::Invalid(format!(
+            "`{key}`: the merged value at element {i} is not finite"
+        )));
     }
     let out = encode(&data, dtype);
     // Overflow to ±inf in the final rounding (e.g. F16) is a failure too.
     if matches!(dtype, Dtype::F16 | Dtype::BF16) {
         let back: Vec<f32> = decode(&out, dtype);
         if let Some(i) = back.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Invalid(format!("`{key}`: the merged value at element {i} overflows {dtype:?}")));
+            return Err(Error::Invalid(format!(
+                "`{key}`: the merged value at element {i} overflows {dtype:?}"
+            )));
         }
     }
     Ok(out)
@@ -412,7 +491,11 @@ fn rotate<T: Real>(key: &str, bytes: &[u8], dtype: Dtype, shape: &[usize], edits
 
 /// The header of the output: the input's tensors at the same offsets, metadata extended,
 /// keys sorted (deterministic).
-fn output_header(input: &MappedFile, extra: &BTreeMap<String, String>, path: &Path) -> Result<Vec<u8>> {
+fn output_header(
+    input: &MappedFile,
+    extra: &BTreeMap<String, String>,
+    path: &Path,
+) -> Result<Vec<u8>> {
     let header = input.header();
     let mut meta = header.metadata().clone().unwrap_or_default();
     for (k, v) in extra {
@@ -439,7 +522,12 @@ fn output_header(input: &MappedFile, extra: &BTreeMap<String, String>, path: &Pa
 }
 
 /// Stream one base file to `out`, rotating the tensors that have edits.
-fn bake_file(job: &FileJob<'_>, out: &Path, extra: &BTreeMap<String, String>, bar: &indicatif::ProgressBar) -> Result<(u64, usize)> {
+fn bake_file(
+    job: &FileJob<'_>,
+    out: &Path,
+    extra: &BTreeMap<String, String>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(u64, usize)> {
     let input = MappedFile::open(&job.input)?;
     input.advise_sequential();
     let header_bytes = output_header(&input, extra, &job.input)?;
@@ -470,7 +558,9 @@ fn bake_file(job: &FileJob<'_>, out: &Path, extra: &BTreeMap<String, String>, ba
         });
         let mut produce = || -> Result<()> {
             for key in &order {
-                let view = st.tensor(key).map_err(|e| Error::format(&job.input, e.to_string()))?;
+                let view = st
+                    .tensor(key)
+                    .map_err(|e| Error::format(&job.input, e.to_string()))?;
                 let piece = match job.edits.get(key) {
                     None => {
                         for chunk in view.data().chunks(COPY_PIECE) {
@@ -483,8 +573,12 @@ fn bake_file(job: &FileJob<'_>, out: &Path, extra: &BTreeMap<String, String>, ba
                     Some(edits) => {
                         rotated += 1;
                         let data = match view.dtype() {
-                            Dtype::F16 | Dtype::BF16 => rotate::<f32>(key, view.data(), view.dtype(), view.shape(), edits)?,
-                            _ => rotate::<f64>(key, view.data(), view.dtype(), view.shape(), edits)?,
+                            Dtype::F16 | Dtype::BF16 => {
+                                rotate::<f32>(key, view.data(), view.dtype(), view.shape(), edits)?
+                            }
+                            _ => {
+                                rotate::<f64>(key, view.data(), view.dtype(), view.shape(), edits)?
+                            }
                         };
                         Piece::Owned(data)
                     }
@@ -497,7 +591,9 @@ fn bake_file(job: &FileJob<'_>, out: &Path, extra: &BTreeMap<String, String>, ba
         };
         let produced = produce();
         drop(tx);
-        let written = writer.join().map_err(|_| Error::Invalid("the writer thread panicked".into()))?;
+        let written = writer
+            .join()
+            .map_err(|_| Error::Invalid("the writer thread panicked".into()))?;
         produced?;
         written
     })?;
@@ -544,7 +640,12 @@ fn copy_tree(src: &Path, dst: &Path, skip: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptions) -> Result<MergeSummary> {
+pub fn run(
+    base: &Path,
+    adapter_paths: &[PathBuf],
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeSummary> {
     let start = Instant::now();
     if adapter_paths.is_empty() {
         return Err(Error::Usage("give at least one adapter".into()));
@@ -556,10 +657,15 @@ pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptio
     if let BaseKind::Sharded(_) | BaseKind::Diffusers(..) = kind
         && out.exists()
     {
-        return Err(Error::Usage(format!("{} already exists; a sharded or pipeline output is a new folder", out.display())));
+        return Err(Error::Usage(format!(
+            "{} already exists; a sharded or pipeline output is a new folder",
+            out.display()
+        )));
     }
-    let adapters: Vec<(PathBuf, Adapter)> =
-        adapter_paths.iter().map(|p| load_adapter(p).map(|a| (p.clone(), a))).collect::<Result<_>>()?;
+    let adapters: Vec<(PathBuf, Adapter)> = adapter_paths
+        .iter()
+        .map(|p| load_adapter(p).map(|a| (p.clone(), a)))
+        .collect::<Result<_>>()?;
     let groups = groups_for(&kind)?;
     let (placements, skipped) = place(&adapters, &groups, opts)?;
     if !opts.force {
@@ -572,13 +678,21 @@ pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptio
     for (g, group) in groups.iter().enumerate() {
         for (i, (input, relative)) in group.files.iter().enumerate() {
             job_index.insert((g, i), jobs.len());
-            jobs.push(FileJob { input: input.clone(), relative: relative.clone(), edits: BTreeMap::new() });
+            jobs.push(FileJob {
+                input: input.clone(),
+                relative: relative.clone(),
+                edits: BTreeMap::new(),
+            });
         }
     }
     let layers_baked = placements.len();
     for p in placements {
         let i = groups[p.group].key_file[&p.key];
-        jobs[job_index[&(p.group, i)]].edits.entry(p.key).or_default().push(p.edit);
+        jobs[job_index[&(p.group, i)]]
+            .edits
+            .entry(p.key)
+            .or_default()
+            .push(p.edit);
     }
 
     let mut extra = BTreeMap::new();
@@ -594,14 +708,22 @@ pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptio
             })
         })
         .collect();
-    extra.insert("oftool.adapters".to_string(), serde_json::Value::Array(list).to_string());
+    extra.insert(
+        "oftool.adapters".to_string(),
+        serde_json::Value::Array(list).to_string(),
+    );
 
-    let total: u64 = jobs.iter().map(|j| std::fs::metadata(&j.input).map(|m| m.len()).unwrap_or(0)).sum();
+    let total: u64 = jobs
+        .iter()
+        .map(|j| std::fs::metadata(&j.input).map(|m| m.len()).unwrap_or(0))
+        .sum();
     let bar = if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     } else {
@@ -619,16 +741,29 @@ pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptio
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        return Err(Error::io(&parent, std::io::Error::new(std::io::ErrorKind::NotFound, "the output folder does not exist")));
+        return Err(Error::io(
+            &parent,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the output folder does not exist",
+            ),
+        ));
     }
     let single = matches!(kind, BaseKind::Single(_));
-    let staging = tempfile::Builder::new().prefix(".oftool-tmp-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".oftool-tmp-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
     let mut bytes_written = 0u64;
     let mut tensors = 0usize;
     let mut tensors_rotated = 0usize;
     pool.install(|| -> Result<()> {
         for job in &jobs {
-            let dest = if single { staging.path().join("out.safetensors") } else { staging.path().join(&job.relative) };
+            let dest = if single {
+                staging.path().join("out.safetensors")
+            } else {
+                staging.path().join(&job.relative)
+            };
             if let Some(d) = dest.parent() {
                 std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             }
@@ -648,8 +783,13 @@ pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptio
     } else {
         // Copy the rest of the folder (configs, index, other files), then move it into place.
         let (src_root, skip): (PathBuf, Vec<PathBuf>) = match &kind {
-            BaseKind::Sharded(index) => (index.parent().unwrap_or(Path::new(".")).to_path_buf(), jobs.iter().map(|j| j.input.clone()).collect()),
-            BaseKind::Diffusers(root, _) => (root.clone(), jobs.iter().map(|j| j.input.clone()).collect()),
+            BaseKind::Sharded(index) => (
+                index.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                jobs.iter().map(|j| j.input.clone()).collect(),
+            ),
+            BaseKind::Diffusers(root, _) => {
+                (root.clone(), jobs.iter().map(|j| j.input.clone()).collect())
+            }
             BaseKind::Single(_) => unreachable!("handled above"),
         };
         copy_tree(&src_root, staging.path(), &skip)?;
@@ -666,7 +806,10 @@ pub fn run(base: &Path, adapter_paths: &[PathBuf], out: &Path, opts: &MergeOptio
     Ok(MergeSummary {
         base: base.display().to_string(),
         output: out.display().to_string(),
-        adapters: adapter_paths.iter().map(|p| p.display().to_string()).collect(),
+        adapters: adapter_paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
         files_written: jobs.len(),
         tensors,
         tensors_rotated,
