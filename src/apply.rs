@@ -162,69 +162,71 @@ impl<T: Real> PreparedStage<T> {
     /// `W ← W · Eᵀ`: `W'[:, σ[kb+t]] = Σ_u W[:, σ[kb+u]] · R_k[t][u]`.
     fn apply_input(&self, data: &mut [T], cols: usize) {
         let b = self.b;
-        data.par_chunks_mut(INPUT_CHUNK_ROWS * cols).for_each(|chunk| {
-            let m = chunk.len() / cols;
-            let src: Vec<T> = match &self.sigma {
-                None => chunk.to_vec(),
-                Some(s) => chunk
-                    .chunks_exact(cols)
-                    .flat_map(|row| s.iter().map(move |&j| row[j]))
-                    .collect(),
-            };
-            let mut dst = vec![T::default(); chunk.len()];
-            if self.rotations.len() == 1 {
-                // One shared block: the chunk is an (m·blocks × b) matrix times Rᵀ.
-                let r = self.block(0);
-                // SAFETY: src/dst hold m·cols = m·blocks·b elements; R is b × b.
-                unsafe {
-                    T::gemm(
-                        m * self.blocks,
-                        b,
-                        b,
-                        src.as_ptr(),
-                        b as isize,
-                        1,
-                        r.as_ptr(),
-                        1,
-                        b as isize,
-                        dst.as_mut_ptr(),
-                        b as isize,
-                        1,
-                    )
+        data.par_chunks_mut(INPUT_CHUNK_ROWS * cols)
+            .for_each(|chunk| {
+                let m = chunk.len() / cols;
+                let src: Vec<T> = match &self.sigma {
+                    None => chunk.to_vec(),
+                    Some(s) => chunk
+                        .chunks_exact(cols)
+                        .flat_map(|row| s.iter().map(move |&j| row[j]))
+                        .collect(),
                 };
-            } else {
-                for k in 0..self.blocks {
-                    let r = self.block(k);
-                    // SAFETY: block k's columns [kb, kb+b) of m rows of stride `cols` lie in src/dst.
+                let mut dst = vec![T::default(); chunk.len()];
+                if self.rotations.len() == 1 {
+                    // One shared block: the chunk is an (m·blocks × b) matrix times Rᵀ.
+                    let r = self.block(0);
+                    // SAFETY: src/dst hold m·cols = m·blocks·b elements; R is b × b.
                     unsafe {
                         T::gemm(
-                            m,
+                            m * self.blocks,
                             b,
                             b,
-                            src.as_ptr().add(k * b),
-                            cols as isize,
+                            src.as_ptr(),
+                            b as isize,
                             1,
                             r.as_ptr(),
                             1,
                             b as isize,
-                            dst.as_mut_ptr().add(k * b),
-                            cols as isize,
+                            dst.as_mut_ptr(),
+                            b as isize,
                             1,
                         )
                     };
+                } else {
+                    for k in 0..self.blocks {
+                        let r = self.block(k);
+                        // SAFETY: block k's columns [kb, kb+b) of m rows of stride `cols` lie in src/dst.
+                        unsafe {
+                            T::gemm(
+                                m,
+                                b,
+                                b,
+                                src.as_ptr().add(k * b),
+                                cols as isize,
+                                1,
+                                r.as_ptr(),
+                                1,
+                                b as isize,
+                                dst.as_mut_ptr().add(k * b),
+                                cols as isize,
+                                1,
+                            )
+                        };
+                    }
                 }
-            }
-            match &self.sigma {
-                None => chunk.copy_from_slice(&dst),
-                Some(s) => {
-                    for (row, drow) in chunk.chunks_exact_mut(cols).zip(dst.chunks_exact(cols)) {
-                        for (&j, &v) in s.iter().zip(drow) {
-                            row[j] = v;
+                match &self.sigma {
+                    None => chunk.copy_from_slice(&dst),
+                    Some(s) => {
+                        for (row, drow) in chunk.chunks_exact_mut(cols).zip(dst.chunks_exact(cols))
+                        {
+                            for (&j, &v) in s.iter().zip(drow) {
+                                row[j] = v;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
     }
 
     /// `W ← Eᵀ · W`: `W'[σ[kb+t], :] = Σ_u R_k[u][t] · W[σ[kb+u], :]`.
@@ -307,7 +309,10 @@ pub fn check_fits(layer: &Layer, rows: usize, cols: usize) -> Result<(), Error> 
     {
         return Err(Error::Shape {
             what: layer.target.name.clone(),
-            detail: format!("row scale has {} entries but the weight has {rows} rows", s.len()),
+            detail: format!(
+                "row scale has {} entries but the weight has {rows} rows",
+                s.len()
+            ),
         });
     }
     Ok(())
@@ -321,7 +326,12 @@ fn scale_rows<T: Real>(data: &mut [T], cols: usize, s: &[f64]) {
 }
 
 /// Apply every stage of `layer` (and its row scale) to a `(rows, cols)` row-major weight.
-pub fn apply_layer_to<T: Real>(layer: &Layer, data: &mut [T], rows: usize, cols: usize) -> Result<(), Error> {
+pub fn apply_layer_to<T: Real>(
+    layer: &Layer,
+    data: &mut [T],
+    rows: usize,
+    cols: usize,
+) -> Result<(), Error> {
     check_fits(layer, rows, cols)?;
     if let Some((ScalePosition::Before, s)) = &layer.row_scale {
         scale_rows(data, cols, s);

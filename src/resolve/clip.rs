@@ -73,12 +73,14 @@ pub fn split(key: &str) -> Option<EncoderKey<'_>> {
             "embeddings.position_embedding.",
             "final_layer_norm.",
         ];
-        bare.iter().any(|p| key.starts_with(p)).then_some(EncoderKey {
-            root: "",
-            order: 0,
-            layout: Layout::Hf,
-            inner: key,
-        })
+        bare.iter()
+            .any(|p| key.starts_with(p))
+            .then_some(EncoderKey {
+                root: "",
+                order: 0,
+                layout: Layout::Hf,
+                inner: key,
+            })
     })?;
     recognised(&found).then_some(found)
 }
@@ -215,9 +217,15 @@ mod tests {
         assert_eq!((k.order, k.layout), (1, Layout::OpenClip));
         let k = split("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight")
             .expect("encoder key");
-        assert_eq!((k.root, k.layout), ("cond_stage_model.transformer.", Layout::Hf));
+        assert_eq!(
+            (k.root, k.layout),
+            ("cond_stage_model.transformer.", Layout::Hf)
+        );
         let k = split("encoder.layers.3.self_attn.q_proj.weight").expect("bare tf5 key");
-        assert_eq!((k.root, k.inner), ("", "encoder.layers.3.self_attn.q_proj.weight"));
+        assert_eq!(
+            (k.root, k.inner),
+            ("", "encoder.layers.3.self_attn.q_proj.weight")
+        );
         // A diffusers VAE's encoder and other models' keys are not text encoders.
         assert!(split("encoder.down_blocks.0.resnets.0.conv1.weight").is_none());
         assert!(split("first_stage_model.encoder.conv_in.weight").is_none());
@@ -226,14 +234,23 @@ mod tests {
 
     #[test]
     fn open_clip_names() {
-        let (own, hf) = hf_modules(Layout::OpenClip, "transformer.resblocks.7.attn.in_proj_weight");
+        let (own, hf) = hf_modules(
+            Layout::OpenClip,
+            "transformer.resblocks.7.attn.in_proj_weight",
+        );
         assert_eq!(own.as_deref(), Some("transformer.resblocks.7.attn.in_proj"));
         assert_eq!(hf.len(), 3);
         assert_eq!(hf[2].path, "encoder.layers.7.self_attn.v_proj");
         assert_eq!(hf[2].third, Some(2));
-        let (_, hf) = hf_modules(Layout::OpenClip, "transformer.resblocks.7.mlp.c_proj.weight");
+        let (_, hf) = hf_modules(
+            Layout::OpenClip,
+            "transformer.resblocks.7.mlp.c_proj.weight",
+        );
         assert_eq!(hf[0].path, "encoder.layers.7.mlp.fc2");
-        let (own, hf) = hf_modules(Layout::OpenClip, "transformer.resblocks.7.attn.in_proj_bias");
+        let (own, hf) = hf_modules(
+            Layout::OpenClip,
+            "transformer.resblocks.7.attn.in_proj_bias",
+        );
         assert!(own.is_none() && hf.is_empty());
         let (own, hf) = hf_modules(Layout::OpenClip, "text_projection");
         assert!(own.is_none() && hf.is_empty());

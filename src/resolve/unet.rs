@@ -302,11 +302,7 @@ impl Architecture {
                 [LdmChild::Resnet] => (false, false),
                 [LdmChild::Resnet, LdmChild::Attention] => (true, false),
                 [LdmChild::Resnet, LdmChild::Upsample] => (false, true),
-                [
-                    LdmChild::Resnet,
-                    LdmChild::Attention,
-                    LdmChild::Upsample,
-                ] => (true, true),
+                [LdmChild::Resnet, LdmChild::Attention, LdmChild::Upsample] => (true, true),
                 _ => return None,
             };
             level.attention.push(attention);
@@ -403,7 +399,11 @@ impl Architecture {
                 l.sampler == (x + 1 < levels)
                     && self.up[levels - 1 - x].attention.len() == l.attention.len() + 1
             })
-            && self.up.iter().enumerate().all(|(x, l)| l.sampler == (x + 1 < levels))
+            && self
+                .up
+                .iter()
+                .enumerate()
+                .all(|(x, l)| l.sampler == (x + 1 < levels))
             && self.mid.first() == Some(&MidChild::Resnet)
             && self.mid.last() == Some(&MidChild::Resnet)
     }
@@ -530,7 +530,10 @@ mod tests {
         let m = UnetMap::derive(Naming::Ldm, tiny_ldm()).expect("consistent");
         let cases = [
             ("input_blocks.0.0", "conv_in"),
-            ("input_blocks.1.0.in_layers.2", "down_blocks.0.resnets.0.conv1"),
+            (
+                "input_blocks.1.0.in_layers.2",
+                "down_blocks.0.resnets.0.conv1",
+            ),
             (
                 "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
                 "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -556,10 +559,17 @@ mod tests {
         ];
         for (l, d) in cases {
             assert_eq!(m.translate(Naming::Ldm, l), vec![d.to_string()], "{l}");
-            assert_eq!(m.translate(Naming::Diffusers, d), vec![l.to_string()], "{d}");
+            assert_eq!(
+                m.translate(Naming::Diffusers, d),
+                vec![l.to_string()],
+                "{d}"
+            );
         }
         // Unknown children and partial names translate to nothing.
-        assert!(m.translate(Naming::Ldm, "input_blocks.1.0.bogus").is_empty());
+        assert!(
+            m.translate(Naming::Ldm, "input_blocks.1.0.bogus")
+                .is_empty()
+        );
         assert!(m.translate(Naming::Ldm, "input_blocks.1.0").is_empty());
         assert!(m.translate(Naming::Ldm, "input_blocks.2.0.op.x").is_empty());
         assert_eq!(
