@@ -20,3 +20,13 @@ pub mod validate;
 pub mod wiring;
 
 pub use error::{Error, Result};
+
+/// Process setup for the command line: a file-size limit (`ulimit -f`) must surface as an
+/// ordinary write error ("File too large"), not kill the process with SIGXFSZ midway.
+pub fn init_process() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_IGN at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}

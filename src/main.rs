@@ -90,6 +90,7 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    oftool::init_process();
     let result = match cli.command {
         Command::Inspect { file, json } => inspect::run(&file).map(|r| {
             if json {

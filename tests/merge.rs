@@ -546,3 +546,35 @@ fn binding_mismatch_is_refused_unless_forced() {
         .assert()
         .success();
 }
+
+#[test]
+fn full_disk_is_a_clean_error() {
+    // A file-size limit stands in for a full disk: the write fails midway.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = cases_dir().join("peft-unet-exact-r");
+    let (adapter, base, _) = case_paths(&dir);
+    let outdir = tmp.path().join("o");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("x.safetensors");
+    let bin = assert_cmd::cargo::cargo_bin("oftool");
+    let script = format!(
+        "ulimit -f 64; exec '{}' merge '{}' '{}' -o '{}' -q",
+        bin.display(),
+        base.display(),
+        adapter.display(),
+        out.display()
+    );
+    let o = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("File too large"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&outdir).unwrap().count(),
+        0,
+        "nothing may be left behind"
+    );
+}
