@@ -1,0 +1,164 @@
+//! `inspect`, `validate` and `convert` on every fixture, through the binary.
+
+mod common;
+
+use assert_cmd::Command;
+use common::*;
+use serde_json::Value;
+
+fn oftool() -> Command {
+    Command::cargo_bin("oftool").expect("binary built")
+}
+
+fn json_of(args: &[&str], path: &std::path::Path) -> Value {
+    let o = oftool().args(args).arg(path).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+#[test]
+fn convert_then_inspect_round_trips_the_layer_structure() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in cases() {
+        let case = read_json(&dir.join("case.json"));
+        let label = dir.file_name().unwrap().to_string_lossy().to_string();
+        let adapter = dir.join(case["adapter"].as_str().unwrap());
+        let src = json_of(&["inspect", "--json"], &adapter);
+        let oft = tmp.path().join(format!("{label}.oft"));
+        let o = oftool()
+            .arg("convert")
+            .arg(&adapter)
+            .arg("-o")
+            .arg(&oft)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{label}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let back = json_of(&["inspect", "--json"], &oft);
+        assert_eq!(back["layout"], "oft");
+        assert_eq!(
+            src["layers"], back["layers"],
+            "{label}: layer structure changed through .oft"
+        );
+        assert_eq!(src["totals"], back["totals"], "{label}");
+        assert_eq!(
+            back["provenance"]["source_format"], src["layout"],
+            "{label}: provenance names the source layout"
+        );
+        // The layer count and structure match what the library wrote.
+        let layers = src["layers"].as_array().unwrap();
+        assert_eq!(
+            layers.len(),
+            case["layers"].as_array().unwrap().len(),
+            "{label}"
+        );
+        let producer = case["producer"].as_str().unwrap();
+        for l in layers {
+            let side = l["side"].as_str().unwrap();
+            assert_eq!(
+                side,
+                if producer == "peft" {
+                    "input"
+                } else {
+                    "output"
+                },
+                "{label}"
+            );
+            let orth = l["orthogonality_error"].as_f64().unwrap();
+            let neumann = l["stages"][0]["map"]
+                .as_str()
+                .unwrap()
+                .starts_with("neumann");
+            // Exact Cayley rotations are orthogonal; PEFT's Neumann ones measurably not.
+            if neumann {
+                assert!(
+                    orth > 1e-12,
+                    "{label}: a Neumann block reports orthogonality error {orth}"
+                );
+            } else {
+                assert!(
+                    orth < 1e-12,
+                    "{label}: a Cayley block reports orthogonality error {orth}"
+                );
+            }
+        }
+        // Human output: a table with one line per layer.
+        let o = oftool().arg("inspect").arg(&oft).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains("largest angle") && text.lines().count() >= layers.len() + 4,
+            "{label}: {text}"
+        );
+    }
+}
+
+#[test]
+fn validate_every_fixture_against_its_base() {
+    for dir in cases() {
+        let case = read_json(&dir.join("case.json"));
+        let label = dir.file_name().unwrap().to_string_lossy().to_string();
+        let adapter = dir.join(case["adapter"].as_str().unwrap());
+        let base = dir.join(case["base"].as_str().unwrap());
+        let v = json_of(
+            &["validate", "--json", "--base", base.to_str().unwrap()],
+            &adapter,
+        );
+        assert_eq!(v["valid"], true, "{label}: {v}");
+        assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+        oftool()
+            .arg("validate")
+            .arg(&adapter)
+            .assert()
+            .success()
+            .stdout(predicates::str::contains("valid"));
+    }
+}
+
+#[test]
+fn constraint_use_is_reported() {
+    // LyCORIS with a binding constraint: inspect shows usage 1.0 on clamped layers.
+    let dir = cases_dir().join("lyco-unet-constraint");
+    let case = read_json(&dir.join("case.json"));
+    let v = json_of(&["inspect", "--json"], &dir.join("adapter.safetensors"));
+    let layers = v["layers"].as_array().unwrap();
+    let clamped: Vec<bool> = case["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["clamped"].as_bool().unwrap())
+        .collect();
+    let mut names: Vec<&str> = case["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["adapter_name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert!(clamped.iter().filter(|c| **c).count() >= 10);
+    for l in layers {
+        let c = &l["constraint"];
+        let usage = c["usage"].as_f64().unwrap();
+        assert!(usage <= 1.0 + 1e-9, "{l}");
+        let i = case["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|x| x["adapter_name"] == l["target"])
+            .unwrap();
+        if clamped[i] {
+            assert!(
+                (usage - 1.0).abs() < 1e-6,
+                "clamped layer must sit on the radius: {usage}"
+            );
+        }
+    }
+}
