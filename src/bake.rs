@@ -191,7 +191,8 @@ fn build_group(component: Option<String>, files: Vec<(PathBuf, PathBuf)>) -> Res
             key_file.insert(name, i);
         }
     }
-    let table = AliasTable::new(key_file.keys().map(String::as_str));
+    let table =
+        AliasTable::with_shapes(shapes.iter().map(|(k, (s, _))| (k.as_str(), s.as_slice())));
     Ok(Group {
         component,
         files,

@@ -73,6 +73,9 @@ pub struct Report {
     pub layout: String,
     pub provenance: Provenance,
     pub totals: Totals,
+    /// Things a user should know about how runtimes treat this adapter (README "Where each
+    /// runtime computes something else").
+    pub notes: Vec<String>,
     pub layers: Vec<LayerReport>,
 }
 
@@ -166,13 +169,68 @@ pub fn report(file: &Path, layout: &str, adapter: &Adapter) -> Report {
         constrained_layers: layers.iter().filter(|l| l.constraint.is_some()).count(),
         row_scaled_layers: layers.iter().filter(|l| l.row_scale.is_some()).count(),
     };
+    let notes = notes(adapter, &layers);
     Report {
         file: file.display().to_string(),
         layout: layout.into(),
         provenance: adapter.provenance.clone(),
         totals,
+        notes,
         layers,
     }
+}
+
+fn notes(adapter: &Adapter, layers: &[LayerReport]) -> Vec<String> {
+    let mut out = Vec::new();
+    let scaled = layers
+        .iter()
+        .filter(|l| l.row_scale.is_some() && l.side == "output")
+        .count();
+    if scaled > 0 && adapter.provenance.source_format.starts_with("lycoris") {
+        out.push(format!(
+            "{scaled} layer(s) carry a diag-oft `rescale`: ComfyUI ignores it, so ComfyUI's result differs from LyCORIS's and oftool's"
+        ));
+    }
+    if adapter
+        .layers
+        .iter()
+        .any(|l| l.constraint.as_ref().is_some_and(|c| c.kind == "lycoris"))
+    {
+        out.push(
+            "LyCORIS constraint: the clamp (radius alpha·out_dim) is pre-applied here; ComfyUI reads alpha as a raw radius and clamps differently".into(),
+        );
+    }
+    let neumann = adapter.layers.iter().any(|l| {
+        l.stages
+            .iter()
+            .any(|s| matches!(s.spec.map, crate::model::RotationMap::Neumann { .. }))
+    });
+    if neumann {
+        let err = layers
+            .iter()
+            .map(|l| l.orthogonality_error)
+            .fold(0.0, f64::max);
+        out.push(format!(
+            "Cayley–Neumann blocks are not exactly orthogonal (‖RᵀR−I‖ up to {err:.1e}); oftool reproduces them as PEFT computes them"
+        ));
+    }
+    let old_series = adapter.layers.iter().any(|l| {
+        l.stages.iter().any(|s| {
+            matches!(
+                s.spec.map,
+                crate::model::RotationMap::Neumann {
+                    variant: crate::model::NeumannVariant::Peft016,
+                    ..
+                }
+            )
+        })
+    });
+    if old_series {
+        out.push(
+            "PEFT 0.16–0.17 Neumann polynomial (the config has no peft_version ≥ 0.18): PEFT ≥ 0.18 would load this file with its newer polynomial and merge slightly different weights".into(),
+        );
+    }
+    out
 }
 
 /// Load any supported adapter and build its report.
@@ -209,6 +267,9 @@ pub fn render(r: &Report) -> String {
         r.totals.constrained_layers,
         r.totals.row_scaled_layers
     );
+    for n in &r.notes {
+        let _ = writeln!(s, "  note: {n}");
+    }
     let _ = writeln!(s);
     let width = r
         .layers

@@ -155,7 +155,7 @@ pub fn axis_len(side: Side, shape: &[u64]) -> u64 {
 pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
     let file = MappedFile::open(base)?;
     let st = file.tensors();
-    let table = AliasTable::new(st.names());
+    let table = AliasTable::with_shapes(st.iter().map(|(n, v)| (n, v.shape().to_vec())));
     let mut out = Vec::new();
     for layer in &adapter.layers {
         let p = |check: &str, m: String| problem(Some(layer), check, m);
