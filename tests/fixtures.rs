@@ -39,17 +39,42 @@ fn check_case(dir: &Path, adapter: &Adapter, label: &str) -> Result<usize, Strin
         layers.len(),
         adapter.layers.len()
     );
-    let mut failures = Vec::new();
+    // Group the layers per base tensor (fused tensors take several, each on a row slice), in
+    // the order case.json lists them.
+    let mut groups: Vec<(&str, Vec<&serde_json::Value>)> = Vec::new();
     for l in layers {
         let key = l["base_key"].as_str().expect("base_key");
-        let layer = find_layer(adapter, l["adapter_name"].as_str().expect("adapter_name"));
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(l),
+            None => groups.push((key, vec![l])),
+        }
+    }
+    let mut failures = Vec::new();
+    for (key, group) in &groups {
         let (w, shape, dtype) = tensor(&base, key);
         let (want, want_shape, want_dtype) = tensor(&merged, key);
         assert_eq!(shape, want_shape);
         assert_eq!(dtype, want_dtype);
-        let mut m = Matrix::from_shape(&shape, w.clone()).expect("2-D view");
-        apply_layer(layer, &mut m).unwrap_or_else(|e| panic!("{label} {key}: {e}"));
-        let got = round_to(&m.data, dtype);
+        let cols: usize = shape[1..].iter().product();
+        let mut data = w.clone();
+        for l in group {
+            let layer = find_layer(adapter, l["adapter_name"].as_str().expect("adapter_name"));
+            let (start, len) = match l.get("rows").and_then(|r| r.as_array()) {
+                Some(r) => (
+                    r[0].as_u64().unwrap() as usize,
+                    r[1].as_u64().unwrap() as usize,
+                ),
+                None => (0, shape[0]),
+            };
+            let mut m = Matrix::from_shape(
+                &[len, cols],
+                data[start * cols..(start + len) * cols].to_vec(),
+            )
+            .expect("2-D view");
+            apply_layer(layer, &mut m).unwrap_or_else(|e| panic!("{label} {key}: {e}"));
+            data[start * cols..(start + len) * cols].copy_from_slice(&m.data);
+        }
+        let got = round_to(&data, dtype);
         let (ratio, i) = worst(&got, &want, dtype);
         if ratio > 1.0 {
             failures.push(format!(
