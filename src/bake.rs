@@ -385,81 +385,45 @@ fn check_bindings(placements: &[Placement<'_>], groups: &[Group]) -> Result<()> 
     }
 }
 
+#[cfg(target_endian = "big")]
+compile_error!("oftool reads and writes little-endian tensor data in place");
+
 /// A piece of output data: borrowed from the base mapping, or computed.
 enum Piece<'a> {
     Borrowed(&'a [u8]),
-    Owned(Vec<u8>),
+    Bytes(Vec<u8>),
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
 }
 
-/// View little-endian bytes as 16-bit floats (copying only when the bytes are misaligned).
-fn halves<H: bytemuck::Pod>(bytes: &[u8], f: impl FnOnce(&[H])) {
+impl Piece<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Borrowed(b) => b,
+            Piece::Bytes(v) => v,
+            Piece::F16(v) => bytemuck::cast_slice(v),
+            Piece::Bf16(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+/// Decode 16-bit floats to f32 (SIMD where the CPU has it), copying only if misaligned.
+fn halves_to_f32<H: bytemuck::Pod>(bytes: &[u8], convert: impl Fn(&[H], &mut [f32])) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 2];
     match bytemuck::try_cast_slice::<u8, H>(bytes) {
-        Ok(h) => f(h),
-        Err(_) => f(&bytemuck::pod_collect_to_vec::<u8, H>(bytes)),
+        Ok(h) => convert(h, &mut out),
+        Err(_) => convert(&bytemuck::pod_collect_to_vec::<u8, H>(bytes), &mut out),
     }
+    out
 }
 
-fn decode<T: Real>(bytes: &[u8], dtype: Dtype) -> Vec<T> {
-    use half::slice::HalfFloatSliceExt;
-    match dtype {
-        Dtype::F16 => {
-            let mut f32s = vec![0f32; bytes.len() / 2];
-            halves::<half::f16>(bytes, |h| h.convert_to_f32_slice(&mut f32s));
-            f32s.into_iter().map(|x| T::from_f64(x as f64)).collect()
-        }
-        Dtype::BF16 => {
-            let mut f32s = vec![0f32; bytes.len() / 2];
-            halves::<half::bf16>(bytes, |h| h.convert_to_f32_slice(&mut f32s));
-            f32s.into_iter().map(|x| T::from_f64(x as f64)).collect()
-        }
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| T::from_f64(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64))
-            .collect(),
-        _ => bytes
-            .chunks_exact(8)
-            .map(|c| T::from_f64(f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))))
-            .collect(),
-    }
-}
-
-fn encode<T: Real>(values: &[T], dtype: Dtype) -> Vec<u8> {
-    use half::slice::HalfFloatSliceExt;
-    match dtype {
-        Dtype::F16 | Dtype::BF16 => {
-            let f32s: Vec<f32> = values.iter().map(|v| v.to_f64() as f32).collect();
-            let mut bits = vec![0u16; f32s.len()];
-            if dtype == Dtype::F16 {
-                let mut h = vec![half::f16::ZERO; f32s.len()];
-                h.convert_from_f32_slice(&f32s);
-                bits.iter_mut().zip(&h).for_each(|(b, x)| *b = x.to_bits());
-            } else {
-                let mut h = vec![half::bf16::ZERO; f32s.len()];
-                h.convert_from_f32_slice(&f32s);
-                bits.iter_mut().zip(&h).for_each(|(b, x)| *b = x.to_bits());
-            }
-            bits.iter().flat_map(|b| b.to_le_bytes()).collect()
-        }
-        Dtype::F32 => values
-            .iter()
-            .flat_map(|v| (v.to_f64() as f32).to_le_bytes())
-            .collect(),
-        _ => values
-            .iter()
-            .flat_map(|v| v.to_f64().to_le_bytes())
-            .collect(),
-    }
-}
-
-/// Rotate one tensor with its edits, in the compute type `T`.
-fn rotate<T: Real>(
+/// Apply a tensor's edits in place (each on its row slice).
+fn apply_edits<T: Real>(
     key: &str,
-    bytes: &[u8],
-    dtype: Dtype,
+    data: &mut [T],
     shape: &[usize],
     edits: &[Edit<'_>],
-) -> Result<Vec<u8>> {
-    let mut data: Vec<T> = decode(bytes, dtype);
+) -> Result<()> {
     let cols: usize = shape.iter().skip(1).product();
     let rows = shape.first().copied().unwrap_or(0);
     for e in edits {
@@ -477,17 +441,66 @@ fn rotate<T: Real>(
             "`{key}`: the merged value at element {i} is not finite"
         )));
     }
-    let out = encode(&data, dtype);
-    // Overflow to ±inf in the final rounding (e.g. F16) is a failure too.
-    if matches!(dtype, Dtype::F16 | Dtype::BF16) {
-        let back: Vec<f32> = decode(&out, dtype);
-        if let Some(i) = back.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Invalid(format!(
-                "`{key}`: the merged value at element {i} overflows {dtype:?}"
-            )));
+    Ok(())
+}
+
+fn overflow(key: &str, i: usize, dtype: Dtype) -> Error {
+    Error::Invalid(format!(
+        "`{key}`: the merged value at element {i} overflows {dtype:?}"
+    ))
+}
+
+/// Rotate one tensor: F16/BF16 in f32, F32/F64 in f64; one rounding to the base dtype.
+fn rotate(
+    key: &str,
+    bytes: &[u8],
+    dtype: Dtype,
+    shape: &[usize],
+    edits: &[Edit<'_>],
+) -> Result<Piece<'static>> {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        Dtype::F16 => {
+            let mut data = halves_to_f32::<half::f16>(bytes, |h, o| h.convert_to_f32_slice(o));
+            apply_edits(key, &mut data, shape, edits)?;
+            let mut out = vec![half::f16::ZERO; data.len()];
+            out.convert_from_f32_slice(&data);
+            match out.iter().position(|x| x.is_infinite()) {
+                Some(i) => Err(overflow(key, i, dtype)),
+                None => Ok(Piece::F16(out)),
+            }
+        }
+        Dtype::BF16 => {
+            let mut data = halves_to_f32::<half::bf16>(bytes, |h, o| h.convert_to_f32_slice(o));
+            apply_edits(key, &mut data, shape, edits)?;
+            let mut out = vec![half::bf16::ZERO; data.len()];
+            out.convert_from_f32_slice(&data);
+            match out.iter().position(|x| x.is_infinite()) {
+                Some(i) => Err(overflow(key, i, dtype)),
+                None => Ok(Piece::Bf16(out)),
+            }
+        }
+        Dtype::F32 => {
+            let mut data: Vec<f64> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect();
+            apply_edits(key, &mut data, shape, edits)?;
+            let out: Vec<f32> = data.iter().map(|&v| v as f32).collect();
+            match out.iter().position(|x| x.is_infinite()) {
+                Some(i) => Err(overflow(key, i, dtype)),
+                None => Ok(Piece::Bytes(bytemuck::cast_slice(&out).to_vec())),
+            }
+        }
+        _ => {
+            let mut data: Vec<f64> = bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
+            apply_edits(key, &mut data, shape, edits)?;
+            Ok(Piece::Bytes(bytemuck::cast_slice(&data).to_vec()))
         }
     }
-    Ok(out)
 }
 
 /// The header of the output: the input's tensors at the same offsets, metadata extended,
@@ -545,10 +558,7 @@ fn bake_file(
             w.write_all(&header_bytes).map_err(|e| Error::io(out, e))?;
             n += header_bytes.len() as u64;
             for piece in rx {
-                let bytes: &[u8] = match &piece {
-                    Piece::Borrowed(b) => b,
-                    Piece::Owned(v) => v,
-                };
+                let bytes = piece.bytes();
                 w.write_all(bytes).map_err(|e| Error::io(out, e))?;
                 n += bytes.len() as u64;
                 bar.inc(bytes.len() as u64);
@@ -573,15 +583,7 @@ fn bake_file(
                     }
                     Some(edits) => {
                         rotated += 1;
-                        let data = match view.dtype() {
-                            Dtype::F16 | Dtype::BF16 => {
-                                rotate::<f32>(key, view.data(), view.dtype(), view.shape(), edits)?
-                            }
-                            _ => {
-                                rotate::<f64>(key, view.data(), view.dtype(), view.shape(), edits)?
-                            }
-                        };
-                        Piece::Owned(data)
+                        rotate(key, view.data(), view.dtype(), view.shape(), edits)?
                     }
                 };
                 if tx.send(piece).is_err() {
