@@ -87,10 +87,76 @@ pub fn creation_time() -> String {
     rfc3339(secs)
 }
 
-pub fn run(input: &Path, output: &Path) -> Result<ConvertSummary> {
-    refuse_overwriting_input(output, &[input])?;
+/// Record, per layer, the target's full shape and a base-binding hash of its tensor in `base`.
+pub fn bind(adapter: &mut crate::model::Adapter, base: &Path) -> Result<()> {
+    use crate::resolve::AliasTable;
+    use crate::tensors::MappedFile;
+    let file = MappedFile::open(base)?;
+    let st = file.tensors();
+    let table = AliasTable::with_shapes(st.iter().map(|(n, v)| (n, v.shape().to_vec())));
+    let mut problems = Vec::new();
+    for layer in &mut adapter.layers {
+        let r = match table.resolve(&layer.target) {
+            Ok(r) => r,
+            Err(c) if c.is_empty() => {
+                problems.push(format!("`{}` has no tensor in the base", layer.target.name));
+                continue;
+            }
+            Err(c) => {
+                problems.push(format!(
+                    "`{}` matches several tensors: {}",
+                    layer.target.name,
+                    c.join(", ")
+                ));
+                continue;
+            }
+        };
+        let view = st
+            .tensor(&r.key)
+            .map_err(|e| Error::format(base, e.to_string()))?;
+        let full: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+        let mut target_shape = full.clone();
+        if let (Some((_, len)), Some(first)) = (r.rows, target_shape.first_mut()) {
+            *first = len as u64;
+        }
+        let axis = crate::validate::axis_len(layer.side, &target_shape);
+        if layer.target.rotated_dim.is_some_and(|d| d != axis) {
+            problems.push(format!(
+                "`{}` rotates {} features but `{}` has {axis} on that side (shape {target_shape:?})",
+                layer.target.name,
+                layer.target.rotated_dim.unwrap_or(0),
+                r.key
+            ));
+            continue;
+        }
+        layer.target.rotated_dim = Some(axis);
+        layer.target.shape = Some(target_shape);
+        layer.base_binding = Some(crate::model::BaseBinding {
+            blake3: blake3::hash(view.data()).to_hex().to_string(),
+            dtype: format!("{:?}", view.dtype()),
+            shape: full,
+        });
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "cannot bind to {}: {}",
+            base.display(),
+            problems.join("; ")
+        )))
+    }
+}
+
+pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSummary> {
+    let mut inputs = vec![input];
+    inputs.extend(base);
+    refuse_overwriting_input(output, &inputs)?;
     let layout = import::detect(input)?;
     let mut adapter = import::load(input)?;
+    if let Some(b) = base {
+        bind(&mut adapter, b)?;
+    }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
         return Err(Error::Invalid(format!(

@@ -76,6 +76,10 @@ enum Command {
         /// Layout to write.
         #[arg(long, value_enum, default_value = "oft")]
         to: Target,
+        /// Bind the adapter to this base checkpoint: record each target's shape and a blake3 hash
+        /// of its tensor, so `merge` and `validate --base` can prove they use the same base.
+        #[arg(long)]
+        base: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -154,8 +158,9 @@ fn main() -> ExitCode {
             input,
             output,
             to: Target::Oft,
+            base,
             json,
-        } => convert::run(&input, &output).map(|s| {
+        } => convert::run(&input, &output, base.as_deref()).map(|s| {
             if json {
                 print_json(&s);
             } else {

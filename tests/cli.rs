@@ -162,3 +162,63 @@ fn constraint_use_is_reported() {
         }
     }
 }
+
+#[test]
+fn convert_can_bind_an_adapter_to_its_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = cases_dir().join("peft-unet-share");
+    let adapter = dir.join("adapter");
+    let base = dir.join("base.safetensors");
+    let oft = tmp.path().join("bound.oft");
+    oftool()
+        .arg("convert")
+        .arg(&adapter)
+        .arg("-o")
+        .arg(&oft)
+        .arg("--base")
+        .arg(&base)
+        .assert()
+        .success();
+    let v = json_of(&["inspect", "--json"], &oft);
+    for l in v["layers"].as_array().unwrap() {
+        assert_eq!(l["base_binding"], true);
+        // Shared PEFT blocks record no width; binding fills it from the base.
+        assert!(l["rotated_dim"].as_u64().is_some(), "{l}");
+    }
+    let ok = json_of(
+        &["validate", "--json", "--base", base.to_str().unwrap()],
+        &oft,
+    );
+    assert_eq!(ok["valid"], true, "{ok}");
+    // Another base (one element changed): validate reports the binding per layer.
+    let other = tmp.path().join("other.safetensors");
+    let f = oftool::tensors::MappedFile::open(&base).unwrap();
+    let st = f.tensors();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    owned.sort_by(|a, b| a.0.cmp(&b.0));
+    owned[0].3[1] ^= 0x10;
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&other, safetensors::serialize(views, None).unwrap()).unwrap();
+    let o = oftool()
+        .arg("validate")
+        .arg(&oft)
+        .arg("--base")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.matches("[binding]").count(), 1, "{out}");
+}
