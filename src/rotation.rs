@@ -195,6 +195,52 @@ pub fn inverse_cayley(r: &[f64], b: usize) -> Option<Vec<f64>> {
     Some((0..b * b).map(|k| sol[(k / b, k % b)]).collect())
 }
 
+/// Geodesic power of a Cayley rotation: the packed `Q_S` with `Cay(Q_S) = Cay(Q)^S`.
+///
+/// The eigenvalues of a skew `Q` are `±iλ`; `Cay(Q)` rotates each plane by `θ = 2·atan(λ)`, and
+/// `Cay(Q)^S` by `S·θ`, which is `Cay` of `λ_S = tan(S·atan(λ))`. As an odd function of `Q`,
+/// `Q_S = Q · g(−Q²)` with `g(μ) = tan(S·atan(√μ)) / √μ` applied through the symmetric
+/// eigen-decomposition of `−Q² = QᵀQ` (`g(0) = S`). Fails when some angle `S·θ` reaches ±180°,
+/// which no Cayley rotation can represent.
+pub fn cayley_power(tri: &[f64], b: usize, s: f64) -> Result<Vec<f64>, String> {
+    if s == 1.0 {
+        return Ok(tri.to_vec());
+    }
+    let q = DMatrix::from_row_slice(b, b, &unpack_skew(tri, b));
+    let eig = (q.transpose() * &q).symmetric_eigen();
+    let mut g = Vec::with_capacity(b);
+    for &mu in eig.eigenvalues.iter() {
+        let lambda = mu.max(0.0).sqrt();
+        let half_angle = s * lambda.atan();
+        if half_angle.abs() >= std::f64::consts::FRAC_PI_2 * (1.0 - 1e-9) {
+            return Err(format!(
+                "strength {s} turns a {:.1}° rotation to {:.1}°, past ±180°",
+                (2.0 * lambda.atan()).to_degrees(),
+                (2.0 * half_angle).to_degrees()
+            ));
+        }
+        g.push(if lambda < 1e-150 { s } else { half_angle.tan() / lambda });
+    }
+    let v = &eig.eigenvectors;
+    let gm = v * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(g)) * v.transpose();
+    let qs = &q * gm;
+    let dense: Vec<f64> = (0..b * b).map(|k| qs[(k / b, k % b)]).collect();
+    // Q·g(−Q²) is skew in exact arithmetic; take the upper triangle of its skew part.
+    let mut skew = vec![0.0; b * b];
+    for i in 0..b {
+        for j in 0..b {
+            skew[i * b + j] = 0.5 * (dense[i * b + j] - dense[j * b + i]);
+        }
+    }
+    Ok(pack_upper(&skew, b))
+}
+
+/// Inverse of a `b × b` block (for Neumann blocks, which are not orthogonal).
+pub fn invert_block(r: &[f64], b: usize) -> Option<Vec<f64>> {
+    let m = DMatrix::from_row_slice(b, b, r).try_inverse()?;
+    Some((0..b * b).map(|k| m[(k / b, k % b)]).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
