@@ -21,7 +21,7 @@ fn block_and_q() -> impl Strategy<Value = (usize, Vec<f64>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn powers_compose_and_stay_orthogonal((b, q) in block_and_q(), s in -1.5f64..1.5, t in -1.5f64..1.5) {
