@@ -131,18 +131,34 @@ impl<T: Real> PreparedStage<T> {
     /// Evaluate `stage` for an axis of `axis` features (which fixes the block count of an
     /// unsized shared stage).
     pub fn new(stage: &Stage, axis: usize) -> Result<Self, Error> {
+        Self::with_blend(stage, axis, None)
+    }
+
+    /// Like [`PreparedStage::new`], with each block replaced by `s·R + (1 − s)·I` (the linear
+    /// interpolation toward the identity that LyCORIS, kohya and ComfyUI use for strength).
+    pub fn with_blend(stage: &Stage, axis: usize, interpolate: Option<f64>) -> Result<Self, Error> {
         let b = stage.spec.block_size as usize;
         let blocks = stage.blocks_on(axis as u64) as usize;
         let sigma = gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::Invalid(e.0))?;
         let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
         let rotations = (0..stage.stored_blocks() as usize)
             .map(|k| {
-                rotation_block(stage.q_row(k), b, &stage.spec.map)
-                    .into_iter()
-                    .map(T::from_f64)
-                    .collect()
+                let mut r = rotation_block(stage.q_row(k), b, &stage.spec.map);
+                if stage.inverse {
+                    r = crate::rotation::invert_block(&r, b).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "stage block {k} is singular and cannot be inverted"
+                        ))
+                    })?;
+                }
+                if let Some(s) = interpolate {
+                    for (i, x) in r.iter_mut().enumerate() {
+                        *x = s * *x + if i / b == i % b { 1.0 - s } else { 0.0 };
+                    }
+                }
+                Ok(r.into_iter().map(T::from_f64).collect())
             })
-            .collect();
+            .collect::<Result<Vec<Vec<T>>, Error>>()?;
         Ok(PreparedStage {
             b,
             blocks,
@@ -325,6 +341,15 @@ fn scale_rows<T: Real>(data: &mut [T], cols: usize, s: &[f64]) {
     }
 }
 
+/// How a strength other than the geodesic one is applied at bake time (parity with a tool).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Blend {
+    /// Replace every block by `s·R + (1 − s)·I` (LyCORIS, ComfyUI).
+    pub interpolate: Option<f64>,
+    /// Then blend the result linearly: `W + s·(W' − W)` (kohya, A1111, ComfyUI BOFT).
+    pub linear: Option<f64>,
+}
+
 /// Apply every stage of `layer` (and its row scale) to a `(rows, cols)` row-major weight.
 pub fn apply_layer_to<T: Real>(
     layer: &Layer,
@@ -332,7 +357,19 @@ pub fn apply_layer_to<T: Real>(
     rows: usize,
     cols: usize,
 ) -> Result<(), Error> {
+    apply_layer_blended(layer, data, rows, cols, Blend::default())
+}
+
+/// [`apply_layer_to`] with a tool's strength rule.
+pub fn apply_layer_blended<T: Real>(
+    layer: &Layer,
+    data: &mut [T],
+    rows: usize,
+    cols: usize,
+    blend: Blend,
+) -> Result<(), Error> {
     check_fits(layer, rows, cols)?;
+    let original = blend.linear.map(|_| data.to_vec());
     if let Some((ScalePosition::Before, s)) = &layer.row_scale {
         scale_rows(data, cols, s);
     }
@@ -341,10 +378,18 @@ pub fn apply_layer_to<T: Real>(
         Side::Output => rows,
     };
     for stage in &layer.stages {
-        PreparedStage::<T>::new(stage, axis)?.apply(layer.side, data, cols);
+        PreparedStage::<T>::with_blend(stage, axis, blend.interpolate)?
+            .apply(layer.side, data, cols);
     }
     if let Some((ScalePosition::After, s)) = &layer.row_scale {
         scale_rows(data, cols, s);
+    }
+    if let (Some(s), Some(w)) = (blend.linear, original) {
+        let s = T::from_f64(s);
+        for (x, w0) in data.iter_mut().zip(w) {
+            // W + s·(W' − W), in the compute type.
+            *x = T::from_f64(w0.to_f64() + s.to_f64() * (x.to_f64() - w0.to_f64()));
+        }
     }
     Ok(())
 }

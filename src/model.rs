@@ -227,6 +227,9 @@ pub struct Stage {
     pub q: Vec<f64>,
     /// Whether `q` must be written as f64 (it is not exactly representable in f32).
     pub q_f64: bool,
+    /// Apply the inverse of each block (runtime only, for `unmerge` of Neumann stages, whose
+    /// inverse is no Neumann polynomial). Never written to a file.
+    pub inverse: bool,
 }
 
 impl Stage {

@@ -67,6 +67,12 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     for (i, layer) in adapter.layers.iter().enumerate() {
         let mut stages = Vec::with_capacity(layer.stages.len());
         for (j, stage) in layer.stages.iter().enumerate() {
+            if stage.inverse {
+                return Err(Error::Invalid(format!(
+                    "layer `{}` stage {j} is an inverted Neumann stage, which .oft cannot express",
+                    layer.target.name
+                )));
+            }
             let name = format!("layers.{i}.stages.{j}.q");
             let dtype = if stage.q_f64 || !fits_f32(&stage.q) {
                 Dtype::F64
@@ -313,6 +319,7 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                 spec: ss.clone(),
                 q,
                 q_f64: dtype == Dtype::F64,
+                inverse: false,
             });
         }
         let (row_scale, row_scale_f64) = match &ls.row_scale {

@@ -219,7 +219,11 @@ pub fn cayley_power(tri: &[f64], b: usize, s: f64) -> Result<Vec<f64>, String> {
                 (2.0 * half_angle).to_degrees()
             ));
         }
-        g.push(if lambda < 1e-150 { s } else { half_angle.tan() / lambda });
+        g.push(if lambda < 1e-150 {
+            s
+        } else {
+            half_angle.tan() / lambda
+        });
     }
     let v = &eig.eigenvectors;
     let gm = v * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(g)) * v.transpose();

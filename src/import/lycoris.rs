@@ -1,9 +1,14 @@
-//! LyCORIS diag-oft ≥ 2.2: `<name>.oft_blocks` `[N, b, b]`, `<name>.alpha`, optional
-//! `<name>.rescale` `[out, 1, …]`.
+//! `oft_blocks` files: LyCORIS diag-oft ≥ 2.2 (`[N, b, b]`), LyCORIS BOFT (`[m, N, b, b]`) and
+//! kohya's legacy `networks.oft` (`oft_unet_…`, `[N, b, b]`), each with `alpha` and (LyCORIS)
+//! an optional `rescale` `[out, 1, …]`.
 //!
-//! LyCORIS computes `Q = B − Bᵀ`, clamps `‖Q‖_F` (all blocks together) to `alpha·out` when that
-//! is positive, and merges `W' = rescale ∘ (BD(Cay+(Q))ᵀ · W)`: output side, map `Cay+`, the
-//! canonical `Q` is LyCORIS' own (clamp pre-applied), row scale after the rotation.
+//! All three compute `Q = B − Bᵀ`, clamp `‖Q‖_F` over the whole layer, and rotate the output
+//! rows with `Cay+`. diag-oft and kohya merge `W' = BD(R)ᵀ·W`, which is the canonical output
+//! side with `Q_c = Q`; LyCORIS BOFT applies each stage as `R_i` (not `R_iᵀ`) on its wiring, so
+//! `Q_c = −Q`. The producer's clamp is pre-applied; `rescale` multiplies rows after the stages.
+//!
+//! Runtimes read the same files differently ([`Semantics`]): A1111 uses kohya's clamp factor;
+//! ComfyUI clamps to the raw `alpha` and ignores diag-oft `rescale`.
 
 use crate::error::{Error, Result};
 use crate::import::file_digest;
@@ -13,10 +18,31 @@ use crate::tensors::{MappedFile, to_f64};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+/// Whose reading of an `oft_blocks` file to reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Semantics {
+    /// The producer's own (LyCORIS, kohya).
+    #[default]
+    Producer,
+    /// AUTOMATIC1111's `network_oft.py`: kohya's clamp factor, applied iff `alpha·out ≠ 0`.
+    A1111,
+    /// ComfyUI's weight adapters: radius = raw `alpha`; diag-oft `rescale` ignored.
+    ComfyUi,
+}
+
+/// Which file family the blocks come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    DiagOft,
+    Boft,
+    KohyaLegacy,
+}
+
 /// Split a flattened LyCORIS/kohya module name into naming convention and component.
 pub fn classify_name(name: &str) -> (&'static str, Option<&'static str>) {
-    let prefixes: [(&str, &str, Option<&str>); 7] = [
+    let prefixes: [(&str, &str, Option<&str>); 8] = [
         ("lora_unet_", "kohya", Some("unet")),
+        ("oft_unet_", "kohya", Some("unet")),
         ("lora_te1_", "kohya", Some("text_encoder")),
         ("lora_te2_", "kohya", Some("text_encoder_2")),
         ("lora_te_", "kohya", Some("text_encoder")),
@@ -31,7 +57,70 @@ pub fn classify_name(name: &str) -> (&'static str, Option<&'static str>) {
         .unwrap_or(("unknown", None))
 }
 
-pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
+/// The clamp each reader applies to the layer's `Q` (all blocks, all stages together).
+fn clamp(
+    q: &mut [f64],
+    alpha: f64,
+    out: f64,
+    family: Family,
+    semantics: Semantics,
+) -> Option<Constraint> {
+    let norm = skew_norm(q);
+    let kohya_factor = |c: f64| (norm.min(c) + 1e-8) / (norm + 1e-8);
+    let (kind, radius, factor) = match (family, semantics) {
+        // kohya legacy clamps always (alpha 0 turns the rotation off).
+        (Family::KohyaLegacy, Semantics::Producer) => {
+            ("kohya", alpha * out, Some(kohya_factor(alpha * out)))
+        }
+        (_, Semantics::A1111) => {
+            let c = alpha * out;
+            ("kohya", c, (c != 0.0).then(|| kohya_factor(c)))
+        }
+        (_, Semantics::ComfyUi) => {
+            let c = alpha;
+            (
+                "comfyui-raw",
+                c,
+                (c > 0.0 && norm + 1e-8 > c).then(|| c / (norm + 1e-8)),
+            )
+        }
+        (_, Semantics::Producer) => {
+            let c = alpha * out;
+            (
+                "lycoris",
+                c,
+                (c > 0.0 && norm + 1e-8 > c).then(|| c / (norm + 1e-8)),
+            )
+        }
+    };
+    if let Some(f) = factor {
+        q.iter_mut().for_each(|x| *x *= f);
+    }
+    (radius != 0.0 || family == Family::KohyaLegacy).then(|| Constraint {
+        kind: kind.into(),
+        radius,
+        scope: "layer".into(),
+        alpha: Some(alpha),
+        eps: None,
+    })
+}
+
+/// Packed `B − Bᵀ` of each `b × b` block of `raw`.
+fn skew_blocks(raw: &[f64], b: usize) -> Vec<f64> {
+    let mut q = Vec::with_capacity(raw.len() / (b * b) * b * (b - 1) / 2);
+    for blk in raw.chunks_exact(b * b) {
+        let mut skew = vec![0.0; b * b];
+        for i in 0..b {
+            for j in 0..b {
+                skew[i * b + j] = blk[i * b + j] - blk[j * b + i];
+            }
+        }
+        q.extend(pack_upper(&skew, b));
+    }
+    q
+}
+
+pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Adapter> {
     let st = file.tensors();
     let mut modules = BTreeSet::new();
     for name in st.names() {
@@ -41,13 +130,16 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
             .ok_or_else(|| {
                 Error::format(
                     path,
-                    format!("unexpected tensor `{name}` in a LyCORIS diag-oft file (expected `.oft_blocks`, `.alpha`, `.rescale`)"),
+                    format!(
+                        "unexpected tensor `{name}` in an `oft_blocks` file (expected `.oft_blocks`, `.alpha`, `.rescale`)"
+                    ),
                 )
             })?;
         modules.insert(module.to_string());
     }
 
     let mut layers = Vec::new();
+    let mut families = BTreeSet::new();
     for module in &modules {
         let get = |s: &str| st.tensor(&format!("{module}.{s}")).ok();
         let blocks_view = get("oft_blocks").ok_or_else(|| {
@@ -57,15 +149,37 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
             )
         })?;
         let shape = blocks_view.shape().to_vec();
-        if shape.len() != 3 || shape[1] != shape[2] || shape[0] == 0 || shape[1] < 2 {
-            return Err(Error::format(
+        let family = match shape.len() {
+            3 if module.starts_with("oft_unet_") => Family::KohyaLegacy,
+            3 => Family::DiagOft,
+            4 => Family::Boft,
+            _ => Family::DiagOft,
+        };
+        families.insert(format!("{family:?}"));
+        let (m, nb, b) = match (family, shape.as_slice()) {
+            (Family::Boft, &[m, n, b1, b2]) if b1 == b2 && m >= 1 && n >= 1 && b1 >= 2 => {
+                (m, n, b1)
+            }
+            (Family::DiagOft | Family::KohyaLegacy, &[n, b1, b2])
+                if b1 == b2 && n >= 1 && b1 >= 2 =>
+            {
+                (1, n, b1)
+            }
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "`{module}.oft_blocks` has shape {shape:?}; expected [N, b, b] (diag-oft, kohya) or [m, N, b, b] (BOFT) with b ≥ 2"
+                    ),
+                ));
+            }
+        };
+        if family == Family::KohyaLegacy && semantics == Semantics::ComfyUi {
+            return Err(Error::unsupported(
                 path,
-                format!(
-                    "`{module}.oft_blocks` has shape {shape:?}; diag-oft stores [N, b, b] with b ≥ 2"
-                ),
+                "ComfyUI does not load kohya legacy `oft_unet_` files (it reports \"lora key not loaded\")",
             ));
         }
-        let (nb, b) = (shape[0], shape[1]);
         let out = (nb * b) as u64;
         let raw = finite(
             path,
@@ -100,30 +214,37 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
             }
         };
 
-        // Q = B − Bᵀ per block, packed; then LyCORIS' global clamp.
-        let mut q: Vec<f64> = Vec::with_capacity(nb * b * (b - 1) / 2);
-        for blk in raw.chunks_exact(b * b) {
-            let mut skew = vec![0.0; b * b];
-            for i in 0..b {
-                for j in 0..b {
-                    skew[i * b + j] = blk[i * b + j] - blk[j * b + i];
+        let mut q = skew_blocks(&raw, b);
+        let constraint = clamp(&mut q, alpha, out as f64, family, semantics);
+        let tri = b * (b - 1) / 2;
+        let stages: Vec<Stage> = (0..m)
+            .map(|i| {
+                let mut qi = q[i * nb * tri..(i + 1) * nb * tri].to_vec();
+                let wiring = if family == Family::Boft {
+                    // LyCORIS applies R_i itself: the canonical stage stores −Q.
+                    qi.iter_mut().for_each(|x| *x = -*x);
+                    Wiring::Butterfly {
+                        producer: WiringProducer::Lycoris,
+                        index: i as u32,
+                    }
+                } else {
+                    Wiring::Identity
+                };
+                Stage {
+                    spec: StageSpec {
+                        blocks: Some(nb as u64),
+                        block_size: b as u64,
+                        shared: false,
+                        wiring,
+                        map: RotationMap::Cayley,
+                        q: String::new(),
+                    },
+                    q: qi,
+                    q_f64: true,
+                    inverse: false,
                 }
-            }
-            q.extend(pack_upper(&skew, b));
-        }
-        let radius = alpha * out as f64;
-        let norm = skew_norm(&q) + 1e-8;
-        if radius > 0.0 && norm > radius {
-            let f = radius / norm;
-            q.iter_mut().for_each(|x| *x *= f);
-        }
-        let constraint = (radius > 0.0).then(|| Constraint {
-            kind: "lycoris".into(),
-            radius,
-            scope: "layer".into(),
-            alpha: Some(alpha),
-            eps: None,
-        });
+            })
+            .collect();
 
         let mut module_kind = ModuleKind::Unknown;
         let row_scale = match get("rescale") {
@@ -148,7 +269,9 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
                     _ => ModuleKind::Unknown,
                 };
                 let vals = finite(path, &format!("{module}.rescale"), to_f64(&v, module)?)?;
-                Some((ScalePosition::After, vals))
+                // ComfyUI loads diag-oft `rescale` but never applies it (BOFT it does apply).
+                (semantics != Semantics::ComfyUi || family == Family::Boft)
+                    .then_some((ScalePosition::After, vals))
             }
         };
 
@@ -163,18 +286,7 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
                 rotated_dim: Some(out),
             },
             side: Side::Output,
-            stages: vec![Stage {
-                spec: StageSpec {
-                    blocks: Some(nb as u64),
-                    block_size: b as u64,
-                    shared: false,
-                    wiring: Wiring::Identity,
-                    map: RotationMap::Cayley,
-                    q: String::new(),
-                },
-                q,
-                q_f64: true,
-            }],
+            stages,
             row_scale,
             row_scale_f64: false,
             constraint,
@@ -187,11 +299,25 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
             "the file holds no `oft_blocks` tensors",
         ));
     }
+    if families.len() > 1 {
+        return Err(Error::format(
+            path,
+            format!(
+                "mixed layouts in one file ({}): refusing to guess",
+                families.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let source_format = match families.iter().next().map(String::as_str) {
+        Some("Boft") => "lycoris-boft",
+        Some("KohyaLegacy") => "kohya-oft",
+        _ => "lycoris-diag-oft",
+    };
 
     let user_metadata: BTreeMap<String, String> = file.metadata.clone().into_iter().collect();
     Ok(Adapter {
         provenance: Provenance {
-            source_format: "lycoris-diag-oft".into(),
+            source_format: source_format.into(),
             source_version: None,
             tool: tool_name(),
             created: None,

@@ -19,6 +19,10 @@ pub enum Layout {
     PeftOft,
     /// LyCORIS diag-oft ≥ 2.2 (`oft_blocks` + `alpha`).
     LycorisDiagOft,
+    /// LyCORIS BOFT (4-D `oft_blocks`).
+    LycorisBoft,
+    /// kohya legacy `networks.oft` (`oft_unet_…`).
+    KohyaOft,
 }
 
 impl Layout {
@@ -27,6 +31,8 @@ impl Layout {
             Layout::Oft => "oft",
             Layout::PeftOft => "peft-oft",
             Layout::LycorisDiagOft => "lycoris-diag-oft",
+            Layout::LycorisBoft => "lycoris-boft",
+            Layout::KohyaOft => "kohya-oft",
         }
     }
 }
@@ -110,22 +116,16 @@ fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
         .filter(|n| n.ends_with(".oft_blocks"))
         .collect();
     if !blocks.is_empty() {
-        if blocks.iter().any(|n| n.starts_with("oft_unet_")) {
-            return Err(Error::unsupported(
-                path,
-                "kohya legacy `networks.oft` files (`oft_unet_…`) are not imported yet",
-            ));
-        }
         let four_d = blocks
             .iter()
             .any(|n| st.tensor(n).map(|t| t.shape().len() == 4).unwrap_or(false));
-        if four_d {
-            return Err(Error::unsupported(
-                path,
-                "LyCORIS BOFT files (4-D `oft_blocks`) are not imported yet",
-            ));
-        }
-        return Ok(Layout::LycorisDiagOft);
+        return Ok(if four_d {
+            Layout::LycorisBoft
+        } else if blocks.iter().any(|n| n.starts_with("oft_unet_")) {
+            Layout::KohyaOft
+        } else {
+            Layout::LycorisDiagOft
+        });
     }
     if names.iter().any(|n| n.contains(".oft_blocks.")) {
         return Err(Error::unsupported(
@@ -139,8 +139,13 @@ fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
     ))
 }
 
-/// Read any supported adapter into the canonical model.
+/// Read any supported adapter into the canonical model, as its producer computes it.
 pub fn load(path: &Path) -> Result<Adapter> {
+    load_with(path, lycoris::Semantics::Producer)
+}
+
+/// Read an adapter as a given runtime reads it (only `oft_blocks` files differ between readers).
+pub fn load_with(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> {
     if path.is_dir() {
         let dir = peft_dir(path)?;
         return peft::import(&dir.weights, Some(&dir.config), component_from_dir(path));
@@ -154,7 +159,9 @@ pub fn load(path: &Path) -> Result<Adapter> {
             let component = path.parent().and_then(component_from_dir);
             peft::import(path, config.as_deref(), component)
         }
-        Layout::LycorisDiagOft => lycoris::import(path, &file),
+        Layout::LycorisDiagOft | Layout::LycorisBoft | Layout::KohyaOft => {
+            lycoris::import(path, &file, semantics)
+        }
     }
 }
 

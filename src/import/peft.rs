@@ -263,6 +263,7 @@ pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) 
                 },
                 q,
                 q_f64: cfg.coft,
+                inverse: false,
             }],
             row_scale: None,
             row_scale_f64: false,
