@@ -6,12 +6,13 @@
 //! At most a few tensors are in memory at once. Output goes to a temporary file (or folder)
 //! beside OUT, synced and renamed into place only when complete.
 
-use crate::apply::{Real, apply_layer_to};
+use crate::apply::Real;
 use crate::convert::refuse_overwriting_input;
 use crate::error::{Error, Result};
 use crate::import;
 use crate::model::{Adapter, Layer};
 use crate::resolve::{AliasTable, Resolved};
+use crate::strength::{BlendMode, parse_adapter_arg};
 use crate::tensors::MappedFile;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use serde::Serialize;
@@ -56,6 +57,7 @@ pub struct MergeSummary {
 struct Edit<'a> {
     layer: &'a Layer,
     rows: Option<(usize, usize)>,
+    blend: crate::apply::Blend,
 }
 
 /// One safetensors file of the base and the edits for its tensors.
@@ -249,14 +251,15 @@ struct Placement<'a> {
 }
 
 fn place<'a>(
-    adapters: &'a [(PathBuf, Adapter)],
+    adapters: &'a [BakeInput],
     groups: &[Group],
     opts: &MergeOptions,
 ) -> Result<(Vec<Placement<'a>>, Vec<String>)> {
     let mut placements = Vec::new();
     let mut missing = Vec::new();
     let mut problems = Vec::new();
-    for (path, adapter) in adapters {
+    for input in adapters {
+        let (path, adapter) = (&input.label, &input.adapter);
         for layer in &adapter.layers {
             let name = &layer.target.name;
             let candidates: Vec<usize> = (0..groups.len())
@@ -281,13 +284,13 @@ fn place<'a>(
                 keys.extend(ambiguous);
                 problems.push(format!(
                     "`{name}` ({}) matches several tensors: {}",
-                    path.display(),
+                    path,
                     keys.join(", ")
                 ));
                 continue;
             }
             let Some((g, r)) = hits.pop() else {
-                missing.push(format!("{name} ({})", path.display()));
+                missing.push(format!("{name} ({})", path));
                 continue;
             };
             // Shape check from the header before anything is written.
@@ -330,6 +333,10 @@ fn place<'a>(
                 edit: Edit {
                     layer,
                     rows: r.rows,
+                    blend: match input.runtime_strength {
+                        Some(st) => input.mode.layer_blend(layer, st),
+                        None => crate::apply::Blend::default(),
+                    },
                 },
             });
         }
@@ -428,11 +435,12 @@ fn apply_edits<T: Real>(
     let rows = shape.first().copied().unwrap_or(0);
     for e in edits {
         let (start, len) = e.rows.unwrap_or((0, rows));
-        apply_layer_to(
+        crate::apply::apply_layer_blended(
             e.layer,
             &mut data[start * cols..(start + len) * cols],
             len,
             cols,
+            e.blend,
         )
         .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
     }
@@ -606,12 +614,20 @@ fn bake_file(
 /// Load one adapter argument: a file, a PEFT directory, or a folder of per-component PEFT
 /// directories (`unet/`, `text_encoder/`, …).
 pub fn load_adapter(path: &Path) -> Result<Adapter> {
+    load_adapter_with(path, crate::import::lycoris::Semantics::Producer)
+}
+
+/// [`load_adapter`], reading `oft_blocks` files as a given runtime does.
+pub fn load_adapter_with(
+    path: &Path,
+    semantics: crate::import::lycoris::Semantics,
+) -> Result<Adapter> {
     if path.is_dir() && !path.join("adapter_config.json").is_file() {
         let mut merged: Option<Adapter> = None;
         for c in COMPONENTS {
             let d = path.join(c);
             if d.join("adapter_config.json").is_file() {
-                let a = import::load(&d)?;
+                let a = import::load_with(&d, semantics)?;
                 match &mut merged {
                     None => merged = Some(a),
                     Some(m) => m.layers.extend(a.layers),
@@ -622,7 +638,7 @@ pub fn load_adapter(path: &Path) -> Result<Adapter> {
             Error::format(path, "holds neither adapter_config.json nor per-component PEFT folders (unet/, text_encoder/, …)")
         });
     }
-    import::load(path)
+    import::load_with(path, semantics)
 }
 
 /// Copy everything of `src` except the files in `skip` into `dst` (recursively).
@@ -643,18 +659,57 @@ fn copy_tree(src: &Path, dst: &Path, skip: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// One adapter to bake, already loaded.
+pub struct BakeInput {
+    /// How to name it in messages and metadata (its path as given).
+    pub label: String,
+    pub path: PathBuf,
+    pub adapter: Adapter,
+    /// Parity strength rule, applied at bake time when `runtime_strength` is set.
+    pub mode: BlendMode,
+    pub runtime_strength: Option<f64>,
+    /// The strength the user asked for (recorded in the output's metadata).
+    pub strength: Option<f64>,
+}
+
+/// Load `PATH[:S]` arguments for `merge`: geodesic strengths are applied to the adapter here,
+/// parity strengths at bake time; `oft_blocks` files are read as the parity tool reads them.
+pub fn load_inputs(args: &[String], mode: BlendMode) -> Result<Vec<BakeInput>> {
+    args.iter()
+        .map(|arg| {
+            let a = parse_adapter_arg(arg)?;
+            let adapter = load_adapter_with(&a.path, mode.semantics())?;
+            let (adapter, runtime_strength) = match (mode, a.strength) {
+                (_, None) => (adapter, None),
+                (BlendMode::Geodesic, Some(s)) => {
+                    (crate::strength::adapter_power(&adapter, s)?, None)
+                }
+                (_, Some(s)) => (adapter, Some(s)),
+            };
+            Ok(BakeInput {
+                label: a.path.display().to_string(),
+                path: a.path,
+                adapter,
+                mode,
+                runtime_strength,
+                strength: a.strength,
+            })
+        })
+        .collect()
+}
+
 pub fn run(
     base: &Path,
-    adapter_paths: &[PathBuf],
+    adapters: Vec<BakeInput>,
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeSummary> {
     let start = Instant::now();
-    if adapter_paths.is_empty() {
+    if adapters.is_empty() {
         return Err(Error::Usage("give at least one adapter".into()));
     }
     let mut inputs: Vec<&Path> = vec![base];
-    inputs.extend(adapter_paths.iter().map(PathBuf::as_path));
+    inputs.extend(adapters.iter().map(|a| a.path.as_path()));
     refuse_overwriting_input(out, &inputs)?;
     let kind = classify_base(base)?;
     if let BaseKind::Sharded(_) | BaseKind::Diffusers(..) = kind
@@ -665,10 +720,6 @@ pub fn run(
             out.display()
         )));
     }
-    let adapters: Vec<(PathBuf, Adapter)> = adapter_paths
-        .iter()
-        .map(|p| load_adapter(p).map(|a| (p.clone(), a)))
-        .collect::<Result<_>>()?;
     let groups = groups_for(&kind)?;
     let (placements, skipped) = place(&adapters, &groups, opts)?;
     if !opts.force {
@@ -702,12 +753,14 @@ pub fn run(
     extra.insert("oftool.version".to_string(), crate::model::tool_name());
     let list: Vec<serde_json::Value> = adapters
         .iter()
-        .map(|(p, a)| {
+        .map(|a| {
             serde_json::json!({
-                "name": p.file_name().map(|n| n.to_string_lossy().to_string()),
-                "source_format": a.provenance.source_format,
-                "source_digest": a.provenance.source_digest,
-                "layers": a.layers.len(),
+                "name": a.path.file_name().map(|n| n.to_string_lossy().to_string()),
+                "source_format": a.adapter.provenance.source_format,
+                "source_digest": a.adapter.provenance.source_digest,
+                "layers": a.adapter.layers.len(),
+                "strength": a.strength,
+                "blend": format!("{:?}", a.mode).to_lowercase(),
             })
         })
         .collect();
@@ -809,10 +862,7 @@ pub fn run(
     Ok(MergeSummary {
         base: base.display().to_string(),
         output: out.display().to_string(),
-        adapters: adapter_paths
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
+        adapters: adapters.iter().map(|a| a.label.clone()).collect(),
         files_written: jobs.len(),
         tensors,
         tensors_rotated,
@@ -822,4 +872,21 @@ pub fn run(
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// `oftool unmerge MERGED ADAPTER[:S]… -o BASE`: bake the exact inverse of each adapter, in
+/// reverse order (Cayley stages negated, Neumann stages inverted by solving, row scales
+/// divided out), with the same streaming and atomic-output rules as `merge`.
+pub fn unmerge(
+    merged: &Path,
+    args: &[String],
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeSummary> {
+    let mut inputs = load_inputs(args, BlendMode::Geodesic)?;
+    for input in &mut inputs {
+        input.adapter = crate::strength::adapter_inverse(&input.adapter)?;
+    }
+    inputs.reverse();
+    run(merged, inputs, out, opts)
 }

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod bake;
+pub mod compose;
 pub mod convert;
 pub mod error;
 pub mod import;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod oft_file;
 pub mod resolve;
 pub mod rotation;
+pub mod strength;
 pub mod tensors;
 pub mod validate;
 pub mod wiring;

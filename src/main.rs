@@ -1,7 +1,8 @@
 //! The `oftool` command line: parses arguments and calls the library.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use oftool::{bake, convert, inspect, validate};
+use oftool::strength::BlendMode;
+use oftool::{bake, compose, convert, inspect, validate};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 #[command(
     name = "oftool",
     version,
-    about = "Inspect, validate, convert and bake OFT/BOFT adapters"
+    about = "Inspect, validate, convert, compose and bake OFT/BOFT adapters"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,11 +23,71 @@ enum Target {
     Oft,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Blend {
+    /// R^S per stage: every strength is a rotation (S = −1 undoes the adapter).
+    Geodesic,
+    /// kohya legacy OFT: each block S·(R − I) + I.
+    Kohya,
+    /// LyCORIS: each block (BOFT: each stage) S·R + (1 − S)·I, rescale in full.
+    Lycoris,
+    /// AUTOMATIC1111: W + S·(W' − W), kohya clamp.
+    A1111,
+    /// ComfyUI: S² for OFT (rescale ignored), per stage and ×S for BOFT, raw-alpha radius.
+    Comfyui,
+}
+
+impl From<Blend> for BlendMode {
+    fn from(b: Blend) -> Self {
+        match b {
+            Blend::Geodesic => BlendMode::Geodesic,
+            Blend::Kohya => BlendMode::Kohya,
+            Blend::Lycoris => BlendMode::Lycoris,
+            Blend::A1111 => BlendMode::A1111,
+            Blend::Comfyui => BlendMode::ComfyUi,
+        }
+    }
+}
+
+/// Options shared by `merge` and `unmerge`.
+#[derive(clap::Args)]
+struct BakeFlags {
+    /// Output file (or folder, for sharded and diffusers bases).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Worker threads (default: all cores); the output is the same for any value.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Bake the layers that resolve and report the others, instead of failing.
+    #[arg(long)]
+    skip_missing: bool,
+    /// Bake even if an adapter's base-binding hashes do not match this base.
+    #[arg(long)]
+    force: bool,
+    /// No progress bar and no summary line.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Print a JSON summary (layers baked, bytes, seconds, peak memory).
+    #[arg(long)]
+    json: bool,
+}
+
+impl BakeFlags {
+    fn options(&self) -> bake::MergeOptions {
+        bake::MergeOptions {
+            threads: self.threads,
+            skip_missing: self.skip_missing,
+            force: self.force,
+            progress: !self.quiet && !self.json,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show what an adapter holds: per layer target, side, stages, angles, constraint use.
     Inspect {
-        /// A `.oft` file, a PEFT adapter directory or file, or a LyCORIS file.
+        /// A `.oft` file, a PEFT adapter directory or file, or a LyCORIS/kohya file.
         file: PathBuf,
         /// Print the stable JSON report instead of the table.
         #[arg(long)]
@@ -45,25 +106,39 @@ enum Command {
     Merge {
         /// Base checkpoint: a .safetensors file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
         base: PathBuf,
-        /// Adapters (.oft, PEFT directory or file, LyCORIS file, or a folder of per-component PEFT directories).
+        /// Adapters as PATH or PATH:STRENGTH (.oft, PEFT directory or file, LyCORIS/kohya file, or a folder of per-component PEFT directories).
         #[arg(required = true)]
-        adapters: Vec<PathBuf>,
-        /// Output file (or folder, for sharded and diffusers bases).
+        adapters: Vec<String>,
+        /// How a strength is applied: geodesic (default, a rotation for every S) or a tool's own rule.
+        #[arg(long, value_enum, default_value = "geodesic")]
+        blend: Blend,
+        #[command(flatten)]
+        flags: BakeFlags,
+    },
+    /// Undo a bake exactly: apply the inverse of each adapter, in reverse order.
+    Unmerge {
+        /// The merged checkpoint.
+        merged: PathBuf,
+        /// The adapters that were baked, in the order they were baked (PATH or PATH:STRENGTH).
+        #[arg(required = true)]
+        adapters: Vec<String>,
+        #[command(flatten)]
+        flags: BakeFlags,
+    },
+    /// One adapter equal to applying A, then B, … (rotations multiplied, not blended).
+    Compose {
+        /// Adapters as PATH or PATH:STRENGTH, in the order they apply.
+        #[arg(required = true)]
+        adapters: Vec<String>,
+        /// Output `.oft` file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Worker threads (default: all cores); the output is the same for any value.
+        /// Match layers of differently named adapters through this base's tensor names.
         #[arg(long)]
-        threads: Option<usize>,
-        /// Bake the layers that resolve and report the others, instead of failing.
+        base: Option<PathBuf>,
+        /// Multiply consecutive Cayley stages with nesting block partitions into one stage.
         #[arg(long)]
-        skip_missing: bool,
-        /// Bake even if the adapter's base-binding hashes do not match this base.
-        #[arg(long)]
-        force: bool,
-        /// No progress bar.
-        #[arg(short, long)]
-        quiet: bool,
-        /// Print a JSON summary (layers baked, bytes, seconds, peak memory).
+        collapse: bool,
         #[arg(long)]
         json: bool,
     },
@@ -92,6 +167,32 @@ fn print_json<T: serde::Serialize>(v: &T) {
     }
 }
 
+fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> u8 {
+    if flags.json {
+        print_json(s);
+    } else if !flags.quiet {
+        let skipped = if s.layers_skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; skipped {} without a target: {}",
+                s.layers_skipped.len(),
+                s.layers_skipped.join(", ")
+            )
+        };
+        eprintln!(
+            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){skipped}",
+            s.layers_baked,
+            s.tensors_rotated,
+            s.base,
+            s.output,
+            s.bytes_written as f64 / 1e6,
+            s.seconds,
+        );
+    }
+    0
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     oftool::init_process();
@@ -115,45 +216,51 @@ fn main() -> ExitCode {
         Command::Merge {
             base,
             adapters,
+            blend,
+            flags,
+        } => bake::load_inputs(&adapters, blend.into())
+            .and_then(|inputs| bake::run(&base, inputs, &flags.output, &flags.options()))
+            .map(|s| report_bake(&s, &flags)),
+        Command::Unmerge {
+            merged,
+            adapters,
+            flags,
+        } => bake::unmerge(&merged, &adapters, &flags.output, &flags.options())
+            .map(|s| report_bake(&s, &flags)),
+        Command::Compose {
+            adapters,
             output,
-            threads,
-            skip_missing,
-            force,
-            quiet,
+            base,
+            collapse,
             json,
-        } => {
-            let opts = bake::MergeOptions {
-                threads,
-                skip_missing,
-                force,
-                progress: !quiet && !json,
-            };
-            bake::run(&base, &adapters, &output, &opts).map(|s| {
-                if json {
-                    print_json(&s);
-                } else if !quiet {
-                    eprintln!(
-                        "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){}",
-                        s.layers_baked,
-                        s.tensors_rotated,
-                        s.base,
-                        s.output,
-                        s.bytes_written as f64 / 1e6,
-                        s.seconds,
-                        if s.layers_skipped.is_empty() {
-                            String::new()
-                        } else {
-                            format!(
-                                "; skipped {} without a target: {}",
-                                s.layers_skipped.len(),
-                                s.layers_skipped.join(", ")
-                            )
-                        }
-                    );
-                }
-                0
-            })
-        }
+        } => compose::run(&adapters, &output, base.as_deref(), collapse).map(|s| {
+            if json {
+                print_json(&s);
+            } else {
+                println!(
+                    "composed {} adapter(s) → {}: {} layers, {} stages{}{}",
+                    s.inputs.len(),
+                    s.output,
+                    s.layers,
+                    s.stages,
+                    if s.stacked_targets > 0 {
+                        format!(", {} stacked target(s) (format 1.1)", s.stacked_targets)
+                    } else {
+                        String::new()
+                    },
+                    s.collapse
+                        .as_ref()
+                        .map(|c| format!(
+                            "; collapsed {} layer(s), largest R change {:.2e}, kept stages in {}",
+                            c.collapsed_layers,
+                            c.max_r_change,
+                            c.kept.len()
+                        ))
+                        .unwrap_or_default()
+                );
+            }
+            0
+        }),
         Command::Convert {
             input,
             output,

@@ -291,12 +291,16 @@ impl Layer {
 pub struct Adapter {
     pub provenance: Provenance,
     pub layers: Vec<Layer>,
+    /// Features beyond format 1.0 that the adapter uses (written to `requires`).
+    pub features: Vec<String>,
 }
 
 pub const FORMAT_NAME: &str = "oft";
 pub const FORMAT_VERSION: &str = "1.0";
+/// Format 1.1 feature: several layers may act on the same weight; they apply in file order.
+pub const FEATURE_STACKED_LAYERS: &str = "stacked-layers";
 /// Features this reader implements (a file whose `requires` lists anything else is refused).
-pub const KNOWN_FEATURES: &[&str] = &[];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_STACKED_LAYERS];
 
 pub fn tool_name() -> String {
     format!("oftool {}", env!("CARGO_PKG_VERSION"))

@@ -120,10 +120,27 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
             base_binding: layer.base_binding.clone(),
         });
     }
+    // Duplicate targets need the 1.1 `stacked-layers` feature; write the lowest version.
+    let mut requires = adapter.features.clone();
+    let mut seen = std::collections::HashSet::new();
+    if !adapter
+        .layers
+        .iter()
+        .all(|l| seen.insert((&l.target.name, &l.target.component)))
+        && !requires.iter().any(|f| f == FEATURE_STACKED_LAYERS)
+    {
+        requires.push(FEATURE_STACKED_LAYERS.to_string());
+    }
+    requires.sort();
+    requires.dedup();
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION.into(),
-        requires: Vec::new(),
+        version: if requires.is_empty() {
+            FORMAT_VERSION.into()
+        } else {
+            "1.1".into()
+        },
+        requires,
         provenance: adapter.provenance.clone(),
         layers,
     };
@@ -148,7 +165,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     );
     let mut meta = HashMap::new();
     meta.insert(META_FORMAT.to_string(), FORMAT_NAME.to_string());
-    meta.insert(META_VERSION.to_string(), FORMAT_VERSION.to_string());
+    meta.insert(META_VERSION.to_string(), manifest.version.clone());
     meta.insert(META_MANIFEST.to_string(), manifest_json);
     meta.insert(META_DIGEST.to_string(), digest);
     let views = tensors
@@ -242,6 +259,33 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         )
     })?;
 
+    if manifest.format != FORMAT_NAME || &manifest.version != version {
+        return Err(Error::format(
+            path,
+            format!(
+                "the manifest says format `{}` version `{}`, the metadata `oft` version `{version}`",
+                manifest.format, manifest.version
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = manifest
+        .layers
+        .iter()
+        .find(|l| !seen.insert((&l.target.name, &l.target.component)))
+        && !manifest
+            .requires
+            .iter()
+            .any(|f| f == FEATURE_STACKED_LAYERS)
+    {
+        return Err(Error::format(
+            path,
+            format!(
+                "two layers target `{}` but the file does not require `{FEATURE_STACKED_LAYERS}`",
+                dup.target.name
+            ),
+        ));
+    }
     let st = file.tensors();
     let mut used: BTreeMap<String, ()> = BTreeMap::new();
     let mut take = |name: &str, what: &str| -> Result<(Vec<f64>, Vec<usize>, Dtype)> {
@@ -387,6 +431,7 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         Adapter {
             provenance: manifest.provenance,
             layers,
+            features: manifest.requires,
         },
         status,
     ))

@@ -325,6 +325,7 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
             user_metadata,
         },
         layers,
+        features: Vec::new(),
     })
 }
 

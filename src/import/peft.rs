@@ -289,5 +289,6 @@ pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) 
             user_metadata,
         },
         layers,
+        features: Vec::new(),
     })
 }

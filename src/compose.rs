@@ -1,0 +1,331 @@
+//! `oftool compose`: one adapter equal to applying A, then B, … (spec §10).
+//!
+//! Per target, the stages of B follow those of A in one layer where the spec's layer can
+//! express it; where it cannot (a row scale between them, or the other side of the weight) the
+//! layers are stacked, which the `stacked-layers` feature (format 1.1) allows. `--collapse`
+//! multiplies consecutive Cayley stages with nesting partitions into one stage.
+
+use crate::error::{Error, Result};
+use crate::model::*;
+use crate::resolve::AliasTable;
+use crate::rotation::{cayley, inverse_cayley, pack_upper, unpack_skew};
+use crate::strength::adapter_power;
+use crate::tensors::MappedFile;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// One input of a composition.
+pub struct ComposeInput {
+    pub label: String,
+    pub adapter: Adapter,
+    pub strength: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct CollapseReport {
+    /// Layers whose stages were multiplied into fewer stages.
+    pub collapsed_layers: usize,
+    /// Largest entry change of R caused by the f64 inverse-Cayley round trip.
+    pub max_r_change: f64,
+    /// Layers whose stages were kept, with the reason.
+    pub kept: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ComposeSummary {
+    pub inputs: Vec<String>,
+    pub output: String,
+    pub layers: usize,
+    pub stages: usize,
+    pub stacked_targets: usize,
+    pub collapse: Option<CollapseReport>,
+}
+
+/// The key two layers must share to act on the same weight.
+fn match_key(layer: &Layer, table: Option<&AliasTable>) -> String {
+    if let Some(t) = table
+        && let Ok(r) = t.resolve(&layer.target)
+    {
+        return match r.rows {
+            Some((s, l)) => format!("{}[{s}..{}]", r.key, s + l),
+            None => r.key,
+        };
+    }
+    let name = layer
+        .target
+        .name
+        .strip_prefix("base_model.model.")
+        .unwrap_or(&layer.target.name);
+    format!("{}/{name}", layer.target.component.as_deref().unwrap_or(""))
+}
+
+/// Append `next`'s stages to `prev` when one layer can express `prev` then `next`.
+fn try_extend(prev: &mut Layer, next: &Layer) -> bool {
+    if prev.side != next.side {
+        return false;
+    }
+    let (p, n) = (&prev.row_scale, &next.row_scale);
+    let combined = match (p, n) {
+        (None, None) => None,
+        // Input-side stages act on columns and commute with any row scale.
+        _ if prev.side == Side::Input => {
+            let rows = p
+                .as_ref()
+                .map(|x| x.1.len())
+                .or(n.as_ref().map(|x| x.1.len()))
+                .unwrap_or(0);
+            let mut v = vec![1.0; rows];
+            for (_, s) in [p, n].into_iter().flatten() {
+                if s.len() != rows {
+                    return false;
+                }
+                v.iter_mut().zip(s).for_each(|(a, b)| *a *= b);
+            }
+            Some((ScalePosition::After, v))
+        }
+        (Some((ScalePosition::Before, s)), None) => Some((ScalePosition::Before, s.clone())),
+        (None, Some((ScalePosition::After, s))) => Some((ScalePosition::After, s.clone())),
+        _ => return false,
+    };
+    if prev.target.rotated_dim.is_some()
+        && next.target.rotated_dim.is_some()
+        && prev.target.rotated_dim != next.target.rotated_dim
+    {
+        return false;
+    }
+    prev.stages.extend(next.stages.iter().cloned());
+    prev.row_scale = combined;
+    prev.row_scale_f64 = true;
+    prev.target.rotated_dim = prev.target.rotated_dim.or(next.target.rotated_dim);
+    if prev.base_binding != next.base_binding {
+        prev.base_binding = None;
+    }
+    prev.constraint = None; // the product no longer satisfies one producer's constraint
+    true
+}
+
+/// Compose inputs in order. With `base`, targets are matched by the base tensor they resolve
+/// to (so PEFT and kohya names of one module meet); without, by component and name.
+pub fn compose(inputs: &[ComposeInput], base: Option<&Path>) -> Result<Adapter> {
+    let file = base.map(MappedFile::open).transpose()?;
+    let table = file.as_ref().map(|f| {
+        let st = f.tensors();
+        AliasTable::with_shapes(st.iter().map(|(n, v)| (n, v.shape().to_vec())))
+    });
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut stacked = false;
+    let mut record = Vec::new();
+    for (order, input) in inputs.iter().enumerate() {
+        let adapter = match input.strength {
+            Some(s) => adapter_power(&input.adapter, s)?,
+            None => input.adapter.clone(),
+        };
+        for layer in &adapter.layers {
+            if layer.stages.iter().any(|s| s.inverse) {
+                return Err(Error::Invalid(format!(
+                    "`{}` in {}: a negative strength on a Cayley–Neumann layer has no Neumann form; \
+                     bake it with `merge` (or `unmerge`) instead",
+                    layer.target.name, input.label
+                )));
+            }
+            let key = match_key(layer, table.as_ref());
+            match last.get(&key) {
+                Some(&i) if try_extend(&mut layers[i], layer) => {}
+                seen => {
+                    stacked |= seen.is_some();
+                    last.insert(key, layers.len());
+                    layers.push(layer.clone());
+                }
+            }
+        }
+        record.push(serde_json::json!({
+            "order": order,
+            "name": input.label,
+            "source_format": input.adapter.provenance.source_format,
+            "source_digest": input.adapter.provenance.source_digest,
+            "strength": input.strength.unwrap_or(1.0),
+        }));
+    }
+    let mut user_metadata = std::collections::BTreeMap::new();
+    user_metadata.insert(
+        "oftool.compose".to_string(),
+        serde_json::Value::Array(record).to_string(),
+    );
+    Ok(Adapter {
+        provenance: Provenance {
+            source_format: "oft-compose".into(),
+            source_version: None,
+            tool: tool_name(),
+            created: None,
+            source_digest: None,
+            user_metadata,
+        },
+        layers,
+        features: if stacked {
+            vec![FEATURE_STACKED_LAYERS.to_string()]
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// The `B × B` block `c` of a stage seen at the coarser block size `big` (identity wiring).
+fn coarse_block(stage: &Stage, c: usize, big: usize) -> Vec<f64> {
+    let b = stage.spec.block_size as usize;
+    let mut m = vec![0.0; big * big];
+    let per = big / b;
+    for sub in 0..per {
+        let k = c * per + sub;
+        let r = crate::rotation::rotation_block(stage.q_row(k), b, &stage.spec.map);
+        for i in 0..b {
+            for j in 0..b {
+                m[(sub * b + i) * big + sub * b + j] = r[i * b + j];
+            }
+        }
+    }
+    m
+}
+
+/// Multiply consecutive Cayley stages with nesting identity-wired partitions into one stage.
+pub fn collapse(adapter: &mut Adapter) -> CollapseReport {
+    let mut report = CollapseReport::default();
+    for layer in &mut adapter.layers {
+        if layer.stages.len() < 2 {
+            continue;
+        }
+        let mut out: Vec<Stage> = vec![layer.stages[0].clone()];
+        let mut changed = false;
+        for next in layer.stages[1..].iter() {
+            let prev = out.last().cloned().unwrap_or_else(|| next.clone());
+            match collapse_pair(&prev, next, layer.side) {
+                Ok((stage, change)) => {
+                    report.max_r_change = report.max_r_change.max(change);
+                    out.pop();
+                    out.push(stage);
+                    changed = true;
+                }
+                Err(why) => {
+                    report.kept.push(format!("{}: {why}", layer.target.name));
+                    out.push(next.clone());
+                }
+            }
+        }
+        if changed {
+            report.collapsed_layers += 1;
+            layer.stages = out;
+        }
+    }
+    report
+}
+
+fn collapse_pair(a: &Stage, b: &Stage, side: Side) -> std::result::Result<(Stage, f64), String> {
+    if a.spec.wiring != Wiring::Identity || b.spec.wiring != Wiring::Identity {
+        return Err("butterfly stages do not share a block partition".into());
+    }
+    if a.spec.map != RotationMap::Cayley || b.spec.map != RotationMap::Cayley {
+        return Err("Cayley–Neumann stages are not rotations; kept as they are".into());
+    }
+    let (ba, bb) = (a.spec.block_size as usize, b.spec.block_size as usize);
+    let big = ba.max(bb);
+    if big % ba.min(bb) != 0 {
+        return Err(format!("block sizes {ba} and {bb} do not nest"));
+    }
+    let d = match (a.dim(), b.dim()) {
+        (Some(x), Some(y)) if x == y => x as usize,
+        _ => return Err("the stages' dimensions are unknown or differ".into()),
+    };
+    let blocks = d / big;
+    let mut q = Vec::with_capacity(blocks * big * (big - 1) / 2);
+    let mut change: f64 = 0.0;
+    for c in 0..blocks {
+        let (ra, rb) = (coarse_block(a, c, big), coarse_block(b, c, big));
+        // Input side applies W·Eaᵀ then ·Ebᵀ = W·(Eb·Ea)ᵀ; output side Eaᵀ then Ebᵀ = (Ea·Eb)ᵀ.
+        let r = match side {
+            Side::Input => crate::rotation::matmul(&rb, &ra, big),
+            Side::Output => crate::rotation::matmul(&ra, &rb, big),
+        };
+        let qm = inverse_cayley(&r, big).ok_or("a block has an eigenvalue −1 (a half turn)")?;
+        if qm.iter().any(|x| !x.is_finite() || x.abs() > 1e6) {
+            return Err("a block is too close to a half turn for the Cayley map".into());
+        }
+        let tri = pack_upper(&qm, big);
+        let back = cayley(&unpack_skew(&tri, big), big);
+        change = change.max(
+            back.iter()
+                .zip(&r)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max),
+        );
+        q.extend(tri);
+    }
+    Ok((
+        Stage {
+            spec: StageSpec {
+                blocks: Some(blocks as u64),
+                block_size: big as u64,
+                shared: false,
+                wiring: Wiring::Identity,
+                map: RotationMap::Cayley,
+                q: String::new(),
+            },
+            q,
+            q_f64: true,
+            inverse: false,
+        },
+        change,
+    ))
+}
+
+/// How many targets have more than one layer (stacked).
+pub fn stacked_targets(adapter: &Adapter) -> usize {
+    let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
+    for l in &adapter.layers {
+        *seen
+            .entry((l.target.name.clone(), l.target.component.clone()))
+            .or_default() += 1;
+    }
+    seen.values().filter(|&&n| n > 1).count()
+}
+
+/// `oftool compose A[:S] B[:S] … -o OUT.oft [--base BASE] [--collapse]`.
+pub fn run(
+    args: &[String],
+    out: &Path,
+    base: Option<&Path>,
+    do_collapse: bool,
+) -> Result<ComposeSummary> {
+    if args.is_empty() {
+        return Err(Error::Usage("give at least one adapter to compose".into()));
+    }
+    let parsed = args
+        .iter()
+        .map(|a| crate::strength::parse_adapter_arg(a))
+        .collect::<Result<Vec<_>>>()?;
+    let mut paths: Vec<&Path> = parsed.iter().map(|a| a.path.as_path()).collect();
+    paths.extend(base);
+    crate::convert::refuse_overwriting_input(out, &paths)?;
+    let inputs = parsed
+        .iter()
+        .map(|a| {
+            Ok(ComposeInput {
+                label: a.path.display().to_string(),
+                adapter: crate::bake::load_adapter(&a.path)?,
+                strength: a.strength,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut adapter = compose(&inputs, base)?;
+    let collapse_report = do_collapse.then(|| collapse(&mut adapter));
+    adapter.provenance.created = Some(crate::convert::creation_time());
+    crate::oft_file::write(&adapter, out)?;
+    Ok(ComposeSummary {
+        inputs: args.to_vec(),
+        output: out.display().to_string(),
+        layers: adapter.layers.len(),
+        stages: adapter.layers.iter().map(|l| l.stages.len()).sum(),
+        stacked_targets: stacked_targets(&adapter),
+        collapse: collapse_report,
+    })
+}
