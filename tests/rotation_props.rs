@@ -9,7 +9,10 @@ fn rot(tri: &[f64], b: usize) -> Vec<f64> {
 }
 
 fn max_diff(a: &[f64], c: &[f64]) -> f64 {
-    a.iter().zip(c).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(c)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn block_and_q() -> impl Strategy<Value = (usize, Vec<f64>)> {

@@ -36,6 +36,7 @@ fn layer_from(v: &Value) -> Layer {
             },
             q: floats(&s["q"]),
             q_f64: true,
+            inverse: false,
         })
         .collect();
     let row_scale = match &v["row_scale"] {
