@@ -142,6 +142,7 @@ impl<T: Real> PreparedStage<T> {
         let sigma = gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::Invalid(e.0))?;
         let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
         let rotations = (0..stage.stored_blocks() as usize)
+            .into_par_iter()
             .map(|k| {
                 let mut r = rotation_block(stage.q_row(k), b, &stage.spec.map);
                 if stage.inverse {

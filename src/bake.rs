@@ -23,9 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-/// Bytes copied per piece for untouched tensors (bounds what is in flight).
-const COPY_PIECE: usize = 16 << 20;
-
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
     /// Worker threads for the rotation (default: all cores). Output does not depend on it.
@@ -395,18 +392,23 @@ fn check_bindings(placements: &[Placement<'_>], groups: &[Group]) -> Result<()> 
 #[cfg(target_endian = "big")]
 compile_error!("oftool reads and writes little-endian tensor data in place");
 
-/// A piece of output data: borrowed from the base mapping, or computed.
-enum Piece<'a> {
-    Borrowed(&'a [u8]),
+/// A piece of output data: a byte range of the base copied as is, or computed bytes.
+enum Piece {
+    /// `len` bytes at absolute `offset` of the base file (copied in the kernel where possible).
+    Range {
+        offset: u64,
+        len: u64,
+    },
     Bytes(Vec<u8>),
     F16(Vec<half::f16>),
     Bf16(Vec<half::bf16>),
 }
 
-impl Piece<'_> {
+impl Piece {
+    /// The computed bytes (empty for a range).
     fn bytes(&self) -> &[u8] {
         match self {
-            Piece::Borrowed(b) => b,
+            Piece::Range { .. } => &[],
             Piece::Bytes(v) => v,
             Piece::F16(v) => bytemuck::cast_slice(v),
             Piece::Bf16(v) => bytemuck::cast_slice(v),
@@ -465,7 +467,7 @@ fn rotate(
     dtype: Dtype,
     shape: &[usize],
     edits: &[Edit<'_>],
-) -> Result<Piece<'static>> {
+) -> Result<Piece> {
     use half::slice::HalfFloatSliceExt;
     match dtype {
         Dtype::F16 => {
@@ -557,46 +559,92 @@ fn bake_file(
     let header = input.header();
     let order = header.offset_keys();
     let file = File::create(out).map_err(|e| Error::io(out, e))?;
+    let source = File::open(&job.input).map_err(|e| Error::io(&job.input, e))?;
+    let data_start = input.data_start();
     let mut rotated = 0;
     let written = std::thread::scope(|s| -> Result<u64> {
-        let (tx, rx) = sync_channel::<Piece<'_>>(2);
+        let (tx, rx) = sync_channel::<Piece>(2);
         let writer = s.spawn(move || -> Result<u64> {
+            use std::io::{Read, Seek, SeekFrom};
             let mut w = BufWriter::with_capacity(1 << 20, file);
+            let mut source = source;
             let mut n = 0u64;
             w.write_all(&header_bytes).map_err(|e| Error::io(out, e))?;
             n += header_bytes.len() as u64;
             for piece in rx {
-                let bytes = piece.bytes();
-                w.write_all(bytes).map_err(|e| Error::io(out, e))?;
-                n += bytes.len() as u64;
-                bar.inc(bytes.len() as u64);
+                match piece {
+                    Piece::Range { offset, len } => {
+                        // Untouched tensors: std::io::copy between files uses copy_file_range
+                        // (or sendfile) on Linux, so the bytes never pass through user space.
+                        w.flush().map_err(|e| Error::io(out, e))?;
+                        source
+                            .seek(SeekFrom::Start(offset))
+                            .map_err(|e| Error::io(&job.input, e))?;
+                        let copied = std::io::copy(&mut (&mut source).take(len), w.get_mut())
+                            .map_err(|e| Error::io(out, e))?;
+                        if copied != len {
+                            return Err(Error::format(
+                                &job.input,
+                                "the file became shorter while it was being read",
+                            ));
+                        }
+                        n += len;
+                        bar.inc(len);
+                    }
+                    other => {
+                        let bytes = other.bytes();
+                        w.write_all(bytes).map_err(|e| Error::io(out, e))?;
+                        n += bytes.len() as u64;
+                        bar.inc(bytes.len() as u64);
+                    }
+                }
             }
             let f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
             f.sync_all().map_err(|e| Error::io(out, e))?;
             Ok(n)
         });
         let mut produce = || -> Result<()> {
+            // Consecutive untouched tensors form one range.
+            let mut pending: Option<(u64, u64)> = None;
             for key in &order {
-                let view = st
-                    .tensor(key)
-                    .map_err(|e| Error::format(&job.input, e.to_string()))?;
-                let piece = match job.edits.get(key) {
+                let info = header
+                    .info(key)
+                    .ok_or_else(|| Error::format(&job.input, format!("no tensor `{key}`")))?;
+                let (begin, end) = info.data_offsets;
+                match job.edits.get(key) {
                     None => {
-                        for chunk in view.data().chunks(COPY_PIECE) {
-                            if tx.send(Piece::Borrowed(chunk)).is_err() {
-                                return Ok(()); // the writer failed; its error is reported
+                        let start = data_start + begin as u64;
+                        let len = (end - begin) as u64;
+                        pending = match pending {
+                            Some((o, l)) if o + l == start => Some((o, l + len)),
+                            Some((o, l)) => {
+                                if tx.send(Piece::Range { offset: o, len: l }).is_err() {
+                                    return Ok(()); // the writer failed; its error is reported
+                                }
+                                Some((start, len))
                             }
-                        }
-                        continue;
+                            None => Some((start, len)),
+                        };
                     }
                     Some(edits) => {
+                        if let Some((o, l)) = pending.take()
+                            && tx.send(Piece::Range { offset: o, len: l }).is_err()
+                        {
+                            return Ok(());
+                        }
                         rotated += 1;
-                        rotate(key, view.data(), view.dtype(), view.shape(), edits)?
+                        let view = st
+                            .tensor(key)
+                            .map_err(|e| Error::format(&job.input, e.to_string()))?;
+                        let piece = rotate(key, view.data(), view.dtype(), view.shape(), edits)?;
+                        if tx.send(piece).is_err() {
+                            return Ok(());
+                        }
                     }
-                };
-                if tx.send(piece).is_err() {
-                    return Ok(());
                 }
+            }
+            if let Some((o, l)) = pending {
+                let _ = tx.send(Piece::Range { offset: o, len: l });
             }
             Ok(())
         };

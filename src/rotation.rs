@@ -55,20 +55,31 @@ fn identity(b: usize) -> Vec<f64> {
 
 /// `a · c` for `b × b` row-major matrices.
 pub fn matmul(a: &[f64], c: &[f64], b: usize) -> Vec<f64> {
+    assert!(
+        a.len() >= b * b && c.len() >= b * b,
+        "matmul operands smaller than b × b"
+    );
     let mut out = vec![0.0; b * b];
-    for i in 0..b {
-        for k in 0..b {
-            let aik = a[i * b + k];
-            if aik == 0.0 {
-                continue;
-            }
-            let row = &c[k * b..(k + 1) * b];
-            let dst = &mut out[i * b..(i + 1) * b];
-            for (d, &v) in dst.iter_mut().zip(row) {
-                *d += aik * v;
-            }
-        }
-    }
+    let s = b as isize;
+    // SAFETY: all three matrices are dense b × b row-major (checked above), `out` is distinct.
+    unsafe {
+        matrixmultiply::dgemm(
+            b,
+            b,
+            b,
+            1.0,
+            a.as_ptr(),
+            s,
+            1,
+            c.as_ptr(),
+            s,
+            1,
+            0.0,
+            out.as_mut_ptr(),
+            s,
+            1,
+        )
+    };
     out
 }
 

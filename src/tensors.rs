@@ -34,6 +34,12 @@ impl MappedFile {
         Ok(MappedFile { mmap, metadata })
     }
 
+    /// Absolute file offset where the data section (tensor offset 0) starts.
+    pub fn data_start(&self) -> u64 {
+        let n = u64::from_le_bytes(self.mmap[..8].try_into().unwrap_or([0; 8]));
+        8 + n
+    }
+
     /// Tell the kernel we read front to back (bigger read-ahead).
     pub fn advise_sequential(&self) {
         #[cfg(unix)]
