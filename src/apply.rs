@@ -182,13 +182,14 @@ impl<T: Real> PreparedStage<T> {
         data.par_chunks_mut(INPUT_CHUNK_ROWS * cols)
             .for_each(|chunk| {
                 let m = chunk.len() / cols;
-                let src: Vec<T> = match &self.sigma {
-                    None => chunk.to_vec(),
-                    Some(s) => chunk
+                // Identity wiring reads the chunk in place; a butterfly gathers columns first.
+                let gathered: Option<Vec<T>> = self.sigma.as_ref().map(|s| {
+                    chunk
                         .chunks_exact(cols)
                         .flat_map(|row| s.iter().map(move |&j| row[j]))
-                        .collect(),
-                };
+                        .collect()
+                });
+                let src: &[T] = gathered.as_deref().unwrap_or(chunk);
                 let mut dst = vec![T::default(); chunk.len()];
                 if self.rotations.len() == 1 {
                     // One shared block: the chunk is an (m·blocks × b) matrix times Rᵀ.

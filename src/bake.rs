@@ -417,14 +417,54 @@ impl Piece {
 }
 
 /// Decode 16-bit floats to f32 (SIMD where the CPU has it), copying only if misaligned.
-fn halves_to_f32<H: bytemuck::Pod>(bytes: &[u8], convert: impl Fn(&[H], &mut [f32])) -> Vec<f32> {
+fn halves_to_f32<H: bytemuck::Pod + Sync>(
+    bytes: &[u8],
+    convert: impl Fn(&[H], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
     let mut out = vec![0f32; bytes.len() / 2];
-    match bytemuck::try_cast_slice::<u8, H>(bytes) {
-        Ok(h) => convert(h, &mut out),
-        Err(_) => convert(&bytemuck::pod_collect_to_vec::<u8, H>(bytes), &mut out),
-    }
+    let owned;
+    let h: &[H] = match bytemuck::try_cast_slice::<u8, H>(bytes) {
+        Ok(h) => h,
+        Err(_) => {
+            owned = bytemuck::pod_collect_to_vec::<u8, H>(bytes);
+            &owned
+        }
+    };
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(h.par_chunks(CONVERT_CHUNK))
+        .for_each(|(o, i)| convert(i, o));
     out
 }
+
+/// Encode f32 to 16-bit floats in parallel; the index of the first overflow, if any.
+fn f32_to_halves<H: Copy + Default + Send + Sync>(
+    data: &[f32],
+    convert: impl Fn(&[f32], &mut [H]) + Sync,
+    is_inf: impl Fn(&H) -> bool + Sync,
+) -> (Vec<H>, Option<usize>) {
+    use rayon::prelude::*;
+    let mut out = vec![H::default(); data.len()];
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(data.par_chunks(CONVERT_CHUNK))
+        .for_each(|(o, i)| convert(i, o));
+    let bad = first_where(&out, is_inf);
+    (out, bad)
+}
+
+/// Index of the first element matching `pred`, scanning chunks in parallel (a branch-free
+/// pass per chunk; the position is looked up only in a chunk that has a match).
+fn first_where<X: Sync>(data: &[X], pred: impl Fn(&X) -> bool + Sync) -> Option<usize> {
+    use rayon::prelude::*;
+    data.par_chunks(CONVERT_CHUNK)
+        .enumerate()
+        .filter(|(_, chunk)| chunk.iter().fold(false, |acc, x| acc | pred(x)))
+        .filter_map(|(c, chunk)| chunk.iter().position(&pred).map(|p| c * CONVERT_CHUNK + p))
+        .min()
+}
+
+/// Elements per unit of parallel dtype conversion.
+const CONVERT_CHUNK: usize = 1 << 16;
 
 /// Apply a tensor's edits in place (each on its row slice).
 fn apply_edits<T: Real>(
@@ -446,7 +486,12 @@ fn apply_edits<T: Real>(
         )
         .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
     }
-    if let Some(i) = data.iter().position(|v| !v.to_f64().is_finite()) {
+    Ok(())
+}
+
+/// Fail if a computed value is not finite.
+fn check_finite<T: Real>(key: &str, data: &[T]) -> Result<()> {
+    if let Some(i) = first_where(data, |v| !v.to_f64().is_finite()) {
         return Err(Error::Invalid(format!(
             "`{key}`: the merged value at element {i} is not finite"
         )));
@@ -473,9 +518,13 @@ fn rotate(
         Dtype::F16 => {
             let mut data = halves_to_f32::<half::f16>(bytes, |h, o| h.convert_to_f32_slice(o));
             apply_edits(key, &mut data, shape, edits)?;
-            let mut out = vec![half::f16::ZERO; data.len()];
-            out.convert_from_f32_slice(&data);
-            match out.iter().position(|x| x.is_infinite()) {
+            // A NaN or infinity from the rotation, or an overflow of the final rounding.
+            let (out, bad) = f32_to_halves(
+                &data,
+                |i, o: &mut [half::f16]| o.convert_from_f32_slice(i),
+                |x| !x.is_finite(),
+            );
+            match bad {
                 Some(i) => Err(overflow(key, i, dtype)),
                 None => Ok(Piece::F16(out)),
             }
@@ -483,9 +532,12 @@ fn rotate(
         Dtype::BF16 => {
             let mut data = halves_to_f32::<half::bf16>(bytes, |h, o| h.convert_to_f32_slice(o));
             apply_edits(key, &mut data, shape, edits)?;
-            let mut out = vec![half::bf16::ZERO; data.len()];
-            out.convert_from_f32_slice(&data);
-            match out.iter().position(|x| x.is_infinite()) {
+            let (out, bad) = f32_to_halves(
+                &data,
+                |i, o: &mut [half::bf16]| o.convert_from_f32_slice(i),
+                |x| !x.is_finite(),
+            );
+            match bad {
                 Some(i) => Err(overflow(key, i, dtype)),
                 None => Ok(Piece::Bf16(out)),
             }
@@ -496,6 +548,7 @@ fn rotate(
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
                 .collect();
             apply_edits(key, &mut data, shape, edits)?;
+            check_finite(key, &data)?;
             let out: Vec<f32> = data.iter().map(|&v| v as f32).collect();
             match out.iter().position(|x| x.is_infinite()) {
                 Some(i) => Err(overflow(key, i, dtype)),
@@ -508,6 +561,7 @@ fn rotate(
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                 .collect();
             apply_edits(key, &mut data, shape, edits)?;
+            check_finite(key, &data)?;
             Ok(Piece::Bytes(bytemuck::cast_slice(&data).to_vec()))
         }
     }
@@ -545,6 +599,22 @@ fn output_header(
     Ok(out)
 }
 
+/// Read exactly `buf.len()` bytes at `offset` (a base truncated underneath us is an error).
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(buf)
+    }
+}
+
 /// Stream one base file to `out`, rotating the tensors that have edits.
 fn bake_file(
     job: &FileJob<'_>,
@@ -555,11 +625,11 @@ fn bake_file(
     let input = MappedFile::open(&job.input)?;
     input.advise_sequential();
     let header_bytes = output_header(&input, extra, &job.input)?;
-    let st = input.tensors();
     let header = input.header();
     let order = header.offset_keys();
     let file = File::create(out).map_err(|e| Error::io(out, e))?;
     let source = File::open(&job.input).map_err(|e| Error::io(&job.input, e))?;
+    let reader = File::open(&job.input).map_err(|e| Error::io(&job.input, e))?;
     let data_start = input.data_start();
     let mut rotated = 0;
     let written = std::thread::scope(|s| -> Result<u64> {
@@ -633,10 +703,12 @@ fn bake_file(
                             return Ok(());
                         }
                         rotated += 1;
-                        let view = st
-                            .tensor(key)
-                            .map_err(|e| Error::format(&job.input, e.to_string()))?;
-                        let piece = rotate(key, view.data(), view.dtype(), view.shape(), edits)?;
+                        // Read with pread rather than through the mapping, so the process
+                        // holds only the tensors in flight (mapped pages count as resident).
+                        let mut bytes = vec![0u8; end - begin];
+                        read_at(&reader, &mut bytes, data_start + begin as u64)
+                            .map_err(|e| Error::io(&job.input, e))?;
+                        let piece = rotate(key, &bytes, info.dtype, &info.shape, edits)?;
                         if tx.send(piece).is_err() {
                             return Ok(());
                         }
