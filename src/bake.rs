@@ -505,18 +505,47 @@ fn overflow(key: &str, i: usize, dtype: Dtype) -> Error {
     ))
 }
 
-/// Rotate one tensor: F16/BF16 in f32, F32/F64 in f64; one rounding to the base dtype.
-fn rotate(
+/// A tensor decoded into its compute type: F16/BF16 in f32, F32/F64 in f64.
+enum Decoded {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+fn decode(bytes: &[u8], dtype: Dtype) -> Decoded {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        Dtype::F16 => Decoded::F32(halves_to_f32::<half::f16>(bytes, |h, o| {
+            h.convert_to_f32_slice(o)
+        })),
+        Dtype::BF16 => Decoded::F32(halves_to_f32::<half::bf16>(bytes, |h, o| {
+            h.convert_to_f32_slice(o)
+        })),
+        Dtype::F32 => Decoded::F64(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+        ),
+        _ => Decoded::F64(
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        ),
+    }
+}
+
+/// Apply the edits to a decoded tensor and round once to the base dtype.
+fn finish(
     key: &str,
-    bytes: &[u8],
+    decoded: Decoded,
     dtype: Dtype,
     shape: &[usize],
     edits: &[Edit<'_>],
 ) -> Result<Piece> {
     use half::slice::HalfFloatSliceExt;
-    match dtype {
-        Dtype::F16 => {
-            let mut data = halves_to_f32::<half::f16>(bytes, |h, o| h.convert_to_f32_slice(o));
+    match (decoded, dtype) {
+        (Decoded::F32(mut data), Dtype::F16) => {
             apply_edits(key, &mut data, shape, edits)?;
             // A NaN or infinity from the rotation, or an overflow of the final rounding.
             let (out, bad) = f32_to_halves(
@@ -529,8 +558,7 @@ fn rotate(
                 None => Ok(Piece::F16(out)),
             }
         }
-        Dtype::BF16 => {
-            let mut data = halves_to_f32::<half::bf16>(bytes, |h, o| h.convert_to_f32_slice(o));
+        (Decoded::F32(mut data), _) => {
             apply_edits(key, &mut data, shape, edits)?;
             let (out, bad) = f32_to_halves(
                 &data,
@@ -542,11 +570,7 @@ fn rotate(
                 None => Ok(Piece::Bf16(out)),
             }
         }
-        Dtype::F32 => {
-            let mut data: Vec<f64> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect();
+        (Decoded::F64(mut data), Dtype::F32) => {
             apply_edits(key, &mut data, shape, edits)?;
             check_finite(key, &data)?;
             let out: Vec<f32> = data.iter().map(|&v| v as f32).collect();
@@ -555,16 +579,26 @@ fn rotate(
                 None => Ok(Piece::Bytes(bytemuck::cast_slice(&out).to_vec())),
             }
         }
-        _ => {
-            let mut data: Vec<f64> = bytes
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect();
+        (Decoded::F64(mut data), _) => {
             apply_edits(key, &mut data, shape, edits)?;
             check_finite(key, &data)?;
             Ok(Piece::Bytes(bytemuck::cast_slice(&data).to_vec()))
         }
     }
+}
+
+/// What the reader hands to the rotation stage, in file order.
+enum Work<'k> {
+    Copy {
+        offset: u64,
+        len: u64,
+    },
+    Rotate {
+        key: &'k str,
+        decoded: Decoded,
+        dtype: Dtype,
+        shape: Vec<usize>,
+    },
 }
 
 /// The header of the output: the input's tensors at the same offsets, metadata extended,
@@ -629,7 +663,7 @@ fn bake_file(
     let order = header.offset_keys();
     let file = File::create(out).map_err(|e| Error::io(out, e))?;
     let source = File::open(&job.input).map_err(|e| Error::io(&job.input, e))?;
-    let reader = File::open(&job.input).map_err(|e| Error::io(&job.input, e))?;
+    let reader_file = File::open(&job.input).map_err(|e| Error::io(&job.input, e))?;
     let data_start = input.data_start();
     let mut rotated = 0;
     let written = std::thread::scope(|s| -> Result<u64> {
@@ -673,50 +707,77 @@ fn bake_file(
             f.sync_all().map_err(|e| Error::io(out, e))?;
             Ok(n)
         });
-        let mut produce = || -> Result<()> {
-            // Consecutive untouched tensors form one range.
+        // Reader: walks the tensors in file order, merges untouched runs into one range and
+        // reads + decodes the next tensor to rotate while the previous one is being rotated.
+        let (wtx, wrx) = sync_channel::<Work<'_>>(1);
+        let edits = &job.edits;
+        let input_path = &job.input;
+        let order = &order;
+        let header = &header;
+        let reader = s.spawn(move || -> Result<()> {
             let mut pending: Option<(u64, u64)> = None;
-            for key in &order {
+            for key in order {
                 let info = header
                     .info(key)
-                    .ok_or_else(|| Error::format(&job.input, format!("no tensor `{key}`")))?;
+                    .ok_or_else(|| Error::format(input_path, format!("no tensor `{key}`")))?;
                 let (begin, end) = info.data_offsets;
-                match job.edits.get(key) {
-                    None => {
-                        let start = data_start + begin as u64;
-                        let len = (end - begin) as u64;
-                        pending = match pending {
-                            Some((o, l)) if o + l == start => Some((o, l + len)),
-                            Some((o, l)) => {
-                                if tx.send(Piece::Range { offset: o, len: l }).is_err() {
-                                    return Ok(()); // the writer failed; its error is reported
-                                }
-                                Some((start, len))
+                let start = data_start + begin as u64;
+                let len = (end - begin) as u64;
+                if !edits.contains_key(key) {
+                    pending = match pending {
+                        Some((o, l)) if o + l == start => Some((o, l + len)),
+                        Some((o, l)) => {
+                            if wtx.send(Work::Copy { offset: o, len: l }).is_err() {
+                                return Ok(()); // a later stage failed; its error is reported
                             }
-                            None => Some((start, len)),
-                        };
-                    }
-                    Some(edits) => {
-                        if let Some((o, l)) = pending.take()
-                            && tx.send(Piece::Range { offset: o, len: l }).is_err()
-                        {
-                            return Ok(());
+                            Some((start, len))
                         }
-                        rotated += 1;
-                        // Read with pread rather than through the mapping, so the process
-                        // holds only the tensors in flight (mapped pages count as resident).
-                        let mut bytes = vec![0u8; end - begin];
-                        read_at(&reader, &mut bytes, data_start + begin as u64)
-                            .map_err(|e| Error::io(&job.input, e))?;
-                        let piece = rotate(key, &bytes, info.dtype, &info.shape, edits)?;
-                        if tx.send(piece).is_err() {
-                            return Ok(());
-                        }
-                    }
+                        None => Some((start, len)),
+                    };
+                    continue;
+                }
+                if let Some((o, l)) = pending.take()
+                    && wtx.send(Work::Copy { offset: o, len: l }).is_err()
+                {
+                    return Ok(());
+                }
+                // pread rather than the mapping, so only the tensors in flight are resident.
+                let mut bytes = vec![0u8; end - begin];
+                read_at(&reader_file, &mut bytes, start).map_err(|e| Error::io(input_path, e))?;
+                let decoded = decode(&bytes, info.dtype);
+                drop(bytes);
+                let work = Work::Rotate {
+                    key,
+                    decoded,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                };
+                if wtx.send(work).is_err() {
+                    return Ok(());
                 }
             }
             if let Some((o, l)) = pending {
-                let _ = tx.send(Piece::Range { offset: o, len: l });
+                let _ = wtx.send(Work::Copy { offset: o, len: l });
+            }
+            Ok(())
+        });
+        let produce = || -> Result<()> {
+            for work in wrx {
+                let piece = match work {
+                    Work::Copy { offset, len } => Piece::Range { offset, len },
+                    Work::Rotate {
+                        key,
+                        decoded,
+                        dtype,
+                        shape,
+                    } => {
+                        rotated += 1;
+                        finish(key, decoded, dtype, &shape, &edits[key])?
+                    }
+                };
+                if tx.send(piece).is_err() {
+                    return Ok(()); // the writer failed; its error is reported
+                }
             }
             Ok(())
         };
@@ -725,6 +786,10 @@ fn bake_file(
         let written = writer
             .join()
             .map_err(|_| Error::Invalid("the writer thread panicked".into()))?;
+        let read = reader
+            .join()
+            .map_err(|_| Error::Invalid("the reader thread panicked".into()))?;
+        read?;
         produced?;
         written
     })?;
