@@ -633,20 +633,21 @@ fn output_header(
     Ok(out)
 }
 
-/// Read exactly `buf.len()` bytes at `offset` (a base truncated underneath us is an error).
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileExt;
-        file.read_exact_at(buf, offset)
+/// Read `len` bytes at `offset` into a fresh buffer (not zeroed first: `read_to_end` fills
+/// spare capacity directly); a base truncated underneath us is an error.
+fn read_range(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file became shorter while it was being read",
+        ));
     }
-    #[cfg(not(unix))]
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = file;
-        f.seek(SeekFrom::Start(offset))?;
-        f.read_exact(buf)
-    }
+    Ok(buf)
 }
 
 /// Stream one base file to `out`, rotating the tensors that have edits.
@@ -742,8 +743,8 @@ fn bake_file(
                     return Ok(());
                 }
                 // pread rather than the mapping, so only the tensors in flight are resident.
-                let mut bytes = vec![0u8; end - begin];
-                read_at(&reader_file, &mut bytes, start).map_err(|e| Error::io(input_path, e))?;
+                let bytes = read_range(&reader_file, start, end - begin)
+                    .map_err(|e| Error::io(input_path, e))?;
                 let decoded = decode(&bytes, info.dtype);
                 drop(bytes);
                 let work = Work::Rotate {
