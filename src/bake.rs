@@ -14,7 +14,7 @@ use crate::model::{Adapter, Layer};
 use crate::resolve::{AliasTable, Resolved};
 use crate::strength::{BlendMode, parse_adapter_arg};
 use crate::tensors::MappedFile;
-use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::tensor::{Dtype, TensorInfo};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -622,15 +622,7 @@ fn output_header(
             (k, info)
         })
         .collect();
-    let md = Metadata::new(Some(meta), tensors).map_err(|e| Error::format(path, e.to_string()))?;
-    let value = serde_json::to_value(&md).map_err(|e| Error::format(path, e.to_string()))?;
-    let mut json = serde_json::to_vec(&value).map_err(|e| Error::format(path, e.to_string()))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&json);
-    Ok(out)
+    crate::tensors::encode_header(meta, tensors).map_err(|e| Error::format(path, e.to_string()))
 }
 
 /// Read `len` bytes at `offset` into a fresh buffer (not zeroed first: `read_to_end` fills

@@ -94,7 +94,7 @@ fn try_extend(prev: &mut Layer, next: &Layer) -> bool {
     {
         return false;
     }
-    prev.stages.extend(next.stages.iter().cloned());
+    prev.stages.extend_from_slice(&next.stages);
     prev.row_scale = combined;
     prev.row_scale_f64 = true;
     prev.target.rotated_dim = prev.target.rotated_dim.or(next.target.rotated_dim);
@@ -107,7 +107,7 @@ fn try_extend(prev: &mut Layer, next: &Layer) -> bool {
 
 /// Compose inputs in order. With `base`, targets are matched by the base tensor they resolve
 /// to (so PEFT and kohya names of one module meet); without, by component and name.
-pub fn compose(inputs: &[ComposeInput], base: Option<&Path>) -> Result<Adapter> {
+pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Path>) -> Result<Adapter> {
     let file = base.map(MappedFile::open).transpose()?;
     let table = file.as_ref().map(|f| {
         let st = f.tensors();
@@ -117,29 +117,7 @@ pub fn compose(inputs: &[ComposeInput], base: Option<&Path>) -> Result<Adapter> 
     let mut last: HashMap<String, usize> = HashMap::new();
     let mut stacked = false;
     let mut record = Vec::new();
-    for (order, input) in inputs.iter().enumerate() {
-        let adapter = match input.strength {
-            Some(s) => adapter_power(&input.adapter, s)?,
-            None => input.adapter.clone(),
-        };
-        for layer in &adapter.layers {
-            if layer.stages.iter().any(|s| s.inverse) {
-                return Err(Error::Invalid(format!(
-                    "`{}` in {}: a negative strength on a Cayley–Neumann layer has no Neumann form; \
-                     bake it with `merge` (or `unmerge`) instead",
-                    layer.target.name, input.label
-                )));
-            }
-            let key = match_key(layer, table.as_ref());
-            match last.get(&key) {
-                Some(&i) if try_extend(&mut layers[i], layer) => {}
-                seen => {
-                    stacked |= seen.is_some();
-                    last.insert(key, layers.len());
-                    layers.push(layer.clone());
-                }
-            }
-        }
+    for (order, input) in inputs.into_iter().enumerate() {
         record.push(serde_json::json!({
             "order": order,
             "name": input.label,
@@ -147,6 +125,28 @@ pub fn compose(inputs: &[ComposeInput], base: Option<&Path>) -> Result<Adapter> 
             "source_digest": input.adapter.provenance.source_digest,
             "strength": input.strength.unwrap_or(1.0),
         }));
+        let adapter = match input.strength {
+            Some(s) => adapter_power(&input.adapter, s)?,
+            None => input.adapter,
+        };
+        for layer in adapter.layers {
+            if layer.stages.iter().any(|s| s.inverse) {
+                return Err(Error::Invalid(format!(
+                    "`{}` in {}: a negative strength on a Cayley–Neumann layer has no Neumann form; \
+                     bake it with `merge` (or `unmerge`) instead",
+                    layer.target.name, input.label
+                )));
+            }
+            let key = match_key(&layer, table.as_ref());
+            match last.get(&key) {
+                Some(&i) if try_extend(&mut layers[i], &layer) => {}
+                seen => {
+                    stacked |= seen.is_some();
+                    last.insert(key, layers.len());
+                    layers.push(layer);
+                }
+            }
+        }
     }
     let mut user_metadata = std::collections::BTreeMap::new();
     user_metadata.insert(
@@ -316,7 +316,7 @@ pub fn run(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut adapter = compose(&inputs, base)?;
+    let mut adapter = compose(inputs, base)?;
     let collapse_report = do_collapse.then(|| collapse(&mut adapter));
     adapter.provenance.created = Some(crate::convert::creation_time());
     crate::oft_file::write(&adapter, out)?;

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::rotation::tri_len;
-use crate::tensors::{MappedFile, atomic_write, from_f64, serialize_sorted, to_f64};
+use crate::tensors::{MappedFile, atomic_write, from_f64, to_f64, write_safetensors};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -147,8 +147,8 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     Ok((manifest, tensors))
 }
 
-/// Serialize `adapter` to the bytes of a `.oft` file.
-pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
+/// Serialize `adapter` as a `.oft` file into `out`.
+pub fn write_to(adapter: &Adapter, out: &mut impl std::io::Write) -> Result<()> {
     let (manifest, tensors) = lay_out(adapter)?;
     let manifest_json = serde_json::to_string(&manifest)
         .map_err(|e| Error::Invalid(format!("cannot encode the manifest: {e}")))?;
@@ -168,23 +168,34 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     meta.insert(META_VERSION.to_string(), manifest.version.clone());
     meta.insert(META_MANIFEST.to_string(), manifest_json);
     meta.insert(META_DIGEST.to_string(), digest);
-    let views = tensors
+    let list: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
         .iter()
         .map(|t| {
-            TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| Error::Invalid(format!("tensor {}: {e}", t.name)))
+            (
+                t.name.as_str(),
+                t.dtype,
+                t.shape.as_slice(),
+                t.bytes.as_slice(),
+            )
         })
-        .collect::<Result<Vec<_>>>()?;
-    serialize_sorted(views, Some(meta))
+        .collect();
+    write_safetensors(out, &list, meta)
+}
+
+/// Serialize `adapter` to the bytes of a `.oft` file.
+pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_to(adapter, &mut out)?;
+    Ok(out)
 }
 
 /// Write `adapter` to `path` atomically.
 pub fn write(adapter: &Adapter, path: &Path) -> Result<()> {
-    let bytes = to_bytes(adapter)?;
     atomic_write(path, |f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        write_to(adapter, &mut w)?;
         use std::io::Write;
-        f.write_all(&bytes).map_err(|e| Error::io(path, e))
+        w.flush().map_err(|e| Error::io(path, e))
     })
 }
 

@@ -135,34 +135,70 @@ pub fn from_f64(values: &[f64], dtype: Dtype) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Serialize tensors with metadata deterministically.
-///
-/// The `safetensors` crate writes `__metadata__` in `HashMap` order, which changes from run to
-/// run; we re-emit its own header with sorted keys (the data section is untouched, offsets
-/// stay valid) and check the result parses.
-pub fn serialize_sorted<'a>(
-    views: Vec<(String, TensorView<'a>)>,
-    metadata: Option<HashMap<String, String>>,
+/// A safetensors header for tensors at the given offsets: the crate's own header type,
+/// re-encoded through `serde_json` (whose maps are sorted, so the bytes are deterministic —
+/// the crate writes `__metadata__` in `HashMap` order), padded to 8 bytes, length-prefixed.
+pub fn encode_header(
+    metadata: HashMap<String, String>,
+    tensors: Vec<(String, safetensors::tensor::TensorInfo)>,
 ) -> Result<Vec<u8>> {
-    let raw = safetensors::serialize(views, metadata)
-        .map_err(|e| Error::Invalid(format!("cannot serialize tensors: {e}")))?;
-    let n = u64::from_le_bytes(raw[..8].try_into().unwrap_or([0; 8])) as usize;
-    // serde_json's map is a BTreeMap (no preserve_order): re-encoding sorts every key.
-    let header: serde_json::Value = serde_json::from_slice(&raw[8..8 + n])
-        .map_err(|e| Error::Invalid(format!("cannot re-read our own header: {e}")))?;
-    let mut json = serde_json::to_vec(&header)
+    let md = Metadata::new(Some(metadata), tensors)
+        .map_err(|e| Error::Invalid(format!("inconsistent tensor layout: {e}")))?;
+    let value = serde_json::to_value(&md)
         .map_err(|e| Error::Invalid(format!("cannot encode the header: {e}")))?;
-    // Pad with spaces so the data section stays 8-byte aligned, as the crate does.
-    while (json.len() + 8) % 8 != 0 {
+    let mut json = serde_json::to_vec(&value)
+        .map_err(|e| Error::Invalid(format!("cannot encode the header: {e}")))?;
+    while json.len() % 8 != 0 {
         json.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + json.len() + raw.len() - 8 - n);
+    let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
-    out.extend_from_slice(&raw[8 + n..]);
-    SafeTensors::deserialize(&out)
-        .map_err(|e| Error::Invalid(format!("re-encoded header does not parse: {e}")))?;
     Ok(out)
+}
+
+/// Write a safetensors file of `(name, dtype, shape, bytes)` tensors, deterministically: tensors
+/// ordered by decreasing dtype alignment, then name (as the crate does), header keys sorted.
+pub fn write_safetensors(
+    w: &mut impl Write,
+    tensors: &[(&str, Dtype, &[usize], &[u8])],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        tensors[b]
+            .1
+            .cmp(&tensors[a].1)
+            .then_with(|| tensors[a].0.cmp(tensors[b].0))
+    });
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(tensors.len());
+    for &i in &order {
+        let (name, dtype, shape, bytes) = tensors[i];
+        let expected = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        if bytes.len() != expected {
+            return Err(Error::Invalid(format!(
+                "tensor `{name}`: {} bytes for shape {shape:?} of {dtype:?}",
+                bytes.len()
+            )));
+        }
+        infos.push((
+            name.to_string(),
+            safetensors::tensor::TensorInfo {
+                dtype,
+                shape: shape.to_vec(),
+                data_offsets: (offset, offset + bytes.len()),
+            },
+        ));
+        offset += bytes.len();
+    }
+    let header = encode_header(metadata, infos)?;
+    let io = |e| Error::Invalid(format!("cannot write: {e}"));
+    w.write_all(&header).map_err(io)?;
+    for &i in &order {
+        w.write_all(tensors[i].3).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Write `path` atomically: the bytes go to a temporary file in the same directory, which is
