@@ -11,7 +11,7 @@ use crate::wiring::gather;
 use rayon::prelude::*;
 
 /// Rows per unit of parallel work on the input side (fixed: results must not depend on threads).
-const INPUT_CHUNK_ROWS: usize = 256;
+pub const INPUT_CHUNK_ROWS: usize = 256;
 
 /// The element types the rotation runs in.
 pub trait Real: Copy + Send + Sync + Default + std::ops::MulAssign + 'static {

@@ -505,10 +505,92 @@ fn overflow(key: &str, i: usize, dtype: Dtype) -> Error {
     ))
 }
 
-/// A tensor decoded into its compute type: F16/BF16 in f32, F32/F64 in f64.
+/// A tensor decoded into its compute type: F16/BF16 in f32, F32/F64 in f64 — or, for a
+/// 16-bit tensor whose edits all rotate whole rows on the input side, its raw bytes, which
+/// [`fused_input`] converts chunk by chunk.
 enum Decoded {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    Raw(Vec<u8>),
+}
+
+/// Whether a tensor's edits can run fused (decode, rotate and encode per chunk of rows).
+fn fusable(dtype: Dtype, edits: &[Edit<'_>]) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16)
+        && edits.iter().all(|e| {
+            e.rows.is_none()
+                && e.layer.side == crate::model::Side::Input
+                && e.blend.linear.is_none()
+        })
+}
+
+/// Input-side rotation of a 16-bit tensor in one pass over chunks of rows: each chunk is
+/// widened to f32, rotated by every edit and rounded back, so no tensor-sized f32 copy exists.
+/// Chunks are the rows [`crate::apply::INPUT_CHUNK_ROWS`] apart that the general path uses,
+/// so results are bit-identical to it.
+fn fused_input<H: bytemuck::Pod + Default + Send + Sync>(
+    key: &str,
+    bytes: &[u8],
+    shape: &[usize],
+    edits: &[Edit<'_>],
+    to_f32: impl Fn(&[H], &mut [f32]) + Sync,
+    from_f32: impl Fn(&[f32], &mut [H]) + Sync,
+    finite: impl Fn(&H) -> bool + Sync,
+) -> Result<Vec<H>> {
+    use crate::apply::{INPUT_CHUNK_ROWS, PreparedStage, check_fits};
+    use rayon::prelude::*;
+    let rows = shape.first().copied().unwrap_or(0);
+    let cols: usize = shape.iter().skip(1).product();
+    let mut prepared = Vec::with_capacity(edits.len());
+    for e in edits {
+        check_fits(e.layer, rows, cols).map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
+        let stages = e
+            .layer
+            .stages
+            .iter()
+            .map(|st| PreparedStage::<f32>::with_blend(st, cols, e.blend.interpolate))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
+        prepared.push((
+            stages,
+            e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
+        ));
+    }
+    let owned;
+    let input: &[H] = match bytemuck::try_cast_slice::<u8, H>(bytes) {
+        Ok(h) => h,
+        Err(_) => {
+            owned = bytemuck::pod_collect_to_vec::<u8, H>(bytes);
+            &owned
+        }
+    };
+    let mut out = vec![H::default(); input.len()];
+    let chunk = INPUT_CHUNK_ROWS * cols.max(1);
+    out.par_chunks_mut(chunk)
+        .zip(input.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(c, (o, i))| {
+            let mut buf = vec![0f32; i.len()];
+            to_f32(i, &mut buf);
+            for (stages, scale) in &prepared {
+                for st in stages {
+                    st.apply(crate::model::Side::Input, &mut buf, cols);
+                }
+                if let Some(s) = scale {
+                    for (r, row) in buf.chunks_exact_mut(cols).enumerate() {
+                        let f = s[c * INPUT_CHUNK_ROWS + r] as f32;
+                        row.iter_mut().for_each(|x| *x *= f);
+                    }
+                }
+            }
+            from_f32(&buf, o);
+        });
+    match first_where(&out, |x| !finite(x)) {
+        Some(i) => Err(Error::Invalid(format!(
+            "`{key}`: the merged value at element {i} is not finite or overflows the base dtype"
+        ))),
+        None => Ok(out),
+    }
 }
 
 fn decode(bytes: &[u8], dtype: Dtype) -> Decoded {
@@ -545,6 +627,24 @@ fn finish(
 ) -> Result<Piece> {
     use half::slice::HalfFloatSliceExt;
     match (decoded, dtype) {
+        (Decoded::Raw(bytes), Dtype::F16) => Ok(Piece::F16(fused_input::<half::f16>(
+            key,
+            &bytes,
+            shape,
+            edits,
+            |h, o| h.convert_to_f32_slice(o),
+            |i, o| o.convert_from_f32_slice(i),
+            |x| x.is_finite(),
+        )?)),
+        (Decoded::Raw(bytes), _) => Ok(Piece::Bf16(fused_input::<half::bf16>(
+            key,
+            &bytes,
+            shape,
+            edits,
+            |h, o| h.convert_to_f32_slice(o),
+            |i, o| o.convert_from_f32_slice(i),
+            |x| x.is_finite(),
+        )?)),
         (Decoded::F32(mut data), Dtype::F16) => {
             apply_edits(key, &mut data, shape, edits)?;
             // A NaN or infinity from the rotation, or an overflow of the final rounding.
@@ -737,8 +837,11 @@ fn bake_file(
                 // pread rather than the mapping, so only the tensors in flight are resident.
                 let bytes = read_range(&reader_file, start, end - begin)
                     .map_err(|e| Error::io(input_path, e))?;
-                let decoded = decode(&bytes, info.dtype);
-                drop(bytes);
+                let decoded = if fusable(info.dtype, &edits[key]) {
+                    Decoded::Raw(bytes)
+                } else {
+                    decode(&bytes, info.dtype)
+                };
                 let work = Work::Rotate {
                     key,
                     decoded,
