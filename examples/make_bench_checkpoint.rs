@@ -1,0 +1,333 @@
+//! Generate benchmark data for `oftool merge` (see bench/README.md).
+//!
+//! ```sh
+//! cargo run --release --example make_bench_checkpoint -- tests/data/keys/sd15_diffusers_unet.txt OUT_DIR
+//! ```
+//!
+//! Reads a key list (`name<TAB>d0,d1,...` per line, as in `tests/data/keys/*_diffusers_unet.txt`)
+//! and writes:
+//!
+//! * `OUT_DIR/base.safetensors`: a diffusers-named fp16 UNet with those names and shapes, filled
+//!   with deterministic pseudo-random values (≈ N(0, 0.02), per-tensor seed from the name, so
+//!   the content does not depend on the key order). Written streaming: the header is built from
+//!   `safetensors::tensor::Metadata` (offsets computed here and checked by `Metadata::new`),
+//!   then each tensor is generated and written in 4 MiB pieces, so memory stays small for a
+//!   5 GB SDXL base.
+//! * `OUT_DIR/adapter/`: a PEFT 0.21.2 OFT adapter (`adapter_config.json` +
+//!   `adapter_model.safetensors`) with block size 32 (r = 0), Cayley–Neumann with 5 terms, on
+//!   every weight whose module ends with one of [`TARGETS`] (Linear and 1×1 Conv2d):
+//!   `base_model.model.<module>.oft_R.weight`, F32 `[in/32, 32·31/2]`, small random values.
+//!
+//! With `--adapter-layers N` only the adapter is written, holding the first N targets (in key
+//! order), to `OUT_DIR/adapter-N/` (the few-layer variant bench/run.sh uses to measure oftool's
+//! streaming cost without the rotations).
+//!
+//! Existing files are overwritten. Prints a one-line JSON summary on stdout.
+
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// PEFT `target_modules` of the benchmark adapter (attention, feed-forward and projections).
+const TARGETS: [&str; 8] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+];
+/// OFT block size.
+const BLOCK: usize = 32;
+/// Elements generated per write.
+const PIECE: usize = 2 << 20;
+
+/// xorshift64*: fast, deterministic, good enough for benchmark filler.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: &str) -> Self {
+        let h = blake3::hash(seed.as_bytes());
+        let s = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+        Rng(s | 1)
+    }
+    #[inline]
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Two approximately N(0, sd) values from one draw: each is the sum of two 16-bit uniforms
+    /// (triangular distribution, variance 2/12 of the unit range), scaled to standard deviation `sd`.
+    #[inline]
+    fn pair(&mut self, sd: f32) -> (f32, f32) {
+        let x = self.next();
+        let u = |s: u32| ((x >> s) & 0xFFFF) as f32 * (1.0 / 65536.0);
+        // sum of two U(0,1) − 1 has sd sqrt(1/6)
+        let k = sd * 6f32.sqrt();
+        ((u(0) + u(16) - 1.0) * k, (u(32) + u(48) - 1.0) * k)
+    }
+}
+
+fn parse_keys(path: &Path) -> Result<Vec<(String, Vec<usize>)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, dims) = line.split_once('\t').ok_or_else(|| {
+            format!(
+                "{}:{}: expected `name<TAB>d0,d1,...`",
+                path.display(),
+                n + 1
+            )
+        })?;
+        let shape = dims
+            .split(',')
+            .map(|d| d.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}:{}: bad shape `{dims}`: {e}", path.display(), n + 1))?;
+        keys.push((name.to_string(), shape));
+    }
+    keys.sort();
+    keys.dedup_by(|a, b| a.0 == b.0);
+    Ok(keys)
+}
+
+/// Header bytes (length prefix + JSON padded with spaces to a multiple of 8).
+fn header_bytes(
+    meta: Option<HashMap<String, String>>,
+    tensors: Vec<(String, TensorInfo)>,
+) -> Result<Vec<u8>, String> {
+    let md = Metadata::new(meta, tensors).map_err(|e| format!("bad metadata: {e}"))?;
+    let mut json = serde_json::to_vec(&md).map_err(|e| e.to_string())?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+fn write_base(keys: &[(String, Vec<usize>)], path: &Path) -> Result<u64, String> {
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(keys.len());
+    for (name, shape) in keys {
+        let n = numel(shape) * 2;
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: Dtype::F16,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        offset += n;
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let header = header_bytes(Some(meta), infos)?;
+    let file = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    w.write_all(&header).map_err(io)?;
+    let mut f32s = vec![0f32; PIECE];
+    let mut halves = vec![half::f16::ZERO; PIECE];
+    for (name, shape) in keys {
+        let mut rng = Rng::new(name);
+        // Norm scales near 1 (as in real checkpoints), everything else ≈ N(0, 0.02).
+        let is_norm_weight = name.contains("norm") && name.ends_with(".weight");
+        let mut left = numel(shape);
+        while left > 0 {
+            let m = left.min(PIECE);
+            for pair in f32s[..m].chunks_mut(2) {
+                let (a, b) = rng.pair(0.02);
+                pair[0] = a;
+                if pair.len() > 1 {
+                    pair[1] = b;
+                }
+            }
+            if is_norm_weight {
+                f32s[..m].iter_mut().for_each(|x| *x += 1.0);
+            }
+            use half::slice::HalfFloatSliceExt;
+            halves[..m].convert_from_f32_slice(&f32s[..m]);
+            w.write_all(bytemuck::cast_slice(&halves[..m]))
+                .map_err(io)?;
+            left -= m;
+        }
+    }
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    Ok(header.len() as u64 + offset as u64)
+}
+
+/// The targeted weights: (module name, in features = prod(shape[1..])).
+fn targets(keys: &[(String, Vec<usize>)]) -> Result<Vec<(String, usize)>, String> {
+    let mut out = Vec::new();
+    for (name, shape) in keys {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !TARGETS
+            .iter()
+            .any(|t| module == *t || module.ends_with(&format!(".{t}")))
+        {
+            continue;
+        }
+        let in_features: usize = shape.iter().skip(1).product();
+        let conv_1x1 = shape.len() == 4 && shape[2] == 1 && shape[3] == 1;
+        if shape.len() != 2 && !conv_1x1 {
+            return Err(format!(
+                "`{name}` has shape {shape:?}: neither a Linear nor a 1×1 conv weight"
+            ));
+        }
+        if !in_features.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "`{name}`: {in_features} input features are not a multiple of {BLOCK}"
+            ));
+        }
+        out.push((module.to_string(), in_features));
+    }
+    Ok(out)
+}
+
+fn write_adapter(targets: &[(String, usize)], dir: &Path) -> Result<(u64, usize), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tri = BLOCK * (BLOCK - 1) / 2;
+    let mut infos = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut params = 0usize;
+    let mut sorted: Vec<(String, usize)> = targets
+        .iter()
+        .map(|(m, i)| (format!("base_model.model.{m}.oft_R.weight"), *i))
+        .collect();
+    sorted.sort();
+    for (key, in_features) in &sorted {
+        let n = in_features / BLOCK * tri;
+        let mut rng = Rng::new(key);
+        let start = data.len();
+        for _ in 0..n.div_ceil(2) {
+            // Small skew entries (≈ N(0, 0.003)): rotation angles of a trained OFT adapter.
+            let (a, b) = rng.pair(0.003);
+            data.extend_from_slice(&a.to_le_bytes());
+            data.extend_from_slice(&b.to_le_bytes());
+        }
+        data.truncate(start + n * 4);
+        infos.push((
+            key.clone(),
+            TensorInfo {
+                dtype: Dtype::F32,
+                shape: vec![in_features / BLOCK, tri],
+                data_offsets: (start, start + n * 4),
+            },
+        ));
+        params += n;
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let header = header_bytes(Some(meta), infos)?;
+    let path = dir.join("adapter_model.safetensors");
+    let mut bytes = header;
+    bytes.extend_from_slice(&data);
+    std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("own adapter does not parse: {e}"))?;
+
+    let config = serde_json::json!({
+        "auto_mapping": {
+            "base_model_class": "UNet2DConditionModel",
+            "parent_library": "diffusers.models.unets.unet_2d_condition"
+        },
+        "base_model_name_or_path": null,
+        "bias": "none",
+        "block_share": false,
+        "coft": false,
+        "eps": 6e-05,
+        "exclude_modules": null,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "module_dropout": 0.0,
+        "modules_to_save": null,
+        "num_cayley_neumann_terms": 5,
+        "oft_block_size": BLOCK,
+        "peft_type": "OFT",
+        "peft_version": "0.21.2",
+        "r": 0,
+        "revision": null,
+        "target_modules": TARGETS,
+        "task_type": null,
+        "use_cayley_neumann": true
+    });
+    let cpath = dir.join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    std::fs::write(&cpath, text).map_err(|e| format!("{}: {e}", cpath.display()))?;
+    Ok((bytes.len() as u64, params))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = || -> ! {
+        eprintln!("usage: make_bench_checkpoint KEYS.txt OUT_DIR [--adapter-layers N]");
+        std::process::exit(2);
+    };
+    let only: Option<usize> = match args.len() {
+        3 => None,
+        5 if args[3] == "--adapter-layers" => Some(args[4].parse().unwrap_or_else(|_| usage())),
+        _ => usage(),
+    };
+    let keys_path = PathBuf::from(&args[1]);
+    let out = PathBuf::from(&args[2]);
+    let run = || -> Result<serde_json::Value, String> {
+        let keys = parse_keys(&keys_path)?;
+        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let mut t = targets(&keys)?;
+        let start = std::time::Instant::now();
+        if let Some(n) = only {
+            t.sort();
+            t.truncate(n);
+            let (adapter_bytes, adapter_params) =
+                write_adapter(&t, &out.join(format!("adapter-{n}")))?;
+            return Ok(serde_json::json!({
+                "keys": keys_path.display().to_string(),
+                "adapter_layers": t.len(),
+                "adapter_parameters": adapter_params,
+                "adapter_bytes": adapter_bytes,
+                "seconds": start.elapsed().as_secs_f64(),
+            }));
+        }
+        let base_bytes = write_base(&keys, &out.join("base.safetensors"))?;
+        let (adapter_bytes, adapter_params) = write_adapter(&t, &out.join("adapter"))?;
+        Ok(serde_json::json!({
+            "keys": keys_path.display().to_string(),
+            "tensors": keys.len(),
+            "parameters": keys.iter().map(|(_, s)| numel(s)).sum::<usize>(),
+            "base_bytes": base_bytes,
+            "adapter_layers": t.len(),
+            "adapter_parameters": adapter_params,
+            "adapter_bytes": adapter_bytes,
+            "seconds": start.elapsed().as_secs_f64(),
+        }))
+    };
+    match run() {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            eprintln!("make_bench_checkpoint: {e}");
+            std::process::exit(1);
+        }
+    }
+}
