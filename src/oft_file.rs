@@ -352,6 +352,16 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                     format!("{what}: a Neumann map needs at least 1 term"),
                 ));
             }
+            let expected = format!("layers.{i}.stages.{j}.q");
+            if ss.q != expected {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "{what}: its tensor must be named `{expected}`, not `{}`",
+                        ss.q
+                    ),
+                ));
+            }
             let (q, shape, dtype) = take(&ss.q, &what)?;
             let stored = if ss.shared {
                 1
@@ -380,6 +390,16 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         let (row_scale, row_scale_f64) = match &ls.row_scale {
             None => (None, false),
             Some(rs) => {
+                let expected = format!("layers.{i}.row_scale");
+                if rs.tensor != expected {
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "layer {i}: its row scale must be named `{expected}`, not `{}`",
+                            rs.tensor
+                        ),
+                    ));
+                }
                 let (v, shape, dtype) =
                     take(&rs.tensor, &format!("layer {i} (`{lname}`) row scale"))?;
                 if shape.len() != 1 {

@@ -103,6 +103,33 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                 ));
             }
         }
+        let dims: Vec<u64> = layer.stages.iter().filter_map(|s| s.dim()).collect();
+        if dims.windows(2).any(|w| w[0] != w[1]) {
+            out.push(p(
+                "partition",
+                format!("stages rotate different dimensions: {dims:?}"),
+            ));
+        }
+        if layer.target.rotated_dim.is_none() && !dims.is_empty() {
+            out.push(p(
+                "partition",
+                "`rotated_dim` is null although a stage records its block count".into(),
+            ));
+        }
+        if let Some(b) = &layer.base_binding
+            && !(b.blake3.len() == 64
+                && b.blake3
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+        {
+            out.push(p(
+                "binding",
+                format!(
+                    "base_binding.blake3 `{}` is not 64 lowercase hex digits",
+                    b.blake3
+                ),
+            ));
+        }
         if let Some(c) = &layer.constraint {
             // Stored Q must already satisfy the constraint (allow rounding of the stored dtype).
             let tol = c.radius * 1e-6 + 1e-12;

@@ -296,6 +296,18 @@ fn unknown_required_feature_and_version_and_enum() {
     });
     assert_fails(&["validate"], &[&en], 1, "does not follow the v1 schema");
 
+    // Tensor names are prescribed by position (spec §2.3).
+    let misnamed = d.path().join("misnamed.oft");
+    with_manifest(&good, &misnamed, |m| {
+        m["layers"][0]["stages"][0]["q"] = serde_json::json!("layers.1.stages.0.q")
+    });
+    assert_fails(
+        &["inspect"],
+        &[&misnamed],
+        1,
+        "must be named `layers.0.stages.0.q`",
+    );
+
     // Unknown optional members are ignored (but the digest covers the manifest text).
     let extra = d.path().join("extra.oft");
     with_manifest(&good, &extra, |m| {
