@@ -421,40 +421,76 @@ impl Piece {
     }
 }
 
-/// Decode 16-bit floats to f32 (SIMD where the CPU has it), copying only if misaligned.
-fn halves_to_f32<H: bytemuck::Pod + Sync>(
-    bytes: &[u8],
-    convert: impl Fn(&[H], &mut [f32]) + Sync,
-) -> Vec<f32> {
+/// The 16-bit float types a base may hold: slice conversions (SIMD where the CPU has them)
+/// and how a finished tensor is handed to the writer.
+trait Half: bytemuck::Pod + Default + Send + Sync {
+    fn to_f32s(h: &[Self], out: &mut [f32]);
+    fn from_f32s(v: &[f32], out: &mut [Self]);
+    fn finite(&self) -> bool;
+    fn piece(v: Vec<Self>) -> Piece;
+}
+
+impl Half for half::f16 {
+    fn to_f32s(h: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, out)
+    }
+    fn from_f32s(v: &[f32], out: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, v)
+    }
+    fn finite(&self) -> bool {
+        self.is_finite()
+    }
+    fn piece(v: Vec<Self>) -> Piece {
+        Piece::F16(v)
+    }
+}
+
+impl Half for half::bf16 {
+    fn to_f32s(h: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, out)
+    }
+    fn from_f32s(v: &[f32], out: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, v)
+    }
+    fn finite(&self) -> bool {
+        self.is_finite()
+    }
+    fn piece(v: Vec<Self>) -> Piece {
+        Piece::Bf16(v)
+    }
+}
+
+/// View little-endian bytes as 16-bit floats, copying only if they are misaligned.
+fn as_halves<H: Half>(bytes: &[u8]) -> std::borrow::Cow<'_, [H]> {
+    match bytemuck::try_cast_slice::<u8, H>(bytes) {
+        Ok(h) => std::borrow::Cow::Borrowed(h),
+        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec::<u8, H>(bytes)),
+    }
+}
+
+/// Decode 16-bit floats to f32, in parallel.
+fn halves_to_f32<H: Half>(bytes: &[u8]) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut out = vec![0f32; bytes.len() / 2];
-    let owned;
-    let h: &[H] = match bytemuck::try_cast_slice::<u8, H>(bytes) {
-        Ok(h) => h,
-        Err(_) => {
-            owned = bytemuck::pod_collect_to_vec::<u8, H>(bytes);
-            &owned
-        }
-    };
+    let h = as_halves::<H>(bytes);
+    let mut out = vec![0f32; h.len()];
     out.par_chunks_mut(CONVERT_CHUNK)
         .zip(h.par_chunks(CONVERT_CHUNK))
-        .for_each(|(o, i)| convert(i, o));
+        .for_each(|(o, i)| H::to_f32s(i, o));
     out
 }
 
-/// Encode f32 to 16-bit floats in parallel; the index of the first overflow, if any.
-fn f32_to_halves<H: Copy + Default + Send + Sync>(
-    data: &[f32],
-    convert: impl Fn(&[f32], &mut [H]) + Sync,
-    is_inf: impl Fn(&H) -> bool + Sync,
-) -> (Vec<H>, Option<usize>) {
+/// Round f32 to the 16-bit type once, in parallel; fail on a NaN or infinity (from the
+/// rotation, or an overflow of the rounding).
+fn f32_to_piece<H: Half>(key: &str, data: &[f32], dtype: Dtype) -> Result<Piece> {
     use rayon::prelude::*;
     let mut out = vec![H::default(); data.len()];
     out.par_chunks_mut(CONVERT_CHUNK)
         .zip(data.par_chunks(CONVERT_CHUNK))
-        .for_each(|(o, i)| convert(i, o));
-    let bad = first_where(&out, is_inf);
-    (out, bad)
+        .for_each(|(o, i)| H::from_f32s(i, o));
+    match first_where(&out, |x| !x.finite()) {
+        Some(i) => Err(overflow(key, i, dtype)),
+        None => Ok(H::piece(out)),
+    }
 }
 
 /// Index of the first element matching `pred`, scanning chunks in parallel (a branch-free
@@ -533,15 +569,13 @@ fn fusable(dtype: Dtype, edits: &[Edit<'_>]) -> bool {
 /// widened to f32, rotated by every edit and rounded back, so no tensor-sized f32 copy exists.
 /// Chunks are the rows [`crate::apply::INPUT_CHUNK_ROWS`] apart that the general path uses,
 /// so results are bit-identical to it.
-fn fused_input<H: bytemuck::Pod + Default + Send + Sync>(
+fn fused_input<H: Half>(
     key: &str,
     bytes: &[u8],
+    dtype: Dtype,
     shape: &[usize],
     edits: &[Edit<'_>],
-    to_f32: impl Fn(&[H], &mut [f32]) + Sync,
-    from_f32: impl Fn(&[f32], &mut [H]) + Sync,
-    finite: impl Fn(&H) -> bool + Sync,
-) -> Result<Vec<H>> {
+) -> Result<Piece> {
     use crate::apply::{INPUT_CHUNK_ROWS, PreparedStage, check_fits};
     use rayon::prelude::*;
     let rows = shape.first().copied().unwrap_or(0);
@@ -561,14 +595,7 @@ fn fused_input<H: bytemuck::Pod + Default + Send + Sync>(
             e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
         ));
     }
-    let owned;
-    let input: &[H] = match bytemuck::try_cast_slice::<u8, H>(bytes) {
-        Ok(h) => h,
-        Err(_) => {
-            owned = bytemuck::pod_collect_to_vec::<u8, H>(bytes);
-            &owned
-        }
-    };
+    let input = as_halves::<H>(bytes);
     let mut out = vec![H::default(); input.len()];
     let chunk = INPUT_CHUNK_ROWS * cols.max(1);
     out.par_chunks_mut(chunk)
@@ -576,7 +603,7 @@ fn fused_input<H: bytemuck::Pod + Default + Send + Sync>(
         .enumerate()
         .for_each(|(c, (o, i))| {
             let mut buf = vec![0f32; i.len()];
-            to_f32(i, &mut buf);
+            H::to_f32s(i, &mut buf);
             for (stages, scale) in &prepared {
                 for st in stages {
                     st.apply(crate::model::Side::Input, &mut buf, cols);
@@ -588,25 +615,18 @@ fn fused_input<H: bytemuck::Pod + Default + Send + Sync>(
                     }
                 }
             }
-            from_f32(&buf, o);
+            H::from_f32s(&buf, o);
         });
-    match first_where(&out, |x| !finite(x)) {
-        Some(i) => Err(Error::Invalid(format!(
-            "`{key}`: the merged value at element {i} is not finite or overflows the base dtype"
-        ))),
-        None => Ok(out),
+    match first_where(&out, |x| !x.finite()) {
+        Some(i) => Err(overflow(key, i, dtype)),
+        None => Ok(H::piece(out)),
     }
 }
 
 fn decode(bytes: &[u8], dtype: Dtype) -> Decoded {
-    use half::slice::HalfFloatSliceExt;
     match dtype {
-        Dtype::F16 => Decoded::F32(halves_to_f32::<half::f16>(bytes, |h, o| {
-            h.convert_to_f32_slice(o)
-        })),
-        Dtype::BF16 => Decoded::F32(halves_to_f32::<half::bf16>(bytes, |h, o| {
-            h.convert_to_f32_slice(o)
-        })),
+        Dtype::F16 => Decoded::F32(halves_to_f32::<half::f16>(bytes)),
+        Dtype::BF16 => Decoded::F32(halves_to_f32::<half::bf16>(bytes)),
         Dtype::F32 => Decoded::F64(
             bytes
                 .chunks_exact(4)
@@ -630,49 +650,16 @@ fn finish(
     shape: &[usize],
     edits: &[Edit<'_>],
 ) -> Result<Piece> {
-    use half::slice::HalfFloatSliceExt;
     match (decoded, dtype) {
-        (Decoded::Raw(bytes), Dtype::F16) => Ok(Piece::F16(fused_input::<half::f16>(
-            key,
-            &bytes,
-            shape,
-            edits,
-            |h, o| h.convert_to_f32_slice(o),
-            |i, o| o.convert_from_f32_slice(i),
-            |x| x.is_finite(),
-        )?)),
-        (Decoded::Raw(bytes), _) => Ok(Piece::Bf16(fused_input::<half::bf16>(
-            key,
-            &bytes,
-            shape,
-            edits,
-            |h, o| h.convert_to_f32_slice(o),
-            |i, o| o.convert_from_f32_slice(i),
-            |x| x.is_finite(),
-        )?)),
-        (Decoded::F32(mut data), Dtype::F16) => {
-            apply_edits(key, &mut data, shape, edits)?;
-            // A NaN or infinity from the rotation, or an overflow of the final rounding.
-            let (out, bad) = f32_to_halves(
-                &data,
-                |i, o: &mut [half::f16]| o.convert_from_f32_slice(i),
-                |x| !x.is_finite(),
-            );
-            match bad {
-                Some(i) => Err(overflow(key, i, dtype)),
-                None => Ok(Piece::F16(out)),
-            }
+        (Decoded::Raw(bytes), Dtype::F16) => {
+            fused_input::<half::f16>(key, &bytes, dtype, shape, edits)
         }
+        (Decoded::Raw(bytes), _) => fused_input::<half::bf16>(key, &bytes, dtype, shape, edits),
         (Decoded::F32(mut data), _) => {
             apply_edits(key, &mut data, shape, edits)?;
-            let (out, bad) = f32_to_halves(
-                &data,
-                |i, o: &mut [half::bf16]| o.convert_from_f32_slice(i),
-                |x| !x.is_finite(),
-            );
-            match bad {
-                Some(i) => Err(overflow(key, i, dtype)),
-                None => Ok(Piece::Bf16(out)),
+            match dtype {
+                Dtype::F16 => f32_to_piece::<half::f16>(key, &data, dtype),
+                _ => f32_to_piece::<half::bf16>(key, &data, dtype),
             }
         }
         (Decoded::F64(mut data), Dtype::F32) => {

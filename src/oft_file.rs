@@ -182,13 +182,6 @@ pub fn write_to(adapter: &Adapter, out: &mut impl std::io::Write) -> Result<()> 
     write_safetensors(out, &list, meta)
 }
 
-/// Serialize `adapter` to the bytes of a `.oft` file.
-pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    write_to(adapter, &mut out)?;
-    Ok(out)
-}
-
 /// Write `adapter` to `path` atomically.
 pub fn write(adapter: &Adapter, path: &Path) -> Result<()> {
     atomic_write(path, |f| {

@@ -150,11 +150,6 @@ pub fn rotation_block(tri: &[f64], b: usize, map: &RotationMap) -> Vec<f64> {
     }
 }
 
-/// Frobenius norm of a slice.
-pub fn frobenius(m: &[f64]) -> f64 {
-    m.iter().map(|x| x * x).sum::<f64>().sqrt()
-}
-
 /// Frobenius norm of the skew matrix encoded by a packed triangle (each entry counts twice).
 pub fn skew_norm(tri: &[f64]) -> f64 {
     (2.0 * tri.iter().map(|x| x * x).sum::<f64>()).sqrt()
