@@ -335,46 +335,82 @@ fn corrupted_tensor_bytes_fail_the_digest() {
 }
 
 #[test]
-fn old_peft_configs_are_named() {
+fn peft_configs_that_disagree_with_the_tensors() {
     let d = tempfile::tempdir().unwrap();
-    let dir13 = d.path().join("p13");
-    std::fs::create_dir(&dir13).unwrap();
+    // A PEFT ≤ 0.13 config (no `oft_block_size`) beside PEFT ≥ 0.16 tensors.
+    let dir = d.path().join("p13cfg");
+    std::fs::create_dir(&dir).unwrap();
     std::fs::write(
-        dir13.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
         r#"{"peft_type":"OFT","r":8,"coft":false}"#,
     )
     .unwrap();
     write_st(
-        &dir13.join("adapter_model.safetensors"),
-        &[("base_model.model.x.oft_r", vec![8, 4, 4], vec![0.0; 128])],
+        &dir.join("adapter_model.safetensors"),
+        &[("base_model.model.x.oft_R.weight", vec![2, 6], vec![0.0; 12])],
         None,
     );
-    assert_fails(&["inspect"], &[&dir13], 1, "PEFT ≤ 0.13");
+    assert_fails(
+        &["inspect"],
+        &[&dir],
+        1,
+        "the config and the weights disagree",
+    );
 
-    let dir15 = d.path().join("p15");
-    std::fs::create_dir(&dir15).unwrap();
+    // peft_type BOFT beside OFT tensors.
+    let dir = d.path().join("boftcfg");
+    std::fs::create_dir(&dir).unwrap();
     std::fs::write(
-        dir15.join("adapter_config.json"),
-        r#"{"peft_type":"OFT","r":0,"oft_block_size":4}"#,
+        dir.join("adapter_config.json"),
+        r#"{"peft_type":"BOFT","boft_block_size":4}"#,
     )
     .unwrap();
     write_st(
-        &dir15.join("adapter_model.safetensors"),
+        &dir.join("adapter_model.safetensors"),
         &[("base_model.model.x.oft_r", vec![2, 4, 4], vec![0.0; 32])],
         None,
     );
-    assert_fails(&["validate"], &[&dir15], 1, "PEFT 0.14–0.15");
+    assert_fails(
+        &["validate"],
+        &[&dir],
+        1,
+        "says peft_type `BOFT` but the tensors are peft-oft-legacy",
+    );
 
-    let bare15 = d.path().join("bare15.safetensors");
+    // A LoRA config.
+    std::fs::write(dir.join("adapter_config.json"), r#"{"peft_type":"LORA"}"#).unwrap();
+    assert_fails(&["inspect"], &[&dir], 1, "is not an OFT or BOFT adapter");
+}
+
+#[test]
+fn mixed_layouts_in_one_file() {
+    let d = tempfile::tempdir().unwrap();
+    let mixed = d.path().join("mixed.safetensors");
     write_st(
-        &bare15,
+        &mixed,
         &[
             ("base_model.model.x.oft_r", vec![2, 4, 4], vec![0.0; 32]),
-            ("base_model.model.x.oft_s", vec![8, 1], vec![1.0; 8]),
+            ("lora_unet_y.oft_blocks", vec![2, 2, 2], vec![0.01; 8]),
         ],
         None,
     );
-    assert_fails(&["inspect"], &[&bare15], 1, "PEFT ≤ 0.15");
+    assert_fails(
+        &["inspect"],
+        &[&mixed],
+        1,
+        "mixed layouts in one file (peft-oft-legacy, lycoris-diag-oft)",
+    );
+    let flux = d.path().join("flux.safetensors");
+    write_st(
+        &flux,
+        &[(
+            "oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.0",
+            vec![2, 2, 2],
+            vec![0.01; 8],
+        )],
+        None,
+    );
+    assert_fails(&["inspect"], &[&flux], 1, "legacy Flux OFT");
 }
 
 #[test]
@@ -411,24 +447,44 @@ fn output_may_not_overwrite_the_input() {
 }
 
 #[test]
-fn lycoris_without_alpha_and_with_a_1d_rescale() {
+fn lycoris_2_1_files_read_as_unconstrained() {
     let d = tempfile::tempdir().unwrap();
-    let no_alpha = d.path().join("la.safetensors");
-    write_st(
-        &no_alpha,
-        &[("lora_unet_x.oft_blocks", vec![2, 2, 2], vec![0.01; 8])],
-        None,
-    );
-    assert_fails(&["inspect"], &[&no_alpha], 1, "has no `alpha`");
     let r1 = d.path().join("r1.safetensors");
     write_st(
         &r1,
         &[
             ("lora_unet_x.oft_blocks", vec![2, 2, 2], vec![0.01; 8]),
-            ("lora_unet_x.alpha", vec![], vec![0.0]),
             ("lora_unet_x.rescale", vec![4], vec![1.0; 4]),
         ],
         None,
     );
-    assert_fails(&["inspect"], &[&r1], 1, "LyCORIS 2.1");
+    let out = oftool()
+        .arg("inspect")
+        .arg("--json")
+        .arg(&r1)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("read as unconstrained"), "{text}");
+    // A rescale of the wrong length is still refused.
+    let bad = d.path().join("bad.safetensors");
+    write_st(
+        &bad,
+        &[
+            ("lora_unet_x.oft_blocks", vec![2, 2, 2], vec![0.01; 8]),
+            ("lora_unet_x.rescale", vec![3], vec![1.0; 3]),
+        ],
+        None,
+    );
+    assert_fails(
+        &["inspect"],
+        &[&bad],
+        1,
+        "`lora_unet_x.rescale` has shape [3]",
+    );
 }

@@ -10,10 +10,11 @@
 //! Runtimes read the same files differently ([`Semantics`]): A1111 uses kohya's clamp factor;
 //! ComfyUI clamps to the raw `alpha` and ignores diag-oft `rescale`.
 
+use super::common::{self, finite};
 use crate::error::{Error, Result};
 use crate::import::file_digest;
 use crate::model::*;
-use crate::rotation::{pack_upper, skew_norm};
+use crate::rotation::{cayley, inverse_cayley, orthogonality_error, pack_upper, skew_norm};
 use crate::tensors::{MappedFile, to_f64};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -105,21 +106,6 @@ fn clamp(
     })
 }
 
-/// Packed `B − Bᵀ` of each `b × b` block of `raw`.
-fn skew_blocks(raw: &[f64], b: usize) -> Vec<f64> {
-    let mut q = Vec::with_capacity(raw.len() / (b * b) * b * (b - 1) / 2);
-    for blk in raw.chunks_exact(b * b) {
-        let mut skew = vec![0.0; b * b];
-        for i in 0..b {
-            for j in 0..b {
-                skew[i * b + j] = blk[i * b + j] - blk[j * b + i];
-            }
-        }
-        q.extend(pack_upper(&skew, b));
-    }
-    q
-}
-
 pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Adapter> {
     let st = file.tensors();
     let mut modules = BTreeSet::new();
@@ -140,6 +126,7 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
 
     let mut layers = Vec::new();
     let mut families = BTreeSet::new();
+    let mut missing_alpha = Vec::new();
     for module in &modules {
         let get = |s: &str| st.tensor(&format!("{module}.{s}")).ok();
         let blocks_view = get("oft_blocks").ok_or_else(|| {
@@ -187,34 +174,35 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
             to_f64(&blocks_view, module)?,
         )?;
 
-        let alpha_view = get("alpha").ok_or_else(|| {
-            Error::unsupported(
-                path,
-                format!(
-                    "`{module}` has no `alpha`: files from LyCORIS 2.1 do not record their constraint, \
-                     so their rotation cannot be reproduced exactly (not imported yet)"
-                ),
-            )
-        })?;
-        let alpha_vals = finite(
-            path,
-            &format!("{module}.alpha"),
-            to_f64(&alpha_view, module)?,
-        )?;
-        let alpha = match alpha_vals.as_slice() {
-            [a] => *a,
-            _ => {
-                return Err(Error::format(
+        // LyCORIS 2.1 wrote no `alpha`: it clamped with the training-time `constraint`, which
+        // defaults to 0 (no clamp); such files are read as unconstrained.
+        let alpha = match get("alpha") {
+            None => 0.0,
+            Some(alpha_view) => {
+                let alpha_vals = finite(
                     path,
-                    format!(
-                        "`{module}.alpha` must hold one value, holds {}",
-                        alpha_vals.len()
-                    ),
-                ));
+                    &format!("{module}.alpha"),
+                    to_f64(&alpha_view, module)?,
+                )?;
+                match alpha_vals.as_slice() {
+                    [a] => *a,
+                    _ => {
+                        return Err(Error::format(
+                            path,
+                            format!(
+                                "`{module}.alpha` must hold one value, holds {}",
+                                alpha_vals.len()
+                            ),
+                        ));
+                    }
+                }
             }
         };
+        if get("alpha").is_none() {
+            missing_alpha.push(module.clone());
+        }
 
-        let mut q = skew_blocks(&raw, b);
+        let mut q = common::skew_blocks(&raw, b, 1.0);
         let constraint = clamp(&mut q, alpha, out as f64, family, semantics);
         let tri = b * (b - 1) / 2;
         let stages: Vec<Stage> = (0..m)
@@ -257,12 +245,8 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
                         format!("`{module}.rescale` has shape {rs:?}; expected [{out}, 1, …]"),
                     ));
                 }
-                if rs.len() == 1 {
-                    return Err(Error::unsupported(
-                        path,
-                        format!("`{module}.rescale` is 1-D: a LyCORIS 2.1 file (not imported yet)"),
-                    ));
-                }
+                // LyCORIS 2.1 stored `rescale` as [out]; 2.1.0.post1 applies it to rows
+                // like the later [out, 1, …] (2.1.0 itself broadcast it wrongly).
                 module_kind = match rs.len() {
                     2 => ModuleKind::Linear,
                     4 => ModuleKind::Conv,
@@ -314,11 +298,23 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
         _ => "lycoris-diag-oft",
     };
 
-    let user_metadata: BTreeMap<String, String> = file.metadata.clone().into_iter().collect();
+    let mut user_metadata: BTreeMap<String, String> = file.metadata.clone().into_iter().collect();
+    let source_version = if missing_alpha.is_empty() {
+        None
+    } else {
+        user_metadata.insert(
+            "oftool.note".into(),
+            format!(
+                "{} module(s) carry no `alpha` (LyCORIS 2.1): read as unconstrained",
+                missing_alpha.len()
+            ),
+        );
+        Some("2.1".to_string())
+    };
     Ok(Adapter {
         provenance: Provenance {
             source_format: source_format.into(),
-            source_version: None,
+            source_version,
             tool: tool_name(),
             created: None,
             source_digest: Some(file_digest(path)?),
@@ -329,15 +325,114 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
     })
 }
 
-fn finite(path: &Path, name: &str, v: Vec<f64>) -> Result<Vec<f64>> {
-    match v.iter().position(|x| !x.is_finite()) {
-        Some(i) => Err(Error::format(
-            path,
-            format!(
-                "`{name}` holds a non-finite value ({}) at element {i}",
-                v[i]
-            ),
-        )),
-        None => Ok(v),
+/// LyCORIS 2.0.x `oft_diag` files (formats.md §5.2): each `[N, b, b]` tensor is the rotation
+/// itself, its rows scaled when the module was trained `rescaled`, merged `W' = BD(D)ᵀ·W`.
+///
+/// `D_k = diag(s)·R_k` with `R_k` orthogonal, so `s` is the norm of each row of `D_k` and the
+/// merge is `BD(R)ᵀ·diag(s)·W`: canonical output side, row scale *before* the stage, and
+/// `Q = (R − I)(R + I)⁻¹` (inverse Cayley, in f64). This recovers the stored rotation to within
+/// the rounding of the stored values, not bit-exactly; a block that is not a scaled rotation
+/// (or has an eigenvalue −1) is refused.
+pub fn import_oft_diag(path: &Path, file: &MappedFile) -> Result<Adapter> {
+    let st = file.tensors();
+    let modules = common::modules(path, &st, &[".oft_diag"], "LyCORIS 2.0 `oft_diag`")?;
+    let mut layers = Vec::new();
+    for module in &modules {
+        let name = format!("{module}.oft_diag");
+        let (d, shape) = common::read(path, &st, &name)?;
+        let (n, b) = match shape.as_slice() {
+            &[n, b1, b2] if b1 == b2 && n >= 1 && b1 >= 2 => (n, b1),
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!("`{name}` has shape {shape:?}; expected [N, b, b]"),
+                ));
+            }
+        };
+        let mut scale = Vec::with_capacity(n * b);
+        let mut q = Vec::with_capacity(n * b * (b - 1) / 2);
+        for (k, blk) in d.chunks_exact(b * b).enumerate() {
+            let mut r = blk.to_vec();
+            for i in 0..b {
+                let norm = r[i * b..(i + 1) * b]
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f64>()
+                    .sqrt();
+                if norm == 0.0 {
+                    return Err(Error::format(
+                        path,
+                        format!("`{name}` block {k} has a zero row: not a scaled rotation"),
+                    ));
+                }
+                r[i * b..(i + 1) * b].iter_mut().for_each(|x| *x /= norm);
+                scale.push(norm);
+            }
+            let not_rotation = |what: &str| {
+                Error::format(
+                    path,
+                    format!("`{name}` block {k} is not a rotation ({what}); cannot recover its Q"),
+                )
+            };
+            if orthogonality_error(&r, b) > 1e-3 {
+                return Err(not_rotation("its rows are not orthogonal"));
+            }
+            let dense = inverse_cayley(&r, b).ok_or_else(|| not_rotation("eigenvalue −1"))?;
+            let mut skew = vec![0.0; b * b];
+            for i in 0..b {
+                for j in 0..b {
+                    skew[i * b + j] = 0.5 * (dense[i * b + j] - dense[j * b + i]);
+                }
+            }
+            let tri = pack_upper(&skew, b);
+            let back = cayley(&tri, b);
+            let err = back
+                .iter()
+                .zip(&r)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            if !err.is_finite() || err > 1e-4 {
+                return Err(not_rotation("a reflection or a rotation by 180°"));
+            }
+            q.extend(tri);
+        }
+        // Unscaled modules store rows of norm 1 to within binary32 rounding.
+        let scaled = scale.iter().any(|s| (s - 1.0).abs() > 1e-6);
+        let (convention, component) = classify_name(module);
+        let mut layer = common::OneStage {
+            name: module.clone(),
+            convention,
+            component: component.map(str::to_string),
+            module: ModuleKind::Unknown,
+            side: Side::Output,
+            blocks: Some(n as u64),
+            block_size: b,
+            shared: false,
+            map: RotationMap::Cayley,
+            q,
+            q_f64: true,
+            row_scale: None,
+            constraint: None,
+        }
+        .into_layer();
+        if scaled {
+            layer.row_scale = Some((ScalePosition::Before, scale));
+            layer.row_scale_f64 = true;
+        }
+        layers.push(layer);
     }
+    let mut extra = BTreeMap::new();
+    extra.insert(
+        "oftool.note".to_string(),
+        "LyCORIS 2.0 `oft_diag` stores rotations; Q recovered by the inverse Cayley map in f64"
+            .to_string(),
+    );
+    common::adapter(
+        path,
+        file,
+        "lycoris-oft-diag",
+        Some("2.0".into()),
+        extra,
+        layers,
+    )
 }

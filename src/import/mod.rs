@@ -2,8 +2,12 @@
 //!
 //! Detection follows formats.md §9.2: tensor keys are authoritative, metadata disambiguates.
 
+pub mod boft;
+mod common;
 pub mod lycoris;
+pub mod onetrainer;
 pub mod peft;
+pub mod peft_legacy;
 
 use crate::error::{Error, Result};
 use crate::model::Adapter;
@@ -23,6 +27,14 @@ pub enum Layout {
     LycorisBoft,
     /// kohya legacy `networks.oft` (`oft_unet_…`).
     KohyaOft,
+    /// PEFT OFT 0.7–0.13 (`oft_r`) and 0.14–0.15 (`oft_r` + `oft_s`).
+    PeftOftLegacy,
+    /// PEFT BOFT or kohya `networks.boft` (`boft_R`, `boft_s`).
+    Boft,
+    /// OneTrainer `OFT_2` or kohya `networks.oft_v2` (`oft_R.weight` under trainer prefixes).
+    OneTrainer,
+    /// LyCORIS 2.0 `oft_diag` (the rotation itself).
+    LycorisOftDiag,
 }
 
 impl Layout {
@@ -33,6 +45,10 @@ impl Layout {
             Layout::LycorisDiagOft => "lycoris-diag-oft",
             Layout::LycorisBoft => "lycoris-boft",
             Layout::KohyaOft => "kohya-oft",
+            Layout::PeftOftLegacy => "peft-oft-legacy",
+            Layout::Boft => "boft",
+            Layout::OneTrainer => "onetrainer-oft2",
+            Layout::LycorisOftDiag => "lycoris-oft-diag",
         }
     }
 }
@@ -68,12 +84,41 @@ pub fn peft_dir(dir: &Path) -> Result<PeftDir> {
 /// Identify the layout of `path` from its keys (and config, for directories).
 pub fn detect(path: &Path) -> Result<Layout> {
     if path.is_dir() {
-        let dir = peft_dir(path)?;
-        peft::check_config_supported(&dir.config)?;
-        return Ok(Layout::PeftOft);
+        return detect_dir(path);
     }
     let file = MappedFile::open(path)?;
     detect_file(path, &file)
+}
+
+/// A PEFT directory's layout: the config's `peft_type`, then the tensors (formats.md §9.2).
+fn detect_dir(path: &Path) -> Result<Layout> {
+    let dir = peft_dir(path)?;
+    let peft_type = peft::peft_type(&dir.config)?;
+    let file = MappedFile::open(&dir.weights)?;
+    let layout = detect_file(&dir.weights, &file)?;
+    let fits = match peft_type.as_str() {
+        "OFT" => matches!(layout, Layout::PeftOft | Layout::PeftOftLegacy),
+        "BOFT" => layout == Layout::Boft,
+        other => {
+            return Err(Error::unsupported(
+                &dir.config,
+                format!("peft_type `{other}` is not an OFT or BOFT adapter"),
+            ));
+        }
+    };
+    if !fits {
+        return Err(Error::format(
+            path,
+            format!(
+                "adapter_config.json says peft_type `{peft_type}` but the tensors are {}",
+                layout.name()
+            ),
+        ));
+    }
+    if layout == Layout::PeftOft {
+        peft::check_config_supported(&dir.config)?;
+    }
+    Ok(layout)
 }
 
 fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
@@ -83,32 +128,31 @@ fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
     let st = file.tensors();
     let names = st.names();
     let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
-    if has(".oft_R.weight") || has(".oft_embedding_R.weight") {
-        if has(".oft_R.scaled_oft") {
-            return Err(Error::unsupported(
-                path,
-                "OneTrainer scaled OFT files are not imported yet",
-            ));
-        }
-        return Ok(Layout::PeftOft);
+    let has_part = |part: &str| names.iter().any(|n| n.contains(part));
+    let mut found = Vec::new();
+    if has(".oft_R.weight") || has(".oft_embedding_R.weight") || has(".oft_R.scaled_oft") {
+        found.push(if onetrainer::is_trainer_file(&names, &file.metadata) {
+            Layout::OneTrainer
+        } else {
+            Layout::PeftOft
+        });
     }
     if has(".oft_r") || has(".oft_s") {
-        return Err(Error::unsupported(
-            path,
-            "PEFT OFT from PEFT ≤ 0.15 (`oft_r`/`oft_s` tensors) is not imported yet; \
-             only PEFT ≥ 0.16 (`oft_R.weight`) is",
-        ));
+        found.push(Layout::PeftOftLegacy);
     }
-    if has(".boft_R") {
-        return Err(Error::unsupported(
-            path,
-            "BOFT adapters (`boft_R`) are not imported yet",
-        ));
+    if has(".boft_R") || has(".boft_s") {
+        found.push(Layout::Boft);
     }
     if has(".oft_diag") {
+        found.push(Layout::LycorisOftDiag);
+    }
+    if has_part(".oft_blocks.") {
         return Err(Error::unsupported(
             path,
-            "LyCORIS 2.0 `oft_diag` files are not imported yet",
+            "kohya's legacy Flux OFT (`oft_blocks.<i>`, one rotation per split of the fused \
+             qkv/linear1 weights) is not imported: its splits of different sizes are no single \
+             block-diagonal rotation in format 1.0, and kohya's own merge of it is broken \
+             (formats.md §4.2); bake it with sd-scripts' training-time forward instead",
         ));
     }
     let blocks: Vec<&&str> = names
@@ -119,7 +163,7 @@ fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
         let four_d = blocks
             .iter()
             .any(|n| st.tensor(n).map(|t| t.shape().len() == 4).unwrap_or(false));
-        return Ok(if four_d {
+        found.push(if four_d {
             Layout::LycorisBoft
         } else if blocks.iter().any(|n| n.starts_with("oft_unet_")) {
             Layout::KohyaOft
@@ -127,16 +171,22 @@ fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
             Layout::LycorisDiagOft
         });
     }
-    if names.iter().any(|n| n.contains(".oft_blocks.")) {
-        return Err(Error::unsupported(
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(Error::format(
             path,
-            "kohya Flux legacy OFT files (`oft_blocks.<i>`) are not imported yet",
-        ));
+            "no OFT tensors found (looked for `oft_R.weight`, `oft_R.scaled_oft`, `oft_blocks`, \
+             `oft_blocks.<i>`, `oft_r`, `oft_s`, `boft_R`, `boft_s`, `oft_diag`, and `.oft` metadata); \
+             is this an OFT adapter?",
+        )),
+        many => Err(Error::format(
+            path,
+            format!(
+                "mixed layouts in one file ({}): refusing to guess",
+                many.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
     }
-    Err(Error::format(
-        path,
-        "no OFT tensors found (looked for `oft_R.weight`, `oft_blocks`, `oft_r`, `boft_R`, `oft_diag`); is this an OFT adapter?",
-    ))
 }
 
 /// Read any supported adapter into the canonical model, as its producer computes it.
@@ -146,21 +196,33 @@ pub fn load(path: &Path) -> Result<Adapter> {
 
 /// Read an adapter as a given runtime reads it (only `oft_blocks` files differ between readers).
 pub fn load_with(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> {
-    if path.is_dir() {
+    let (weights, config, component, layout) = if path.is_dir() {
+        let layout = detect_dir(path)?;
         let dir = peft_dir(path)?;
-        return peft::import(&dir.weights, Some(&dir.config), component_from_dir(path));
-    }
-    let file = MappedFile::open(path)?;
-    match detect_file(path, &file)? {
+        (
+            dir.weights,
+            Some(dir.config),
+            component_from_dir(path),
+            layout,
+        )
+    } else {
+        let file = MappedFile::open(path)?;
+        let layout = detect_file(path, &file)?;
+        let sibling = path.with_file_name("adapter_config.json");
+        let config = sibling.is_file().then_some(sibling);
+        let component = path.parent().and_then(component_from_dir);
+        (path.to_path_buf(), config, component, layout)
+    };
+    let path = weights.as_path();
+    match layout {
         Layout::Oft => oft_file::read(path),
-        Layout::PeftOft => {
-            let sibling = path.with_file_name("adapter_config.json");
-            let config = sibling.is_file().then_some(sibling);
-            let component = path.parent().and_then(component_from_dir);
-            peft::import(path, config.as_deref(), component)
-        }
+        Layout::PeftOft => peft::import(path, config.as_deref(), component),
+        Layout::PeftOftLegacy => peft_legacy::import(path, config.as_deref(), component),
+        Layout::Boft => boft::import(path, config.as_deref(), component),
+        Layout::OneTrainer => onetrainer::import(path, &MappedFile::open(path)?),
+        Layout::LycorisOftDiag => lycoris::import_oft_diag(path, &MappedFile::open(path)?),
         Layout::LycorisDiagOft | Layout::LycorisBoft | Layout::KohyaOft => {
-            lycoris::import(path, &file, semantics)
+            lycoris::import(path, &MappedFile::open(path)?, semantics)
         }
     }
 }

@@ -64,6 +64,15 @@ fn major_minor(v: &str) -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
+/// The `peft_type` of an `adapter_config.json`.
+pub fn peft_type(path: &Path) -> Result<String> {
+    let (v, _) = read_config_value(path)?;
+    v.get("peft_type")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| Error::format(path, "no `peft_type` in adapter_config.json"))
+}
+
 /// Refuse PEFT configs this importer cannot read faithfully, with the reason.
 pub fn check_config_supported(path: &Path) -> Result<PeftOftConfig> {
     let (v, raw) = read_config_value(path)?;
@@ -71,9 +80,9 @@ pub fn check_config_supported(path: &Path) -> Result<PeftOftConfig> {
     match peft_type {
         "OFT" => {}
         "BOFT" => {
-            return Err(Error::unsupported(
+            return Err(Error::format(
                 path,
-                "PEFT BOFT adapters are not imported yet",
+                "peft_type `BOFT` but the tensors are OFT `oft_R.weight`",
             ));
         }
         "" => return Err(Error::format(path, "no `peft_type` in adapter_config.json")),
@@ -85,17 +94,10 @@ pub fn check_config_supported(path: &Path) -> Result<PeftOftConfig> {
         }
     }
     if v.get("oft_block_size").is_none() {
-        return Err(Error::unsupported(
+        return Err(Error::format(
             path,
-            "this config has no `oft_block_size`: it was written by PEFT ≤ 0.13 (`oft_r`, output side), \
-             which is not imported yet",
-        ));
-    }
-    if v.get("use_cayley_neumann").is_none() && v.get("num_cayley_neumann_terms").is_none() {
-        return Err(Error::unsupported(
-            path,
-            "this config has no Cayley–Neumann settings: it was written by PEFT 0.14–0.15 (`oft_r` + `oft_s`), \
-             which is not imported yet",
+            "this config has no `oft_block_size` (PEFT ≤ 0.13) but the tensors are PEFT ≥ 0.16 \
+             `oft_R.weight`: the config and the weights disagree",
         ));
     }
     let peft_version = v
@@ -135,7 +137,7 @@ pub fn check_config_supported(path: &Path) -> Result<PeftOftConfig> {
 
 /// Project each block's `Q` onto the Frobenius ball PEFT's COFT uses (radius `eps/√rows`), as
 /// PEFT does at merge time, so the stored `Q` needs no further clamp.
-fn apply_coft(q: &mut [f64], rows: usize, n: usize, eps: f64) -> f64 {
+pub(crate) fn apply_coft(q: &mut [f64], rows: usize, n: usize, eps: f64) -> f64 {
     let radius = eps / (rows as f64).sqrt();
     for row in q.chunks_exact_mut(n) {
         let norm = skew_norm(row);
