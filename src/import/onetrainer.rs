@@ -40,18 +40,15 @@ fn sd1_from_metadata(metadata: &HashMap<String, String>) -> Option<bool> {
     if let Some(v) = metadata.get("ss_base_model_version") {
         return Some(v.starts_with("sd_v1"));
     }
-    if let Some(v) = metadata.get("ss_v2") {
-        if v == "True" {
-            return Some(false);
-        }
+    if metadata.get("ss_v2").is_some_and(|v| v == "True") {
+        return Some(false);
     }
-    if let Some(cfg) = metadata
+    let ot_model_type = metadata
         .get("ot_config")
         .and_then(|c| serde_json::from_str::<Value>(c).ok())
-    {
-        if let Some(t) = cfg.get("model_type").and_then(Value::as_str) {
-            return Some(t.starts_with("STABLE_DIFFUSION_1"));
-        }
+        .and_then(|cfg| cfg.get("model_type").and_then(Value::as_str).map(str::to_string));
+    if let Some(t) = ot_model_type {
+        return Some(t.starts_with("STABLE_DIFFUSION_1"));
     }
     if let Some(a) = metadata.get("modelspec.architecture") {
         return Some(a.starts_with("stable-diffusion-v1"));
