@@ -1,6 +1,7 @@
 //! `oftool convert`: import any supported layout and write it as `.oft`.
 
 use crate::error::{Error, Result};
+use crate::export;
 use crate::import;
 use crate::oft_file;
 use crate::validate::check_adapter;
@@ -177,6 +178,201 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
         output: output.display().to_string(),
         layers: adapter.layers.len(),
         parameters: adapter.layers.iter().map(|l| l.parameter_count()).sum(),
+    })
+}
+
+/// What `convert --to <layout>` did (or would have done, when it refused).
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub input: String,
+    pub layout: String,
+    pub to: String,
+    pub output: String,
+    /// Files written, relative to `output` for directories.
+    pub files: Vec<String>,
+    pub exact: usize,
+    pub lossy: usize,
+    pub impossible: usize,
+    /// Largest change of any rotation entry over all layers.
+    pub max_rotation_change: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_weight_change: Option<f64>,
+    pub warnings: Vec<String>,
+    /// Why nothing was written, when the conversion was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    pub layers: Vec<export::LayerReport>,
+}
+
+/// Options of `convert --to <layout>`.
+pub struct ExportOptions<'a> {
+    pub base: Option<&'a Path>,
+    pub allow_lossy: bool,
+    pub zip: bool,
+}
+
+/// Convert `input` to a foreign layout. A refused conversion returns its report with
+/// `refused` set and writes nothing.
+pub fn run_to(
+    input: &Path,
+    output: &Path,
+    to: export::To,
+    opts: &ExportOptions<'_>,
+) -> Result<ExportReport> {
+    let mut inputs = vec![input];
+    inputs.extend(opts.base);
+    refuse_overwriting_input(output, &inputs)?;
+    let layout = import::detect(input)?;
+    let mut adapter = import::load(input)?;
+    let mut table = None;
+    if let Some(b) = opts.base {
+        bind(&mut adapter, b)?;
+        let file = crate::tensors::MappedFile::open(b)?;
+        let st = file.tensors();
+        let t = crate::resolve::AliasTable::with_shapes(
+            st.iter().map(|(n, v)| (n, v.shape().to_vec())),
+        );
+        let names = t.pipeline_names();
+        table = Some((t, names));
+    }
+    let metadata: std::collections::HashMap<String, String> = adapter
+        .provenance
+        .user_metadata
+        .clone()
+        .into_iter()
+        .collect();
+    let ctx = export::Context {
+        base: opts.base,
+        table,
+        sd1: import::onetrainer::sd1_from_metadata(&metadata),
+    };
+    let written = export::export(&adapter, to, &ctx)?;
+    let layers = export::reports(&adapter, &written, &ctx)?;
+    let count = |f: fn(&export::Status) -> bool| layers.iter().filter(|l| f(&l.status)).count();
+    let impossible: Vec<(String, String)> = layers
+        .iter()
+        .filter_map(|l| match &l.status {
+            export::Status::Impossible { reason } => Some((l.layer.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect();
+    let lossy: Vec<(String, String)> = layers
+        .iter()
+        .filter_map(|l| match &l.status {
+            export::Status::Lossy { reason } => Some((l.layer.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect();
+    let refused = if !impossible.is_empty() || (!lossy.is_empty() && !opts.allow_lossy) {
+        Some(export::refuse(to, &impossible, &lossy).to_string())
+    } else {
+        None
+    };
+    let zip = opts.zip && written.directory;
+    if opts.zip && !written.directory {
+        return Err(Error::Usage(format!(
+            "--zip packs a directory layout; {} is a single file",
+            to.name()
+        )));
+    }
+    let files: Vec<String> = written
+        .files
+        .iter()
+        .map(|f| export::rel_path(f).display().to_string())
+        .collect();
+    if refused.is_none() {
+        write_output(output, &written, zip)?;
+    }
+    Ok(ExportReport {
+        input: input.display().to_string(),
+        layout: layout.name().into(),
+        to: to.name().into(),
+        output: output.display().to_string(),
+        files: if written.directory { files } else { Vec::new() },
+        exact: count(|s| matches!(s, export::Status::Exact)),
+        lossy: count(|s| matches!(s, export::Status::Lossy { .. })),
+        impossible: impossible.len(),
+        max_rotation_change: layers
+            .iter()
+            .filter_map(|l| l.max_rotation_change)
+            .fold(0.0, f64::max),
+        max_weight_change: layers
+            .iter()
+            .filter_map(|l| l.max_weight_change)
+            .reduce(f64::max),
+        warnings: written.warnings.clone(),
+        refused,
+        layers,
+    })
+}
+
+/// Write the files: one file atomically; a directory built beside the target and renamed into
+/// place (the target must not exist yet, or be an empty directory); or one zip archive.
+fn write_output(output: &Path, written: &export::Written, zip: bool) -> Result<()> {
+    use std::io::Write;
+    if !written.directory {
+        let bytes = export::file_bytes(&written.files[0])?;
+        return crate::tensors::atomic_write(output, |f| {
+            f.write_all(&bytes).map_err(|e| Error::io(output, e))
+        });
+    }
+    if zip {
+        let mut entries = Vec::new();
+        for f in &written.files {
+            entries.push((export::rel_path(f).to_path_buf(), export::file_bytes(f)?));
+        }
+        return crate::tensors::atomic_write(output, |f| {
+            let mut z = zip::ZipWriter::new(f);
+            let options = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored)
+                .last_modified_time(zip::DateTime::default());
+            for (rel, bytes) in &entries {
+                let name = rel.to_string_lossy().replace('\\', "/");
+                z.start_file(name, options)
+                    .map_err(|e| Error::Invalid(format!("cannot write the zip: {e}")))?;
+                z.write_all(bytes).map_err(|e| Error::io(output, e))?;
+            }
+            z.finish()
+                .map_err(|e| Error::Invalid(format!("cannot write the zip: {e}")))?;
+            Ok(())
+        });
+    }
+    if output.exists() {
+        let empty = output.is_dir()
+            && std::fs::read_dir(output)
+                .map_err(|e| Error::io(output, e))?
+                .next()
+                .is_none();
+        if !empty {
+            return Err(Error::Usage(format!(
+                "{} already exists; choose a new directory (nothing is overwritten)",
+                output.display()
+            )));
+        }
+    }
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".oftool-tmp-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    for f in &written.files {
+        let path = tmp.path().join(export::rel_path(f));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let bytes = export::file_bytes(f)?;
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+    }
+    if output.is_dir() {
+        std::fs::remove_dir(output).map_err(|e| Error::io(output, e))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, output).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        Error::io(output, e)
     })
 }
 

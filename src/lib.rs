@@ -10,6 +10,7 @@ pub mod bake;
 pub mod compose;
 pub mod convert;
 pub mod error;
+pub mod export;
 pub mod import;
 pub mod inspect;
 pub mod model;

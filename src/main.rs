@@ -17,10 +17,35 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum Target {
     /// The spec-defined `.oft` format (spec/oft-format.md).
     Oft,
+    /// A PEFT ≥ 0.18 adapter directory per diffusers component (`PeftModel.from_pretrained`).
+    #[value(alias = "peft")]
+    Diffusers,
+    /// LyCORIS `oft_blocks` under kohya names, as ComfyUI loads them.
+    Comfyui,
+    /// LyCORIS (`lycoris.kohya`) diag-oft / BOFT.
+    Lycoris,
+    /// kohya sd-scripts: `networks.oft` (output side) or `networks.oft_v2` (input side).
+    Kohya,
+    /// OneTrainer `OFT_2` (KOHYA key layout; also read by the ComfyUI-OFTv2 node).
+    Onetrainer,
+}
+
+impl Target {
+    fn export(self) -> Option<oftool::export::To> {
+        use oftool::export::To;
+        match self {
+            Target::Oft => None,
+            Target::Diffusers => Some(To::Peft),
+            Target::Comfyui => Some(To::ComfyUi),
+            Target::Lycoris => Some(To::Lycoris),
+            Target::Kohya => Some(To::Kohya),
+            Target::Onetrainer => Some(To::OneTrainer),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -151,10 +176,19 @@ enum Command {
         /// Layout to write.
         #[arg(long, value_enum, default_value = "oft")]
         to: Target,
-        /// Bind the adapter to this base checkpoint: record each target's shape and a blake3 hash
-        /// of its tensor, so `merge` and `validate --base` can prove they use the same base.
+        /// The base checkpoint: `--to oft` binds the adapter to it (each target's shape and a
+        /// blake3 hash of its tensor); other layouts use it to name modules, tell Conv2d from
+        /// Linear, and measure how much a lossy conversion changes the merged weights.
         #[arg(long)]
         base: Option<PathBuf>,
+        /// Write layers whose rotation the target can only approximate (the report says by how
+        /// much) instead of refusing.
+        #[arg(long)]
+        allow_lossy: bool,
+        /// Pack a directory layout (diffusers/PEFT) into one zip archive at the output path.
+        #[arg(long)]
+        zip: bool,
+        /// Print the per-layer report as JSON: exact / lossy (with figures) / impossible.
         #[arg(long)]
         json: bool,
     },
@@ -164,6 +198,35 @@ fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("oftool: cannot encode JSON: {e}"),
+    }
+}
+
+fn report_export(r: &convert::ExportReport, json: bool) -> u8 {
+    for w in &r.warnings {
+        eprintln!("oftool: warning: {w}");
+    }
+    if json {
+        print_json(r);
+    } else if r.refused.is_none() {
+        let lossy = if r.lossy > 0 {
+            format!(
+                ", {} lossy (largest rotation change {:.3e})",
+                r.lossy, r.max_rotation_change
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{} ({}) → {} ({}): {} layers exact{lossy}",
+            r.input, r.layout, r.output, r.to, r.exact
+        );
+    }
+    match &r.refused {
+        Some(why) => {
+            eprintln!("oftool: error: {why}; nothing was written");
+            1
+        }
+        None => 0,
     }
 }
 
@@ -264,20 +327,40 @@ fn main() -> ExitCode {
         Command::Convert {
             input,
             output,
-            to: Target::Oft,
+            to,
             base,
+            allow_lossy,
+            zip,
             json,
-        } => convert::run(&input, &output, base.as_deref()).map(|s| {
-            if json {
-                print_json(&s);
-            } else {
-                println!(
-                    "{} ({}) → {}: {} layers, {} parameters",
-                    s.input, s.layout, s.output, s.layers, s.parameters
-                );
+        } => match to.export() {
+            None => {
+                if zip || allow_lossy {
+                    Err(oftool::error::Error::Usage(
+                        "--zip and --allow-lossy apply to foreign layouts, not --to oft".into(),
+                    ))
+                } else {
+                    convert::run(&input, &output, base.as_deref()).map(|s| {
+                        if json {
+                            print_json(&s);
+                        } else {
+                            println!(
+                                "{} ({}) → {}: {} layers, {} parameters",
+                                s.input, s.layout, s.output, s.layers, s.parameters
+                            );
+                        }
+                        0
+                    })
+                }
             }
-            0
-        }),
+            Some(target) => {
+                let opts = convert::ExportOptions {
+                    base: base.as_deref(),
+                    allow_lossy,
+                    zip,
+                };
+                convert::run_to(&input, &output, target, &opts).map(|r| report_export(&r, json))
+            }
+        },
     };
     match result {
         Ok(code) => ExitCode::from(code),

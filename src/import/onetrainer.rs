@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 const WEIGHT: &str = ".oft_R.weight";
+/// Metadata key oftool writes: a JSON list of the modules that are Conv2d.
+pub const CONV_LIST_KEY: &str = "oftool.conv2d";
 const SCALED: &str = ".oft_R.scaled_oft";
 
 /// Whether the file is one of these trainers' (rather than a bare PEFT state dict).
@@ -36,7 +38,7 @@ pub fn is_trainer_file(names: &[&str], metadata: &HashMap<String, String>) -> bo
 
 /// The SD generation a file's metadata names: `Some(true)` for SD 1.x (whose attention
 /// `proj_in`/`proj_out` are 1×1 convolutions), `Some(false)` for SD 2.x / SDXL / others.
-fn sd1_from_metadata(metadata: &HashMap<String, String>) -> Option<bool> {
+pub fn sd1_from_metadata(metadata: &HashMap<String, String>) -> Option<bool> {
     if let Some(v) = metadata.get("ss_base_model_version") {
         return Some(v.starts_with("sd_v1"));
     }
@@ -46,7 +48,11 @@ fn sd1_from_metadata(metadata: &HashMap<String, String>) -> Option<bool> {
     let ot_model_type = metadata
         .get("ot_config")
         .and_then(|c| serde_json::from_str::<Value>(c).ok())
-        .and_then(|cfg| cfg.get("model_type").and_then(Value::as_str).map(str::to_string));
+        .and_then(|cfg| {
+            cfg.get("model_type")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
     if let Some(t) = ot_model_type {
         return Some(t.starts_with("STABLE_DIFFUSION_1"));
     }
@@ -93,6 +99,10 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
     let st = file.tensors();
     let modules = common::modules(path, &st, &[WEIGHT, SCALED], "OneTrainer/kohya OFT v2")?;
     let sd1 = sd1_from_metadata(&file.metadata);
+    let conv_list: Option<Vec<String>> = file
+        .metadata
+        .get(CONV_LIST_KEY)
+        .and_then(|v| serde_json::from_str(v).ok());
     let args: Value = file
         .metadata
         .get("ss_network_args")
@@ -161,7 +171,10 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
                 eps: Some(coft_eps),
             });
         }
-        let conv = is_conv(module, sd1).map_err(|m| Error::unsupported(path, m))?;
+        let conv = match &conv_list {
+            Some(list) => list.iter().any(|n| n == module),
+            None => is_conv(module, sd1).map_err(|m| Error::unsupported(path, m))?,
+        };
         if conv {
             q.iter_mut().for_each(|x| *x = -*x);
         }

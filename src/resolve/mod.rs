@@ -349,6 +349,63 @@ impl AliasTable {
     }
 }
 
+/// Diffusers-pipeline names of base locations: for each weight (and row slice), the pipeline
+/// component and the module path inside it (`unet` + `down_blocks.0.…`, `text_encoder` +
+/// `text_model.encoder.layers.0.…`), whatever naming the base itself uses.
+pub struct PipelineNames {
+    names: HashMap<Location, (String, String)>,
+}
+
+/// A weight key and an optional row slice of it.
+type Location = (String, Option<(usize, usize)>);
+
+impl PipelineNames {
+    pub fn of(&self, r: &Resolved) -> Option<&(String, String)> {
+        self.names.get(&(r.key.clone(), r.rows))
+    }
+}
+
+impl AliasTable {
+    /// Build the diffusers-pipeline name index from the aliases (`unet.X`, `text_encoder.X`, …).
+    pub fn pipeline_names(&self) -> PipelineNames {
+        let mut names = HashMap::new();
+        let components = ["unet.", "text_encoder_2.", "text_encoder.", "transformer."];
+        for (alias, entries) in &self.map {
+            let Some((comp, module)) = components
+                .iter()
+                .find_map(|c| alias.strip_prefix(c).map(|m| (c.trim_end_matches('.'), m)))
+            else {
+                continue;
+            };
+            for e in entries {
+                let rows = match e.rows {
+                    Rows::Whole => None,
+                    Rows::Slice(a, b) => Some((a, b)),
+                    Rows::Unsized => continue,
+                };
+                let slot = names
+                    .entry((e.key.clone(), rows))
+                    .or_insert_with(|| (comp.to_string(), module.to_string()));
+                // Prefer the transformers-4 `text_model.` names (diffusers checkpoints), then
+                // the shortest, so the choice does not depend on hash order.
+                let better = (
+                    module.starts_with("text_model."),
+                    std::cmp::Reverse(module.len()),
+                    module,
+                ) > (
+                    slot.1.starts_with("text_model."),
+                    std::cmp::Reverse(slot.1.len()),
+                    slot.1.as_str(),
+                );
+                if slot.0 == comp && better {
+                    *slot = (comp.to_string(), module.to_string());
+                }
+            }
+        }
+        PipelineNames { names }
+    }
+}
+
 /// Whether a key of `owner` can be the target of an adapter for pipeline `component`.
 fn fits(owner: Owner, component: Option<&str>) -> bool {
     let Some(component) = component else {
