@@ -903,22 +903,6 @@ pub fn load_adapter_with(
     path: &Path,
     semantics: crate::import::lycoris::Semantics,
 ) -> Result<Adapter> {
-    if path.is_dir() && !path.join("adapter_config.json").is_file() {
-        let mut merged: Option<Adapter> = None;
-        for c in COMPONENTS {
-            let d = path.join(c);
-            if d.join("adapter_config.json").is_file() {
-                let a = import::load_with(&d, semantics)?;
-                match &mut merged {
-                    None => merged = Some(a),
-                    Some(m) => m.layers.extend(a.layers),
-                }
-            }
-        }
-        return merged.ok_or_else(|| {
-            Error::format(path, "holds neither adapter_config.json nor per-component PEFT folders (unet/, text_encoder/, …)")
-        });
-    }
     import::load_with(path, semantics)
 }
 

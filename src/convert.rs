@@ -235,6 +235,16 @@ pub fn run_to(
         let names = t.pipeline_names();
         table = Some((t, names));
     }
+    // A "shared" stage whose axis holds a single block is just one block.
+    for layer in &mut adapter.layers {
+        let d = layer.target.rotated_dim;
+        for st in &mut layer.stages {
+            if st.spec.shared && d == Some(st.spec.block_size) {
+                st.spec.shared = false;
+                st.spec.blocks = Some(1);
+            }
+        }
+    }
     let metadata: std::collections::HashMap<String, String> = adapter
         .provenance
         .user_metadata

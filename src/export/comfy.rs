@@ -16,15 +16,6 @@ pub enum Flavor {
     Lycoris,
 }
 
-impl Flavor {
-    fn to(self) -> To {
-        match self {
-            Flavor::ComfyUi => To::ComfyUi,
-            Flavor::Lycoris => To::Lycoris,
-        }
-    }
-}
-
 const OUTPUT_SIDE_ONLY: &str = "it rotates the input columns (PEFT ≥ 0.14, OneTrainer, kohya oft_v2, BOFT), \
      and an input-side rotation is no output-side one: LyCORIS/ComfyUI `oft_blocks` rotate output rows. \
      For ComfyUI use --to onetrainer (read by the ComfyUI-OFTv2 custom node) or bake the adapter \
@@ -277,9 +268,4 @@ pub fn te_count(adapter: &Adapter) -> usize {
     } else {
         seen.len()
     }
-}
-
-#[allow(dead_code)]
-fn flavor_to(f: Flavor) -> To {
-    f.to()
 }

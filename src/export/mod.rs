@@ -151,7 +151,20 @@ pub fn export(adapter: &Adapter, to: To, ctx: &Context<'_>) -> Result<Written> {
     }
 }
 
-/// Source metadata worth keeping in another layout: everything but `.oft` container keys.
+/// Keys that describe the source's layout (not the user's training): never carried over, each
+/// writer sets its own.
+const LAYOUT_KEYS: [&str; 7] = [
+    "ot_config",
+    "ss_network_module",
+    "ss_network_args",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "lycoris_config",
+    crate::import::onetrainer::CONV_LIST_KEY,
+];
+
+/// Source metadata worth keeping in another layout: the user's and trainer's training record,
+/// without `.oft` container keys and the source layout's own keys.
 pub fn kept_metadata(adapter: &Adapter) -> BTreeMap<String, String> {
     adapter
         .provenance
@@ -161,6 +174,7 @@ pub fn kept_metadata(adapter: &Adapter) -> BTreeMap<String, String> {
             k.as_str() != crate::oft_file::META_FORMAT
                 && !k.starts_with("oft.")
                 && !k.starts_with("peft.")
+                && !LAYOUT_KEYS.contains(&k.as_str())
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()

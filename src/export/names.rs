@@ -94,9 +94,16 @@ pub fn pipeline_name(
             )
         }
     })?;
+    // A bare text-encoder base answers to both encoder names: the layer's own decides.
+    let own = component(layer);
     names
         .of(&r)
-        .map(|(c, m)| (Some(c.clone()), m.clone()))
+        .map(|(c, m)| match &own {
+            Some(o) if o.starts_with("text_encoder") && c.starts_with("text_encoder") => {
+                (Some(o.clone()), m.clone())
+            }
+            _ => (Some(c.clone()), m.clone()),
+        })
         .ok_or_else(|| {
             format!(
                 "`{}` resolves to `{}`, which has no diffusers-pipeline name",

@@ -14,7 +14,9 @@ use super::common::{self, finite};
 use crate::error::{Error, Result};
 use crate::import::file_digest;
 use crate::model::*;
-use crate::rotation::{cayley, inverse_cayley, orthogonality_error, pack_upper, skew_norm};
+use crate::rotation::{
+    inverse_cayley, orthogonality_error, pack_upper, rotation_block, skew_norm,
+};
 use crate::tensors::{MappedFile, to_f64};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -385,7 +387,7 @@ pub fn import_oft_diag(path: &Path, file: &MappedFile) -> Result<Adapter> {
                 }
             }
             let tri = pack_upper(&skew, b);
-            let back = cayley(&tri, b);
+            let back = rotation_block(&tri, b, &RotationMap::Cayley);
             let err = back
                 .iter()
                 .zip(&r)

@@ -92,6 +92,11 @@ pub fn detect(path: &Path) -> Result<Layout> {
 
 /// A PEFT directory's layout: the config's `peft_type`, then the tensors (formats.md §9.2).
 fn detect_dir(path: &Path) -> Result<Layout> {
+    if !path.join("adapter_config.json").is_file() {
+        if let Some(c) = COMPONENTS.iter().map(|c| path.join(c)).find(|d| d.join("adapter_config.json").is_file()) {
+            return detect_dir(&c);
+        }
+    }
     let dir = peft_dir(path)?;
     let peft_type = peft::peft_type(&dir.config)?;
     let file = MappedFile::open(&dir.weights)?;
@@ -196,6 +201,9 @@ pub fn load(path: &Path) -> Result<Adapter> {
 
 /// Read an adapter as a given runtime reads it (only `oft_blocks` files differ between readers).
 pub fn load_with(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> {
+    if path.is_dir() && !path.join("adapter_config.json").is_file() {
+        return load_components(path, semantics);
+    }
     let (weights, config, component, layout) = if path.is_dir() {
         let layout = detect_dir(path)?;
         let dir = peft_dir(path)?;
@@ -227,10 +235,35 @@ pub fn load_with(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> 
     }
 }
 
+/// The diffusers pipeline components a folder of per-component PEFT adapters may hold.
+pub const COMPONENTS: [&str; 4] = ["unet", "text_encoder", "text_encoder_2", "transformer"];
+
+/// A folder of per-component PEFT directories (`unet/`, `text_encoder/`, …), as diffusers
+/// pipelines and `convert --to diffusers` lay them out: one adapter, layers in component order.
+fn load_components(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> {
+    let mut merged: Option<Adapter> = None;
+    for c in COMPONENTS {
+        let d = path.join(c);
+        if d.join("adapter_config.json").is_file() {
+            let a = load_with(&d, semantics)?;
+            match &mut merged {
+                None => merged = Some(a),
+                Some(m) => m.layers.extend(a.layers),
+            }
+        }
+    }
+    merged.ok_or_else(|| {
+        Error::format(
+            path,
+            "holds neither adapter_config.json nor per-component PEFT folders (unet/, text_encoder/, …)",
+        )
+    })
+}
+
 /// A diffusers component named by a PEFT directory (`…/unet`, `…/text_encoder_2`).
 fn component_from_dir(dir: &Path) -> Option<String> {
     let name = dir.file_name()?.to_str()?;
-    ["unet", "text_encoder", "text_encoder_2", "transformer"]
+    COMPONENTS
         .contains(&name)
         .then(|| name.to_string())
 }

@@ -116,6 +116,17 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
             _ => None,
         })
     };
+    // Whether one stored row means a shared block (else: a layer of one block). OneTrainer
+    // records it in `ot_config`, kohya in `ss_network_args`; unknown → shared, which tiles
+    // the axis and so reads both cases the same.
+    let ot_share = file
+        .metadata
+        .get("ot_config")
+        .and_then(|c| serde_json::from_str::<Value>(c).ok())
+        .and_then(|c| c.get("oft_block_share").and_then(Value::as_bool));
+    let declared_share = ot_share.or_else(|| {
+        arg("block_share").map(|v| v.eq_ignore_ascii_case("true"))
+    });
     let coft = arg("coft").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let coft_eps = arg("coft_eps")
         .and_then(|v| v.parse::<f64>().ok())
@@ -180,7 +191,7 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
         }
         let (convention, component) = super::lycoris::classify_name(module);
         // One stored row: shared, or a single block; tiling the axis covers both.
-        let shared = rows == 1;
+        let shared = rows == 1 && declared_share != Some(false);
         layers.push(
             OneStage {
                 name: module.clone(),

@@ -369,7 +369,9 @@ impl AliasTable {
     /// Build the diffusers-pipeline name index from the aliases (`unet.X`, `text_encoder.X`, …).
     pub fn pipeline_names(&self) -> PipelineNames {
         let mut names = HashMap::new();
-        let components = ["unet.", "text_encoder_2.", "text_encoder.", "transformer."];
+        // Earlier components win where a bare encoder answers to both `text_encoder` names.
+        let components = ["unet.", "text_encoder.", "text_encoder_2.", "transformer."];
+        let rank = |c: &str| components.iter().position(|p| p.trim_end_matches('.') == c);
         for (alias, entries) in &self.map {
             let Some((comp, module)) = components
                 .iter()
@@ -386,18 +388,18 @@ impl AliasTable {
                 let slot = names
                     .entry((e.key.clone(), rows))
                     .or_insert_with(|| (comp.to_string(), module.to_string()));
-                // Prefer the transformers-4 `text_model.` names (diffusers checkpoints), then
-                // the shortest, so the choice does not depend on hash order.
-                let better = (
-                    module.starts_with("text_model."),
-                    std::cmp::Reverse(module.len()),
-                    module,
-                ) > (
-                    slot.1.starts_with("text_model."),
-                    std::cmp::Reverse(slot.1.len()),
-                    slot.1.as_str(),
-                );
-                if slot.0 == comp && better {
+                // Prefer the earlier component, then transformers-4 `text_model.` names
+                // (diffusers checkpoints), then the shortest, then the first in byte order, so
+                // the choice does not depend on hash order.
+                let key = |c: &str, m: &str| {
+                    (
+                        std::cmp::Reverse(rank(c)),
+                        m.starts_with("text_model."),
+                        std::cmp::Reverse(m.len()),
+                        std::cmp::Reverse(m.to_string()),
+                    )
+                };
+                if key(comp, module) > key(&slot.0, &slot.1) {
                     *slot = (comp.to_string(), module.to_string());
                 }
             }
