@@ -28,7 +28,12 @@ fn adapter_of(case: &Path) -> PathBuf {
 }
 
 fn convert(args: &[&std::ffi::OsStr]) -> (i32, Value, String) {
-    let out = oftool().arg("convert").args(args).arg("--json").output().expect("runs");
+    let out = oftool()
+        .arg("convert")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("runs");
     let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (
         out.status.code().unwrap_or(-1),
@@ -107,7 +112,11 @@ fn exact_conversions_round_trip_every_fixture() {
                 // A refusal names its reason for every layer it concerns, and writes nothing.
                 assert_eq!(code, 1, "{label} → {to}: {stderr}");
                 assert!(report["refused"].is_string(), "{label} → {to}: {stderr}");
-                assert!(!out.exists(), "{label} → {to}: refused but wrote {}", out.display());
+                assert!(
+                    !out.exists(),
+                    "{label} → {to}: refused but wrote {}",
+                    out.display()
+                );
                 for l in report["layers"].as_array().unwrap() {
                     if l["status"] != "exact" {
                         assert!(l["reason"].as_str().is_some_and(|r| r.len() > 10), "{l}");
@@ -116,7 +125,10 @@ fn exact_conversions_round_trip_every_fixture() {
                 continue;
             }
             written += 1;
-            assert_eq!(report["lossy"], 0, "{label} → {to}: lossy without --allow-lossy");
+            assert_eq!(
+                report["lossy"], 0,
+                "{label} → {to}: lossy without --allow-lossy"
+            );
             let back = import::load(&out).unwrap_or_else(|e| panic!("{label} → {to}: {e}"));
             assert_eq!(back.layers.len(), src.layers.len(), "{label} → {to}");
             for (l, r) in src.layers.iter().zip(report["layers"].as_array().unwrap()) {
@@ -129,9 +141,17 @@ fn exact_conversions_round_trip_every_fixture() {
                 let ds = scale_diff(l, b);
                 // Stored parameters map exactly; values that are not binary32 (a pre-applied
                 // clamp, a scaled-OFT division, an inverse Cayley) round once to it.
-                let scale = l.stages.iter().flat_map(|s| &s.q).fold(0.0f64, |m, x| m.max(x.abs()));
+                let scale = l
+                    .stages
+                    .iter()
+                    .flat_map(|s| &s.q)
+                    .fold(0.0f64, |m, x| m.max(x.abs()));
                 let rounded = l.stages.iter().any(|s| s.q_f64) || l.row_scale_f64;
-                let tol = if rounded { 1e-6 * scale.max(1e-30) } else { 0.0 };
+                let tol = if rounded {
+                    1e-6 * scale.max(1e-30)
+                } else {
+                    0.0
+                };
                 match dq {
                     Some(d) if d <= tol && ds <= 1e-6 => {
                         if d == 0.0 {
@@ -145,13 +165,19 @@ fn exact_conversions_round_trip_every_fixture() {
                 }
                 // The report's own figure agrees.
                 let fig = r["max_rotation_change"].as_f64().unwrap_or(0.0);
-                assert!(fig <= 1e-5, "{label} → {to}: exact layer with rotation change {fig}");
+                assert!(
+                    fig <= 1e-5,
+                    "{label} → {to}: exact layer with rotation change {fig}"
+                );
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(written >= 20, "only {written} conversions were written");
-    assert!(bit_exact > 100, "only {bit_exact} layers came back bit-exact");
+    assert!(
+        bit_exact > 100,
+        "only {bit_exact} layers came back bit-exact"
+    );
 }
 
 #[test]
@@ -168,9 +194,9 @@ fn peft_sources_come_back_byte_identical() {
         }
         let cfg_v = read_json(&cfg);
         let old_series = cfg_v["use_cayley_neumann"] == true
-            && !cfg_v["peft_version"]
-                .as_str()
-                .is_some_and(|v| v.starts_with("0.18") || v.starts_with("0.19") || v.starts_with("0.2"));
+            && !cfg_v["peft_version"].as_str().is_some_and(|v| {
+                v.starts_with("0.18") || v.starts_with("0.19") || v.starts_with("0.2")
+            });
         if cfg_v["coft"] == true || cfg_v.get("use_cayley_neumann").is_none() || old_series {
             continue;
         }
@@ -197,7 +223,12 @@ fn peft_sources_come_back_byte_identical() {
             assert_eq!(x.data(), y.data(), "{}: {n}", case.display());
         }
         let cb = read_json(&out.join("adapter_config.json"));
-        for k in ["peft_type", "use_cayley_neumann", "num_cayley_neumann_terms", "block_share"] {
+        for k in [
+            "peft_type",
+            "use_cayley_neumann",
+            "num_cayley_neumann_terms",
+            "block_share",
+        ] {
             assert_eq!(cfg_v[k], cb[k], "{}: {k}", case.display());
         }
         checked += 1;
@@ -220,13 +251,21 @@ fn refusals_explain_and_write_nothing() {
         "-o".as_ref(),
         out.as_os_str(),
         "--base".as_ref(),
-        cases_dir().join("lyco-unet-rescale/base.safetensors").as_os_str(),
+        cases_dir()
+            .join("lyco-unet-rescale/base.safetensors")
+            .as_os_str(),
     ]);
     assert_eq!(code, 1);
     assert!(stderr.contains("nothing was written"), "{stderr}");
-    assert!(stderr.contains("output-side rotation is no input-side one"), "{stderr}");
+    assert!(
+        stderr.contains("output-side rotation is no input-side one"),
+        "{stderr}"
+    );
     assert!(stderr.contains("oftool merge"), "{stderr}");
-    assert_eq!(report["impossible"].as_u64(), report["layers"].as_array().map(|l| l.len() as u64));
+    assert_eq!(
+        report["impossible"].as_u64(),
+        report["layers"].as_array().map(|l| l.len() as u64)
+    );
     assert!(!out.exists());
 
     // ComfyUI ignores diag-oft rescale: lossy, refused without --allow-lossy.
@@ -250,10 +289,15 @@ fn refusals_explain_and_write_nothing() {
         out.as_os_str(),
         "--allow-lossy".as_ref(),
         "--base".as_ref(),
-        cases_dir().join("lyco-unet-rescale/base.safetensors").as_os_str(),
+        cases_dir()
+            .join("lyco-unet-rescale/base.safetensors")
+            .as_os_str(),
     ]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("ComfyUI ignores diag-oft `rescale`"), "{stderr}");
+    assert!(
+        stderr.contains("ComfyUI ignores diag-oft `rescale`"),
+        "{stderr}"
+    );
     assert!(out.is_file());
     assert!(report["lossy"].as_u64().unwrap() > 0);
     // The dropped scale shows in the figures: scale change and merged-weight change.
@@ -275,10 +319,12 @@ fn refusals_explain_and_write_nothing() {
     assert_eq!(code, 0);
     let change = report["max_rotation_change"].as_f64().unwrap();
     assert!(change > 1e-9 && change < 0.5, "{change}");
-    assert!(report["layers"][1]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("5-term Cayley–Neumann"));
+    assert!(
+        report["layers"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("5-term Cayley–Neumann")
+    );
 
     // An existing output directory is never overwritten.
     let dir = tmp.path().join("exists");
@@ -315,8 +361,11 @@ fn zip_packs_the_peft_directory() {
     names.sort();
     assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut z.by_name("adapter_model.safetensors").unwrap(), &mut bytes)
-        .unwrap();
+    std::io::Read::read_to_end(
+        &mut z.by_name("adapter_model.safetensors").unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
     let orig = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
     let a = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let b = safetensors::SafeTensors::deserialize(&orig).unwrap();

@@ -14,9 +14,7 @@ use super::common::{self, finite};
 use crate::error::{Error, Result};
 use crate::import::file_digest;
 use crate::model::*;
-use crate::rotation::{
-    inverse_cayley, orthogonality_error, pack_upper, rotation_block, skew_norm,
-};
+use crate::rotation::{inverse_cayley, orthogonality_error, pack_upper, rotation_block, skew_norm};
 use crate::tensors::{MappedFile, to_f64};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

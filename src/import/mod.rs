@@ -93,7 +93,11 @@ pub fn detect(path: &Path) -> Result<Layout> {
 /// A PEFT directory's layout: the config's `peft_type`, then the tensors (formats.md §9.2).
 fn detect_dir(path: &Path) -> Result<Layout> {
     if !path.join("adapter_config.json").is_file() {
-        if let Some(c) = COMPONENTS.iter().map(|c| path.join(c)).find(|d| d.join("adapter_config.json").is_file()) {
+        if let Some(c) = COMPONENTS
+            .iter()
+            .map(|c| path.join(c))
+            .find(|d| d.join("adapter_config.json").is_file())
+        {
             return detect_dir(&c);
         }
     }
@@ -263,9 +267,7 @@ fn load_components(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter
 /// A diffusers component named by a PEFT directory (`…/unet`, `…/text_encoder_2`).
 fn component_from_dir(dir: &Path) -> Option<String> {
     let name = dir.file_name()?.to_str()?;
-    COMPONENTS
-        .contains(&name)
-        .then(|| name.to_string())
+    COMPONENTS.contains(&name).then(|| name.to_string())
 }
 
 /// blake3 of a file's bytes, streamed.

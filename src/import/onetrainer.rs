@@ -124,9 +124,8 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
         .get("ot_config")
         .and_then(|c| serde_json::from_str::<Value>(c).ok())
         .and_then(|c| c.get("oft_block_share").and_then(Value::as_bool));
-    let declared_share = ot_share.or_else(|| {
-        arg("block_share").map(|v| v.eq_ignore_ascii_case("true"))
-    });
+    let declared_share =
+        ot_share.or_else(|| arg("block_share").map(|v| v.eq_ignore_ascii_case("true")));
     let coft = arg("coft").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let coft_eps = arg("coft_eps")
         .and_then(|v| v.parse::<f64>().ok())
