@@ -92,14 +92,13 @@ pub fn detect(path: &Path) -> Result<Layout> {
 
 /// A PEFT directory's layout: the config's `peft_type`, then the tensors (formats.md §9.2).
 fn detect_dir(path: &Path) -> Result<Layout> {
-    if !path.join("adapter_config.json").is_file() {
-        if let Some(c) = COMPONENTS
+    if !path.join("adapter_config.json").is_file()
+        && let Some(c) = COMPONENTS
             .iter()
             .map(|c| path.join(c))
             .find(|d| d.join("adapter_config.json").is_file())
-        {
-            return detect_dir(&c);
-        }
+    {
+        return detect_dir(&c);
     }
     let dir = peft_dir(path)?;
     let peft_type = peft::peft_type(&dir.config)?;
