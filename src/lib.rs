@@ -15,6 +15,7 @@ pub mod import;
 pub mod inspect;
 pub mod model;
 pub mod oft_file;
+pub mod pickle;
 pub mod resolve;
 pub mod rotation;
 pub mod strength;

@@ -2,6 +2,7 @@
 //!
 //! Detection follows formats.md §9.2: tensor keys are authoritative, metadata disambiguates.
 
+pub mod authors;
 pub mod boft;
 mod common;
 pub mod lycoris;
@@ -35,6 +36,8 @@ pub enum Layout {
     OneTrainer,
     /// LyCORIS 2.0 `oft_diag` (the rotation itself).
     LycorisOftDiag,
+    /// The OFT authors' attention-processor files (`processor.to_q_oft.R`).
+    Authors,
 }
 
 impl Layout {
@@ -49,6 +52,7 @@ impl Layout {
             Layout::Boft => "boft",
             Layout::OneTrainer => "onetrainer-oft2",
             Layout::LycorisOftDiag => "lycoris-oft-diag",
+            Layout::Authors => "oft-authors",
         }
     }
 }
@@ -68,15 +72,15 @@ pub fn peft_dir(dir: &Path) -> Result<PeftDir> {
             "a directory adapter must hold `adapter_config.json` (a PEFT adapter directory)",
         ));
     }
-    let weights = dir.join("adapter_model.safetensors");
+    let mut weights = dir.join("adapter_model.safetensors");
     if !weights.is_file() {
-        if dir.join("adapter_model.bin").is_file() {
-            return Err(Error::unsupported(
+        weights = dir.join("adapter_model.bin");
+        if !weights.is_file() {
+            return Err(Error::format(
                 dir,
-                "`adapter_model.bin` (pickle) is not read yet; save the adapter with safe_serialization=True",
+                "missing `adapter_model.safetensors` (or `adapter_model.bin`)",
             ));
         }
-        return Err(Error::format(dir, "missing `adapter_model.safetensors`"));
     }
     Ok(PeftDir { config, weights })
 }
@@ -86,8 +90,71 @@ pub fn detect(path: &Path) -> Result<Layout> {
     if path.is_dir() {
         return detect_dir(path);
     }
-    let file = MappedFile::open(path)?;
-    detect_file(path, &file)
+    let file = open_weights(path)?;
+    detect_file(path, &file.mapped)
+}
+
+/// A weights file, mapped: safetensors as is, a `torch.save` pickle converted into a private
+/// temporary safetensors copy (kept alive as long as this value).
+pub struct Weights {
+    pub mapped: MappedFile,
+    /// The safetensors file the importers read (the original, or the temporary copy).
+    pub path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Whether a file is a PyTorch pickle archive (by its first bytes, whatever its name).
+pub fn is_pickle(path: &Path) -> bool {
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && crate::pickle::is_zip(&head)
+}
+
+/// Open a weights file; pickles go through the restricted reader ([`crate::pickle`]).
+pub fn open_weights(path: &Path) -> Result<Weights> {
+    let mut head = [0u8; 1];
+    let raw_pickle = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && head[0] == 0x80;
+    if raw_pickle {
+        return Err(Error::unsupported(
+            path,
+            "not a zip-format PyTorch file (a bare pickle, as torch.save wrote before PyTorch 1.6); \
+             re-save it with a current torch, or as safetensors",
+        ));
+    }
+    if !is_pickle(path) {
+        return Ok(Weights {
+            mapped: MappedFile::open(path)?,
+            path: path.to_path_buf(),
+            _tmp: None,
+        });
+    }
+    let tensors = crate::pickle::read_state_dict(path)?;
+    let tmp = tempfile::tempdir().map_err(|e| Error::io(Path::new("(temporary directory)"), e))?;
+    let copy = tmp.path().join("weights.safetensors");
+    let views: Vec<(&str, safetensors::Dtype, &[usize], &[u8])> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.dtype.safetensors(),
+                t.shape.as_slice(),
+                t.bytes.as_slice(),
+            )
+        })
+        .collect();
+    let mut f = std::fs::File::create(&copy).map_err(|e| Error::io(&copy, e))?;
+    crate::tensors::write_safetensors(&mut f, &views, Default::default())?;
+    drop(f);
+    Ok(Weights {
+        mapped: MappedFile::open(&copy)?,
+        path: copy,
+        _tmp: Some(tmp),
+    })
 }
 
 /// A PEFT directory's layout: the config's `peft_type`, then the tensors (formats.md §9.2).
@@ -102,8 +169,8 @@ fn detect_dir(path: &Path) -> Result<Layout> {
     }
     let dir = peft_dir(path)?;
     let peft_type = peft::peft_type(&dir.config)?;
-    let file = MappedFile::open(&dir.weights)?;
-    let layout = detect_file(&dir.weights, &file)?;
+    let file = open_weights(&dir.weights)?;
+    let layout = detect_file(&dir.weights, &file.mapped)?;
     let fits = match peft_type.as_str() {
         "OFT" => matches!(layout, Layout::PeftOft | Layout::PeftOftLegacy),
         "BOFT" => layout == Layout::Boft,
@@ -154,6 +221,9 @@ fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
     if has(".oft_diag") {
         found.push(Layout::LycorisOftDiag);
     }
+    if authors::is_authors(&names) {
+        found.push(Layout::Authors);
+    }
     if has_part(".oft_blocks.") {
         return Err(Error::unsupported(
             path,
@@ -184,7 +254,8 @@ fn detect_file(path: &Path, file: &MappedFile) -> Result<Layout> {
         [] => Err(Error::format(
             path,
             "no OFT tensors found (looked for `oft_R.weight`, `oft_R.scaled_oft`, `oft_blocks`, \
-             `oft_blocks.<i>`, `oft_r`, `oft_s`, `boft_R`, `boft_s`, `oft_diag`, and `.oft` metadata); \
+             `oft_blocks.<i>`, `oft_r`, `oft_s`, `boft_R`, `boft_s`, `oft_diag`, `processor.to_q_oft.R`, \
+             and `.oft` metadata); \
              is this an OFT adapter?",
         )),
         many => Err(Error::format(
@@ -217,15 +288,17 @@ pub fn load_with(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> 
             layout,
         )
     } else {
-        let file = MappedFile::open(path)?;
-        let layout = detect_file(path, &file)?;
+        let file = open_weights(path)?;
+        let layout = detect_file(path, &file.mapped)?;
         let sibling = path.with_file_name("adapter_config.json");
         let config = sibling.is_file().then_some(sibling);
         let component = path.parent().and_then(component_from_dir);
         (path.to_path_buf(), config, component, layout)
     };
-    let path = weights.as_path();
-    match layout {
+    let original = weights.clone();
+    let opened = open_weights(&weights)?;
+    let path = opened.path.as_path();
+    let mut adapter = match layout {
         Layout::Oft => oft_file::read(path),
         Layout::PeftOft => peft::import(path, config.as_deref(), component),
         Layout::PeftOftLegacy => peft_legacy::import(path, config.as_deref(), component),
@@ -235,7 +308,17 @@ pub fn load_with(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> 
         Layout::LycorisDiagOft | Layout::LycorisBoft | Layout::KohyaOft => {
             lycoris::import(path, &MappedFile::open(path)?, semantics)
         }
+        Layout::Authors => authors::import(path, &MappedFile::open(path)?),
+    }?;
+    if path != original {
+        // Read through a converted copy: the provenance names the file the user gave.
+        adapter.provenance.source_digest = Some(file_digest(&original)?);
+        adapter
+            .provenance
+            .user_metadata
+            .insert("oftool.container".into(), "torch.save zip (pickle)".into());
     }
+    Ok(adapter)
 }
 
 /// The diffusers pipeline components a folder of per-component PEFT adapters may hold.
