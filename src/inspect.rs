@@ -200,6 +200,22 @@ fn notes(adapter: &Adapter, layers: &[LayerReport]) -> Vec<String> {
             "LyCORIS constraint: the clamp (radius alpha·out_dim) is pre-applied here; ComfyUI reads alpha as a raw radius and clamps differently".into(),
         );
     }
+    let fmt = adapter.provenance.source_format.as_str();
+    if fmt.starts_with("lycoris") || fmt == "kohya-oft" {
+        out.push(
+            "ComfyUI squares the LoraLoader strength for diag-oft (W + s²·ΔW) and applies BOFT strength per stage and again to the difference: only strength 1 matches LyCORIS (`oftool merge --blend comfyui` reproduces ComfyUI)".into(),
+        );
+    }
+    if fmt == "kohya-oft" {
+        out.push(
+            "ComfyUI does not load kohya's `oft_unet_` keys (\"lora key not loaded\"): `oftool convert --to comfyui` renames them exactly".into(),
+        );
+    }
+    if adapter.layers.iter().any(|l| l.side == crate::model::Side::Input) {
+        out.push(
+            "input-side OFT (PEFT ≥ 0.14, OneTrainer, kohya oft_v2, BOFT): ComfyUI has no native loader; `oftool convert --to onetrainer` is read by the ComfyUI-OFTv2 custom node, or bake it with `oftool merge`".into(),
+        );
+    }
     let neumann = adapter.layers.iter().any(|l| {
         l.stages
             .iter()
