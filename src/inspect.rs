@@ -211,7 +211,11 @@ fn notes(adapter: &Adapter, layers: &[LayerReport]) -> Vec<String> {
             "ComfyUI does not load kohya's `oft_unet_` keys (\"lora key not loaded\"): `oftool convert --to comfyui` renames them exactly".into(),
         );
     }
-    if adapter.layers.iter().any(|l| l.side == crate::model::Side::Input) {
+    if adapter
+        .layers
+        .iter()
+        .any(|l| l.side == crate::model::Side::Input)
+    {
         out.push(
             "input-side OFT (PEFT ≥ 0.14, OneTrainer, kohya oft_v2, BOFT): ComfyUI has no native loader; `oftool convert --to onetrainer` is read by the ComfyUI-OFTv2 custom node, or bake it with `oftool merge`".into(),
         );

@@ -137,8 +137,17 @@ pub fn kohya_name(layer: &Layer, te_count: usize) -> Result<String, String> {
         }
     };
     let is_te_module = module.starts_with("text_model.") || module.starts_with("encoder.layers.");
-    let comp =
-        comp.unwrap_or_else(|| if is_te_module { "text_encoder" } else { "unet" }.to_string());
+    let comp = match comp {
+        Some(c) => c,
+        None if is_te_module => "text_encoder".to_string(),
+        None if crate::resolve::is_unet_module(&module) => "unet".to_string(),
+        None => {
+            return Err(format!(
+                "`{name}` is no Stable Diffusion U-Net or text-encoder module: the kohya-style \
+                 names these tools use exist only for diffusion pipelines"
+            ));
+        }
+    };
     match comp.as_str() {
         "unet" => Ok(format!("lora_unet_{flat}")),
         "text_encoder" => Ok(format!(

@@ -114,24 +114,32 @@ pub fn is_pickle(path: &Path) -> bool {
 
 /// Open a weights file; pickles go through the restricted reader ([`crate::pickle`]).
 pub fn open_weights(path: &Path) -> Result<Weights> {
-    let mut head = [0u8; 1];
-    let raw_pickle = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-        .is_ok()
-        && head[0] == 0x80;
-    if raw_pickle {
-        return Err(Error::unsupported(
-            path,
-            "not a zip-format PyTorch file (a bare pickle, as torch.save wrote before PyTorch 1.6); \
-             re-save it with a current torch, or as safetensors",
-        ));
-    }
     if !is_pickle(path) {
-        return Ok(Weights {
-            mapped: MappedFile::open(path)?,
-            path: path.to_path_buf(),
-            _tmp: None,
-        });
+        return match MappedFile::open(path) {
+            Ok(mapped) => Ok(Weights {
+                mapped,
+                path: path.to_path_buf(),
+                _tmp: None,
+            }),
+            // Not safetensors, but a bare pickle (PROTO 2–5): say what it is.
+            Err(e) => {
+                let mut head = [0u8; 2];
+                let bare = std::fs::File::open(path)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                    .is_ok()
+                    && head[0] == 0x80
+                    && (2..=5).contains(&head[1]);
+                if bare {
+                    Err(Error::unsupported(
+                        path,
+                        "not a zip-format PyTorch file (a bare pickle, as torch.save wrote before \
+                         PyTorch 1.6); re-save it with a current torch, or as safetensors",
+                    ))
+                } else {
+                    Err(e)
+                }
+            }
+        };
     }
     let tensors = crate::pickle::read_state_dict(path)?;
     let tmp = tempfile::tempdir().map_err(|e| Error::io(Path::new("(temporary directory)"), e))?;

@@ -23,6 +23,12 @@
 mod clip;
 mod unet;
 
+/// First path segments of SD U-Net modules, diffusers and ldm/sgm naming.
+pub fn is_unet_module(name: &str) -> bool {
+    let top = name.split('.').next().unwrap_or(name);
+    DIFFUSERS_TOP.contains(&top) || LDM_TOP.contains(&top)
+}
+
 use crate::model::Target;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use unet::{DIFFUSERS_TOP, LDM_TOP, Naming, UnetMap};
