@@ -378,3 +378,153 @@ fn zip_packs_the_peft_directory() {
         .assert()
         .code(2);
 }
+
+/// Write a bare PEFT-style OFT file (`base_model.model.<module>.oft_R.weight`, one block of b).
+fn peft_like(path: &Path, modules: &[(String, usize)], b: usize) {
+    let tri = b * (b - 1) / 2;
+    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for (i, (m, d)) in modules.iter().enumerate() {
+        let rows = d / b;
+        let vals: Vec<u8> = (0..rows * tri)
+            .flat_map(|k| (0.01 * ((k * 7 + i) % 11) as f32 - 0.05).to_le_bytes())
+            .collect();
+        data.push((
+            format!("base_model.model.{m}.oft_R.weight"),
+            vals,
+            vec![rows, tri],
+        ));
+    }
+    let views: Vec<(&str, safetensors::Dtype, &[usize], &[u8])> = data
+        .iter()
+        .map(|(n, v, s)| {
+            (
+                n.as_str(),
+                safetensors::Dtype::F32,
+                s.as_slice(),
+                v.as_slice(),
+            )
+        })
+        .collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    oftool::tensors::write_safetensors(&mut f, &views, Default::default()).unwrap();
+}
+
+#[test]
+fn names_follow_each_tool_for_an_sdxl_single_file_base() {
+    // diffusers-named input-side layers of the tiny SDXL, against its sgm single-file base.
+    let case = cases_dir().join("single-sdxl-lyco");
+    let base = case.join("base.safetensors");
+    let meta = read_json(&case.join("case.json"));
+    let mut modules = Vec::new();
+    let mut sgm = Vec::new();
+    for l in meta["layers"].as_array().unwrap() {
+        if l["component"] != "unet" || l["module"] != "linear" {
+            continue;
+        }
+        let hf = l["hf_key"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches(".weight")
+            .to_string();
+        let key = l["base_key"].as_str().unwrap();
+        let d = l["shape"][1].as_u64().unwrap() as usize;
+        if d % 4 != 0 || modules.iter().any(|(m, _)| *m == hf) {
+            continue;
+        }
+        sgm.push(
+            key.trim_start_matches("model.diffusion_model.")
+                .trim_end_matches(".weight")
+                .replace('.', "_"),
+        );
+        modules.push((hf, d));
+    }
+    assert!(modules.len() >= 8, "{modules:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let unet = tmp.path().join("unet");
+    std::fs::create_dir(&unet).unwrap();
+    let src = unet.join("adapter_model.safetensors");
+    peft_like(&src, &modules, 4);
+
+    // kohya: sgm names (sd-scripts trains SDXL on its sgm U-Net).
+    let k = tmp.path().join("k.safetensors");
+    let (code, report, stderr) = convert(&[
+        src.as_os_str(),
+        "--to".as_ref(),
+        "kohya".as_ref(),
+        "-o".as_ref(),
+        k.as_os_str(),
+        "--base".as_ref(),
+        base.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let written: Vec<String> = report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["written_as"].as_str().unwrap().to_string())
+        .collect();
+    let mut expected: Vec<String> = sgm.iter().map(|s| format!("lora_unet_{s}")).collect();
+    let mut got = written.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected);
+
+    // OneTrainer keeps diffusers names; both go back to the same PEFT names through the base.
+    let o = tmp.path().join("o.safetensors");
+    let (code, report_o, stderr) = convert(&[
+        src.as_os_str(),
+        "--to".as_ref(),
+        "onetrainer".as_ref(),
+        "-o".as_ref(),
+        o.as_os_str(),
+        "--base".as_ref(),
+        base.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        report_o["layers"][0]["written_as"]
+            .as_str()
+            .unwrap()
+            .starts_with("lora_unet_down_blocks_")
+            || report_o["layers"][0]["written_as"]
+                .as_str()
+                .unwrap()
+                .starts_with("lora_unet_mid_block")
+            || report_o["layers"][0]["written_as"]
+                .as_str()
+                .unwrap()
+                .starts_with("lora_unet_up_blocks")
+    );
+    let original = import::load(&src).unwrap();
+    for (from, label) in [(&k, "kohya"), (&o, "onetrainer")] {
+        let back_dir = tmp.path().join(format!("back-{label}"));
+        let (code, _, stderr) = convert(&[
+            from.as_os_str(),
+            "--to".as_ref(),
+            "diffusers".as_ref(),
+            "-o".as_ref(),
+            back_dir.as_os_str(),
+            "--base".as_ref(),
+            base.as_os_str(),
+        ]);
+        assert_eq!(code, 0, "{label}: {stderr}");
+        let back = import::load(&back_dir).unwrap();
+        let mut a: Vec<(&str, &Vec<f64>)> = original
+            .layers
+            .iter()
+            .map(|l| (l.target.name.as_str(), &l.stages[0].q))
+            .collect();
+        let mut b: Vec<(&str, &Vec<f64>)> = back
+            .layers
+            .iter()
+            .map(|l| (l.target.name.as_str(), &l.stages[0].q))
+            .collect();
+        a.sort_by(|x, y| x.0.cmp(y.0));
+        b.sort_by(|x, y| x.0.cmp(y.0));
+        assert_eq!(
+            a, b,
+            "{label}: names or values changed through the round trip"
+        );
+        assert!(back_dir.join("unet/adapter_config.json").is_file());
+    }
+}

@@ -138,6 +138,33 @@ fn map_legacy(layer: &Layer, name: &str, alpha: f64, dim: usize) -> Mapped {
     }
 }
 
+/// kohya trains SDXL on its sgm-named U-Net, so its SDXL files name U-Net modules the ldm/sgm
+/// way (`lora_unet_input_blocks_4_1_…`); SD 1.x/2.x files use diffusers names. With a base, a
+/// U-Net layer of an SDXL base is named the sgm way for kohya.
+fn kohya_file_name(
+    layer: &Layer,
+    te_count: usize,
+    flavor: Flavor,
+    ctx: &Context<'_>,
+) -> std::result::Result<String, String> {
+    let name = names::kohya_name(layer, te_count)?;
+    if flavor != Flavor::Kohya || !name.starts_with("lora_unet_") {
+        return Ok(name);
+    }
+    let Some((table, pipeline)) = ctx.names() else {
+        return Ok(name);
+    };
+    if !pipeline.sdxl {
+        return Ok(name);
+    }
+    Ok(table
+        .resolve(&layer.target)
+        .ok()
+        .and_then(|r| pipeline.ldm(&r).cloned())
+        .map(|ldm| format!("lora_unet_{}", ldm.replace('.', "_")))
+        .unwrap_or(name))
+}
+
 pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Written> {
     let te_count = super::comfy::te_count(adapter);
     // One file is one kohya network module: the side most layers use decides which.
@@ -171,7 +198,7 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Wri
     let (mut conv, mut all_linear) = (false, false);
     let mut conv_names = Vec::new();
     for layer in &adapter.layers {
-        let name = match names::kohya_name(layer, te_count) {
+        let name = match kohya_file_name(layer, te_count, flavor, ctx) {
             Ok(n) => n,
             Err(e) => {
                 mapped.push((None, None, Status::Impossible { reason: e }));

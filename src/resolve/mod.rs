@@ -360,6 +360,10 @@ impl AliasTable {
 /// `text_model.encoder.layers.0.…`), whatever naming the base itself uses.
 pub struct PipelineNames {
     names: HashMap<Location, (String, String)>,
+    /// ldm/sgm module name of each U-Net weight (what kohya trains SDXL with).
+    ldm: HashMap<Location, String>,
+    /// Whether the U-Net is SDXL's (it has the `add_embedding` / `label_emb` class embedding).
+    pub sdxl: bool,
 }
 
 /// A weight key and an optional row slice of it.
@@ -369,12 +373,33 @@ impl PipelineNames {
     pub fn of(&self, r: &Resolved) -> Option<&(String, String)> {
         self.names.get(&(r.key.clone(), r.rows))
     }
+
+    /// The ldm/sgm name of a U-Net location.
+    pub fn ldm(&self, r: &Resolved) -> Option<&String> {
+        self.ldm.get(&(r.key.clone(), r.rows))
+    }
 }
 
 impl AliasTable {
     /// Build the diffusers-pipeline name index from the aliases (`unet.X`, `text_encoder.X`, …).
     pub fn pipeline_names(&self) -> PipelineNames {
         let mut names = HashMap::new();
+        let mut ldm = HashMap::new();
+        let mut sdxl = false;
+        for (alias, entries) in &self.map {
+            let Some(module) = alias.strip_prefix("diffusion_model.") else {
+                continue;
+            };
+            for e in entries.iter().filter(|e| e.owner == Owner::Unet) {
+                sdxl |= module.starts_with("label_emb.");
+                let slot = ldm
+                    .entry((e.key.clone(), None))
+                    .or_insert_with(|| module.to_string());
+                if module < slot.as_str() {
+                    *slot = module.to_string();
+                }
+            }
+        }
         // Earlier components win where a bare encoder answers to both `text_encoder` names.
         let components = ["unet.", "text_encoder.", "text_encoder_2.", "transformer."];
         let rank = |c: &str| components.iter().position(|p| p.trim_end_matches('.') == c);
@@ -410,7 +435,7 @@ impl AliasTable {
                 }
             }
         }
-        PipelineNames { names }
+        PipelineNames { names, ldm, sdxl }
     }
 }
 
