@@ -428,7 +428,7 @@ fn names_follow_each_tool_for_an_sdxl_single_file_base() {
             .to_string();
         let key = l["base_key"].as_str().unwrap();
         let d = l["shape"][1].as_u64().unwrap() as usize;
-        if d % 4 != 0 || modules.iter().any(|(m, _)| *m == hf) {
+        if !d.is_multiple_of(4) || modules.iter().any(|(m, _)| *m == hf) {
             continue;
         }
         sgm.push(
