@@ -295,6 +295,28 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
     md.insert("format".into(), "pt".into());
     for (comp, members) in &groups {
         let layers: Vec<&Layer> = members.iter().map(|(i, _)| &adapter.layers[*i]).collect();
+        let dir = comp.as_deref().map(PathBuf::from).unwrap_or_default();
+        // A row scale or a butterfly needs PEFT's BOFT (`boft_s`, `boft_R` per factor).
+        let needs_boft = layers.iter().any(|l| {
+            l.side == Side::Input
+                && (l.stages.len() > 1
+                    || l.row_scale
+                        .as_ref()
+                        .is_some_and(|(_, s)| s.iter().any(|&v| v != 1.0)))
+        });
+        if needs_boft {
+            let (config, tensors) = write_boft(adapter, members, ctx, &mut mapped);
+            files.push(OutFile::Text {
+                rel: dir.join("adapter_config.json"),
+                text: config,
+            });
+            files.push(OutFile::Safetensors {
+                rel: dir.join("adapter_model.safetensors"),
+                tensors,
+                metadata: md.clone(),
+            });
+            continue;
+        }
         let usable = || {
             layers
                 .iter()
@@ -359,7 +381,6 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
             mapped[*i] = (n, d, st);
         }
         modules.sort();
-        let dir = comp.as_deref().map(PathBuf::from).unwrap_or_default();
         files.push(OutFile::Text {
             rel: dir.join("adapter_config.json"),
             text: config_json(
@@ -384,6 +405,176 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
         warnings: Vec::new(),
         directory: true,
     })
+}
+
+/// PEFT BOFT (formats.md §3.4): `boft_R [m, N, b, b]` with `½(A − Aᵀ) = −Q` (PEFT's `Cay−`)
+/// on PEFT's butterfly wiring, `boft_s` the row scale (`[out, 1]`; Conv2d `[1, out]`). One
+/// `boft_block_size` and one `boft_n_butterfly_factor` per directory.
+fn write_boft(
+    adapter: &Adapter,
+    members: &[(usize, String)],
+    ctx: &Context<'_>,
+    mapped: &mut [(Option<String>, Option<Layer>, Status)],
+) -> (String, Vec<OwnedTensor>) {
+    let input = |i: usize| adapter.layers[i].side == Side::Input;
+    let b = most_common(
+        members
+            .iter()
+            .filter(|(i, _)| input(*i))
+            .map(|(i, _)| adapter.layers[*i].stages[0].spec.block_size),
+    )
+    .unwrap_or(0);
+    let m = most_common(
+        members
+            .iter()
+            .filter(|(i, _)| input(*i))
+            .map(|(i, _)| adapter.layers[*i].stages.len()),
+    )
+    .unwrap_or(1);
+    let mut tensors = Vec::new();
+    let mut modules = Vec::new();
+    for (i, module) in members {
+        let (n, d, st, t) = outcome(map_boft(&adapter.layers[*i], module, b, m, ctx));
+        if n.is_some() {
+            modules.push(module.clone());
+        }
+        tensors.extend(t);
+        mapped[*i] = (n, d, st);
+    }
+    modules.sort();
+    let v = serde_json::json!({
+        "peft_type": "BOFT",
+        "task_type": null,
+        "base_model_name_or_path": null,
+        "revision": null,
+        "inference_mode": true,
+        "boft_block_size": b,
+        "boft_block_num": 0,
+        "boft_n_butterfly_factor": m,
+        "boft_dropout": 0.0,
+        "target_modules": modules,
+        "exclude_modules": null,
+        "fan_in_fan_out": false,
+        "bias": "none",
+        "init_weights": true,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "modules_to_save": null,
+        "peft_version": "0.18.0",
+    });
+    (
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        tensors,
+    )
+}
+
+fn map_boft(layer: &Layer, module: &str, b: u64, m: usize, ctx: &Context<'_>) -> Mapped {
+    if layer.side != Side::Input {
+        return Mapped::Impossible(
+            "it rotates the output rows; PEFT ≥ 0.14 rotates input columns, and an output-side \
+             rotation is no input-side one. Bake the adapter (oftool merge)"
+                .into(),
+        );
+    }
+    if layer.stages.len() != m || layer.stages.iter().any(|s| s.spec.block_size != b) {
+        return Mapped::Impossible(format!(
+            "{} stage(s) of block size {}, but PEFT's BOFT config holds one block size ({b}) and one \
+             butterfly-factor count ({m}) for the directory",
+            layer.stages.len(),
+            layer.stages[0].spec.block_size
+        ));
+    }
+    for (i, s) in layer.stages.iter().enumerate() {
+        let ok = match s.spec.wiring {
+            Wiring::Identity => i == 0 || m == 1,
+            Wiring::Butterfly {
+                producer: WiringProducer::Peft,
+                index,
+            } => index as usize == i,
+            _ => false,
+        };
+        if !ok {
+            return Mapped::Impossible(format!(
+                "stage {i} is wired {}, not as PEFT's butterfly factor {i}",
+                s.spec.wiring.describe()
+            ));
+        }
+    }
+    let conv = match super::is_conv(layer, ctx.sd1) {
+        Ok(c) => c,
+        Err(e) => return Mapped::Impossible(e),
+    };
+    let out = match (&layer.row_scale, &layer.target.shape) {
+        (Some((_, s)), _) => s.len(),
+        (None, Some(shape)) => shape[0] as usize,
+        (None, None) => {
+            return Mapped::Impossible(
+                "BOFT stores a row scale of the output size, which this layer does not record; \
+                 pass --base"
+                    .into(),
+            );
+        }
+    };
+    let bs = b as usize;
+    let axis = layer.target.rotated_dim;
+    let mut values = Vec::new();
+    let mut denoted = layer.clone();
+    let mut lossy = Vec::new();
+    let mut blocks = 0;
+    for (i, stage) in layer.stages.iter().enumerate() {
+        let Some(q) = expanded_rows(stage, axis) else {
+            return Mapped::Impossible(
+                "a shared block whose repeat count is unknown; pass --base".into(),
+            );
+        };
+        blocks = q.len() / stage.tri_len().max(1);
+        let mut back = Vec::with_capacity(q.len());
+        for row in q.chunks_exact(stage.tri_len().max(1)) {
+            // A = −Q as a dense skew block: PEFT's ½(A − Aᵀ) gives A back exactly.
+            let neg: Vec<f64> = row.iter().map(|x| -(*x as f32 as f64)).collect();
+            values.extend(crate::rotation::unpack_skew(&neg, bs));
+            back.extend(neg.iter().map(|x| -x));
+        }
+        let ds = &mut denoted.stages[i];
+        ds.q = back;
+        ds.q_f64 = false;
+        ds.spec.shared = false;
+        ds.spec.blocks = Some(blocks as u64);
+        if stage.spec.map != RotationMap::Cayley {
+            ds.spec.map = RotationMap::Cayley;
+            if lossy.is_empty() {
+                lossy.push(format!(
+                    "PEFT BOFT uses the exact Cayley map, the source the {}",
+                    stage.spec.map.describe()
+                ));
+            }
+        }
+    }
+    let scale: Vec<f64> = match &layer.row_scale {
+        Some((_, s)) => s.iter().map(|&v| v as f32 as f64).collect(),
+        None => vec![1.0; out],
+    };
+    denoted.row_scale = layer.row_scale.as_ref().map(|(p, _)| (*p, scale.clone()));
+    denoted.row_scale_f64 = false;
+    denoted.constraint = None;
+    let name = format!("base_model.model.{module}");
+    let r = OwnedTensor::new(
+        format!("{name}.boft_R"),
+        Dtype::F32,
+        vec![m, blocks, bs, bs],
+        &values,
+    );
+    let s_shape = if conv { vec![1, out] } else { vec![out, 1] };
+    let s = OwnedTensor::new(format!("{name}.boft_s"), Dtype::F32, s_shape, &scale);
+    match (r, s) {
+        (Ok(r), Ok(s)) => Mapped::Written {
+            name,
+            tensors: vec![r, s],
+            denoted: Box::new(denoted),
+            lossy: (!lossy.is_empty()).then(|| lossy.join("; ")),
+        },
+        (Err(e), _) | (_, Err(e)) => Mapped::Impossible(e.to_string()),
+    }
 }
 
 #[cfg(test)]
