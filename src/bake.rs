@@ -1071,8 +1071,9 @@ pub fn run(
         ));
     }
     let single = matches!(kind, BaseKind::Single(_));
+    crate::tensors::clean_stale(&parent);
     let staging = tempfile::Builder::new()
-        .prefix(".oftool-tmp-")
+        .prefix(&crate::tensors::staging_prefix())
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
     let mut bytes_written = 0u64;

@@ -318,7 +318,7 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
     let mut adapter = compose(inputs, base)?;
     let collapse_report = do_collapse.then(|| collapse(&mut adapter));
-    adapter.provenance.created = Some(crate::convert::creation_time());
+    adapter.provenance.created = Some(crate::convert::creation_time(&paths));
     crate::oft_file::write(&adapter, out)?;
     Ok(ComposeSummary {
         inputs: args.to_vec(),

@@ -7,7 +7,7 @@ use crate::oft_file;
 use crate::validate::check_adapter;
 use serde::Serialize;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 #[derive(Debug, Serialize)]
 pub struct ConvertSummary {
@@ -74,17 +74,21 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
-/// Creation time: `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.
-pub fn creation_time() -> String {
+/// Creation time recorded in outputs: `SOURCE_DATE_EPOCH` when set (reproducible builds), else
+/// the newest modification time of the inputs — never the clock, so that the same inputs give
+/// byte-identical outputs.
+pub fn creation_time(inputs: &[&Path]) -> String {
+    let newest = inputs
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .filter_map(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .max();
     let secs = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        });
+        .or(newest)
+        .unwrap_or(0);
     rfc3339(secs)
 }
 
@@ -169,7 +173,7 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
         )));
     }
     if adapter.provenance.created.is_none() {
-        adapter.provenance.created = Some(creation_time());
+        adapter.provenance.created = Some(creation_time(&inputs));
     }
     oft_file::write(&adapter, output)?;
     Ok(ConvertSummary {
@@ -364,8 +368,9 @@ fn write_output(output: &Path, written: &export::Written, zip: bool) -> Result<(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    crate::tensors::clean_stale(parent);
     let tmp = tempfile::Builder::new()
-        .prefix(".oftool-tmp-")
+        .prefix(&crate::tensors::staging_prefix())
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     for f in &written.files {

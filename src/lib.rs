@@ -11,6 +11,8 @@ pub mod compose;
 pub mod convert;
 pub mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod import;
 pub mod inspect;
 pub mod model;

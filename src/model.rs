@@ -295,6 +295,22 @@ pub struct Adapter {
     pub features: Vec<String>,
 }
 
+/// Largest rotated dimension (blocks × block size) any reader accepts: far above any model's
+/// layer (Flux's widest is 12 288 features, its `linear1` in·k·k 3 072), small enough that no
+/// count a file claims can make a reader allocate without bound.
+pub const MAX_DIM: u64 = 1 << 24;
+/// Most Cayley–Neumann terms accepted (PEFT uses 5; each term is a b × b product).
+pub const MAX_NEUMANN_TERMS: u32 = 64;
+
+/// Whether `blocks × block_size` stays within [`MAX_DIM`].
+pub fn dim_ok(blocks: Option<u64>, block_size: u64) -> bool {
+    block_size <= MAX_DIM
+        && blocks
+            .unwrap_or(1)
+            .checked_mul(block_size)
+            .is_some_and(|d| d <= MAX_DIM)
+}
+
 pub const FORMAT_NAME: &str = "oft";
 pub const FORMAT_VERSION: &str = "1.0";
 /// Format 1.1 feature: several layers may act on the same weight; they apply in file order.

@@ -333,6 +333,23 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                     ),
                 ));
             }
+            if !dim_ok(ss.blocks, ss.block_size) {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "{what}: {:?} blocks of size {} exceed the largest dimension oftool accepts ({MAX_DIM})",
+                        ss.blocks, ss.block_size
+                    ),
+                ));
+            }
+            if let RotationMap::Neumann { terms, .. } = ss.map
+                && terms > MAX_NEUMANN_TERMS
+            {
+                return Err(Error::format(
+                    path,
+                    format!("{what}: {terms} Neumann terms (at most {MAX_NEUMANN_TERMS})"),
+                ));
+            }
             if ss.blocks.is_none() && !ss.shared {
                 return Err(Error::format(
                     path,

@@ -201,6 +201,53 @@ pub fn write_safetensors(
     Ok(())
 }
 
+/// Prefix of this process's temporary outputs: `.oftool-tmp-<pid>-`. A run that is killed
+/// (kill -9, power loss) leaves its temporary file or folder behind under that name; the next
+/// run writing to the same folder removes those whose process is gone ([`clean_stale`]).
+pub fn staging_prefix() -> String {
+    format!("{STAGING}{}-", std::process::id())
+}
+
+const STAGING: &str = ".oftool-tmp-";
+
+/// Remove temporary outputs in `dir` left by oftool processes that no longer run. Entries of
+/// live processes (another oftool writing there now) are left alone.
+pub fn clean_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid <= 0 || pid as u32 == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
+}
+
+#[cfg(unix)]
+fn process_alive(pid: i32) -> bool {
+    // kill(pid, 0) checks existence without signalling; EPERM still means it exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(not(unix))]
+fn process_alive(_: i32) -> bool {
+    true
+}
+
 /// Write `path` atomically: the bytes go to a temporary file in the same directory, which is
 /// synced and renamed into place only when complete. A failure leaves nothing at `path`.
 pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
@@ -208,8 +255,9 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) ->
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    clean_stale(dir);
     let mut tmp = tempfile::Builder::new()
-        .prefix(".oftool-tmp-")
+        .prefix(&staging_prefix())
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
     write(tmp.as_file_mut())?;

@@ -221,7 +221,8 @@ pub fn expanded_rows(stage: &Stage, axis: Option<u64>) -> Option<Vec<f64>> {
         .spec
         .blocks
         .or_else(|| axis.map(|d| d / stage.spec.block_size.max(1)))?;
-    Some(stage.q.repeat(blocks as usize))
+    // A count from a file is bounded before it sizes an allocation.
+    dim_ok(Some(blocks), stage.spec.block_size).then(|| stage.q.repeat(blocks as usize))
 }
 
 /// Whether a layer's module is a Conv2d: recorded kind, full shape, or (SD U-Nets) its name.
