@@ -97,6 +97,13 @@ pub fn parse_adapter_arg(arg: &str) -> Result<AdapterArg> {
             strength: Some(s),
         });
     }
+    if let Some((head, tail)) = arg.rsplit_once(':')
+        && Path::new(head).exists()
+    {
+        return Err(Error::Usage(format!(
+            "`{tail}` in `{arg}` is not a strength (ADAPTER:S takes a number, e.g. `{head}:0.5`)"
+        )));
+    }
     Ok(AdapterArg {
         path: arg.into(),
         strength: None,

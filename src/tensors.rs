@@ -30,6 +30,15 @@ impl MappedFile {
             path: path.to_path_buf(),
             detail: describe_st_error(&e),
         })?;
+        // serde keeps the last of duplicated JSON keys silently; a header that names a tensor
+        // twice is ambiguous (two readers may disagree on which one is meant).
+        let n = u64::from_le_bytes(mmap[..8].try_into().unwrap_or([0; 8])) as usize;
+        if let Some(dup) = duplicate_key(&mmap[8..8 + n]) {
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                detail: format!("the header names `{dup}` twice"),
+            });
+        }
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(MappedFile { mmap, metadata })
     }
@@ -79,6 +88,36 @@ fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
         E::ValidationOverflow => "a tensor's shape overflows".into(),
         other => other.to_string(),
     }
+}
+
+/// The first top-level key a JSON object repeats (also inside `__metadata__`), if any.
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = map.next_key::<String>()? {
+                if k == "__metadata__" {
+                    let inner: std::collections::HashMap<String, String> = map.next_value()?;
+                    let _ = inner;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                if !seen.insert(k.clone()) && dup.is_none() {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(header);
+    de.deserialize_map(Keys).ok().flatten()
 }
 
 /// Decode a tensor's elements to f64. Refuses dtypes an adapter or weight never uses.

@@ -274,6 +274,23 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
     let mut mapped: Vec<(Option<String>, Option<Layer>, Status)> =
         vec![(None, None, Status::Exact); adapter.layers.len()];
     for (i, layer) in adapter.layers.iter().enumerate() {
+        // The side decides before the name: an output-side layer is impossible whatever it is
+        // called.
+        if layer.side != Side::Input
+            && let Mapped::Impossible(reason) = map_layer(
+                layer,
+                "",
+                Settings {
+                    map: RotationMap::Cayley,
+                    block_size: 0,
+                    r: 0,
+                    share: false,
+                },
+            )
+        {
+            mapped[i].2 = Status::Impossible { reason };
+            continue;
+        }
         match names::pipeline_name(layer, ctx.names()) {
             Ok((comp, module)) => match groups.iter_mut().find(|(c, _)| *c == comp) {
                 Some((_, v)) => v.push((i, module)),
