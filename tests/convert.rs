@@ -528,3 +528,40 @@ fn names_follow_each_tool_for_an_sdxl_single_file_base() {
         assert!(back_dir.join("unet/adapter_config.json").is_file());
     }
 }
+
+#[test]
+fn outputs_are_byte_identical_across_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peft = cases_dir().join("peft-unet-neumann5-b4/adapter");
+    let lyco = cases_dir().join("lyco-unet-constraint/adapter.safetensors");
+    let te = cases_dir().join("peft-te-neumann/adapter");
+    for (src, to, file) in [
+        (&peft, "oft", "x.oft"),
+        (&peft, "diffusers", "d/adapter_model.safetensors"),
+        (&te, "kohya", "k.safetensors"),
+        (&lyco, "comfyui", "c.safetensors"),
+        (&lyco, "oft", "l.oft"),
+    ] {
+        let mut outs = Vec::new();
+        for run in 0..2 {
+            let root = tmp
+                .path()
+                .join(format!("{to}-{file}-{run}").replace('/', "_"));
+            std::fs::create_dir(&root).unwrap();
+            let target = root.join(file.split('/').next().unwrap());
+            oftool()
+                .env_remove("SOURCE_DATE_EPOCH")
+                .args(["convert", "--to", to, "-o"])
+                .arg(&target)
+                .arg(src)
+                .assert()
+                .success();
+            outs.push(std::fs::read(root.join(file)).unwrap());
+            // The clock moves between the runs; the output must not.
+            if run == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1100));
+            }
+        }
+        assert!(outs[0] == outs[1], "{to}: two runs differ");
+    }
+}

@@ -254,7 +254,11 @@ fn base_truncated_during_a_bake_is_an_error_not_a_crash() {
             assert!(!out.exists(), "a failed bake left {}", out.display());
             assert!(!err.contains("panicked"), "{err}");
         }
-        outcomes.push((delay, o.status.code(), err.lines().next().map(str::to_string)));
+        outcomes.push((
+            delay,
+            o.status.code(),
+            err.lines().next().map(str::to_string),
+        ));
     }
     assert!(
         outcomes.iter().any(|(_, _, e)| e
