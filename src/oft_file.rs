@@ -3,7 +3,8 @@
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::rotation::tri_len;
-use crate::tensors::{MappedFile, atomic_write, from_f64, to_f64, write_safetensors};
+use crate::tensors::OwnedTensor;
+use crate::tensors::{MappedFile, atomic_write, from_f64, to_f64};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -16,14 +17,6 @@ pub const META_DIGEST: &str = "oft.digest";
 /// Whether a safetensors header's metadata marks it as `.oft`.
 pub fn is_oft(metadata: &HashMap<String, String>) -> bool {
     metadata.get(META_FORMAT).map(String::as_str) == Some(FORMAT_NAME)
-}
-
-/// A tensor ready to be written: name, dtype, shape, little-endian bytes.
-struct OwnedTensor {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -168,18 +161,7 @@ pub fn write_to(adapter: &Adapter, out: &mut impl std::io::Write) -> Result<()> 
     meta.insert(META_VERSION.to_string(), manifest.version.clone());
     meta.insert(META_MANIFEST.to_string(), manifest_json);
     meta.insert(META_DIGEST.to_string(), digest);
-    let list: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.as_str(),
-                t.dtype,
-                t.shape.as_slice(),
-                t.bytes.as_slice(),
-            )
-        })
-        .collect();
-    write_safetensors(out, &list, meta)
+    crate::tensors::write_owned(out, &tensors, meta)
 }
 
 /// Write `adapter` to `path` atomically.

@@ -196,6 +196,47 @@ pub fn encode_header(
     Ok(out)
 }
 
+/// A tensor ready to be written: name, dtype, shape, little-endian bytes.
+#[derive(Debug, Clone)]
+pub struct OwnedTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl OwnedTensor {
+    /// Encode f64 `values` in `dtype`.
+    pub fn new(name: String, dtype: Dtype, shape: Vec<usize>, values: &[f64]) -> Result<Self> {
+        Ok(OwnedTensor {
+            bytes: from_f64(values, dtype)?,
+            name,
+            dtype,
+            shape,
+        })
+    }
+}
+
+/// [`write_safetensors`] for owned tensors.
+pub fn write_owned(
+    w: &mut impl Write,
+    tensors: &[OwnedTensor],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let views: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.dtype,
+                t.shape.as_slice(),
+                t.bytes.as_slice(),
+            )
+        })
+        .collect();
+    write_safetensors(w, &views, metadata)
+}
+
 /// Write a safetensors file of `(name, dtype, shape, bytes)` tensors, deterministically: tensors
 /// ordered by decreasing dtype alignment, then name (as the crate does), header keys sorted.
 pub fn write_safetensors(

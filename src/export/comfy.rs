@@ -8,7 +8,6 @@
 //! strength slider: both are reported.
 
 use super::*;
-use crate::rotation::skew_norm;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
@@ -174,12 +173,7 @@ fn shape_kind(layer: &Layer) -> Shape {
 
 pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Written> {
     let te_count = te_count(adapter);
-    let alpha = free_alpha(
-        adapter
-            .layers
-            .iter()
-            .map(|l| l.stages.iter().map(|s| skew_norm(&s.q)).sum::<f64>()),
-    );
+    let alpha = free_alpha_for(adapter);
     let mut tensors = Vec::new();
     let mut mapped = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -241,16 +235,7 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Wri
             );
         }
     }
-    Ok(Written {
-        files: vec![OutFile::Safetensors {
-            rel: PathBuf::new(),
-            tensors,
-            metadata,
-        }],
-        mapped,
-        warnings,
-        directory: false,
-    })
+    Ok(Written::single(tensors, metadata, mapped, warnings))
 }
 
 /// Number of text encoders the adapter touches (decides `lora_te_` vs `lora_te1_`/`lora_te2_`).

@@ -8,7 +8,6 @@
 //!   (`network_dim`), no row scale, kohya's always-on clamp made inert by a large `alpha`.
 
 use super::*;
-use crate::rotation::skew_norm;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
@@ -174,12 +173,7 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Wri
         .filter(|l| l.side == Side::Output)
         .count();
     let legacy = flavor == Flavor::Kohya && outputs * 2 > adapter.layers.len();
-    let alpha = free_alpha(
-        adapter
-            .layers
-            .iter()
-            .map(|l| l.stages.iter().map(|s| skew_norm(&s.q)).sum::<f64>()),
-    );
+    let alpha = free_alpha_for(adapter);
     let dim = adapter
         .layers
         .iter()
@@ -286,14 +280,5 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Wri
             );
         }
     }
-    Ok(Written {
-        files: vec![OutFile::Safetensors {
-            rel: PathBuf::new(),
-            tensors,
-            metadata,
-        }],
-        mapped,
-        warnings: Vec::new(),
-        directory: false,
-    })
+    Ok(Written::single(tensors, metadata, mapped, Vec::new()))
 }

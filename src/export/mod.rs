@@ -15,7 +15,7 @@ mod peft;
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::rotation::rotation_block;
-use crate::tensors::{MappedFile, from_f64, write_safetensors};
+use crate::tensors::MappedFile;
 use safetensors::Dtype;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -88,23 +88,7 @@ pub enum OutFile {
     },
 }
 
-pub struct OwnedTensor {
-    pub name: String,
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub bytes: Vec<u8>,
-}
-
-impl OwnedTensor {
-    pub fn new(name: String, dtype: Dtype, shape: Vec<usize>, values: &[f64]) -> Result<Self> {
-        Ok(OwnedTensor {
-            bytes: from_f64(values, dtype)?,
-            name,
-            dtype,
-            shape,
-        })
-    }
-}
+pub use crate::tensors::OwnedTensor;
 
 /// The outcome of one layer in a writer.
 pub enum Mapped {
@@ -367,20 +351,9 @@ pub fn file_bytes(file: &OutFile) -> Result<Vec<u8>> {
         OutFile::Safetensors {
             tensors, metadata, ..
         } => {
-            let views: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
-                .iter()
-                .map(|t| {
-                    (
-                        t.name.as_str(),
-                        t.dtype,
-                        t.shape.as_slice(),
-                        t.bytes.as_slice(),
-                    )
-                })
-                .collect();
             let mut out = Vec::new();
             let md: HashMap<String, String> = metadata.clone().into_iter().collect();
-            write_safetensors(&mut out, &views, md)?;
+            crate::tensors::write_owned(&mut out, tensors, md)?;
             Ok(out)
         }
     }
@@ -390,6 +363,37 @@ pub fn rel_path(file: &OutFile) -> &Path {
     match file {
         OutFile::Safetensors { rel, .. } | OutFile::Text { rel, .. } => rel,
     }
+}
+
+impl Written {
+    /// A one-file layout.
+    pub fn single(
+        tensors: Vec<OwnedTensor>,
+        metadata: BTreeMap<String, String>,
+        mapped: Vec<(Option<String>, Option<Layer>, Status)>,
+        warnings: Vec<String>,
+    ) -> Self {
+        Written {
+            files: vec![OutFile::Safetensors {
+                rel: PathBuf::new(),
+                tensors,
+                metadata,
+            }],
+            mapped,
+            warnings,
+            directory: false,
+        }
+    }
+}
+
+/// [`free_alpha`] over every layer of an adapter (‖Q‖_F summed over a layer's stages).
+pub fn free_alpha_for(adapter: &Adapter) -> f64 {
+    free_alpha(adapter.layers.iter().map(|l| {
+        l.stages
+            .iter()
+            .map(|s| crate::rotation::skew_norm(&s.q))
+            .sum::<f64>()
+    }))
 }
 
 /// A non-binding `alpha` for every reader: a power of two ≥ 1024 and ≥ 2·‖Q‖_F of any layer

@@ -48,6 +48,20 @@ pub fn skew_blocks(raw: &[f64], b: usize, scale: f64) -> Vec<f64> {
     q
 }
 
+/// Refuse a block count (from a config) whose dimension no model has, before it sizes anything.
+pub fn check_dim(path: &Path, module: &str, blocks: Option<u64>, b: usize) -> Result<()> {
+    if dim_ok(blocks, b as u64) {
+        return Ok(());
+    }
+    Err(Error::format(
+        path,
+        format!(
+            "`{module}`: {} blocks of size {b} (the config's `r`) exceed the largest dimension oftool accepts ({MAX_DIM})",
+            blocks.unwrap_or(0)
+        ),
+    ))
+}
+
 /// Project each `b × b` block of the raw parameter onto the Frobenius ball of `radius` (the
 /// COFT rule of PEFT ≤ 0.15 and of the OFT authors: the distance to the zero matrix).
 pub fn project_raw_blocks(raw: &mut [f64], b: usize, radius: f64) {

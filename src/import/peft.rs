@@ -228,15 +228,7 @@ pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) 
         } else {
             Some(rows as u64)
         };
-        if !dim_ok(blocks, b as u64) {
-            return Err(Error::format(
-                weights,
-                format!(
-                    "`{module}`: {} blocks of size {b} (the config's `r`) exceed the largest dimension oftool accepts ({MAX_DIM})",
-                    blocks.unwrap_or(0)
-                ),
-            ));
-        }
+        super::common::check_dim(weights, module, blocks, b)?;
         let map = if cfg.use_cayley_neumann {
             RotationMap::Neumann {
                 terms: cfg.terms,
