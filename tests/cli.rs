@@ -75,9 +75,8 @@ fn convert_then_inspect_round_trips_the_layer_structure() {
             .as_str()
             .unwrap()
             .to_string();
-        let output_side = format.starts_with("lycoris")
-            || format.starts_with("kohya-oft")
-            || format == "peft-oft-0.7";
+        let output_side =
+            format.starts_with("lycoris") || format == "kohya-oft" || format == "peft-oft-0.7";
         for l in layers {
             let side = l["side"].as_str().unwrap();
             assert_eq!(

@@ -50,7 +50,7 @@ impl Layout {
             Layout::KohyaOft => "kohya-oft",
             Layout::PeftOftLegacy => "peft-oft-legacy",
             Layout::Boft => "boft",
-            Layout::OneTrainer => "onetrainer-oft2",
+            Layout::OneTrainer => "oft-v2",
             Layout::LycorisOftDiag => "lycoris-oft-diag",
             Layout::Authors => "oft-authors",
         }
