@@ -203,20 +203,14 @@ fn map_layer(layer: &Layer, module: &str, set: Settings) -> Mapped {
     }
 }
 
-fn config_json(set: Settings, modules: &[String], source: Option<&str>) -> String {
-    let (neumann, terms) = match set.map {
-        RotationMap::Cayley => (false, 5),
-        RotationMap::Neumann { terms, .. } => (true, terms),
-    };
-    let v = serde_json::json!({
-        "peft_type": "OFT",
+/// An `adapter_config.json` of `peft_type` for `modules`: PEFT's common fields plus `own`.
+fn peft_config(peft_type: &str, modules: &[String], own: Value) -> Value {
+    let mut v = serde_json::json!({
+        "peft_type": peft_type,
         "task_type": null,
         "base_model_name_or_path": null,
         "revision": null,
         "inference_mode": true,
-        "r": set.r,
-        "oft_block_size": set.block_size,
-        "module_dropout": 0.0,
         "target_modules": modules,
         "exclude_modules": null,
         "fan_in_fan_out": false,
@@ -225,13 +219,33 @@ fn config_json(set: Settings, modules: &[String], source: Option<&str>) -> Strin
         "layers_to_transform": null,
         "layers_pattern": null,
         "modules_to_save": null,
-        "coft": false,
-        "eps": 6e-5,
-        "block_share": set.share,
-        "use_cayley_neumann": neumann,
-        "num_cayley_neumann_terms": terms,
         "peft_version": "0.18.0",
     });
+    if let (Value::Object(all), Value::Object(own)) = (&mut v, own) {
+        all.extend(own);
+    }
+    v
+}
+
+fn config_json(set: Settings, modules: &[String], source: Option<&str>) -> String {
+    let (neumann, terms) = match set.map {
+        RotationMap::Cayley => (false, 5),
+        RotationMap::Neumann { terms, .. } => (true, terms),
+    };
+    let v = peft_config(
+        "OFT",
+        modules,
+        serde_json::json!({
+            "r": set.r,
+            "oft_block_size": set.block_size,
+            "module_dropout": 0.0,
+            "coft": false,
+            "eps": 6e-5,
+            "block_share": set.share,
+            "use_cayley_neumann": neumann,
+            "num_cayley_neumann_terms": terms,
+        }),
+    );
     // Keep a PEFT source's own settings (base model, task, auto_mapping, …); the math keys and
     // a pre-0.18 version are ours.
     let mut out = v.clone();
@@ -459,26 +473,16 @@ fn write_boft(
         mapped[*i] = (n, d, st);
     }
     modules.sort();
-    let v = serde_json::json!({
-        "peft_type": "BOFT",
-        "task_type": null,
-        "base_model_name_or_path": null,
-        "revision": null,
-        "inference_mode": true,
-        "boft_block_size": b,
-        "boft_block_num": 0,
-        "boft_n_butterfly_factor": m,
-        "boft_dropout": 0.0,
-        "target_modules": modules,
-        "exclude_modules": null,
-        "fan_in_fan_out": false,
-        "bias": "none",
-        "init_weights": true,
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "modules_to_save": null,
-        "peft_version": "0.18.0",
-    });
+    let v = peft_config(
+        "BOFT",
+        &modules,
+        serde_json::json!({
+            "boft_block_size": b,
+            "boft_block_num": 0,
+            "boft_n_butterfly_factor": m,
+            "boft_dropout": 0.0,
+        }),
+    );
     (
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
         tensors,
