@@ -276,6 +276,9 @@ fn weight_change(a: &Layer, b: &Layer, base: &MappedFile, ctx: &Context<'_>) -> 
     let st = base.tensors();
     let view = st.tensor(&r.key).ok()?;
     let shape = view.shape().to_vec();
+    if shape.is_empty() {
+        return None;
+    }
     let cols: usize = shape[1..].iter().product();
     let all = crate::tensors::to_f64(&view, &r.key).ok()?;
     let (start, len) = r.rows.unwrap_or((0, shape[0]));
