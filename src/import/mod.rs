@@ -176,8 +176,14 @@ fn detect_dir(path: &Path) -> Result<Layout> {
         return detect_dir(&c);
     }
     let dir = peft_dir(path)?;
-    let peft_type = peft::peft_type(&dir.config)?;
     let file = open_weights(&dir.weights)?;
+    dir_layout(path, &dir, &file)
+}
+
+/// The layout of a PEFT directory whose weights are open: the tensors' layout, which the
+/// config's `peft_type` must agree with.
+fn dir_layout(path: &Path, dir: &PeftDir, file: &Weights) -> Result<Layout> {
+    let peft_type = peft::peft_type(&dir.config)?;
     let layout = detect_file(&dir.weights, &file.mapped)?;
     let fits = match peft_type.as_str() {
         "OFT" => matches!(layout, Layout::PeftOft | Layout::PeftOftLegacy),
@@ -286,37 +292,40 @@ pub fn load_with(path: &Path, semantics: lycoris::Semantics) -> Result<Adapter> 
     if path.is_dir() && !path.join("adapter_config.json").is_file() {
         return load_components(path, semantics);
     }
-    let (weights, config, component, layout) = if path.is_dir() {
-        let layout = detect_dir(path)?;
+    // Open the weights once (a pickle is converted once) for detection and import.
+    let (weights, opened, config, component, layout) = if path.is_dir() {
         let dir = peft_dir(path)?;
+        let opened = open_weights(&dir.weights)?;
+        let layout = dir_layout(path, &dir, &opened)?;
         (
             dir.weights,
+            opened,
             Some(dir.config),
             component_from_dir(path),
             layout,
         )
     } else {
-        let file = open_weights(path)?;
-        let layout = detect_file(path, &file.mapped)?;
+        let opened = open_weights(path)?;
+        let layout = detect_file(path, &opened.mapped)?;
         let sibling = path.with_file_name("adapter_config.json");
         let config = sibling.is_file().then_some(sibling);
         let component = path.parent().and_then(component_from_dir);
-        (path.to_path_buf(), config, component, layout)
+        (path.to_path_buf(), opened, config, component, layout)
     };
-    let original = weights.clone();
-    let opened = open_weights(&weights)?;
+    let original = weights;
     let path = opened.path.as_path();
+    let mapped = &opened.mapped;
     let mut adapter = match layout {
         Layout::Oft => oft_file::read(path),
         Layout::PeftOft => peft::import(path, config.as_deref(), component),
         Layout::PeftOftLegacy => peft_legacy::import(path, config.as_deref(), component),
         Layout::Boft => boft::import(path, config.as_deref(), component),
-        Layout::OneTrainer => onetrainer::import(path, &MappedFile::open(path)?),
-        Layout::LycorisOftDiag => lycoris::import_oft_diag(path, &MappedFile::open(path)?),
+        Layout::OneTrainer => onetrainer::import(path, mapped),
+        Layout::LycorisOftDiag => lycoris::import_oft_diag(path, mapped),
         Layout::LycorisDiagOft | Layout::LycorisBoft | Layout::KohyaOft => {
-            lycoris::import(path, &MappedFile::open(path)?, semantics)
+            lycoris::import(path, mapped, semantics)
         }
-        Layout::Authors => authors::import(path, &MappedFile::open(path)?),
+        Layout::Authors => authors::import(path, mapped),
     }?;
     if path != original {
         // Read through a converted copy: the provenance names the file the user gave.
