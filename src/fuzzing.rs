@@ -6,6 +6,7 @@
 use crate::export::{Context, To, export};
 use crate::model::Adapter;
 use crate::resolve::AliasTable;
+use crate::tensors::{OwnedTensor, write_owned};
 use std::path::PathBuf;
 
 /// A private scratch directory per process (RAM-backed where the system has one).
@@ -18,6 +19,15 @@ fn scratch() -> PathBuf {
     let dir = root.join(format!("oftool-fuzz-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     dir
+}
+
+fn f32_tensor(name: String, shape: Vec<usize>, bytes: Vec<u8>) -> OwnedTensor {
+    OwnedTensor {
+        name,
+        dtype: safetensors::Dtype::F32,
+        shape,
+        bytes,
+    }
 }
 
 fn write(name: &str, data: &[u8]) -> PathBuf {
@@ -98,29 +108,18 @@ pub fn peft_config(data: &[u8]) {
         let _ = std::fs::write(d.join("adapter_config.json"), data);
         let w = d.join("adapter_model.safetensors");
         if !w.is_file() {
-            let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            let owned: Vec<OwnedTensor> = tensors
                 .iter()
                 .map(|(n, s)| {
                     let len: usize = s.iter().product();
                     let bytes = (0..len)
                         .flat_map(|i| (0.01 * (i % 7) as f32).to_le_bytes())
                         .collect();
-                    (n.to_string(), s.clone(), bytes)
-                })
-                .collect();
-            let views: Vec<(&str, safetensors::Dtype, &[usize], &[u8])> = bufs
-                .iter()
-                .map(|(n, s, b)| {
-                    (
-                        n.as_str(),
-                        safetensors::Dtype::F32,
-                        s.as_slice(),
-                        b.as_slice(),
-                    )
+                    f32_tensor(n.to_string(), s.clone(), bytes)
                 })
                 .collect();
             if let Ok(mut f) = std::fs::File::create(&w) {
-                let _ = crate::tensors::write_safetensors(&mut f, &views, Default::default());
+                let _ = write_owned(&mut f, &owned, Default::default());
             }
         }
         if let Ok(a) = crate::import::load(&d) {
@@ -206,7 +205,7 @@ pub fn structured(data: &[u8]) {
     let mut it = data.iter().copied();
     let mut next = || it.next().unwrap_or(0);
     let count = (next() % 6) as usize + 1;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<OwnedTensor> = Vec::new();
     for _ in 0..count {
         let name = format!(
             "{}{}",
@@ -228,22 +227,11 @@ pub fn structured(data: &[u8]) {
             };
             bytes.extend(v.to_le_bytes());
         }
-        if bytes.len() != len * 4 || tensors.iter().any(|(n, _, _)| *n == name) {
+        if bytes.len() != len * 4 || tensors.iter().any(|t| t.name == name) {
             continue;
         }
-        tensors.push((name, shape, bytes));
+        tensors.push(f32_tensor(name, shape, bytes));
     }
-    let views: Vec<(&str, safetensors::Dtype, &[usize], &[u8])> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.as_str(),
-                safetensors::Dtype::F32,
-                s.as_slice(),
-                b.as_slice(),
-            )
-        })
-        .collect();
     let mut md = std::collections::HashMap::new();
     match next() % 4 {
         1 => {
@@ -268,7 +256,7 @@ pub fn structured(data: &[u8]) {
         _ => {}
     }
     let mut buf = Vec::new();
-    if crate::tensors::write_safetensors(&mut buf, &views, md).is_ok() {
+    if write_owned(&mut buf, &tensors, md).is_ok() {
         any_adapter(&buf);
     }
 }

@@ -48,10 +48,25 @@ pub fn skew_blocks(raw: &[f64], b: usize, scale: f64) -> Vec<f64> {
     q
 }
 
-/// Refuse a block count (from a config) whose dimension no model has, before it sizes anything.
-pub fn check_dim(path: &Path, module: &str, blocks: Option<u64>, b: usize) -> Result<()> {
+/// PEFT's `(shared, blocks)` for `rows` stored blocks of size `b`: one row under `block_share`
+/// repeats `r` times (unknown without a config), else each row is a block. A count whose
+/// dimension no model has is refused before it sizes anything.
+pub fn peft_blocks(
+    path: &Path,
+    module: &str,
+    rows: usize,
+    block_share: bool,
+    r: u64,
+    b: usize,
+) -> Result<(bool, Option<u64>)> {
+    let shared = rows == 1 && block_share;
+    let blocks = if shared {
+        (r > 0).then_some(r)
+    } else {
+        Some(rows as u64)
+    };
     if dim_ok(blocks, b as u64) {
-        return Ok(());
+        return Ok((shared, blocks));
     }
     Err(Error::format(
         path,

@@ -12,7 +12,6 @@
 
 use super::common::{self, finite};
 use crate::error::{Error, Result};
-use crate::import::file_digest;
 use crate::model::*;
 use crate::rotation::{inverse_cayley, orthogonality_error, pack_upper, rotation_block, skew_norm};
 use crate::tensors::{MappedFile, to_f64};
@@ -298,12 +297,12 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
         _ => "lycoris-diag-oft",
     };
 
-    let mut user_metadata: BTreeMap<String, String> = file.metadata.clone().into_iter().collect();
+    let mut extra = BTreeMap::new();
     let source_version = if missing_alpha.is_empty() {
         None
     } else {
-        user_metadata.insert(
-            "oftool.note".into(),
+        extra.insert(
+            "oftool.note".to_string(),
             format!(
                 "{} module(s) carry no `alpha` (LyCORIS 2.1): read as unconstrained",
                 missing_alpha.len()
@@ -311,18 +310,7 @@ pub fn import(path: &Path, file: &MappedFile, semantics: Semantics) -> Result<Ad
         );
         Some("2.1".to_string())
     };
-    Ok(Adapter {
-        provenance: Provenance {
-            source_format: source_format.into(),
-            source_version,
-            tool: tool_name(),
-            created: None,
-            source_digest: Some(file_digest(path)?),
-            user_metadata,
-        },
-        layers,
-        features: Vec::new(),
-    })
+    common::adapter(path, file, source_format, source_version, extra, layers)
 }
 
 /// LyCORIS 2.0.x `oft_diag` files (formats.md §5.2): each `[N, b, b]` tensor is the rotation

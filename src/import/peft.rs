@@ -5,7 +5,6 @@
 //! map is `Cay+`, so exact Linear/Conv layers and Neumann Embedding layers store `−Q_p`.
 
 use crate::error::{Error, Result};
-use crate::import::file_digest;
 use crate::model::*;
 use crate::rotation::{block_size_from_tri_len, skew_norm, tri_len};
 use crate::tensors::{MappedFile, to_f64};
@@ -222,13 +221,8 @@ pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) 
         if negate {
             q.iter_mut().for_each(|x| *x = -*x);
         }
-        let shared = rows == 1 && cfg.block_share;
-        let blocks = if shared {
-            (cfg.r > 0).then_some(cfg.r)
-        } else {
-            Some(rows as u64)
-        };
-        super::common::check_dim(weights, module, blocks, b)?;
+        let (shared, blocks) =
+            super::common::peft_blocks(weights, module, rows, cfg.block_share, cfg.r, b)?;
         let map = if cfg.use_cayley_neumann {
             RotationMap::Neumann {
                 terms: cfg.terms,
@@ -274,24 +268,16 @@ pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) 
             base_binding: None,
         });
     }
-    if layers.is_empty() {
-        return Err(Error::format(weights, "the file holds no OFT tensors"));
-    }
-
-    let mut user_metadata: BTreeMap<String, String> = file.metadata.clone().into_iter().collect();
+    let mut extra = BTreeMap::new();
     if !cfg.raw.is_empty() {
-        user_metadata.insert("peft.adapter_config".into(), cfg.raw.clone());
+        extra.insert("peft.adapter_config".to_string(), cfg.raw.clone());
     }
-    Ok(Adapter {
-        provenance: Provenance {
-            source_format: "peft-oft".into(),
-            source_version: cfg.peft_version.clone(),
-            tool: tool_name(),
-            created: None,
-            source_digest: Some(file_digest(weights)?),
-            user_metadata,
-        },
+    super::common::adapter(
+        weights,
+        &file,
+        "peft-oft",
+        cfg.peft_version.clone(),
+        extra,
         layers,
-        features: Vec::new(),
-    })
+    )
 }

@@ -95,13 +95,8 @@ pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) 
         } else {
             None
         };
-        let shared = rows == 1 && cfg.block_share;
-        let blocks = if shared {
-            (cfg.r > 0).then_some(cfg.r)
-        } else {
-            Some(rows as u64)
-        };
-        super::common::check_dim(weights, module, blocks, b)?;
+        let (shared, blocks) =
+            common::peft_blocks(weights, module, rows, cfg.block_share, cfg.r, b)?;
         let mut constraint = None;
         if cfg.coft {
             // PEFT: eps·ceil(out/r)² with r the number of blocks, then ÷√rows. Output side
