@@ -4,7 +4,7 @@
 //! dense block-diagonal matrix). Work is cut into chunks of a fixed size, so the result does not
 //! depend on the number of threads. The fixtures check this exact code against PEFT and LyCORIS.
 
-use crate::error::Error;
+use crate::error::{Category, Error};
 use crate::model::{Layer, ScalePosition, Side, Stage};
 use crate::rotation::rotation_block;
 use crate::wiring::gather;
@@ -178,16 +178,18 @@ pub struct Matrix<T = f64> {
 impl<T> Matrix<T> {
     /// View a tensor of `shape` as 2-D: the first axis against all others flattened.
     pub fn from_shape(shape: &[usize], data: Vec<T>) -> Result<Self, Error> {
-        let rows = *shape.first().ok_or_else(|| Error::Shape {
-            what: "a weight".into(),
-            detail: "a 0-dimensional tensor cannot be rotated".into(),
+        let rows = *shape.first().ok_or_else(|| {
+            Error::new(
+                Category::TargetShape,
+                "a 0-dimensional tensor cannot be rotated",
+            )
         })?;
         let cols: usize = shape[1..].iter().product();
         if rows * cols != data.len() {
-            return Err(Error::Shape {
-                what: "a weight".into(),
-                detail: format!("{} values do not fill shape {shape:?}", data.len()),
-            });
+            return Err(Error::new(
+                Category::TargetShape,
+                format!("{} values do not fill shape {shape:?}", data.len()),
+            ));
         }
         Ok(Matrix { rows, cols, data })
     }
@@ -215,7 +217,8 @@ impl<T: Real> PreparedStage<T> {
     pub fn with_blend(stage: &Stage, axis: usize, interpolate: Option<f64>) -> Result<Self, Error> {
         let b = stage.spec.block_size as usize;
         let blocks = stage.blocks_on(axis as u64) as usize;
-        let sigma = gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::Invalid(e.0))?;
+        let sigma =
+            gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::new(Category::Wiring, e.0))?;
         let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
         let rotations = (0..stage.stored_blocks() as usize)
             .into_par_iter()
@@ -223,9 +226,10 @@ impl<T: Real> PreparedStage<T> {
                 let mut r = rotation_block(stage.q_row(k), b, &stage.spec.map);
                 if stage.inverse {
                     r = crate::rotation::invert_block(&r, b).ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "stage block {k} is singular and cannot be inverted"
-                        ))
+                        Error::new(
+                            Category::Algebra,
+                            format!("stage block {k} is singular and cannot be inverted"),
+                        )
                     })?;
                 }
                 if let Some(s) = interpolate {
@@ -401,26 +405,28 @@ pub fn check_fits(layer: &Layer, rows: usize, cols: usize) -> Result<(), Error> 
         let b = s.spec.block_size as usize;
         let blocks = s.blocks_on(axis as u64) as usize;
         if blocks * b != axis {
-            return Err(Error::Shape {
-                what: layer.target.name.clone(),
-                detail: format!(
-                    "stage {j} rotates {blocks} × {b} = {} {} features but the weight has {axis} ({rows} × {cols} view)",
+            return Err(Error::new(
+                Category::TargetShape,
+                format!(
+                    "shape mismatch: stage {j} rotates {blocks} × {b} = {} {} features but the weight has {axis} ({rows} × {cols} view)",
                     blocks * b,
                     layer.side.as_str(),
                 ),
-            });
+            )
+            .tensor(&layer.target.name));
         }
     }
     if let Some((_, s)) = &layer.row_scale
         && s.len() != rows
     {
-        return Err(Error::Shape {
-            what: layer.target.name.clone(),
-            detail: format!(
-                "row scale has {} entries but the weight has {rows} rows",
+        return Err(Error::new(
+            Category::TargetShape,
+            format!(
+                "shape mismatch: row scale has {} entries but the weight has {rows} rows",
                 s.len()
             ),
-        });
+        )
+        .tensor(&layer.target.name));
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 use crate::apply::Real;
 use crate::convert::refuse_overwriting_input;
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::import;
 use crate::model::{Adapter, Layer};
 use crate::resolve::{AliasTable, Resolved};
@@ -163,7 +163,7 @@ fn classify_base(base: &Path) -> Result<BaseKind> {
     let st: Vec<&PathBuf> = entries.iter().filter(|p| is_safetensors(p)).collect();
     match st.as_slice() {
         [one] => Ok(BaseKind::Single((*one).clone())),
-        _ => Err(Error::Usage(format!(
+        _ => Err(Error::usage(format!(
             "{}: not a checkpoint oftool understands (a .safetensors file, a sharded folder with a \
              *.safetensors.index.json, or a diffusers folder with unet/, text_encoder/, … subfolders)",
             base.display()
@@ -279,10 +279,13 @@ fn place<'a>(
             if !ambiguous.is_empty() || hits.len() > 1 {
                 let mut keys: Vec<String> = hits.iter().map(|(_, r)| r.key.clone()).collect();
                 keys.extend(ambiguous);
-                problems.push(format!(
-                    "`{name}` ({}) matches several tensors: {}",
-                    path,
-                    keys.join(", ")
+                problems.push((
+                    Category::TargetAmbiguous,
+                    format!(
+                        "`{name}` ({}) matches several tensors: {}",
+                        path,
+                        keys.join(", ")
+                    ),
                 ));
                 continue;
             }
@@ -293,10 +296,10 @@ fn place<'a>(
             // Shape check from the header before anything is written.
             let (shape, dtype) = &groups[g].shapes[&r.key];
             if !matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-                problems.push(format!(
+                problems.push((Category::TargetShape, format!(
                     "`{}` has dtype {dtype:?}; only F64, F32, F16 and BF16 weights can be rotated",
                     r.key
-                ));
+                )));
                 continue;
             }
             let rows_total = shape.first().copied().unwrap_or(0);
@@ -304,24 +307,30 @@ fn place<'a>(
             let rows = match r.rows {
                 Some((start, len)) if start + len <= rows_total => len,
                 Some((start, len)) => {
-                    problems.push(format!(
-                        "`{}` rows {start}..{} are outside its {rows_total} rows",
-                        r.key,
-                        start + len
+                    problems.push((
+                        Category::TargetShape,
+                        format!(
+                            "`{}` rows {start}..{} are outside its {rows_total} rows",
+                            r.key,
+                            start + len
+                        ),
                     ));
                     continue;
                 }
                 None => rows_total,
             };
             if shape.len() < 2 {
-                problems.push(format!(
-                    "`{}` has shape {shape:?}, not a weight matrix",
-                    r.key
+                problems.push((
+                    Category::TargetShape,
+                    format!("`{}` has shape {shape:?}, not a weight matrix", r.key),
                 ));
                 continue;
             }
             if let Err(e) = crate::apply::check_fits(layer, rows, cols) {
-                problems.push(format!("{e} (base tensor `{}` of shape {shape:?})", r.key));
+                problems.push((
+                    e.category(),
+                    format!("{e} (base tensor `{}` of shape {shape:?})", r.key),
+                ));
                 continue;
             }
             placements.push(Placement {
@@ -339,17 +348,18 @@ fn place<'a>(
         }
     }
     if !missing.is_empty() && !opts.skip_missing {
-        problems.push(format!(
+        problems.push((Category::TargetMissing, format!(
             "{} adapter layer(s) have no target in the base (use --skip-missing to bake the rest): {}",
             missing.len(),
             missing.join(", ")
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(Error::Invalid(format!(
-            "cannot bake: {}",
-            problems.join("; ")
         )));
+    }
+    if let Some((category, _)) = problems.first() {
+        let text: Vec<&str> = problems.iter().map(|(_, m)| m.as_str()).collect();
+        return Err(Error::new(
+            *category,
+            format!("cannot bake: {}", text.join("; ")),
+        ));
     }
     Ok((placements, missing))
 }
@@ -382,10 +392,14 @@ fn check_bindings(placements: &[Placement<'_>], groups: &[Group]) -> Result<()> 
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(Error::Invalid(format!(
-            "the base is not the one these adapter layers were made for (binding hash mismatch; --force bakes anyway): {}",
-            bad.join(", ")
-        )))
+        Err(Error::new(
+            Category::Binding,
+            format!(
+                "the base is not the one these adapter layers were made for (binding hash mismatch): {}",
+                bad.join(", ")
+            ),
+        )
+        .hint("--force bakes anyway"))
     }
 }
 
@@ -525,7 +539,7 @@ fn apply_edits<T: Real>(
             cols,
             e.blend,
         )
-        .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
+        .map_err(|err| err.tensor(key))?;
     }
     Ok(())
 }
@@ -533,17 +547,21 @@ fn apply_edits<T: Real>(
 /// Fail if a computed value is not finite.
 fn check_finite<T: Real>(key: &str, data: &[T]) -> Result<()> {
     if let Some(i) = first_where(data, |v| !v.to_f64().is_finite()) {
-        return Err(Error::Invalid(format!(
-            "`{key}`: the merged value at element {i} is not finite"
-        )));
+        return Err(Error::new(
+            Category::NonFinite,
+            format!("the merged value at element {i} is not finite"),
+        )
+        .tensor(key));
     }
     Ok(())
 }
 
 fn overflow(key: &str, i: usize, dtype: Dtype) -> Error {
-    Error::Invalid(format!(
-        "`{key}`: the merged value at element {i} overflows {dtype:?}"
-    ))
+    Error::new(
+        Category::NonFinite,
+        format!("the merged value at element {i} overflows {dtype:?}"),
+    )
+    .tensor(key)
 }
 
 /// A tensor decoded into its compute type: F16/BF16 in f32, F32/F64 in f64 — or, for a
@@ -582,14 +600,14 @@ fn fused_input<H: Half>(
     let cols: usize = shape.iter().skip(1).product();
     let mut prepared = Vec::with_capacity(edits.len());
     for e in edits {
-        check_fits(e.layer, rows, cols).map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
+        check_fits(e.layer, rows, cols).map_err(|err| err.tensor(key))?;
         let stages = e
             .layer
             .stages
             .iter()
             .map(|st| PreparedStage::<f32>::with_blend(st, cols, e.blend.interpolate))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|err| Error::Invalid(format!("`{key}`: {err}")))?;
+            .map_err(|err| err.tensor(key))?;
         prepared.push((
             stages,
             e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
@@ -881,10 +899,10 @@ fn bake_file(
         drop(tx);
         let written = writer
             .join()
-            .map_err(|_| Error::Invalid("the writer thread panicked".into()))?;
+            .map_err(|_| Error::new(Category::Io, "the writer thread panicked"))?;
         let read = reader
             .join()
-            .map_err(|_| Error::Invalid("the reader thread panicked".into()))?;
+            .map_err(|_| Error::new(Category::Io, "the reader thread panicked"))?;
         read?;
         produced?;
         written
@@ -971,7 +989,7 @@ pub fn run(
 ) -> Result<MergeSummary> {
     let start = Instant::now();
     if adapters.is_empty() {
-        return Err(Error::Usage("give at least one adapter".into()));
+        return Err(Error::usage("give at least one adapter"));
     }
     let mut inputs: Vec<&Path> = vec![base];
     inputs.extend(adapters.iter().map(|a| a.path.as_path()));
@@ -980,7 +998,7 @@ pub fn run(
     if let BaseKind::Sharded(_) | BaseKind::Diffusers(..) = kind
         && out.exists()
     {
-        return Err(Error::Usage(format!(
+        return Err(Error::usage(format!(
             "{} already exists; a sharded or pipeline output is a new folder",
             out.display()
         )));
@@ -1054,7 +1072,7 @@ pub fn run(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
-        .map_err(|e| Error::Usage(format!("cannot start {:?} threads: {e}", opts.threads)))?;
+        .map_err(|e| Error::usage(format!("cannot start {:?} threads: {e}", opts.threads)))?;
 
     // Write into a temporary file or folder beside OUT, then rename it into place.
     let parent = match out.parent() {

@@ -5,7 +5,7 @@
 //! layers are stacked, which the `stacked-layers` feature (format 1.1) allows. `--collapse`
 //! multiplies consecutive Cayley stages with nesting partitions into one stage.
 
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::model::*;
 use crate::resolve::AliasTable;
 use crate::rotation::{cayley, inverse_cayley, pack_upper, unpack_skew};
@@ -131,11 +131,14 @@ pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Path>) -> Result<Adapter
         };
         for layer in adapter.layers {
             if layer.stages.iter().any(|s| s.inverse) {
-                return Err(Error::Invalid(format!(
-                    "`{}` in {}: a negative strength on a Cayley–Neumann layer has no Neumann form; \
-                     bake it with `merge` (or `unmerge`) instead",
-                    layer.target.name, input.label
-                )));
+                return Err(Error::new(
+                    Category::Algebra,
+                    format!(
+                        "`{}` in {}: a negative strength on a Cayley–Neumann layer has no Neumann form",
+                        layer.target.name, input.label
+                    ),
+                )
+                .hint("bake it with `merge` (or `unmerge`) instead"));
             }
             let key = match_key(&layer, table.as_ref());
             match last.get(&key) {
@@ -297,7 +300,7 @@ pub fn run(
     do_collapse: bool,
 ) -> Result<ComposeSummary> {
     if args.is_empty() {
-        return Err(Error::Usage("give at least one adapter to compose".into()));
+        return Err(Error::usage("give at least one adapter to compose"));
     }
     let parsed = args
         .iter()

@@ -1,6 +1,6 @@
 //! `oftool convert`: import any supported layout and write it as `.oft`.
 
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::export;
 use crate::import;
 use crate::oft_file;
@@ -29,7 +29,7 @@ pub fn refuse_overwriting_input(output: &Path, inputs: &[&Path]) -> Result<()> {
             matches!((std::fs::canonicalize(p), std::fs::canonicalize(input)), (Ok(a), Ok(b)) if a == b)
         }) && output.file_name().is_some_and(|n| n == "adapter_model.safetensors");
         if same || inside {
-            return Err(Error::Usage(format!(
+            return Err(Error::usage(format!(
                 "the output {} would overwrite the input {}",
                 output.display(),
                 input.display()
@@ -145,11 +145,10 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Path) -> Result<()> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(Error::Invalid(format!(
-            "cannot bind to {}: {}",
-            base.display(),
-            problems.join("; ")
-        )))
+        Err(Error::new(
+            Category::TargetShape,
+            format!("cannot bind to {}: {}", base.display(), problems.join("; ")),
+        ))
     }
 }
 
@@ -164,13 +163,16 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
-        return Err(Error::Invalid(format!(
-            "{}: {} problem(s), first: {}: {}",
-            input.display(),
-            problems.len(),
-            p.layer.as_deref().unwrap_or("file"),
-            p.message
-        )));
+        return Err(Error::new(
+            Category::Malformed,
+            format!(
+                "{} problem(s), first: {}: {}",
+                problems.len(),
+                p.layer.as_deref().unwrap_or("file"),
+                p.message
+            ),
+        )
+        .at(input));
     }
     if adapter.provenance.created.is_none() {
         adapter.provenance.created = Some(creation_time(&inputs));
@@ -284,7 +286,7 @@ pub fn run_to(
     };
     let zip = opts.zip && written.directory;
     if opts.zip && !written.directory {
-        return Err(Error::Usage(format!(
+        return Err(Error::usage(format!(
             "--zip packs a directory layout; {} is a single file",
             to.name()
         )));
@@ -342,12 +344,14 @@ fn write_output(output: &Path, written: &export::Written, zip: bool) -> Result<(
                 .last_modified_time(zip::DateTime::default());
             for (rel, bytes) in &entries {
                 let name = rel.to_string_lossy().replace('\\', "/");
-                z.start_file(name, options)
-                    .map_err(|e| Error::Invalid(format!("cannot write the zip: {e}")))?;
+                z.start_file(name, options).map_err(|e| {
+                    Error::new(Category::Io, format!("cannot write the zip: {e}")).at(output)
+                })?;
                 z.write_all(bytes).map_err(|e| Error::io(output, e))?;
             }
-            z.finish()
-                .map_err(|e| Error::Invalid(format!("cannot write the zip: {e}")))?;
+            z.finish().map_err(|e| {
+                Error::new(Category::Io, format!("cannot write the zip: {e}")).at(output)
+            })?;
             Ok(())
         });
     }
@@ -358,7 +362,7 @@ fn write_output(output: &Path, written: &export::Written, zip: bool) -> Result<(
                 .next()
                 .is_none();
         if !empty {
-            return Err(Error::Usage(format!(
+            return Err(Error::usage(format!(
                 "{} already exists; choose a new directory (nothing is overwritten)",
                 output.display()
             )));

@@ -194,6 +194,19 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether the user asked for JSON output (errors are then reported in JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Inspect { json, .. }
+            | Command::Validate { json, .. }
+            | Command::Compose { json, .. }
+            | Command::Convert { json, .. } => *json,
+            Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
+        }
+    }
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
         Ok(s) => println!("{s}"),
@@ -259,6 +272,7 @@ fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     oftool::init_process();
+    let json = cli.command.json();
     let result = match cli.command {
         Command::Inspect { file, json } => inspect::run(&file).map(|r| {
             if json {
@@ -335,8 +349,8 @@ fn main() -> ExitCode {
         } => match to.export() {
             None => {
                 if zip || allow_lossy {
-                    Err(oftool::error::Error::Usage(
-                        "--zip and --allow-lossy apply to foreign layouts, not --to oft".into(),
+                    Err(oftool::error::Error::usage(
+                        "--zip and --allow-lossy apply to foreign layouts, not --to oft",
                     ))
                 } else {
                     convert::run(&input, &output, base.as_deref()).map(|s| {
@@ -365,8 +379,14 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("oftool: error: {e}");
-            ExitCode::from(e.exit_code() as u8)
+            if json {
+                print_json(&serde_json::json!({ "error": e.to_json() }));
+            }
+            eprintln!("oftool: error[{}]: {e}", e.category());
+            if let Some(h) = e.hint_text() {
+                eprintln!("hint: {h}");
+            }
+            ExitCode::from(e.exit_code())
         }
     }
 }

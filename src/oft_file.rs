@@ -1,6 +1,6 @@
 //! Reading and writing `.oft` files (spec/oft-format.md §2–§8).
 
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::model::*;
 use crate::rotation::tri_len;
 use crate::tensors::OwnedTensor;
@@ -61,10 +61,13 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
         let mut stages = Vec::with_capacity(layer.stages.len());
         for (j, stage) in layer.stages.iter().enumerate() {
             if stage.inverse {
-                return Err(Error::Invalid(format!(
-                    "layer `{}` stage {j} is an inverted Neumann stage, which .oft cannot express",
-                    layer.target.name
-                )));
+                return Err(Error::new(
+                    Category::Algebra,
+                    format!(
+                        "layer `{}` stage {j} is an inverted Neumann stage, which .oft cannot express",
+                        layer.target.name
+                    ),
+                ));
             }
             let name = format!("layers.{i}.stages.{j}.q");
             let dtype = if stage.q_f64 || !fits_f32(&stage.q) {
@@ -143,8 +146,12 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
 /// Serialize `adapter` as a `.oft` file into `out`.
 pub fn write_to(adapter: &Adapter, out: &mut impl std::io::Write) -> Result<()> {
     let (manifest, tensors) = lay_out(adapter)?;
-    let manifest_json = serde_json::to_string(&manifest)
-        .map_err(|e| Error::Invalid(format!("cannot encode the manifest: {e}")))?;
+    let manifest_json = serde_json::to_string(&manifest).map_err(|e| {
+        Error::new(
+            Category::Manifest,
+            format!("cannot encode the manifest: {e}"),
+        )
+    })?;
     let digest = digest(
         &manifest_json,
         tensors.iter().map(|t| {

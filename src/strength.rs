@@ -7,7 +7,7 @@
 //! they exist only at bake time.
 
 use crate::apply::Blend;
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::model::{Adapter, Layer, RotationMap, ScalePosition, Stage};
 use crate::rotation::cayley_power;
 use std::path::{Path, PathBuf};
@@ -88,7 +88,7 @@ pub fn parse_adapter_arg(arg: &str) -> Result<AdapterArg> {
         && let Ok(s) = tail.trim().parse::<f64>()
     {
         if !s.is_finite() {
-            return Err(Error::Usage(format!(
+            return Err(Error::usage(format!(
                 "strength `{tail}` in `{arg}` is not a finite number"
             )));
         }
@@ -100,7 +100,7 @@ pub fn parse_adapter_arg(arg: &str) -> Result<AdapterArg> {
     if let Some((head, tail)) = arg.rsplit_once(':')
         && Path::new(head).exists()
     {
-        return Err(Error::Usage(format!(
+        return Err(Error::usage(format!(
             "`{tail}` in `{arg}` is not a strength (ADAPTER:S takes a number, e.g. `{head}:0.5`)"
         )));
     }
@@ -115,8 +115,9 @@ fn stage_power(stage: &Stage, s: f64, layer: &str, j: usize) -> Result<Stage> {
     let n = stage.tri_len();
     let mut q = Vec::with_capacity(stage.q.len());
     for row in stage.q.chunks_exact(n.max(1)) {
-        let p = cayley_power(row, b, s)
-            .map_err(|e| Error::Invalid(format!("layer `{layer}` stage {j}: {e}")))?;
+        let p = cayley_power(row, b, s).map_err(|e| {
+            Error::new(Category::Algebra, format!("layer `{layer}` stage {j}: {e}"))
+        })?;
         q.extend(p);
     }
     Ok(Stage {
@@ -140,9 +141,10 @@ pub fn layer_power(layer: &Layer, s: f64) -> Result<Layer> {
     let mut row_scale = layer.row_scale.clone();
     if let Some((_, v)) = &mut row_scale {
         if v.iter().any(|&x| x <= 0.0) && s.fract() != 0.0 {
-            return Err(Error::Invalid(format!(
-                "layer `{name}`: a row scale with non-positive entries has no power {s}"
-            )));
+            return Err(Error::new(
+                Category::Algebra,
+                format!("layer `{name}`: a row scale with non-positive entries has no power {s}"),
+            ));
         }
         v.iter_mut().for_each(|x| *x = x.powf(s));
     }

@@ -1,6 +1,6 @@
 //! Safetensors access: memory-mapped reading, dtype conversion to f64 and back, atomic writing.
 
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata, TensorView};
@@ -21,23 +21,15 @@ impl MappedFile {
         // SAFETY: the mapping is read-only; a file truncated underneath us is reported by the
         // safetensors offset checks at parse time (later truncation is documented in SECURITY.md).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            detail: describe_st_error(&e),
-        })?;
+        let (_, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| container(path, describe_st_error(&e)))?;
         // Parse the whole file once so every offset is checked before anyone reads a tensor.
-        SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            detail: describe_st_error(&e),
-        })?;
+        SafeTensors::deserialize(&mmap).map_err(|e| container(path, describe_st_error(&e)))?;
         // serde keeps the last of duplicated JSON keys silently; a header that names a tensor
         // twice is ambiguous (two readers may disagree on which one is meant).
         let n = u64::from_le_bytes(mmap[..8].try_into().unwrap_or([0; 8])) as usize;
         if let Some(dup) = duplicate_key(&mmap[8..8 + n]) {
-            return Err(Error::Safetensors {
-                path: path.to_path_buf(),
-                detail: format!("the header names `{dup}` twice"),
-            });
+            return Err(container(path, format!("the header names `{dup}` twice")));
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(MappedFile { mmap, metadata })
@@ -66,6 +58,15 @@ impl MappedFile {
             .expect("header validated in open")
             .1
     }
+}
+
+/// Not a readable safetensors file.
+fn container(path: &Path, detail: String) -> Error {
+    Error::new(
+        Category::Container,
+        format!("not a valid safetensors file: {detail}"),
+    )
+    .at(path)
 }
 
 fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
@@ -142,9 +143,11 @@ pub fn to_f64(view: &TensorView<'_>, what: &str) -> Result<Vec<f64>> {
             .collect(),
         Dtype::BOOL | Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
         other => {
-            return Err(Error::Invalid(format!(
-                "{what}: dtype {other:?} is not a floating-point dtype"
-            )));
+            return Err(Error::new(
+                Category::TargetShape,
+                format!("dtype {other:?} is not a floating-point dtype"),
+            )
+            .tensor(what));
         }
     })
 }
@@ -166,9 +169,12 @@ pub fn from_f64(values: &[f64], dtype: Dtype) -> Result<Vec<u8>> {
             .iter()
             .for_each(|v| out.extend_from_slice(&half::bf16::from_f64(*v).to_le_bytes())),
         other => {
-            return Err(Error::Invalid(format!(
-                "cannot write dtype {other:?}: only F64, F32, F16 and BF16 weights are supported"
-            )));
+            return Err(Error::new(
+                Category::Unsupported,
+                format!(
+                    "cannot write dtype {other:?}: only F64, F32, F16 and BF16 weights are supported"
+                ),
+            ));
         }
     }
     Ok(out)
@@ -182,11 +188,11 @@ pub fn encode_header(
     tensors: Vec<(String, safetensors::tensor::TensorInfo)>,
 ) -> Result<Vec<u8>> {
     let md = Metadata::new(Some(metadata), tensors)
-        .map_err(|e| Error::Invalid(format!("inconsistent tensor layout: {e}")))?;
+        .map_err(|e| internal(format!("inconsistent tensor layout: {e}")))?;
     let value = serde_json::to_value(&md)
-        .map_err(|e| Error::Invalid(format!("cannot encode the header: {e}")))?;
+        .map_err(|e| internal(format!("cannot encode the header: {e}")))?;
     let mut json = serde_json::to_vec(&value)
-        .map_err(|e| Error::Invalid(format!("cannot encode the header: {e}")))?;
+        .map_err(|e| internal(format!("cannot encode the header: {e}")))?;
     while json.len() % 8 != 0 {
         json.push(b' ');
     }
@@ -257,10 +263,11 @@ pub fn write_safetensors(
         let (name, dtype, shape, bytes) = tensors[i];
         let expected = shape.iter().product::<usize>() * dtype.bitsize() / 8;
         if bytes.len() != expected {
-            return Err(Error::Invalid(format!(
-                "tensor `{name}`: {} bytes for shape {shape:?} of {dtype:?}",
-                bytes.len()
-            )));
+            return Err(Error::new(
+                Category::Tensor,
+                format!("{} bytes for shape {shape:?} of {dtype:?}", bytes.len()),
+            )
+            .tensor(name));
         }
         infos.push((
             name.to_string(),
@@ -273,7 +280,8 @@ pub fn write_safetensors(
         offset += bytes.len();
     }
     let header = encode_header(metadata, infos)?;
-    let io = |e| Error::Invalid(format!("cannot write: {e}"));
+    // The caller names the file (see `Error::or_at`).
+    let io = |e: std::io::Error| Error::new(Category::Io, format!("cannot write: {e}"));
     w.write_all(&header).map_err(io)?;
     for &i in &order {
         w.write_all(tensors[i].3).map_err(io)?;
@@ -340,9 +348,14 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) ->
         .prefix(&staging_prefix())
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
-    write(tmp.as_file_mut())?;
+    write(tmp.as_file_mut()).map_err(|e| e.or_at(path))?;
     tmp.as_file_mut().flush().map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// An error that cannot come from a user's input (a broken invariant of our own).
+fn internal(message: String) -> Error {
+    Error::new(Category::Unsupported, format!("internal error: {message}"))
 }

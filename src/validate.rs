@@ -306,7 +306,7 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
     });
     let adapter = match loaded {
         Ok(a) => a,
-        Err(e @ Error::Io { .. }) => return Err(e),
+        Err(e) if e.is_io() => return Err(e),
         Err(e) => {
             v.problems.push(problem(None, "parse", e.to_string()));
             return Ok(v);
@@ -317,7 +317,7 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
     if let Some(b) = base {
         match check_base(&adapter, b) {
             Ok(p) => v.problems.extend(p),
-            Err(e @ Error::Io { .. }) => return Err(e),
+            Err(e) if e.is_io() => return Err(e),
             Err(e) => v.problems.push(problem(None, "base", e.to_string())),
         }
     }

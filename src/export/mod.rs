@@ -12,7 +12,7 @@ mod kohya_v2;
 pub mod names;
 mod peft;
 
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::model::*;
 use crate::rotation::rotation_block;
 use crate::tensors::MappedFile;
@@ -437,5 +437,5 @@ pub fn refuse(to: To, impossible: &[(String, String)], lossy: &[(String, String)
             if lossy.len() > 1 { " (and more)" } else { "" }
         ));
     }
-    Error::Invalid(msg)
+    Error::new(Category::Conversion, msg)
 }

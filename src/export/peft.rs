@@ -314,10 +314,10 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
         }
     }
     if groups.len() > 1 && groups.iter().any(|(c, _)| c.is_none()) {
-        return Err(Error::Invalid(
+        return Err(Error::new(
+            Category::Conversion,
             "the adapter spans several pipeline components but some layers name none; cannot tell \
-             which PEFT directory they belong to"
-                .into(),
+             which PEFT directory they belong to",
         ));
     }
     let mut files = Vec::new();
