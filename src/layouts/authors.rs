@@ -7,11 +7,35 @@
 //! block-share path `Cay+(S)` (canonical `Q = +S`).
 
 use super::common::{self, OneStage};
+use super::{Claim, Layout, Probe, Reader, Source, Variant, Writes, names};
 use crate::error::{Error, Result};
 use crate::model::*;
-use crate::tensors::MappedFile;
 use std::collections::BTreeMap;
-use std::path::Path;
+
+pub static LAYOUT: Layout = Layout {
+    id: "oft-authors",
+    aliases: &[],
+    about: "The OFT authors' attention-processor files (`processor.to_q_oft.R`)",
+    reads: Some(Reader {
+        keys: &[".processor.to_q_oft.R"],
+        companions: &[
+            ".processor.to_k_oft.R",
+            ".processor.to_v_oft.R",
+            ".processor.to_out_oft.R",
+        ],
+        markers: &[],
+        directories: false,
+        detect,
+        variants: &[&FILE],
+    }),
+    writes: Writes::No(
+        "these are the research code's own checkpoints, which only its scripts load; \
+         `--to peft` writes the same input-side rotation for PEFT",
+    ),
+    metadata_keys: &[],
+};
+
+static FILE: Variant = Variant { name: "", import };
 
 /// The processor's name for each projection, and the module it rotates.
 const PROJECTIONS: [(&str, &str); 4] = [
@@ -21,16 +45,19 @@ const PROJECTIONS: [(&str, &str); 4] = [
     ("processor.to_out_oft", "to_out.0"),
 ];
 
-/// Whether tensor names look like the authors' processor files.
-pub fn is_authors(names: &[&str]) -> bool {
-    names.iter().any(|n| {
-        PROJECTIONS
-            .iter()
-            .any(|(p, _)| n.ends_with(&format!("{p}.R")))
+fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
+    let ours = PROJECTIONS
+        .iter()
+        .any(|(p, _)| probe.has(&format!("{p}.R")));
+    Ok(if ours {
+        vec![Claim::names(&FILE)]
+    } else {
+        Vec::new()
     })
 }
 
-pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
+fn import(src: &Source<'_>) -> Result<Adapter> {
+    let (path, file) = (src.path, src.file);
     let st = file.tensors();
     let modules = common::modules(path, &st, &[".R"], "OFT authors' processor")?;
     let mut layers = Vec::new();
@@ -62,7 +89,7 @@ pub fn import(path: &Path, file: &MappedFile) -> Result<Adapter> {
             OneStage {
                 name: format!("{stem}{target}"),
                 convention: "diffusers",
-                component: Some("unet".into()),
+                component: Some(names::UNET.into()),
                 module: ModuleKind::Linear,
                 side: Side::Input,
                 blocks: (!shared).then_some(rows as u64),

@@ -1,180 +1,239 @@
-//! kohya sd-scripts and OneTrainer files (formats.md §4, §8.1).
+//! kohya sd-scripts (formats.md §4): every network module oftool knows of it.
 //!
-//! * Input side → `lora_*_<name>.oft_R.weight` (kohya `networks.oft_v2`, OneTrainer `OFT_2`):
-//!   PEFT's packed triangle, Neumann with 5 terms and PEFT ≥ 0.18 coefficients; Linear stores
-//!   `Q`, Conv2d `−Q` (those trainers merge Conv2d as `W̃·BD(R)`).
-//! * Output side → kohya's legacy `networks.oft` (`--to kohya` only): `oft_unet_<name>`
-//!   `.oft_blocks [N, b, b]` + `.alpha`; U-Net modules only, one block count per file
-//!   (`network_dim`), no row scale, kohya's always-on clamp made inert by a large `alpha`.
+//! * Legacy `networks.oft` (§4.1): `oft_unet_<name>.oft_blocks [N, b, b]` + `.alpha`, output
+//!   side, U-Net only, one block count per file (`network_dim`), kohya's always-on clamp
+//!   (pre-applied on read; made inert by a large `alpha` on write). Tensors:
+//!   [`super::codec::blocks`].
+//! * `networks.oft_v2` (§4.3): `lora_*_<name>.oft_R.weight`, input side, PEFT ≥ 0.18's 5-term
+//!   series, `block_share`/`coft`/`coft_eps` in `ss_network_args`; OneTrainer's `OFT_2` shares
+//!   the tensors ([`super::codec::packed`]). A trainer-prefixed `oft_R.weight` file without
+//!   OneTrainer's marker is read as kohya's.
+//! * `networks.boft` (§4.3): `lora_*.boft_R` / `.boft_s` ([`super::codec::butterfly`]), read.
+//! * Legacy Flux `networks.oft_flux` (§4.2, `oft_blocks.<i>`): refused with the reason.
+//!
+//! `--to kohya` writes an adapter whose layers mostly rotate output rows as `networks.oft`,
+//! else as `networks.oft_v2`; SDXL U-Net modules get sd-scripts' sgm names when the base says
+//! the base is SDXL.
 
-use super::*;
+use super::codec::blocks::{self, Family, Shape};
+use super::codec::butterfly::{self, Scale};
+use super::codec::packed::{self, CONV_LIST_KEY, Trainer, WEIGHT};
+use super::report::{self, Context, Mapped, Mapping, Written, f32_tensor};
+use super::{Claim, Layout, Probe, Reader, Source, Variant, Writes, common, names};
+use crate::error::{Error, Result};
+use crate::model::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
-    Kohya,
-    OneTrainer,
-}
-
-const NEUMANN5: RotationMap = RotationMap::Neumann {
-    terms: 5,
-    variant: NeumannVariant::Peft018,
+pub static LAYOUT: Layout = Layout {
+    id: "kohya",
+    aliases: &[],
+    about: "kohya sd-scripts: `networks.oft` (output side) or `networks.oft_v2` (input side)",
+    reads: Some(Reader {
+        keys: &[".oft_blocks", FLUX, WEIGHT, ".boft_R"],
+        companions: &[".alpha", ".boft_s"],
+        markers: &[],
+        directories: false,
+        detect,
+        variants: &[&OFT, &OFT_V2, &BOFT],
+    }),
+    writes: Writes::Writer(write),
+    metadata_keys: &[
+        "ss_network_module",
+        "ss_network_args",
+        "ss_network_dim",
+        "ss_network_alpha",
+        CONV_LIST_KEY,
+    ],
 };
 
-fn map_input(layer: &Layer, name: String, ctx: &Context<'_>) -> Mapped {
-    if layer.stages.len() != 1 || layer.stages[0].spec.wiring != Wiring::Identity {
-        return Mapped::Impossible(
-            "several stages or a butterfly wiring: OFT v2 files hold one block-diagonal rotation \
-             per module"
-                .into(),
-        );
-    }
-    let stage = &layer.stages[0];
-    let conv = match super::is_conv(layer, ctx.sd1) {
-        Ok(c) => c,
-        Err(e) => return Mapped::Impossible(e),
-    };
-    let sign = if conv { -1.0 } else { 1.0 };
-    let values: Vec<f64> = stage.q.iter().map(|x| sign * x).collect();
-    let rows = stage.stored_blocks() as usize;
-    let tri = stage.tri_len();
-    let t = match OwnedTensor::new(
-        format!("{name}.oft_R.weight"),
-        Dtype::F32,
-        vec![rows, tri],
-        &values,
-    ) {
-        Ok(t) => t,
-        Err(e) => return Mapped::Impossible(e.to_string()),
-    };
-    let mut lossy = Vec::new();
-    let mut denoted = layer.clone();
-    let ds = &mut denoted.stages[0];
-    ds.q = values.iter().map(|&x| sign * (x as f32 as f64)).collect();
-    ds.q_f64 = false;
-    if stage.spec.map != NEUMANN5 {
-        ds.spec.map = NEUMANN5;
-        lossy.push(format!(
-            "these trainers use the 5-term Cayley–Neumann series (PEFT ≥ 0.18), the source the {}",
-            stage.spec.map.describe()
+/// Legacy Flux OFT's per-split blocks (`<i>` is the split's index).
+const FLUX: &str = ".oft_blocks.<i>";
+
+/// Legacy `networks.oft`.
+static OFT: Variant = Variant {
+    name: "oft",
+    import: import_legacy,
+};
+
+static OFT_V2: Variant = Variant {
+    name: "oft-v2",
+    import: import_v2,
+};
+
+static BOFT: Variant = Variant {
+    name: "boft",
+    import: import_boft,
+};
+
+fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
+    if probe.any(|n| n.contains(".oft_blocks.")) {
+        return Err(Error::unsupported(
+            probe.path,
+            "kohya's legacy Flux OFT (`oft_blocks.<i>`, one rotation per split of the fused \
+             qkv/linear1 weights) is not imported: its splits of different sizes are no single \
+             block-diagonal rotation in format 1.0, and kohya's own merge of it is broken \
+             (formats.md §4.2); bake it with sd-scripts' training-time forward instead",
         ));
     }
-    if layer.row_scale.is_some() {
-        denoted.row_scale = None;
-        lossy.push("OFT v2 files have no row scale; it is dropped".into());
+    let mut claims = Vec::new();
+    if probe.any(|n| {
+        n.ends_with(".oft_blocks") && n.starts_with(names::KOHYA_OFT_UNET) && probe.rank(n) != 4
+    }) {
+        claims.push(Claim::names(&OFT));
     }
-    denoted.constraint = None;
-    Mapped::Written {
-        name,
-        tensors: vec![t],
-        denoted: Box::new(denoted),
-        lossy: (!lossy.is_empty()).then(|| lossy.join("; ")),
+    if probe.has(WEIGHT) {
+        if probe.metadata("ss_network_module") == Some("networks.oft_v2") {
+            claims.push(Claim::marker(&OFT_V2));
+        } else if probe.any(names::has_trainer_prefix) {
+            claims.push(Claim::names(&OFT_V2));
+        }
     }
+    if (probe.has(".boft_R") || probe.has(".boft_s"))
+        && probe.any(|n| n.starts_with(names::KOHYA_STYLE))
+    {
+        claims.push(Claim::names(&BOFT));
+    }
+    Ok(claims)
 }
 
-fn map_legacy(layer: &Layer, name: &str, alpha: f64, dim: usize) -> Mapped {
-    let Some(rest) = name.strip_prefix("lora_unet_") else {
-        return Mapped::Impossible(
-            "kohya's legacy OFT (`networks.oft`) adapts U-Net modules only".into(),
-        );
+fn import_legacy(src: &Source<'_>) -> Result<Adapter> {
+    if src.semantics == blocks::Semantics::ComfyUi {
+        return Err(Error::unsupported(
+            src.path,
+            "ComfyUI does not load kohya legacy `oft_unet_` files (it reports \"lora key not loaded\")",
+        ));
+    }
+    let st = src.file.tensors();
+    let layers = blocks::modules(src.path, &st)?
+        .iter()
+        .map(|m| blocks::read_layer(src, &st, m, Family::KohyaLegacy).map(|(l, _)| l))
+        .collect::<Result<Vec<_>>>()?;
+    common::adapter(
+        src.path,
+        src.file,
+        "kohya-oft",
+        None,
+        BTreeMap::new(),
+        layers,
+    )
+}
+
+fn import_v2(src: &Source<'_>) -> Result<Adapter> {
+    let args: Value = src
+        .file
+        .metadata
+        .get("ss_network_args")
+        .and_then(|a| serde_json::from_str(a).ok())
+        .unwrap_or(Value::Null);
+    // sd-scripts writes every argument as a string.
+    let arg = |k: &str| {
+        args.get(k).and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
     };
+    let is_true = |k: &str| arg(k).map(|v| v.eq_ignore_ascii_case("true"));
+    let coft_eps = arg("coft_eps")
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(6e-5);
+    let trainer = Trainer {
+        source_format: "kohya-oft-v2",
+        block_share: is_true("block_share"),
+        coft: is_true("coft").unwrap_or(false).then_some(coft_eps),
+        scaled: None,
+    };
+    packed::read_trainer(src, &trainer)
+}
+
+fn import_boft(src: &Source<'_>) -> Result<Adapter> {
+    let st = src.file.tensors();
+    let legacy = st.names().iter().any(|n| n.ends_with(".boft_P"));
+    let mut layers = Vec::new();
+    for module in butterfly::modules(src.path, &st)? {
+        let mut layer = butterfly::read_layer(src.path, &st, &module, Scale::Kohya, legacy)?;
+        let (convention, component) = names::classify(&module);
+        layer.target.name = names::unwrap_peft(&module).to_string();
+        layer.target.convention = convention.into();
+        layer.target.component = component.map(str::to_string);
+        layers.push(layer);
+    }
+    common::adapter(
+        src.path,
+        src.file,
+        "kohya-boft",
+        None,
+        BTreeMap::new(),
+        layers,
+    )
+}
+
+/// One output-side layer as a legacy `networks.oft` module (`oft_unet_<name>`, `dim` blocks).
+fn map_legacy(layer: &Layer, name: &str, alpha: f64, dim: usize) -> Mapped {
+    let rest = name
+        .strip_prefix(names::LORA_UNET)
+        .ok_or("kohya's legacy OFT (`networks.oft`) adapts U-Net modules only")?;
     if layer.stages.len() != 1 || layer.stages[0].spec.wiring != Wiring::Identity {
-        return Mapped::Impossible(
+        return Err(
             "several stages or a butterfly wiring: kohya's legacy OFT holds one block-diagonal \
              rotation per module"
                 .into(),
         );
     }
-    let stage = &layer.stages[0];
-    let Some(q) = expanded_rows(stage, layer.target.rotated_dim) else {
-        return Mapped::Impossible(
-            "a shared block whose repeat count is unknown; pass --base".into(),
-        );
-    };
-    let b = stage.spec.block_size as usize;
-    let blocks = q.len() / stage.tri_len().max(1);
-    if blocks != dim {
-        return Mapped::Impossible(format!(
-            "{blocks} blocks, but kohya's loader takes one block count per file (`network_dim` = \
+    let mut e = blocks::encode(layer, Shape::Diag, "kohya's legacy OFT")?;
+    let (n, b) = (e.blocks, e.block_size);
+    if n != dim {
+        return Err(format!(
+            "{n} blocks, but kohya's loader takes one block count per file (`network_dim` = \
              {dim}, from the first module)"
         ));
     }
-    let (dense, back) = blocks_from_packed(&q, b);
-    let name = format!("oft_unet_{rest}");
-    let mut tensors = Vec::new();
-    for (suffix, shape, v) in [
-        ("oft_blocks", vec![blocks, b, b], dense.as_slice()),
-        ("alpha", vec![], &[alpha][..]),
-    ] {
-        match OwnedTensor::new(format!("{name}.{suffix}"), Dtype::F32, shape, v) {
-            Ok(t) => tensors.push(t),
-            Err(e) => return Mapped::Impossible(e.to_string()),
-        }
-    }
-    let mut lossy = Vec::new();
-    let mut denoted = layer.clone();
-    let ds = &mut denoted.stages[0];
-    ds.q = back;
-    ds.spec.shared = false;
-    ds.spec.blocks = Some(blocks as u64);
-    ds.q_f64 = true;
-    if stage.spec.map != RotationMap::Cayley {
-        ds.spec.map = RotationMap::Cayley;
-        lossy.push(format!(
-            "kohya's legacy OFT uses the exact Cayley map, the source the {}",
-            stage.spec.map.describe()
-        ));
-    }
+    let name = format!("{}{rest}", names::KOHYA_OFT_UNET);
+    let tensors = vec![
+        f32_tensor(format!("{name}.oft_blocks"), vec![n, b, b], &e.values)?,
+        f32_tensor(format!("{name}.alpha"), vec![], &[alpha])?,
+    ];
     if layer.row_scale.is_some() {
-        denoted.row_scale = None;
-        lossy.push("kohya's legacy OFT has no row scale (`rescale`); it is dropped".into());
+        e.denoted.row_scale = None;
+        e.lossy
+            .push("kohya's legacy OFT has no row scale (`rescale`); it is dropped".into());
     }
-    denoted.constraint = None;
-    Mapped::Written {
+    Ok(Mapping {
         name,
         tensors,
-        denoted: Box::new(denoted),
-        lossy: (!lossy.is_empty()).then(|| lossy.join("; ")),
-    }
+        denoted: e.denoted,
+        lossy: e.lossy,
+    })
 }
 
 /// kohya trains SDXL on its sgm-named U-Net, so its SDXL files name U-Net modules the ldm/sgm
 /// way (`lora_unet_input_blocks_4_1_…`); SD 1.x/2.x files use diffusers names. With a base, a
-/// U-Net layer of an SDXL base is named the sgm way for kohya.
-fn kohya_file_name(
+/// U-Net layer of an SDXL base is named the sgm way.
+fn file_name(
     layer: &Layer,
     te_count: usize,
-    flavor: Flavor,
     ctx: &Context<'_>,
 ) -> std::result::Result<String, String> {
     let name = names::kohya_name(layer, te_count)?;
-    if flavor != Flavor::Kohya || !name.starts_with("lora_unet_") {
-        return Ok(name);
-    }
     let Some((table, pipeline)) = ctx.names() else {
         return Ok(name);
     };
-    if !pipeline.sdxl {
+    if !name.starts_with(names::LORA_UNET) || !pipeline.sdxl {
         return Ok(name);
     }
     Ok(table
         .resolve(&layer.target)
         .ok()
         .and_then(|r| pipeline.ldm(&r).cloned())
-        .map(|ldm| format!("lora_unet_{}", ldm.replace('.', "_")))
+        .map(|ldm| format!("{}{}", names::LORA_UNET, ldm.replace('.', "_")))
         .unwrap_or(name))
 }
 
-pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Written> {
-    let te_count = super::comfy::te_count(adapter);
-    // One file is one kohya network module: the side most layers use decides which.
-    let outputs = adapter
-        .layers
-        .iter()
-        .filter(|l| l.side == Side::Output)
-        .count();
-    let legacy = flavor == Flavor::Kohya && outputs * 2 > adapter.layers.len();
-    let alpha = free_alpha_for(adapter);
-    let dim = adapter
+/// `network_dim` of a legacy file: the block count of the first output-side layer.
+fn legacy_dim(adapter: &Adapter) -> usize {
+    adapter
         .layers
         .iter()
         .find(|l| l.side == Side::Output && !l.stages.is_empty())
@@ -184,101 +243,56 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>, flavor: Flavor) -> Result<Wri
                 .blocks
                 .or_else(|| l.target.rotated_dim.map(|d| d / s.spec.block_size.max(1)))
         })
-        .unwrap_or(0) as usize;
-    let mut tensors = Vec::new();
-    let mut mapped = Vec::new();
-    let mut block_sizes = std::collections::BTreeMap::<u64, usize>::new();
-    let mut shared = false;
-    let (mut conv, mut all_linear) = (false, false);
-    let mut conv_names = Vec::new();
-    for layer in &adapter.layers {
-        let name = match kohya_file_name(layer, te_count, flavor, ctx) {
-            Ok(n) => n,
-            Err(e) => {
-                mapped.push((None, None, Status::Impossible { reason: e }));
-                continue;
-            }
-        };
-        let m = match (legacy, layer.side) {
+        .unwrap_or(0) as usize
+}
+
+/// `--to kohya`: one file is one kohya network module, so the side most layers use decides
+/// which (`networks.oft` for output rows, `networks.oft_v2` for input columns).
+fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
+    let te_count = names::te_count(adapter);
+    let outputs = adapter
+        .layers
+        .iter()
+        .filter(|l| l.side == Side::Output)
+        .count();
+    let legacy = outputs * 2 > adapter.layers.len();
+    let alpha = blocks::free_alpha_for(adapter);
+    let dim = legacy_dim(adapter);
+    let (tensors, mapped) = report::map_layers(adapter, |layer| {
+        let name = file_name(layer, te_count, ctx)?;
+        match (legacy, layer.side) {
             (true, Side::Output) => map_legacy(layer, &name, alpha, dim),
-            (false, Side::Input) => map_input(layer, name, ctx),
-            (true, Side::Input) => Mapped::Impossible(
+            (false, Side::Input) => packed::encode_input(layer, name, ctx),
+            (true, Side::Input) => Err(
                 "an input-side layer in a file of output-side (legacy `networks.oft`) layers: \
                  one kohya file holds one network module; convert the input-side layers separately"
                     .into(),
             ),
-            (false, Side::Output) => Mapped::Impossible(match flavor {
-                Flavor::Kohya => "an output-side layer among input-side ones: one kohya file \
-                                  holds one network module"
-                    .into(),
-                Flavor::OneTrainer => "OneTrainer's OFT_2 rotates input columns; an output-side \
-                                       rotation is no input-side one (use --to comfyui or --to \
-                                       lycoris, or bake the adapter)"
-                    .into(),
-            }),
-        };
-        if let Mapped::Written { .. } = &m {
-            let s = &layer.stages[0];
-            *block_sizes.entry(s.spec.block_size).or_default() += 1;
-            shared |= s.spec.shared;
-            let c = super::is_conv(layer, ctx.sd1).unwrap_or(false);
-            conv |= c;
-            if let (true, Mapped::Written { name, .. }) = (c, &m) {
-                conv_names.push(name.trim_end_matches(".oft_R.weight").to_string());
-            }
-            all_linear |= layer.target.name.contains("_ff_") || layer.target.name.contains(".ff.");
+            (false, Side::Output) => Err("an output-side layer among input-side ones: one kohya \
+                                          file holds one network module"
+                .into()),
         }
-        let (n, d, st, t) = outcome(m);
-        tensors.extend(t);
-        mapped.push((n, d, st));
-    }
-    let b = block_sizes
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(b, _)| *b)
-        .unwrap_or(0);
-    let mut metadata = kept_metadata(adapter);
-    // The file cannot say which modules are Conv2d (merged differently); record it for
-    // readers that look (oftool's importer does), so the file is self-describing.
-    if !legacy {
-        metadata.insert(
-            crate::import::onetrainer::CONV_LIST_KEY.into(),
-            serde_json::to_string(&conv_names).unwrap_or_default(),
-        );
-    }
+    });
+    let summary = packed::Summary::of(adapter, &mapped, ctx);
+    let mut metadata = report::kept_metadata(adapter);
     let flag = |v: bool| if v { "True" } else { "False" };
-    match (flavor, legacy) {
-        (Flavor::Kohya, true) => {
-            metadata.insert("ss_network_module".into(), "networks.oft".into());
-            metadata.insert("ss_network_dim".into(), dim.to_string());
-            metadata.insert("ss_network_alpha".into(), format!("{alpha}"));
-            metadata.insert(
-                "ss_network_args".into(),
-                serde_json::json!({"enable_all_linear": flag(all_linear), "enable_conv": flag(conv)})
-                    .to_string(),
-            );
-        }
-        (Flavor::Kohya, false) => {
-            metadata.insert("ss_network_module".into(), "networks.oft_v2".into());
-            metadata.insert("ss_network_dim".into(), b.to_string());
-            metadata.insert(
-                "ss_network_args".into(),
-                serde_json::json!({"block_share": flag(shared), "enable_conv": flag(conv)})
-                    .to_string(),
-            );
-        }
-        (Flavor::OneTrainer, _) => {
-            metadata.insert(
-                "ot_config".into(),
-                serde_json::json!({
-                    "peft_type": "OFT_2",
-                    "oft_block_size": b,
-                    "oft_block_share": shared,
-                    "oft_scaled": false,
-                })
-                .to_string(),
-            );
-        }
-    }
+    let (module, args) = if legacy {
+        metadata.insert("ss_network_dim".into(), dim.to_string());
+        metadata.insert("ss_network_alpha".into(), format!("{alpha}"));
+        (
+            "networks.oft",
+            serde_json::json!({"enable_all_linear": flag(summary.all_linear), "enable_conv": flag(summary.conv)}),
+        )
+    } else {
+        let (key, conv) = summary.conv_list();
+        metadata.insert(key, conv);
+        metadata.insert("ss_network_dim".into(), summary.block_size.to_string());
+        (
+            "networks.oft_v2",
+            serde_json::json!({"block_share": flag(summary.shared), "enable_conv": flag(summary.conv)}),
+        )
+    };
+    metadata.insert("ss_network_module".into(), module.into());
+    metadata.insert("ss_network_args".into(), args.to_string());
     Ok(Written::single(tensors, metadata, mapped, Vec::new()))
 }

@@ -10,15 +10,14 @@
 //! COFT (`coft`, `eps`) projects each raw block `A_k` onto a Frobenius ball before the skew
 //! part is taken, at merge time too; the radius is `eps·ceil(out/r)²/√rows` in both versions.
 
-use super::common::{self, OneStage};
+use super::{kept_config, read_config_value};
 use crate::error::{Error, Result};
+use crate::layouts::common::{self, OneStage};
+use crate::layouts::{Source, names};
 use crate::model::*;
-use crate::tensors::MappedFile;
+use safetensors::SafeTensors;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::Path;
-
-const WRAP_PREFIX: &str = "base_model.model.";
 
 /// The settings of an old `adapter_config.json` that change the math.
 #[derive(Debug, Clone, Default)]
@@ -37,9 +36,7 @@ fn read_config(path: Option<&Path>) -> Result<OldConfig> {
             ..OldConfig::default()
         });
     };
-    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&raw)
-        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let (v, raw) = read_config_value(path)?;
     let num = |k: &str| v.get(k).and_then(Value::as_f64);
     let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
     Ok(OldConfig {
@@ -52,119 +49,145 @@ fn read_config(path: Option<&Path>) -> Result<OldConfig> {
 }
 
 /// Import a PEFT ≤ 0.15 OFT file (`oft_r`, optional `oft_s`), with its config when known.
-pub fn import(weights: &Path, config: Option<&Path>, component: Option<String>) -> Result<Adapter> {
-    let cfg = read_config(config)?;
-    let file = MappedFile::open(weights)?;
-    let st = file.tensors();
-    let modules = common::modules(weights, &st, &[".oft_r", ".oft_s"], "PEFT ≤ 0.15 OFT")?;
+pub fn import(src: &Source<'_>) -> Result<Adapter> {
+    let cfg = read_config(src.config)?;
+    let st = src.file.tensors();
+    let modules = common::modules(src.path, &st, &[".oft_r", ".oft_s"], "PEFT ≤ 0.15 OFT")?;
     let with_scale = st.names().iter().any(|n| n.ends_with(".oft_s"));
-    let mut layers = Vec::new();
-    for module in &modules {
-        let r_name = format!("{module}.oft_r");
-        if st.tensor(&r_name).is_err() {
-            return Err(Error::format(
-                weights,
-                format!("`{module}` has `oft_s` but no `oft_r`"),
-            ));
-        }
-        let (mut raw, shape) = common::read(weights, &st, &r_name)?;
-        let (rows, b) = match shape.as_slice() {
-            &[rows, b1, b2] if b1 == b2 && rows >= 1 && b1 >= 2 => (rows, b1),
-            _ => {
-                return Err(Error::format(
-                    weights,
-                    format!("`{r_name}` has shape {shape:?}; PEFT ≤ 0.15 stores [r, b, b]"),
-                ));
-            }
-        };
-        let scale = if with_scale {
-            let s_name = format!("{module}.oft_s");
-            let (s, s_shape) = common::read(weights, &st, &s_name).map_err(|_| {
-                Error::format(
-                    weights,
-                    format!("`{module}` has no `oft_s` while other modules have one: mixed PEFT versions"),
-                )
-            })?;
-            if s_shape.len() != 2 || s_shape[1] != 1 || s_shape[0] == 0 {
-                return Err(Error::format(
-                    weights,
-                    format!("`{s_name}` has shape {s_shape:?}; PEFT stores [out, 1]"),
-                ));
-            }
-            Some(s)
-        } else {
-            None
-        };
-        let (shared, blocks) =
-            common::peft_blocks(weights, module, rows, cfg.block_share, cfg.r, b)?;
-        let mut constraint = None;
-        if cfg.coft {
-            // PEFT: eps·ceil(out/r)² with r the number of blocks, then ÷√rows. Output side
-            // (≤ 0.13) has out = r·b; 0.14–0.15 read `out` off `oft_s`.
-            let out = match &scale {
-                Some(s) => s.len() as f64,
-                None => (blocks.unwrap_or(1) as usize * b) as f64,
-            };
-            let r = blocks.ok_or_else(|| {
-                Error::unsupported(
-                    weights,
-                    format!("`{module}`: COFT with a shared block needs the config's `r`"),
-                )
-            })? as f64;
-            let per = (out / r).ceil();
-            let radius = cfg.eps * per * per / (rows as f64).sqrt();
-            common::project_raw_blocks(&mut raw, b, radius);
-            constraint = Some(Constraint {
-                kind: "peft-coft".into(),
-                radius,
-                scope: "block".into(),
-                alpha: None,
-                eps: Some(cfg.eps),
-            });
-        }
-        // Canonical Q = −½(A − Aᵀ).
-        let q = common::skew_blocks(&raw, b, -0.5);
-        layers.push(
-            OneStage {
-                name: module
-                    .strip_prefix(WRAP_PREFIX)
-                    .unwrap_or(module)
-                    .to_string(),
-                convention: "peft",
-                component: component.clone(),
-                module: ModuleKind::Unknown,
-                side: if with_scale {
-                    Side::Input
-                } else {
-                    Side::Output
-                },
-                blocks,
-                block_size: b,
-                shared,
-                map: RotationMap::Cayley,
-                q,
-                q_f64: true,
-                row_scale: scale,
-                constraint,
-            }
-            .into_layer(),
-        );
-    }
+    let layers = modules
+        .iter()
+        .map(|m| read_layer(src, &st, m, &cfg, with_scale))
+        .collect::<Result<Vec<_>>>()?;
     let (format, version) = if with_scale {
         ("peft-oft-0.14", "0.14–0.15")
     } else {
         ("peft-oft-0.7", "0.7–0.13")
     };
-    let mut extra = BTreeMap::new();
-    if !cfg.raw.is_empty() {
-        extra.insert("peft.adapter_config".to_string(), cfg.raw.clone());
-    }
     common::adapter(
-        weights,
-        &file,
+        src.path,
+        src.file,
         format,
         Some(version.to_string()),
-        extra,
+        kept_config(&cfg.raw),
         layers,
     )
+}
+
+/// A module's `oft_s` `[out, 1]`, which every module has when any has (0.14–0.15).
+fn read_scale(path: &Path, st: &SafeTensors<'_>, module: &str) -> Result<Vec<f64>> {
+    let s_name = format!("{module}.oft_s");
+    let (s, s_shape) = common::read(path, st, &s_name).map_err(|_| {
+        Error::format(
+            path,
+            format!("`{module}` has no `oft_s` while other modules have one: mixed PEFT versions"),
+        )
+    })?;
+    if s_shape.len() != 2 || s_shape[1] != 1 || s_shape[0] == 0 {
+        return Err(Error::format(
+            path,
+            format!("`{s_name}` has shape {s_shape:?}; PEFT stores [out, 1]"),
+        ));
+    }
+    Ok(s)
+}
+
+/// PEFT's COFT radius: `eps·ceil(out/r)²/√rows` with `r` the number of blocks. Output side
+/// (≤ 0.13) has `out = r·b`; 0.14–0.15 read `out` off `oft_s`.
+fn coft_radius(
+    path: &Path,
+    module: &str,
+    cfg: &OldConfig,
+    scale: Option<&[f64]>,
+    blocks: Option<u64>,
+    rows: usize,
+    b: usize,
+) -> Result<f64> {
+    let r = blocks.ok_or_else(|| {
+        Error::unsupported(
+            path,
+            format!("`{module}`: COFT with a shared block needs the config's `r`"),
+        )
+    })?;
+    let out = match scale {
+        Some(s) => s.len() as f64,
+        None => (r as usize * b) as f64,
+    };
+    let per = (out / r as f64).ceil();
+    Ok(cfg.eps * per * per / (rows as f64).sqrt())
+}
+
+fn read_layer(
+    src: &Source<'_>,
+    st: &SafeTensors<'_>,
+    module: &str,
+    cfg: &OldConfig,
+    with_scale: bool,
+) -> Result<Layer> {
+    let path = src.path;
+    let r_name = format!("{module}.oft_r");
+    if st.tensor(&r_name).is_err() {
+        return Err(Error::format(
+            path,
+            format!("`{module}` has `oft_s` but no `oft_r`"),
+        ));
+    }
+    let (mut raw, shape) = common::read(path, st, &r_name)?;
+    let (rows, b) = match shape.as_slice() {
+        &[rows, b1, b2] if b1 == b2 && rows >= 1 && b1 >= 2 => (rows, b1),
+        _ => {
+            return Err(Error::format(
+                path,
+                format!("`{r_name}` has shape {shape:?}; PEFT ≤ 0.15 stores [r, b, b]"),
+            ));
+        }
+    };
+    let scale = with_scale
+        .then(|| read_scale(path, st, module))
+        .transpose()?;
+    let (shared, blocks) = super::peft_blocks(path, module, rows, cfg.block_share, cfg.r, b)?;
+    let mut constraint = None;
+    if cfg.coft {
+        let radius = coft_radius(path, module, cfg, scale.as_deref(), blocks, rows, b)?;
+        project_raw_blocks(&mut raw, b, radius);
+        constraint = Some(Constraint {
+            kind: "peft-coft".into(),
+            radius,
+            scope: "block".into(),
+            alpha: None,
+            eps: Some(cfg.eps),
+        });
+    }
+    Ok(OneStage {
+        name: names::unwrap_peft(module).to_string(),
+        convention: "peft",
+        component: src.component.clone(),
+        module: ModuleKind::Unknown,
+        side: if with_scale {
+            Side::Input
+        } else {
+            Side::Output
+        },
+        blocks,
+        block_size: b,
+        shared,
+        map: RotationMap::Cayley,
+        // Canonical Q = −½(A − Aᵀ).
+        q: common::skew_blocks(&raw, b, -0.5),
+        q_f64: true,
+        row_scale: scale,
+        constraint,
+    }
+    .into_layer())
+}
+
+/// Project each `b × b` block of the raw parameter onto the Frobenius ball of `radius` (the
+/// COFT rule of PEFT ≤ 0.15 and of the OFT authors: the distance to the zero matrix).
+fn project_raw_blocks(raw: &mut [f64], b: usize, radius: f64) {
+    for blk in raw.chunks_exact_mut(b * b) {
+        let norm = blk.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > radius {
+            let f = radius / norm;
+            blk.iter_mut().for_each(|x| *x *= f);
+        }
+    }
 }

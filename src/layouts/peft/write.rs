@@ -7,8 +7,16 @@
 //! nearest divisor) and `block_share`. The exact branch computes `Cay−(Q_p)`, so exact layers
 //! store `Q_p = −Q`; Neumann layers store `Q`; Embedding layers (`W·BD(R)`) the other sign.
 
-use super::*;
+use super::major_minor;
+use crate::error::{Category, Error, Result};
+use crate::layouts::codec::butterfly;
+use crate::layouts::names;
+use crate::layouts::report::{
+    self, Context, LayerOutcome, Mapped, Mapping, OutFile, OwnedTensor, Status, Written, f32_tensor,
+};
+use crate::model::*;
 use serde_json::Value;
+use std::path::PathBuf;
 
 /// PEFT's `adjust_oft_parameters`: the block size a layer of `d` features gets for `wanted`.
 fn peft_block_size(d: u64, wanted: u64) -> u64 {
@@ -69,92 +77,81 @@ fn most_common<T: PartialEq + Copy>(items: impl Iterator<Item = T>) -> Option<T>
     counts.into_iter().find(|(_, n)| *n == best).map(|(x, _)| x)
 }
 
-fn map_layer(layer: &Layer, module: &str, set: Settings) -> Mapped {
+const OUTPUT_SIDE: &str = "it rotates the output rows (PEFT ≤ 0.13, kohya legacy, LyCORIS); PEFT ≥ 0.14 \
+     rotates input columns, and an output-side rotation is no input-side one. Bake the adapter \
+     (oftool merge), or write it for LyCORIS/ComfyUI (--to lycoris, --to comfyui)";
+
+/// Why a layer can be no PEFT OFT layer whatever the config, if so.
+fn never_oft(layer: &Layer) -> Option<&'static str> {
     if layer.side != Side::Input {
-        return Mapped::Impossible(
-            "it rotates the output rows (PEFT ≤ 0.13, kohya legacy, LyCORIS); PEFT ≥ 0.14 rotates \
-             input columns, and an output-side rotation is no input-side one. Bake the adapter \
-             (oftool merge), or write it for LyCORIS/ComfyUI (--to lycoris, --to comfyui)"
-                .into(),
-        );
+        return Some(OUTPUT_SIDE);
     }
     if layer.stages.len() != 1 || layer.stages[0].spec.wiring != Wiring::Identity {
-        return Mapped::Impossible(
+        return Some(
             "several stages or a butterfly wiring (BOFT): a PEFT OFT layer is one block-diagonal \
-             rotation"
-                .into(),
+             rotation",
         );
     }
-    let stage = &layer.stages[0];
+    None
+}
+
+/// Why `set` gives a layer of this stage's axis another block size, if it does.
+fn block_misfit(stage: &Stage, d: Option<u64>, set: Settings) -> Option<String> {
     let b = stage.spec.block_size;
-    let d = layer.target.rotated_dim.or(stage.dim());
     match d {
-        Some(d) if set.block_for(d) != b => {
-            return Mapped::Impossible(format!(
-                "block size {b}, but PEFT's config holds one setting for all layers ({}) and gives a \
-                 layer of {d} features blocks of {}",
-                if set.r > 0 {
-                    format!("r = {}", set.r)
-                } else {
-                    format!("oft_block_size = {}", set.block_size)
-                },
-                set.block_for(d)
-            ));
-        }
-        None if set.r > 0 || b != set.block_size => {
-            return Mapped::Impossible(format!(
-                "block size {b} on an axis of unknown length, but PEFT's config holds one \
-                 `oft_block_size` ({}); pass --base",
-                set.block_size
-            ));
-        }
-        _ => {}
+        Some(d) if set.block_for(d) != b => Some(format!(
+            "block size {b}, but PEFT's config holds one setting for all layers ({}) and gives a \
+             layer of {d} features blocks of {}",
+            if set.r > 0 {
+                format!("r = {}", set.r)
+            } else {
+                format!("oft_block_size = {}", set.block_size)
+            },
+            set.block_for(d)
+        )),
+        None if set.r > 0 || b != set.block_size => Some(format!(
+            "block size {b} on an axis of unknown length, but PEFT's config holds one \
+             `oft_block_size` ({}); pass --base",
+            set.block_size
+        )),
+        _ => None,
     }
-    let rows = if stage.spec.shared == set.share {
-        stage.q.clone()
-    } else if stage.spec.shared {
-        match expanded_rows(stage, d) {
-            Some(q) => q,
-            None => {
-                return Mapped::Impossible(
-                    "a shared block whose repeat count is unknown; pass --base".into(),
-                );
-            }
-        }
+}
+
+/// The stored rows of a stage under the config's `block_share`.
+fn shared_rows(
+    stage: &Stage,
+    d: Option<u64>,
+    share: bool,
+) -> std::result::Result<Vec<f64>, String> {
+    if stage.spec.shared == share {
+        return Ok(stage.q.clone());
+    }
+    if stage.spec.shared {
+        return report::expanded_rows(stage, d).ok_or_else(|| report::UNKNOWN_REPEAT.into());
+    }
+    let first = stage.q_row(0);
+    let n = stage.stored_blocks() as usize;
+    if (0..n).all(|k| stage.q_row(k) == first) {
+        Ok(first.to_vec())
     } else {
-        let first = stage.q_row(0);
-        let n = stage.stored_blocks() as usize;
-        if (0..n).all(|k| stage.q_row(k) == first) {
-            first.to_vec()
-        } else {
-            return Mapped::Impossible(
-                "distinct blocks, but the PEFT config shares one block per layer (`block_share`) \
-                 for this adapter's other layers"
-                    .into(),
-            );
-        }
-    };
-    let embedding = layer.target.module == ModuleKind::Embedding;
-    let exact = set.map == RotationMap::Cayley;
-    // Canonical Cay+(Q): PEFT exact = Cay+(−Q_p); Neumann ≈ Cay+(Q_p); Embedding transposes.
-    let sign = if exact != embedding { -1.0 } else { 1.0 };
-    let values: Vec<f64> = rows.iter().map(|x| sign * x).collect();
-    let n_rows = values.len() / stage.tri_len().max(1);
-    let suffix = if embedding {
-        "oft_embedding_R.weight"
-    } else {
-        "oft_R.weight"
-    };
-    let name = format!("base_model.model.{module}.{suffix}");
-    let t = match OwnedTensor::new(
-        name.clone(),
-        Dtype::F32,
-        vec![n_rows, stage.tri_len()],
-        &values,
-    ) {
-        Ok(t) => t,
-        Err(e) => return Mapped::Impossible(e.to_string()),
-    };
+        Err(
+            "distinct blocks, but the PEFT config shares one block per layer (`block_share`) \
+             for this adapter's other layers"
+                .into(),
+        )
+    }
+}
+
+/// What PEFT ≥ 0.18 computes from a layer written under `set`, with the reasons it differs.
+fn denote(
+    layer: &Layer,
+    values: &[f64],
+    sign: f64,
+    n_rows: usize,
+    set: Settings,
+) -> (Layer, Vec<String>) {
+    let stage = &layer.stages[0];
     let mut lossy = Vec::new();
     let mut denoted = layer.clone();
     let ds = &mut denoted.stages[0];
@@ -195,12 +192,43 @@ fn map_layer(layer: &Layer, module: &str, set: Settings) -> Mapped {
         denoted.row_scale = None;
     }
     denoted.constraint = None;
-    Mapped::Written {
-        name: format!("base_model.model.{module}"),
-        tensors: vec![t],
-        denoted: Box::new(denoted),
-        lossy: (!lossy.is_empty()).then(|| lossy.join("; ")),
+    (denoted, lossy)
+}
+
+fn map_layer(layer: &Layer, module: &str, set: Settings) -> Mapped {
+    if let Some(why) = never_oft(layer) {
+        return Err(why.into());
     }
+    let stage = &layer.stages[0];
+    let d = layer.target.rotated_dim.or(stage.dim());
+    if let Some(why) = block_misfit(stage, d, set) {
+        return Err(why);
+    }
+    let rows = shared_rows(stage, d, set.share)?;
+    let embedding = layer.target.module == ModuleKind::Embedding;
+    let exact = set.map == RotationMap::Cayley;
+    // Canonical Cay+(Q): PEFT exact = Cay+(−Q_p); Neumann ≈ Cay+(Q_p); Embedding transposes.
+    let sign = if exact != embedding { -1.0 } else { 1.0 };
+    let values: Vec<f64> = rows.iter().map(|x| sign * x).collect();
+    let n_rows = values.len() / stage.tri_len().max(1);
+    let suffix = if embedding {
+        super::oft::SUFFIX_EMBEDDING
+    } else {
+        super::oft::SUFFIX_LINEAR
+    };
+    let name = format!("{}{module}", names::PEFT_WRAPPER);
+    let t = f32_tensor(
+        format!("{name}{suffix}"),
+        vec![n_rows, stage.tri_len()],
+        &values,
+    )?;
+    let (denoted, lossy) = denote(layer, &values, sign, n_rows, set);
+    Ok(Mapping {
+        name,
+        tensors: vec![t],
+        denoted,
+        lossy,
+    })
 }
 
 /// An `adapter_config.json` of `peft_type` for `modules`: PEFT's common fields plus `own`.
@@ -256,13 +284,7 @@ fn config_json(set: Settings, modules: &[String], source: Option<&str>) -> Strin
         let keep_version = src
             .get("peft_version")
             .and_then(Value::as_str)
-            .and_then(|v| {
-                let mut it = v.split(['.', '@', '+']);
-                Some((
-                    it.next()?.parse::<u32>().ok()?,
-                    it.next()?.parse::<u32>().ok()?,
-                ))
-            })
+            .and_then(major_minor)
             .is_some_and(|mm| mm >= (0, 18));
         if let Value::Object(ours) = &v {
             for (k, val) in ours {
@@ -280,29 +302,64 @@ fn config_json(set: Settings, modules: &[String], source: Option<&str>) -> Strin
     serde_json::to_string_pretty(&out).unwrap_or_default() + "\n"
 }
 
+/// `--to peft`: one PEFT directory per diffusers component.
 pub fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
-    // Group layers by component; each group is one PEFT directory.
-    // (component, [(layer index, module path)]): one PEFT directory each.
-    type Group = (Option<String>, Vec<(usize, String)>);
+    let mut mapped: Vec<LayerOutcome> = vec![(None, None, Status::Exact); adapter.layers.len()];
+    let groups = group(adapter, ctx, &mut mapped)?;
+    let mut md = report::kept_metadata(adapter);
+    md.insert("format".into(), "pt".into());
+    let mut files = Vec::new();
+    for (comp, members) in &groups {
+        let dir = comp.as_deref().map(PathBuf::from).unwrap_or_default();
+        // A row scale or a butterfly needs PEFT's BOFT (`boft_s`, `boft_R` per factor).
+        let needs_boft = members.iter().any(|(i, _)| {
+            let l = &adapter.layers[*i];
+            l.side == Side::Input
+                && (l.stages.len() > 1
+                    || l.row_scale
+                        .as_ref()
+                        .is_some_and(|(_, s)| s.iter().any(|&v| v != 1.0)))
+        });
+        let written = if needs_boft {
+            Some(write_boft(adapter, members, ctx, &mut mapped))
+        } else {
+            write_oft(adapter, members, &mut mapped)
+        };
+        let Some((config, tensors)) = written else {
+            continue;
+        };
+        files.push(OutFile::Text {
+            rel: dir.join("adapter_config.json"),
+            text: config,
+        });
+        files.push(OutFile::Safetensors {
+            rel: dir.join("adapter_model.safetensors"),
+            tensors,
+            metadata: md.clone(),
+        });
+    }
+    Ok(Written {
+        files,
+        mapped,
+        warnings: Vec::new(),
+        directory: true,
+    })
+}
+
+/// A component and its members: `(layer index, module path)`.
+type Group = (Option<String>, Vec<(usize, String)>);
+
+/// Layers by component, each group one PEFT directory; layers that can be in none get their
+/// reason in `mapped`.
+fn group(adapter: &Adapter, ctx: &Context<'_>, mapped: &mut [LayerOutcome]) -> Result<Vec<Group>> {
     let mut groups: Vec<Group> = Vec::new();
-    let mut mapped: Vec<(Option<String>, Option<Layer>, Status)> =
-        vec![(None, None, Status::Exact); adapter.layers.len()];
     for (i, layer) in adapter.layers.iter().enumerate() {
         // The side decides before the name: an output-side layer is impossible whatever it is
         // called.
-        if layer.side != Side::Input
-            && let Mapped::Impossible(reason) = map_layer(
-                layer,
-                "",
-                Settings {
-                    map: RotationMap::Cayley,
-                    block_size: 0,
-                    r: 0,
-                    share: false,
-                },
-            )
-        {
-            mapped[i].2 = Status::Impossible { reason };
+        if layer.side != Side::Input {
+            mapped[i].2 = Status::Impossible {
+                reason: OUTPUT_SIDE.into(),
+            };
             continue;
         }
         match names::pipeline_name(layer, ctx.names()) {
@@ -320,152 +377,108 @@ pub fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
              which PEFT directory they belong to",
         ));
     }
-    let mut files = Vec::new();
-    let kept = kept_metadata(adapter);
-    let mut md: BTreeMap<String, String> = kept;
-    md.insert("format".into(), "pt".into());
-    for (comp, members) in &groups {
-        let layers: Vec<&Layer> = members.iter().map(|(i, _)| &adapter.layers[*i]).collect();
-        let dir = comp.as_deref().map(PathBuf::from).unwrap_or_default();
-        // A row scale or a butterfly needs PEFT's BOFT (`boft_s`, `boft_R` per factor).
-        let needs_boft = layers.iter().any(|l| {
-            l.side == Side::Input
-                && (l.stages.len() > 1
-                    || l.row_scale
-                        .as_ref()
-                        .is_some_and(|(_, s)| s.iter().any(|&v| v != 1.0)))
-        });
-        if needs_boft {
-            let (config, tensors) = write_boft(adapter, members, ctx, &mut mapped);
-            files.push(OutFile::Text {
-                rel: dir.join("adapter_config.json"),
-                text: config,
-            });
-            files.push(OutFile::Safetensors {
-                rel: dir.join("adapter_model.safetensors"),
-                tensors,
-                metadata: md.clone(),
-            });
-            continue;
-        }
-        let usable = || {
-            layers
-                .iter()
-                .filter(|l| l.side == Side::Input && l.stages.len() == 1)
-                .map(|l| &l.stages[0])
-        };
-        let Some(map) = most_common(usable().map(|s| s.spec.map)) else {
-            for (i, _) in members {
-                mapped[*i] = (
-                    None,
-                    None,
-                    match map_layer(
-                        &adapter.layers[*i],
-                        "",
-                        Settings {
-                            map: RotationMap::Cayley,
-                            block_size: 0,
-                            r: 0,
-                            share: false,
-                        },
-                    ) {
-                        Mapped::Impossible(r) => Status::Impossible { reason: r },
-                        Mapped::Written { .. } => Status::Exact,
-                    },
-                );
-            }
-            continue;
-        };
-        let mut set = Settings {
-            map,
-            block_size: most_common(usable().map(|s| s.spec.block_size)).unwrap_or(0),
-            r: 0,
-            share: most_common(usable().map(|s| s.spec.shared)).unwrap_or(false),
-        };
-        // One block size that fits every layer, else one block count (`r`) if that does.
-        let fits = |set: &Settings| {
-            usable().all(|s| match s.dim() {
-                Some(d) => set.block_for(d) == s.spec.block_size,
-                None => set.r == 0 && s.spec.block_size == set.block_size,
-            })
-        };
-        if !fits(&set)
-            && let Some(r) = most_common(usable().filter_map(|s| s.spec.blocks))
-        {
-            let by_count = Settings {
-                block_size: 0,
-                r,
-                ..set
-            };
-            if fits(&by_count) {
-                set = by_count;
-            }
-        }
-        let mut tensors = Vec::new();
-        let mut modules = Vec::new();
-        for (i, module) in members {
-            let (n, d, st, t) = outcome(map_layer(&adapter.layers[*i], module, set));
-            if n.is_some() {
-                modules.push(module.clone());
-            }
-            tensors.extend(t);
-            mapped[*i] = (n, d, st);
-        }
-        modules.sort();
-        files.push(OutFile::Text {
-            rel: dir.join("adapter_config.json"),
-            text: config_json(
-                set,
-                &modules,
-                adapter
-                    .provenance
-                    .user_metadata
-                    .get("peft.adapter_config")
-                    .map(String::as_str),
-            ),
-        });
-        files.push(OutFile::Safetensors {
-            rel: dir.join("adapter_model.safetensors"),
-            tensors,
-            metadata: md.clone(),
-        });
-    }
-    Ok(Written {
-        files,
-        mapped,
-        warnings: Vec::new(),
-        directory: true,
-    })
+    Ok(groups)
 }
 
-/// PEFT BOFT (formats.md §3.4): `boft_R [m, N, b, b]` with `½(A − Aᵀ) = −Q` (PEFT's `Cay−`)
-/// on PEFT's butterfly wiring, `boft_s` the row scale (`[out, 1]`; Conv2d `[1, out]`). One
-/// `boft_block_size` and one `boft_n_butterfly_factor` per directory.
+/// The one setting PEFT's config holds for the layers that can be PEFT OFT layers: the most
+/// common map, block size and sharing; one block count (`r`) instead of a block size where only
+/// that fits every layer.
+fn settings<'a>(layers: impl Iterator<Item = &'a Layer> + Clone) -> Option<Settings> {
+    let usable = || {
+        layers
+            .clone()
+            .filter(|l| l.side == Side::Input && l.stages.len() == 1)
+            .map(|l| &l.stages[0])
+    };
+    let mut set = Settings {
+        map: most_common(usable().map(|s| s.spec.map))?,
+        block_size: most_common(usable().map(|s| s.spec.block_size)).unwrap_or(0),
+        r: 0,
+        share: most_common(usable().map(|s| s.spec.shared)).unwrap_or(false),
+    };
+    let fits = |set: &Settings| {
+        usable().all(|s| match s.dim() {
+            Some(d) => set.block_for(d) == s.spec.block_size,
+            None => set.r == 0 && s.spec.block_size == set.block_size,
+        })
+    };
+    if !fits(&set)
+        && let Some(r) = most_common(usable().filter_map(|s| s.spec.blocks))
+    {
+        let by_count = Settings {
+            block_size: 0,
+            r,
+            ..set
+        };
+        if fits(&by_count) {
+            set = by_count;
+        }
+    }
+    Some(set)
+}
+
+/// A PEFT OFT directory's config and tensors (`None` when no member can be written).
+fn write_oft(
+    adapter: &Adapter,
+    members: &[(usize, String)],
+    mapped: &mut [LayerOutcome],
+) -> Option<(String, Vec<OwnedTensor>)> {
+    let Some(set) = settings(members.iter().map(|(i, _)| &adapter.layers[*i])) else {
+        for (i, _) in members {
+            let reason = never_oft(&adapter.layers[*i]).unwrap_or(OUTPUT_SIDE);
+            mapped[*i] = (
+                None,
+                None,
+                Status::Impossible {
+                    reason: reason.into(),
+                },
+            );
+        }
+        return None;
+    };
+    let mut tensors = Vec::new();
+    let mut modules = Vec::new();
+    for (i, module) in members {
+        let (n, d, st, t) = report::outcome(map_layer(&adapter.layers[*i], module, set));
+        if n.is_some() {
+            modules.push(module.clone());
+        }
+        tensors.extend(t);
+        mapped[*i] = (n, d, st);
+    }
+    modules.sort();
+    let source = adapter
+        .provenance
+        .user_metadata
+        .get("peft.adapter_config")
+        .map(String::as_str);
+    Some((config_json(set, &modules, source), tensors))
+}
+
+/// PEFT BOFT (formats.md §3.4): `boft_R [m, N, b, b]` on PEFT's butterfly wiring, `boft_s`
+/// the row scale ([`butterfly::encode`]). One `boft_block_size` and one
+/// `boft_n_butterfly_factor` per directory.
 fn write_boft(
     adapter: &Adapter,
     members: &[(usize, String)],
     ctx: &Context<'_>,
-    mapped: &mut [(Option<String>, Option<Layer>, Status)],
+    mapped: &mut [LayerOutcome],
 ) -> (String, Vec<OwnedTensor>) {
-    let input = |i: usize| adapter.layers[i].side == Side::Input;
-    let b = most_common(
+    let inputs = || {
         members
             .iter()
-            .filter(|(i, _)| input(*i))
-            .map(|(i, _)| adapter.layers[*i].stages[0].spec.block_size),
-    )
-    .unwrap_or(0);
-    let m = most_common(
-        members
-            .iter()
-            .filter(|(i, _)| input(*i))
-            .map(|(i, _)| adapter.layers[*i].stages.len()),
-    )
-    .unwrap_or(1);
+            .map(|(i, _)| &adapter.layers[*i])
+            .filter(|l| l.side == Side::Input)
+    };
+    let b =
+        most_common(inputs().filter_map(|l| Some(l.stages.first()?.spec.block_size))).unwrap_or(0);
+    let m = most_common(inputs().map(|l| l.stages.len())).unwrap_or(1);
     let mut tensors = Vec::new();
     let mut modules = Vec::new();
     for (i, module) in members {
-        let (n, d, st, t) = outcome(map_boft(&adapter.layers[*i], module, b, m, ctx));
+        let name = format!("{}{module}", names::PEFT_WRAPPER);
+        let (n, d, st, t) =
+            report::outcome(butterfly::encode(&adapter.layers[*i], name, b, m, ctx));
         if n.is_some() {
             modules.push(module.clone());
         }
@@ -487,115 +500,6 @@ fn write_boft(
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
         tensors,
     )
-}
-
-fn map_boft(layer: &Layer, module: &str, b: u64, m: usize, ctx: &Context<'_>) -> Mapped {
-    if layer.side != Side::Input {
-        return Mapped::Impossible(
-            "it rotates the output rows; PEFT ≥ 0.14 rotates input columns, and an output-side \
-             rotation is no input-side one. Bake the adapter (oftool merge)"
-                .into(),
-        );
-    }
-    if layer.stages.len() != m || layer.stages.iter().any(|s| s.spec.block_size != b) {
-        return Mapped::Impossible(format!(
-            "{} stage(s) of block size {}, but PEFT's BOFT config holds one block size ({b}) and one \
-             butterfly-factor count ({m}) for the directory",
-            layer.stages.len(),
-            layer.stages[0].spec.block_size
-        ));
-    }
-    for (i, s) in layer.stages.iter().enumerate() {
-        let ok = match s.spec.wiring {
-            Wiring::Identity => i == 0 || m == 1,
-            Wiring::Butterfly {
-                producer: WiringProducer::Peft,
-                index,
-            } => index as usize == i,
-            _ => false,
-        };
-        if !ok {
-            return Mapped::Impossible(format!(
-                "stage {i} is wired {}, not as PEFT's butterfly factor {i}",
-                s.spec.wiring.describe()
-            ));
-        }
-    }
-    let conv = match super::is_conv(layer, ctx.sd1) {
-        Ok(c) => c,
-        Err(e) => return Mapped::Impossible(e),
-    };
-    let out = match (&layer.row_scale, &layer.target.shape) {
-        (Some((_, s)), _) => s.len(),
-        (None, Some(shape)) => shape[0] as usize,
-        (None, None) => {
-            return Mapped::Impossible(
-                "BOFT stores a row scale of the output size, which this layer does not record; \
-                 pass --base"
-                    .into(),
-            );
-        }
-    };
-    let bs = b as usize;
-    let axis = layer.target.rotated_dim;
-    let mut values = Vec::new();
-    let mut denoted = layer.clone();
-    let mut lossy = Vec::new();
-    let mut blocks = 0;
-    for (i, stage) in layer.stages.iter().enumerate() {
-        let Some(q) = expanded_rows(stage, axis) else {
-            return Mapped::Impossible(
-                "a shared block whose repeat count is unknown; pass --base".into(),
-            );
-        };
-        blocks = q.len() / stage.tri_len().max(1);
-        let mut back = Vec::with_capacity(q.len());
-        for row in q.chunks_exact(stage.tri_len().max(1)) {
-            // A = −Q as a dense skew block: PEFT's ½(A − Aᵀ) gives A back exactly.
-            let neg: Vec<f64> = row.iter().map(|x| -(*x as f32 as f64)).collect();
-            values.extend(crate::rotation::unpack_skew(&neg, bs));
-            back.extend(neg.iter().map(|x| -x));
-        }
-        let ds = &mut denoted.stages[i];
-        ds.q = back;
-        ds.q_f64 = false;
-        ds.spec.shared = false;
-        ds.spec.blocks = Some(blocks as u64);
-        if stage.spec.map != RotationMap::Cayley {
-            ds.spec.map = RotationMap::Cayley;
-            if lossy.is_empty() {
-                lossy.push(format!(
-                    "PEFT BOFT uses the exact Cayley map, the source the {}",
-                    stage.spec.map.describe()
-                ));
-            }
-        }
-    }
-    let scale: Vec<f64> = match &layer.row_scale {
-        Some((_, s)) => s.iter().map(|&v| v as f32 as f64).collect(),
-        None => vec![1.0; out],
-    };
-    denoted.row_scale = layer.row_scale.as_ref().map(|(p, _)| (*p, scale.clone()));
-    denoted.row_scale_f64 = false;
-    denoted.constraint = None;
-    let name = format!("base_model.model.{module}");
-    let r = OwnedTensor::new(
-        format!("{name}.boft_R"),
-        Dtype::F32,
-        vec![m, blocks, bs, bs],
-        &values,
-    );
-    let s_shape = if conv { vec![1, out] } else { vec![out, 1] };
-    let s = OwnedTensor::new(format!("{name}.boft_s"), Dtype::F32, s_shape, &scale);
-    match (r, s) {
-        (Ok(r), Ok(s)) => Mapped::Written {
-            name,
-            tensors: vec![r, s],
-            denoted: Box::new(denoted),
-            lossy: (!lossy.is_empty()).then(|| lossy.join("; ")),
-        },
-        (Err(e), _) | (_, Err(e)) => Mapped::Impossible(e.to_string()),
-    }
 }
 
 #[cfg(test)]
