@@ -10,7 +10,9 @@ use super::common::{self, OneStage};
 use super::{Claim, Layout, Probe, Reader, Source, Variant, Writes, names};
 use crate::error::{Error, Result};
 use crate::model::*;
+use safetensors::SafeTensors;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 pub static LAYOUT: Layout = Layout {
     id: "oft-authors",
@@ -35,7 +37,7 @@ pub static LAYOUT: Layout = Layout {
     metadata_keys: &[],
 };
 
-static FILE: Variant = Variant { name: "", import };
+static FILE: Variant = Variant::new("", import);
 
 /// The processor's name for each projection, and the module it rotates.
 const PROJECTIONS: [(&str, &str); 4] = [
@@ -57,52 +59,59 @@ fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
 }
 
 fn import(src: &Source<'_>) -> Result<Adapter> {
-    let (path, file) = (src.path, src.file);
-    let st = file.tensors();
-    let modules = common::modules(path, &st, &[".R"], "OFT authors' processor")?;
-    let mut layers = Vec::new();
-    for module in &modules {
-        let (stem, target) = PROJECTIONS
-            .iter()
-            .find_map(|(p, t)| module.strip_suffix(p).map(|s| (s, *t)))
-            .ok_or_else(|| {
-                Error::format(
-                    path,
-                    format!(
-                        "`{module}.R` is not one of the processor's to_q/to_k/to_v/to_out rotations"
-                    ),
-                )
-            })?;
-        let (raw, shape) = common::read(path, &st, &format!("{module}.R"))?;
-        let (rows, b, shared) = match *shape.as_slice() {
-            [r, b1, b2] if b1 == b2 && r >= 1 && b1 >= 2 => (r, b1, false),
-            [b1, b2] if b1 == b2 && b1 >= 2 => (1, b1, true),
-            _ => {
-                return Err(Error::format(
-                    path,
-                    format!("`{module}.R` has shape {shape:?}; expected [r, b, b] or [b, b]"),
-                ));
-            }
-        };
-        let sign = if shared { 0.5 } else { -0.5 };
-        layers.push(
-            OneStage {
-                name: format!("{stem}{target}"),
-                convention: "diffusers",
-                component: Some(names::UNET.into()),
-                module: ModuleKind::Linear,
-                side: Side::Input,
-                blocks: (!shared).then_some(rows as u64),
-                block_size: b,
-                shared,
-                map: RotationMap::Cayley,
-                q: common::skew_blocks(&raw, b, sign),
-                q_f64: true,
-                row_scale: None,
-                constraint: None,
-            }
-            .into_layer(),
-        );
+    let layers = common::read_modules(src, &[".R"], "OFT authors' processor", |st, module| {
+        read_layer(src.path, st, module)
+    })?;
+    common::adapter(
+        src.path,
+        src.file,
+        "oft-authors",
+        None,
+        BTreeMap::new(),
+        layers,
+    )
+}
+
+/// One processor rotation `<attention>.processor.to_*_oft.R`.
+fn read_layer(path: &Path, st: &SafeTensors<'_>, module: &str) -> Result<Layer> {
+    let (stem, target) = PROJECTIONS
+        .iter()
+        .find_map(|(p, t)| module.strip_suffix(p).map(|s| (s, *t)))
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "`{module}.R` is not one of the processor's to_q/to_k/to_v/to_out rotations"
+                ),
+            )
+        })?;
+    let (raw, shape) = common::read(path, st, &format!("{module}.R"))?;
+    // `[b, b]`: one block shared by the whole axis.
+    let (rows, b, shared) = match *shape.as_slice() {
+        [b1, b2] => common::square_blocks(&[1, b1, b2]).map(|(_, b)| (1, b, true)),
+        _ => common::square_blocks(&shape).map(|(r, b)| (r, b, false)),
     }
-    common::adapter(path, file, "oft-authors", None, BTreeMap::new(), layers)
+    .ok_or_else(|| {
+        Error::format(
+            path,
+            format!("`{module}.R` has shape {shape:?}; expected [r, b, b] or [b, b]"),
+        )
+    })?;
+    let sign = if shared { 0.5 } else { -0.5 };
+    Ok(OneStage {
+        name: format!("{stem}{target}"),
+        convention: "diffusers",
+        component: Some(names::UNET.into()),
+        module: ModuleKind::Linear,
+        side: Side::Input,
+        blocks: (!shared).then_some(rows as u64),
+        block_size: b,
+        shared,
+        map: RotationMap::Cayley,
+        q: common::skew_blocks(&raw, b, sign),
+        q_f64: true,
+        row_scale: None,
+        constraint: None,
+    }
+    .into_layer())
 }

@@ -34,6 +34,24 @@ pub fn finite(path: &Path, name: &str, v: Vec<f64>) -> Result<Vec<f64>> {
     }
 }
 
+/// `(N, b)` of a `[N, b, b]` shape with `N ≥ 1` and `b ≥ 2` (square blocks).
+pub fn square_blocks(shape: &[usize]) -> Option<(usize, usize)> {
+    match *shape {
+        [n, b1, b2] if b1 == b2 && n >= 1 && b1 >= 2 => Some((n, b1)),
+        _ => None,
+    }
+}
+
+/// `(m, N, b)` of an `[m, N, b, b]` shape (`m ≥ 1` stacks of [`square_blocks`]).
+pub fn stacked_blocks(shape: &[usize]) -> Option<(usize, usize, usize)> {
+    match shape {
+        [m, rest @ ..] if *m >= 1 && rest.len() == 3 => {
+            square_blocks(rest).map(|(n, b)| (*m, n, b))
+        }
+        _ => None,
+    }
+}
+
 /// Packed `scale·(A − Aᵀ)` of each `b × b` block of `raw` (row-major blocks).
 pub fn skew_blocks(raw: &[f64], b: usize, scale: f64) -> Vec<f64> {
     let mut q = Vec::with_capacity(raw.len() / (b * b) * b * (b - 1) / 2);
@@ -126,6 +144,21 @@ pub fn adapter(
         layers,
         features: Vec::new(),
     })
+}
+
+/// The layers of a file whose tensors are `<module><suffix>` ([`modules`]): `read` for each
+/// module, in name order.
+pub fn read_modules(
+    src: &crate::layouts::Source<'_>,
+    suffixes: &[&str],
+    layout: &str,
+    mut read: impl FnMut(&SafeTensors<'_>, &str) -> Result<Layer>,
+) -> Result<Vec<Layer>> {
+    let st = src.file.tensors();
+    modules(src.path, &st, suffixes, layout)?
+        .iter()
+        .map(|m| read(&st, m))
+        .collect()
 }
 
 /// Module names of a file: the tensor names with one of `suffixes` stripped; anything else is

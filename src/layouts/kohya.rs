@@ -51,20 +51,11 @@ pub static LAYOUT: Layout = Layout {
 const FLUX: &str = ".oft_blocks.<i>";
 
 /// Legacy `networks.oft`.
-static OFT: Variant = Variant {
-    name: "oft",
-    import: import_legacy,
-};
+static OFT: Variant = Variant::new("oft", import_legacy);
 
-static OFT_V2: Variant = Variant {
-    name: "oft-v2",
-    import: import_v2,
-};
+static OFT_V2: Variant = Variant::new("oft-v2", import_v2);
 
-static BOFT: Variant = Variant {
-    name: "boft",
-    import: import_boft,
-};
+static BOFT: Variant = Variant::new("boft", import_boft);
 
 fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
     if probe.any(|n| n.contains(".oft_blocks.")) {
@@ -104,11 +95,9 @@ fn import_legacy(src: &Source<'_>) -> Result<Adapter> {
             "ComfyUI does not load kohya legacy `oft_unet_` files (it reports \"lora key not loaded\")",
         ));
     }
-    let st = src.file.tensors();
-    let layers = blocks::modules(src.path, &st)?
-        .iter()
-        .map(|m| blocks::read_layer(src, &st, m, Family::KohyaLegacy).map(|(l, _)| l))
-        .collect::<Result<Vec<_>>>()?;
+    let layers = common::read_modules(src, &blocks::SUFFIXES, blocks::WHAT, |st, m| {
+        blocks::read_layer(src, st, m, Family::KohyaLegacy).map(|(l, _)| l)
+    })?;
     common::adapter(
         src.path,
         src.file,
@@ -149,17 +138,11 @@ fn import_v2(src: &Source<'_>) -> Result<Adapter> {
 }
 
 fn import_boft(src: &Source<'_>) -> Result<Adapter> {
-    let st = src.file.tensors();
-    let legacy = st.names().iter().any(|n| n.ends_with(".boft_P"));
-    let mut layers = Vec::new();
-    for module in butterfly::modules(src.path, &st)? {
-        let mut layer = butterfly::read_layer(src.path, &st, &module, Scale::Kohya, legacy)?;
-        let (convention, component) = names::classify(&module);
-        layer.target.name = names::unwrap_peft(&module).to_string();
+    let layers = butterfly::read_file(src, Scale::Kohya, |layer, module| {
+        let (convention, component) = names::classify(module);
         layer.target.convention = convention.into();
         layer.target.component = component.map(str::to_string);
-        layers.push(layer);
-    }
+    })?;
     common::adapter(
         src.path,
         src.file,

@@ -15,7 +15,9 @@ use super::{Claim, Layout, Probe, Reader, Source, Variant, Writes, names};
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::rotation::{inverse_cayley, orthogonality_error, pack_upper, rotation_block};
+use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 pub static LAYOUT: Layout = Layout {
     id: "lycoris",
@@ -30,31 +32,17 @@ pub static LAYOUT: Layout = Layout {
         variants: &[&DIAG_OFT, &BOFT, &OFT_DIAG],
     }),
     writes: Writes::Writer(write),
-    metadata_keys: &[
-        "ss_network_module",
-        "ss_network_args",
-        "ss_network_dim",
-        "ss_network_alpha",
-        "lycoris_config",
-    ],
+    // LyCORIS trained through kohya writes kohya's `ss_network_*` keys (declared there).
+    metadata_keys: &["lycoris_config"],
 };
 
 /// diag-oft (2.1 and ≥ 2.2).
-static DIAG_OFT: Variant = Variant {
-    name: "diag-oft",
-    import,
-};
+static DIAG_OFT: Variant = Variant::new("diag-oft", import);
 
-static BOFT: Variant = Variant {
-    name: "boft",
-    import,
-};
+static BOFT: Variant = Variant::new("boft", import);
 
 /// LyCORIS 2.0.x `oft_diag`.
-static OFT_DIAG: Variant = Variant {
-    name: "oft-diag",
-    import: import_oft_diag,
-};
+static OFT_DIAG: Variant = Variant::new("oft-diag", import_oft_diag);
 
 fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
     let mut claims = Vec::new();
@@ -141,54 +129,9 @@ fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
 /// the rounding of the stored values, not bit-exactly; a block that is not a scaled rotation
 /// (or has an eigenvalue −1) is refused.
 fn import_oft_diag(src: &Source<'_>) -> Result<Adapter> {
-    let (path, file) = (src.path, src.file);
-    let st = file.tensors();
-    let modules = common::modules(path, &st, &[".oft_diag"], "LyCORIS 2.0 `oft_diag`")?;
-    let mut layers = Vec::new();
-    for module in &modules {
-        let name = format!("{module}.oft_diag");
-        let (d, shape) = common::read(path, &st, &name)?;
-        let (n, b) = match shape.as_slice() {
-            &[n, b1, b2] if b1 == b2 && n >= 1 && b1 >= 2 => (n, b1),
-            _ => {
-                return Err(Error::format(
-                    path,
-                    format!("`{name}` has shape {shape:?}; expected [N, b, b]"),
-                ));
-            }
-        };
-        let mut scale = Vec::with_capacity(n * b);
-        let mut q = Vec::with_capacity(n * b * (b - 1) / 2);
-        for (k, blk) in d.chunks_exact(b * b).enumerate() {
-            let (tri, rows) = recover_block(path, &name, k, blk, b)?;
-            q.extend(tri);
-            scale.extend(rows);
-        }
-        // Unscaled modules store rows of norm 1 to within binary32 rounding.
-        let scaled = scale.iter().any(|s| (s - 1.0).abs() > 1e-6);
-        let (convention, component) = names::classify(module);
-        let mut layer = common::OneStage {
-            name: module.clone(),
-            convention,
-            component: component.map(str::to_string),
-            module: ModuleKind::Unknown,
-            side: Side::Output,
-            blocks: Some(n as u64),
-            block_size: b,
-            shared: false,
-            map: RotationMap::Cayley,
-            q,
-            q_f64: true,
-            row_scale: None,
-            constraint: None,
-        }
-        .into_layer();
-        if scaled {
-            layer.row_scale = Some((ScalePosition::Before, scale));
-            layer.row_scale_f64 = true;
-        }
-        layers.push(layer);
-    }
+    let layers = common::read_modules(src, &[".oft_diag"], "LyCORIS 2.0 `oft_diag`", |st, m| {
+        read_oft_diag(src.path, st, m)
+    })?;
     let mut extra = BTreeMap::new();
     extra.insert(
         "oftool.note".to_string(),
@@ -196,8 +139,8 @@ fn import_oft_diag(src: &Source<'_>) -> Result<Adapter> {
             .to_string(),
     );
     common::adapter(
-        path,
-        file,
+        src.path,
+        src.file,
         "lycoris-oft-diag",
         Some("2.0".into()),
         extra,
@@ -205,10 +148,53 @@ fn import_oft_diag(src: &Source<'_>) -> Result<Adapter> {
     )
 }
 
+/// One `oft_diag` module.
+fn read_oft_diag(path: &Path, st: &SafeTensors<'_>, module: &str) -> Result<Layer> {
+    let name = format!("{module}.oft_diag");
+    let (d, shape) = common::read(path, st, &name)?;
+    let (n, b) = common::square_blocks(&shape).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("`{name}` has shape {shape:?}; expected [N, b, b]"),
+        )
+    })?;
+    let mut scale = Vec::with_capacity(n * b);
+    let mut q = Vec::with_capacity(n * b * (b - 1) / 2);
+    for (k, blk) in d.chunks_exact(b * b).enumerate() {
+        let (tri, rows) = recover_block(path, &name, k, blk, b)?;
+        q.extend(tri);
+        scale.extend(rows);
+    }
+    // Unscaled modules store rows of norm 1 to within binary32 rounding.
+    let scaled = scale.iter().any(|s| (s - 1.0).abs() > 1e-6);
+    let (convention, component) = names::classify(module);
+    let mut layer = common::OneStage {
+        name: module.to_string(),
+        convention,
+        component: component.map(str::to_string),
+        module: ModuleKind::Unknown,
+        side: Side::Output,
+        blocks: Some(n as u64),
+        block_size: b,
+        shared: false,
+        map: RotationMap::Cayley,
+        q,
+        q_f64: true,
+        row_scale: None,
+        constraint: None,
+    }
+    .into_layer();
+    if scaled {
+        layer.row_scale = Some((ScalePosition::Before, scale));
+        layer.row_scale_f64 = true;
+    }
+    Ok(layer)
+}
+
 /// Block `k` (`b × b`, row-major) of `oft_diag` tensor `name` as `diag(s)·R`: the packed `Q` of
 /// `R` and the row norms `s`.
 fn recover_block(
-    path: &std::path::Path,
+    path: &Path,
     name: &str,
     k: usize,
     blk: &[f64],

@@ -99,6 +99,12 @@ pub struct Variant {
     pub import: fn(&Source<'_>) -> Result<Adapter>,
 }
 
+impl Variant {
+    pub const fn new(name: &'static str, import: fn(&Source<'_>) -> Result<Adapter>) -> Self {
+        Variant { name, import }
+    }
+}
+
 /// Whether and how `convert --to` writes a layout.
 pub enum Writes {
     /// The `.oft` format itself, written by [`crate::oft_file`] (`convert -o X.oft`).
@@ -184,6 +190,17 @@ pub struct Source<'a> {
     pub component: Option<String>,
     /// Whose reading of an `oft_blocks` file to reproduce.
     pub semantics: Semantics,
+}
+
+impl Source<'_> {
+    /// Whether any tensor name ends with `suffix`.
+    pub fn has(&self, suffix: &str) -> bool {
+        self.file
+            .tensors()
+            .names()
+            .iter()
+            .any(|n| n.ends_with(suffix))
+    }
 }
 
 /// The layout and variant of a file.

@@ -22,7 +22,7 @@ pub static LAYOUT: Layout = Layout {
     metadata_keys: &[oft_file::META_FORMAT, "oft."],
 };
 
-static FILE: Variant = Variant { name: "", import };
+static FILE: Variant = Variant::new("", import);
 
 fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
     Ok(if oft_file::is_oft(&probe.file.metadata) {

@@ -33,10 +33,7 @@ pub static LAYOUT: Layout = Layout {
 /// The marker of a scaled-OFT module.
 const SCALED: &str = ".oft_R.scaled_oft";
 
-static OFT2: Variant = Variant {
-    name: "oft2",
-    import,
-};
+static OFT2: Variant = Variant::new("oft2", import);
 
 fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
     let scaled = probe.has(SCALED);

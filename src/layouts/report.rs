@@ -83,6 +83,32 @@ pub fn f32_tensor(
     OwnedTensor::new(name, Dtype::F32, shape, values).map_err(|e| e.to_string())
 }
 
+/// Record in a denoted stage what a target computes that stores `q` as `blocks` unshared blocks
+/// under the exact Cayley map; a source on another map is lossy (`tool` names the target; one
+/// reason per layer).
+pub fn cayley_stage(
+    ds: &mut Stage,
+    q: Vec<f64>,
+    blocks: usize,
+    q_f64: bool,
+    tool: &str,
+    lossy: &mut Vec<String>,
+) {
+    ds.q = q;
+    ds.q_f64 = q_f64;
+    ds.spec.shared = false;
+    ds.spec.blocks = Some(blocks as u64);
+    if ds.spec.map != RotationMap::Cayley {
+        if lossy.is_empty() {
+            lossy.push(format!(
+                "{tool} uses the exact Cayley map, the source the {}",
+                ds.spec.map.describe()
+            ));
+        }
+        ds.spec.map = RotationMap::Cayley;
+    }
+}
+
 /// Why a layer is impossible when its shared block's repeat count is unknown.
 pub const UNKNOWN_REPEAT: &str = "a shared block whose repeat count is unknown; pass --base";
 

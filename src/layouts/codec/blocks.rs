@@ -28,6 +28,8 @@ use std::path::Path;
 
 /// The tensors of an `oft_blocks` module.
 pub const SUFFIXES: [&str; 3] = [".oft_blocks", ".alpha", ".rescale"];
+/// What messages call such a file.
+pub const WHAT: &str = "`oft_blocks`";
 
 /// Whose reading of an `oft_blocks` file to reproduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,7 +91,7 @@ fn clamp(
 
 /// The modules of an `oft_blocks` file; any other tensor is refused by name.
 pub fn modules(path: &Path, st: &SafeTensors<'_>) -> Result<Vec<String>> {
-    common::modules(path, st, &SUFFIXES, "`oft_blocks`")
+    common::modules(path, st, &SUFFIXES, WHAT)
 }
 
 /// A module's `oft_blocks` as `(stages m, blocks N, block size b)`, checked against `family`.
@@ -99,20 +101,20 @@ fn block_shape(
     family: Family,
     shape: &[usize],
 ) -> Result<(usize, usize, usize)> {
-    match (family, shape) {
-        (Family::Boft, &[m, n, b1, b2]) if b1 == b2 && m >= 1 && n >= 1 && b1 >= 2 => {
-            Ok((m, n, b1))
+    let fits = match family {
+        Family::Boft => common::stacked_blocks(shape),
+        Family::DiagOft | Family::KohyaLegacy => {
+            common::square_blocks(shape).map(|(n, b)| (1, n, b))
         }
-        (Family::DiagOft | Family::KohyaLegacy, &[n, b1, b2]) if b1 == b2 && n >= 1 && b1 >= 2 => {
-            Ok((1, n, b1))
-        }
-        _ => Err(Error::format(
+    };
+    fits.ok_or_else(|| {
+        Error::format(
             path,
             format!(
                 "`{module}.oft_blocks` has shape {shape:?}; expected [N, b, b] (diag-oft, kohya) or [m, N, b, b] (BOFT) with b ≥ 2"
             ),
-        )),
-    }
+        )
+    })
 }
 
 /// A module's `alpha` (`None`: LyCORIS 2.1 wrote none).
@@ -384,20 +386,8 @@ pub fn encode(layer: &Layer, shape: Shape, tool: &str) -> std::result::Result<En
         q.iter_mut().for_each(|x| *x *= sign);
         let (dense, back) = blocks_from_packed(&q, b);
         values.extend(dense);
-        let ds = &mut denoted.stages[i];
-        ds.q = back.iter().map(|x| sign * x).collect();
-        ds.spec.shared = false;
-        ds.spec.blocks = Some(blocks as u64);
-        ds.q_f64 = true;
-        if stage.spec.map != RotationMap::Cayley {
-            ds.spec.map = RotationMap::Cayley;
-            if lossy.is_empty() {
-                lossy.push(format!(
-                    "{tool} uses the exact Cayley map, the source the {}",
-                    stage.spec.map.describe()
-                ));
-            }
-        }
+        let back = back.iter().map(|x| sign * x).collect();
+        report::cayley_stage(&mut denoted.stages[i], back, blocks, true, tool, &mut lossy);
     }
     denoted.row_scale_f64 = false;
     denoted.constraint = None;

@@ -11,8 +11,8 @@
 //! (0.11–0.12) is certainly from then, and its Conv2d layers are refused.
 
 use crate::error::{Error, Result};
-use crate::layouts::common;
 use crate::layouts::report::{self, Context, Mapped, Mapping, f32_tensor};
+use crate::layouts::{Source, common, names};
 use crate::model::*;
 use safetensors::SafeTensors;
 use std::path::Path;
@@ -20,9 +20,20 @@ use std::path::Path;
 /// The tensors of a BOFT module.
 pub const SUFFIXES: [&str; 3] = [".boft_R", ".boft_s", ".boft_P"];
 
-/// The modules of a BOFT file; any other tensor is refused by name.
-pub fn modules(path: &Path, st: &SafeTensors<'_>) -> Result<Vec<String>> {
-    common::modules(path, st, &SUFFIXES, "BOFT")
+/// Every module of a BOFT file as a canonical layer named without PEFT's wrapper; `name`
+/// sets the convention and component a producer's names give (from the module's full name).
+pub fn read_file(
+    src: &Source<'_>,
+    stored: Scale,
+    mut name: impl FnMut(&mut Layer, &str),
+) -> Result<Vec<Layer>> {
+    let legacy = src.has(".boft_P");
+    common::read_modules(src, &SUFFIXES, "BOFT", |st, module| {
+        let mut layer = read_layer(src.path, st, module, stored, legacy)?;
+        layer.target.name = names::unwrap_peft(module).to_string();
+        name(&mut layer, module);
+        Ok(layer)
+    })
 }
 
 /// How a producer stores `boft_s`.
@@ -61,9 +72,9 @@ fn read_scale(
     Ok((Some(s), conv))
 }
 
-/// One BOFT module as a canonical layer, named `module` (convention and component are the
-/// caller's to set). `legacy`: the file carries `boft_P` (PEFT 0.11–0.12).
-pub fn read_layer(
+/// One BOFT module as a canonical layer, named `module`. `legacy`: the file carries `boft_P`
+/// (PEFT 0.11–0.12).
+fn read_layer(
     path: &Path,
     st: &SafeTensors<'_>,
     module: &str,
@@ -75,15 +86,12 @@ pub fn read_layer(
         return Err(Error::format(path, format!("`{module}` has no `boft_R`")));
     }
     let (raw, shape) = common::read(path, st, &r_name)?;
-    let (m, n, b) = match shape.as_slice() {
-        &[m, n, b1, b2] if b1 == b2 && m >= 1 && n >= 1 && b1 >= 2 => (m, n, b1),
-        _ => {
-            return Err(Error::format(
-                path,
-                format!("`{r_name}` has shape {shape:?}; BOFT stores [m, N, b, b]"),
-            ));
-        }
-    };
+    let (m, n, b) = common::stacked_blocks(&shape).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("`{r_name}` has shape {shape:?}; BOFT stores [m, N, b, b]"),
+        )
+    })?;
     let (scale, conv) = read_scale(path, st, module, stored)?;
     if legacy && conv {
         return Err(Error::unsupported(
@@ -192,19 +200,7 @@ fn encode_stages(
             back.extend(neg.iter().map(|x| -x));
         }
         let ds = &mut denoted.stages[i];
-        ds.q = back;
-        ds.q_f64 = false;
-        ds.spec.shared = false;
-        ds.spec.blocks = Some(blocks as u64);
-        if stage.spec.map != RotationMap::Cayley {
-            ds.spec.map = RotationMap::Cayley;
-            if lossy.is_empty() {
-                lossy.push(format!(
-                    "PEFT BOFT uses the exact Cayley map, the source the {}",
-                    stage.spec.map.describe()
-                ));
-            }
-        }
+        report::cayley_stage(ds, back, blocks, false, "PEFT BOFT", &mut lossy);
     }
     Ok((values, blocks, denoted, lossy))
 }

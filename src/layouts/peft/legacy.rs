@@ -51,13 +51,10 @@ fn read_config(path: Option<&Path>) -> Result<OldConfig> {
 /// Import a PEFT ≤ 0.15 OFT file (`oft_r`, optional `oft_s`), with its config when known.
 pub fn import(src: &Source<'_>) -> Result<Adapter> {
     let cfg = read_config(src.config)?;
-    let st = src.file.tensors();
-    let modules = common::modules(src.path, &st, &[".oft_r", ".oft_s"], "PEFT ≤ 0.15 OFT")?;
-    let with_scale = st.names().iter().any(|n| n.ends_with(".oft_s"));
-    let layers = modules
-        .iter()
-        .map(|m| read_layer(src, &st, m, &cfg, with_scale))
-        .collect::<Result<Vec<_>>>()?;
+    let with_scale = src.has(".oft_s");
+    let layers = common::read_modules(src, &[".oft_r", ".oft_s"], "PEFT ≤ 0.15 OFT", |st, m| {
+        read_layer(src, st, m, &cfg, with_scale)
+    })?;
     let (format, version) = if with_scale {
         ("peft-oft-0.14", "0.14–0.15")
     } else {
@@ -132,15 +129,12 @@ fn read_layer(
         ));
     }
     let (mut raw, shape) = common::read(path, st, &r_name)?;
-    let (rows, b) = match shape.as_slice() {
-        &[rows, b1, b2] if b1 == b2 && rows >= 1 && b1 >= 2 => (rows, b1),
-        _ => {
-            return Err(Error::format(
-                path,
-                format!("`{r_name}` has shape {shape:?}; PEFT ≤ 0.15 stores [r, b, b]"),
-            ));
-        }
-    };
+    let (rows, b) = common::square_blocks(&shape).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("`{r_name}` has shape {shape:?}; PEFT ≤ 0.15 stores [r, b, b]"),
+        )
+    })?;
     let scale = with_scale
         .then(|| read_scale(path, st, module))
         .transpose()?;

@@ -44,21 +44,12 @@ pub static LAYOUT: Layout = Layout {
 };
 
 /// OFT ≥ 0.16.
-static OFT: Variant = Variant {
-    name: "oft",
-    import: oft::import,
-};
+static OFT: Variant = Variant::new("oft", oft::import);
 
 /// OFT 0.7–0.15.
-static OFT_LEGACY: Variant = Variant {
-    name: "oft-legacy",
-    import: legacy::import,
-};
+static OFT_LEGACY: Variant = Variant::new("oft-legacy", legacy::import);
 
-static BOFT: Variant = Variant {
-    name: "boft",
-    import: import_boft,
-};
+static BOFT: Variant = Variant::new("boft", import_boft);
 
 fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
     let mut claims = Vec::new();
@@ -174,15 +165,9 @@ fn kept_config(raw: &str) -> BTreeMap<String, String> {
 
 /// PEFT BOFT (any number of butterfly factors), with its config when there is one.
 fn import_boft(src: &Source<'_>) -> Result<Adapter> {
-    let st = src.file.tensors();
-    let legacy = st.names().iter().any(|n| n.ends_with(".boft_P"));
-    let mut layers = Vec::new();
-    for module in butterfly::modules(src.path, &st)? {
-        let mut layer = butterfly::read_layer(src.path, &st, &module, Scale::Peft, legacy)?;
-        layer.target.name = names::unwrap_peft(&module).to_string();
+    let layers = butterfly::read_file(src, Scale::Peft, |layer, _| {
         layer.target.component = src.component.clone();
-        layers.push(layer);
-    }
+    })?;
     let raw = match src.config {
         Some(c) => std::fs::read_to_string(c).map_err(|e| Error::io(c, e))?,
         None => String::new(),
