@@ -490,4 +490,78 @@ mod tests {
             }
         }
     }
+
+    /// Detect a one-tensor-per-name file of zeros (`name`, shape) with `metadata`.
+    fn detect_file(tensors: &[(&str, Vec<usize>)], metadata: &[(&str, &str)]) -> Result<String> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("."), e))?;
+        let path = dir.path().join("a.safetensors");
+        let owned: Vec<crate::tensors::OwnedTensor> = tensors
+            .iter()
+            .map(|(n, shape)| {
+                let len: usize = shape.iter().product();
+                crate::tensors::OwnedTensor {
+                    name: n.to_string(),
+                    dtype: safetensors::Dtype::F32,
+                    shape: shape.clone(),
+                    bytes: vec![0; 4 * len],
+                }
+            })
+            .collect();
+        let md = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        crate::tensors::write_owned(&mut f, &owned, md)?;
+        detect(&path).map(|d| d.name())
+    }
+
+    #[test]
+    fn markers_decide_between_producers_and_names_between_layouts() {
+        let v2 = || vec![("lora_unet_a.oft_R.weight", vec![2, 6])];
+        let ot = [("ot_config", "{}")];
+        let kohya = [("ss_network_module", "networks.oft_v2")];
+        assert_eq!(detect_file(&v2(), &[]).unwrap(), "kohya-oft-v2");
+        assert_eq!(detect_file(&v2(), &ot).unwrap(), "onetrainer-oft2");
+        assert_eq!(detect_file(&v2(), &kohya).unwrap(), "kohya-oft-v2");
+        let both = [ot[0], kohya[0]];
+        assert!(
+            detect_file(&v2(), &both)
+                .unwrap_err()
+                .to_string()
+                .contains("mixed layouts in one file (kohya-oft-v2, onetrainer-oft2)")
+        );
+        let peft = vec![("base_model.model.a.oft_R.weight", vec![2, 6])];
+        assert_eq!(detect_file(&peft, &[]).unwrap(), "peft-oft");
+        // A marker outranks names: PEFT names under OneTrainer's metadata are OneTrainer's.
+        assert_eq!(detect_file(&peft, &ot).unwrap(), "onetrainer-oft2");
+
+        let legacy = ("oft_unet_a.oft_blocks", vec![2, 2, 2]);
+        let lyco = ("lora_unet_b.oft_blocks", vec![2, 2, 2]);
+        assert_eq!(
+            detect_file(std::slice::from_ref(&legacy), &[]).unwrap(),
+            "kohya-oft"
+        );
+        assert_eq!(
+            detect_file(std::slice::from_ref(&lyco), &[]).unwrap(),
+            "lycoris-diag-oft"
+        );
+        assert!(
+            detect_file(&[legacy, lyco], &[])
+                .unwrap_err()
+                .to_string()
+                .contains("mixed layouts in one file (lycoris-diag-oft, kohya-oft)")
+        );
+        let boft = |n: &'static str| vec![(n, vec![1, 2, 4, 4])];
+        assert_eq!(
+            detect_file(&boft("lora_unet_a.boft_R"), &[]).unwrap(),
+            "kohya-boft"
+        );
+        assert_eq!(
+            detect_file(&boft("base_model.model.a.boft_R"), &[]).unwrap(),
+            "peft-boft"
+        );
+        let none = detect_file(&[("a.lora_down.weight", vec![2, 2])], &[]).unwrap_err();
+        assert_eq!(none.category(), Category::UnknownLayout);
+    }
 }
