@@ -1,12 +1,13 @@
-//! Small pieces every importer needs: reading a tensor as checked f64 values, the ½-skew rule
-//! of the older producers, and the shared shape of a one-stage layer.
+//! Small pieces every reader needs: reading a tensor as checked f64 values, the ½-skew rule of
+//! the older producers, the shape of a one-stage layer, the provenance of an imported adapter,
+//! and what a file's metadata says about its base model.
 
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::rotation::pack_upper;
 use crate::tensors::{MappedFile, to_f64};
 use safetensors::SafeTensors;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// A tensor's values (checked finite) and shape.
@@ -33,6 +34,24 @@ pub fn finite(path: &Path, name: &str, v: Vec<f64>) -> Result<Vec<f64>> {
     }
 }
 
+/// `(N, b)` of a `[N, b, b]` shape with `N ≥ 1` and `b ≥ 2` (square blocks).
+pub fn square_blocks(shape: &[usize]) -> Option<(usize, usize)> {
+    match *shape {
+        [n, b1, b2] if b1 == b2 && n >= 1 && b1 >= 2 => Some((n, b1)),
+        _ => None,
+    }
+}
+
+/// `(m, N, b)` of an `[m, N, b, b]` shape (`m ≥ 1` stacks of [`square_blocks`]).
+pub fn stacked_blocks(shape: &[usize]) -> Option<(usize, usize, usize)> {
+    match shape {
+        [m, rest @ ..] if *m >= 1 && rest.len() == 3 => {
+            square_blocks(rest).map(|(n, b)| (*m, n, b))
+        }
+        _ => None,
+    }
+}
+
 /// Packed `scale·(A − Aᵀ)` of each `b × b` block of `raw` (row-major blocks).
 pub fn skew_blocks(raw: &[f64], b: usize, scale: f64) -> Vec<f64> {
     let mut q = Vec::with_capacity(raw.len() / (b * b) * b * (b - 1) / 2);
@@ -46,47 +65,6 @@ pub fn skew_blocks(raw: &[f64], b: usize, scale: f64) -> Vec<f64> {
         q.extend(pack_upper(&skew, b));
     }
     q
-}
-
-/// PEFT's `(shared, blocks)` for `rows` stored blocks of size `b`: one row under `block_share`
-/// repeats `r` times (unknown without a config), else each row is a block. A count whose
-/// dimension no model has is refused before it sizes anything.
-pub fn peft_blocks(
-    path: &Path,
-    module: &str,
-    rows: usize,
-    block_share: bool,
-    r: u64,
-    b: usize,
-) -> Result<(bool, Option<u64>)> {
-    let shared = rows == 1 && block_share;
-    let blocks = if shared {
-        (r > 0).then_some(r)
-    } else {
-        Some(rows as u64)
-    };
-    if dim_ok(blocks, b as u64) {
-        return Ok((shared, blocks));
-    }
-    Err(Error::format(
-        path,
-        format!(
-            "`{module}`: {} blocks of size {b} (the config's `r`) exceed the largest dimension oftool accepts ({MAX_DIM})",
-            blocks.unwrap_or(0)
-        ),
-    ))
-}
-
-/// Project each `b × b` block of the raw parameter onto the Frobenius ball of `radius` (the
-/// COFT rule of PEFT ≤ 0.15 and of the OFT authors: the distance to the zero matrix).
-pub fn project_raw_blocks(raw: &mut [f64], b: usize, radius: f64) {
-    for blk in raw.chunks_exact_mut(b * b) {
-        let norm = blk.iter().map(|x| x * x).sum::<f64>().sqrt();
-        if norm > radius {
-            let f = radius / norm;
-            blk.iter_mut().for_each(|x| *x *= f);
-        }
-    }
 }
 
 /// A one-stage block-diagonal layer (identity wiring, Cayley unless told otherwise).
@@ -160,12 +138,27 @@ pub fn adapter(
             source_version,
             tool: tool_name(),
             created: None,
-            source_digest: Some(crate::import::file_digest(path)?),
+            source_digest: Some(file_digest(path)?),
             user_metadata,
         },
         layers,
         features: Vec::new(),
     })
+}
+
+/// The layers of a file whose tensors are `<module><suffix>` ([`modules`]): `read` for each
+/// module, in name order.
+pub fn read_modules(
+    src: &crate::layouts::Source<'_>,
+    suffixes: &[&str],
+    layout: &str,
+    mut read: impl FnMut(&SafeTensors<'_>, &str) -> Result<Layer>,
+) -> Result<Vec<Layer>> {
+    let st = src.file.tensors();
+    modules(src.path, &st, suffixes, layout)?
+        .iter()
+        .map(|m| read(&st, m))
+        .collect()
 }
 
 /// Module names of a file: the tensor names with one of `suffixes` stripped; anything else is
@@ -197,4 +190,36 @@ pub fn modules(
         out.insert(module.to_string());
     }
     Ok(out.into_iter().collect())
+}
+
+/// blake3 of a file's bytes, streamed.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    h.update_reader(f).map_err(|e| Error::io(path, e))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The SD generation a file's metadata names: `Some(true)` for SD 1.x (whose attention
+/// `proj_in`/`proj_out` are 1×1 convolutions), `Some(false)` for SD 2.x / SDXL / others.
+/// Trainers record it in their own keys (kohya `ss_*`, OneTrainer `ot_config`), anyone in
+/// `modelspec.architecture`.
+pub fn sd1_from_metadata(metadata: &HashMap<String, String>) -> Option<bool> {
+    if let Some(v) = metadata.get("ss_base_model_version") {
+        return Some(v.starts_with("sd_v1"));
+    }
+    if metadata.get("ss_v2").is_some_and(|v| v == "True") {
+        return Some(false);
+    }
+    let ot_model_type = metadata
+        .get("ot_config")
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+        .and_then(|cfg| cfg.get("model_type")?.as_str().map(str::to_string));
+    if let Some(t) = ot_model_type {
+        return Some(t.starts_with("STABLE_DIFFUSION_1"));
+    }
+    if let Some(a) = metadata.get("modelspec.architecture") {
+        return Some(a.starts_with("stable-diffusion-v1"));
+    }
+    None
 }

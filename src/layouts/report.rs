@@ -1,4 +1,5 @@
-//! Writers: the canonical model in each producer's layout, with a per-layer verdict.
+//! What every writer shares: the files it produces, the per-layer verdict, and the figures
+//! the report gives.
 //!
 //! Every layer is **exact** (the target computes the same rotation: parameters mapped by
 //! negation, halving, packing, permutation, pre-applied clamps; values rounded at most once to
@@ -7,11 +8,7 @@
 //! reference is formats.md §14. Besides the files, each writer returns the canonical layer its
 //! output denotes, from which the report measures what changed.
 
-mod comfy;
-mod kohya_v2;
-pub mod names;
-mod peft;
-
+use super::names;
 use crate::error::{Category, Error, Result};
 use crate::model::*;
 use crate::rotation::rotation_block;
@@ -20,33 +17,6 @@ use safetensors::Dtype;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-
-/// Layouts `convert --to` writes (besides `.oft`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum To {
-    /// A PEFT ≥ 0.18 adapter directory (per diffusers component).
-    Peft,
-    /// LyCORIS keys under kohya names, as ComfyUI loads them.
-    ComfyUi,
-    /// LyCORIS (`lycoris.kohya`) diag-oft / BOFT.
-    Lycoris,
-    /// kohya sd-scripts: legacy `networks.oft` (output side) or `networks.oft_v2` (input side).
-    Kohya,
-    /// OneTrainer `OFT_2` (KOHYA key layout).
-    OneTrainer,
-}
-
-impl To {
-    pub fn name(self) -> &'static str {
-        match self {
-            To::Peft => "diffusers",
-            To::ComfyUi => "comfyui",
-            To::Lycoris => "lycoris",
-            To::Kohya => "kohya",
-            To::OneTrainer => "onetrainer",
-        }
-    }
-}
 
 /// What happens to one layer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -90,23 +60,66 @@ pub enum OutFile {
 
 pub use crate::tensors::OwnedTensor;
 
-/// The outcome of one layer in a writer.
-pub enum Mapped {
-    /// Written under `name`; `denoted` is the canonical layer the target computes from it.
-    Written {
-        name: String,
-        tensors: Vec<OwnedTensor>,
-        denoted: Box<Layer>,
-        lossy: Option<String>,
-    },
-    Impossible(String),
+/// One layer as a writer wrote it.
+pub struct Mapping {
+    /// The module name it is written under.
+    pub name: String,
+    pub tensors: Vec<OwnedTensor>,
+    /// The canonical layer the target computes from what was written.
+    pub denoted: Layer,
+    /// Why the target computes something else (empty: exact).
+    pub lossy: Vec<String>,
 }
+
+/// The outcome of one layer in a writer: written, or why the target cannot hold it.
+pub type Mapped = std::result::Result<Mapping, String>;
+
+/// A binary32 tensor for a writer (an error is the layer's reason for being impossible).
+pub fn f32_tensor(
+    name: String,
+    shape: Vec<usize>,
+    values: &[f64],
+) -> std::result::Result<OwnedTensor, String> {
+    OwnedTensor::new(name, Dtype::F32, shape, values).map_err(|e| e.to_string())
+}
+
+/// Record in a denoted stage what a target computes that stores `q` as `blocks` unshared blocks
+/// under the exact Cayley map; a source on another map is lossy (`tool` names the target; one
+/// reason per layer).
+pub fn cayley_stage(
+    ds: &mut Stage,
+    q: Vec<f64>,
+    blocks: usize,
+    q_f64: bool,
+    tool: &str,
+    lossy: &mut Vec<String>,
+) {
+    ds.q = q;
+    ds.q_f64 = q_f64;
+    ds.spec.shared = false;
+    ds.spec.blocks = Some(blocks as u64);
+    if ds.spec.map != RotationMap::Cayley {
+        if lossy.is_empty() {
+            lossy.push(format!(
+                "{tool} uses the exact Cayley map, the source the {}",
+                ds.spec.map.describe()
+            ));
+        }
+        ds.spec.map = RotationMap::Cayley;
+    }
+}
+
+/// Why a layer is impossible when its shared block's repeat count is unknown.
+pub const UNKNOWN_REPEAT: &str = "a shared block whose repeat count is unknown; pass --base";
+
+/// Per source layer: the name it was written under, the layer it denotes, its verdict.
+pub type LayerOutcome = (Option<String>, Option<Layer>, Status);
 
 /// Everything a writer produced.
 pub struct Written {
     pub files: Vec<OutFile>,
     /// Per source layer, in order.
-    pub mapped: Vec<(Option<String>, Option<Layer>, Status)>,
+    pub mapped: Vec<LayerOutcome>,
     pub warnings: Vec<String>,
     /// Whether the output is a directory (PEFT) rather than one file.
     pub directory: bool,
@@ -119,81 +132,22 @@ pub struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn names(&self) -> Option<(&crate::resolve::AliasTable, &crate::resolve::PipelineNames)> {
+    pub fn names(&self) -> Option<(&crate::resolve::AliasTable, &crate::resolve::PipelineNames)> {
         self.table.as_ref().map(|(t, n)| (t, n))
     }
 }
 
-/// Write `adapter` in layout `to`: the files and the per-layer verdicts (nothing on disk yet).
-pub fn export(adapter: &Adapter, to: To, ctx: &Context<'_>) -> Result<Written> {
-    match to {
-        To::Peft => peft::write(adapter, ctx),
-        To::ComfyUi => comfy::write(adapter, ctx, comfy::Flavor::ComfyUi),
-        To::Lycoris => comfy::write(adapter, ctx, comfy::Flavor::Lycoris),
-        To::Kohya => kohya_v2::write(adapter, ctx, kohya_v2::Flavor::Kohya),
-        To::OneTrainer => kohya_v2::write(adapter, ctx, kohya_v2::Flavor::OneTrainer),
-    }
-}
-
-/// Keys that describe the source's layout (not the user's training): never carried over, each
-/// writer sets its own.
-const LAYOUT_KEYS: [&str; 7] = [
-    "ot_config",
-    "ss_network_module",
-    "ss_network_args",
-    "ss_network_dim",
-    "ss_network_alpha",
-    "lycoris_config",
-    crate::import::onetrainer::CONV_LIST_KEY,
-];
-
 /// Source metadata worth keeping in another layout: the user's and trainer's training record,
-/// without `.oft` container keys and the source layout's own keys.
+/// without the keys any layout uses to describe itself ([`super::Layout::metadata_keys`]):
+/// each writer sets its own.
 pub fn kept_metadata(adapter: &Adapter) -> BTreeMap<String, String> {
     adapter
         .provenance
         .user_metadata
         .iter()
-        .filter(|(k, _)| {
-            k.as_str() != crate::oft_file::META_FORMAT
-                && !k.starts_with("oft.")
-                && !k.starts_with("peft.")
-                && !LAYOUT_KEYS.contains(&k.as_str())
-        })
+        .filter(|(k, _)| !super::is_layout_key(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
-}
-
-/// Split `q` into two binary32 arrays `hi`, `lo` with `hi − lo = q`: `hi = f32(q)` and
-/// `lo = hi − q`, which is exactly representable whenever `q` is the difference of two
-/// binary32 values (the rounding error of a sum is a float, Knuth's TwoSum). Readers that take
-/// `B − Bᵀ` with `B = hi` above and `lo` below the diagonal then recover `q` exactly.
-pub fn two_part(q: f64) -> (f64, f64) {
-    let hi = q as f32 as f64;
-    let lo = (hi - q) as f32 as f64;
-    (hi, lo)
-}
-
-/// Dense `b × b` blocks `B` with `B − Bᵀ` = the skew matrix of each packed row of `q`.
-pub fn blocks_from_packed(q: &[f64], b: usize) -> (Vec<f64>, Vec<f64>) {
-    let tri = b * (b - 1) / 2;
-    let mut dense = Vec::with_capacity(q.len() / tri.max(1) * b * b);
-    let mut denoted = Vec::with_capacity(q.len());
-    for row in q.chunks_exact(tri.max(1)) {
-        let mut blk = vec![0.0; b * b];
-        let mut k = 0;
-        for i in 0..b {
-            for j in (i + 1)..b {
-                let (hi, lo) = two_part(row[k]);
-                blk[i * b + j] = hi;
-                blk[j * b + i] = lo;
-                denoted.push(hi - lo);
-                k += 1;
-            }
-        }
-        dense.extend(blk);
-    }
-    (dense, denoted)
 }
 
 /// A stage's packed rows with a shared block repeated over the whole axis.
@@ -222,7 +176,7 @@ pub fn is_conv(layer: &Layer, sd1: Option<bool>) -> std::result::Result<bool, St
     let name = names::dotted(layer)
         .map(|(_, m)| m)
         .unwrap_or_else(|| layer.target.name.clone());
-    crate::import::onetrainer::is_conv(&name, sd1).map_err(|m| format!("{m}; pass --base"))
+    names::is_conv_name(&name, sd1).map_err(|m| format!("{m}; pass --base"))
 }
 
 /// Largest change of any rotation entry between two layers with the same stage partitions.
@@ -328,23 +282,50 @@ pub fn reports(
         .collect())
 }
 
-/// Collect writer outcomes into the `Written` shape shared by all writers.
+/// One layer's outcome as report inputs: its name, the layer it denotes, its verdict, and
+/// its tensors.
 pub fn outcome(m: Mapped) -> (Option<String>, Option<Layer>, Status, Vec<OwnedTensor>) {
     match m {
-        Mapped::Written {
-            name,
-            tensors,
-            denoted,
-            lossy,
-        } => {
-            let status = match lossy {
-                Some(reason) => Status::Lossy { reason },
-                None => Status::Exact,
+        Ok(w) => {
+            let status = if w.lossy.is_empty() {
+                Status::Exact
+            } else {
+                Status::Lossy {
+                    reason: w.lossy.join("; "),
+                }
             };
-            (Some(name), Some(*denoted), status, tensors)
+            (Some(w.name), Some(w.denoted), status, w.tensors)
         }
-        Mapped::Impossible(reason) => (None, None, Status::Impossible { reason }, Vec::new()),
+        Err(reason) => (None, None, Status::Impossible { reason }, Vec::new()),
     }
+}
+
+/// Map every layer of `adapter` with `map`: the tensors of the written ones, and per layer
+/// what the report needs (see [`Written::mapped`]).
+pub fn map_layers(
+    adapter: &Adapter,
+    mut map: impl FnMut(&Layer) -> Mapped,
+) -> (Vec<OwnedTensor>, Vec<LayerOutcome>) {
+    let mut tensors = Vec::new();
+    let mut mapped = Vec::new();
+    for layer in &adapter.layers {
+        let (n, d, s, t) = outcome(map(layer));
+        tensors.extend(t);
+        mapped.push((n, d, s));
+    }
+    (tensors, mapped)
+}
+
+/// The layers of `adapter` that a writer wrote, with the name it wrote each under.
+pub fn written<'a>(
+    adapter: &'a Adapter,
+    mapped: &'a [LayerOutcome],
+) -> impl Iterator<Item = (&'a Layer, &'a str)> {
+    adapter
+        .layers
+        .iter()
+        .zip(mapped)
+        .filter_map(|(l, (n, _, _))| n.as_deref().map(|n| (l, n)))
 }
 
 /// Serialise one output file into bytes.
@@ -373,7 +354,7 @@ impl Written {
     pub fn single(
         tensors: Vec<OwnedTensor>,
         metadata: BTreeMap<String, String>,
-        mapped: Vec<(Option<String>, Option<Layer>, Status)>,
+        mapped: Vec<LayerOutcome>,
         warnings: Vec<String>,
     ) -> Self {
         Written {
@@ -389,35 +370,14 @@ impl Written {
     }
 }
 
-/// [`free_alpha`] over every layer of an adapter (‖Q‖_F summed over a layer's stages).
-pub fn free_alpha_for(adapter: &Adapter) -> f64 {
-    free_alpha(adapter.layers.iter().map(|l| {
-        l.stages
-            .iter()
-            .map(|s| crate::rotation::skew_norm(&s.q))
-            .sum::<f64>()
-    }))
-}
-
-/// A non-binding `alpha` for every reader: a power of two ≥ 1024 and ≥ 2·‖Q‖_F of any layer
-/// (ComfyUI reads it as a raw radius, LyCORIS/kohya as `alpha·out`), exact in fp16/bf16.
-pub fn free_alpha(norms: impl Iterator<Item = f64>) -> f64 {
-    let worst = norms.fold(0.0, f64::max);
-    let mut a = 1024.0;
-    while a < 2.0 * worst && a < 1e30 {
-        a *= 2.0;
-    }
-    a
-}
-
 /// Error for a conversion that cannot be done, with what works instead.
-pub fn refuse(to: To, impossible: &[(String, String)], lossy: &[(String, String)]) -> Error {
+pub fn refuse(to: &str, impossible: &[(String, String)], lossy: &[(String, String)]) -> Error {
     let mut msg = String::new();
     if !impossible.is_empty() {
         msg.push_str(&format!(
             "{} layer(s) cannot be written as {}: ",
             impossible.len(),
-            to.name()
+            to
         ));
         let (l, why) = &impossible[0];
         msg.push_str(&format!("`{l}`: {why}"));
@@ -433,7 +393,7 @@ pub fn refuse(to: To, impossible: &[(String, String)], lossy: &[(String, String)
             "{} layer(s) would change as {}: `{l}`: {why}{}; pass --allow-lossy to write them anyway \
              (the report gives the size of the change)",
             lossy.len(),
-            to.name(),
+            to,
             if lossy.len() > 1 { " (and more)" } else { "" }
         ));
     }
