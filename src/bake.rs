@@ -9,7 +9,7 @@
 use crate::apply::Real;
 use crate::convert::refuse_overwriting_input;
 use crate::error::{Category, Error, Result};
-use crate::import;
+use crate::layouts;
 use crate::model::{Adapter, Layer};
 use crate::resolve::{AliasTable, Resolved};
 use crate::strength::{BlendMode, parse_adapter_arg};
@@ -126,7 +126,7 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-const COMPONENTS: [&str; 4] = ["unet", "text_encoder", "text_encoder_2", "transformer"];
+use crate::layouts::names::COMPONENTS;
 
 fn classify_base(base: &Path) -> Result<BaseKind> {
     if !base.exists() {
@@ -913,15 +913,12 @@ fn bake_file(
 /// Load one adapter argument: a file, a PEFT directory, or a folder of per-component PEFT
 /// directories (`unet/`, `text_encoder/`, …).
 pub fn load_adapter(path: &Path) -> Result<Adapter> {
-    load_adapter_with(path, crate::import::lycoris::Semantics::Producer)
+    load_adapter_with(path, crate::layouts::Semantics::Producer)
 }
 
 /// [`load_adapter`], reading `oft_blocks` files as a given runtime does.
-pub fn load_adapter_with(
-    path: &Path,
-    semantics: crate::import::lycoris::Semantics,
-) -> Result<Adapter> {
-    import::load_with(path, semantics)
+pub fn load_adapter_with(path: &Path, semantics: crate::layouts::Semantics) -> Result<Adapter> {
+    layouts::load_with(path, semantics)
 }
 
 /// Copy everything of `src` except the files in `skip` into `dst` (recursively).

@@ -1,8 +1,8 @@
 //! oftool: read, check, bake, compose and convert Orthogonal Finetuning (OFT/BOFT) adapters.
 //!
 //! The canonical model ([`model`]) and its file format ([`oft_file`], `spec/oft-format.md`) sit
-//! at the centre; [`import`] maps every producer's layout onto it, [`apply`] computes merged
-//! weights from it, and the command modules ([`inspect`], [`validate`], [`convert`]) are what
+//! at the centre; [`layouts`] maps every producer's layout onto it and back, [`apply`] computes
+//! merged weights from it, and the command modules ([`inspect`], [`validate`], [`convert`]) are what
 //! `src/main.rs` calls.
 
 pub mod apply;
@@ -10,11 +10,10 @@ pub mod bake;
 pub mod compose;
 pub mod convert;
 pub mod error;
-pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod import;
 pub mod inspect;
+pub mod layouts;
 pub mod model;
 pub mod oft_file;
 pub mod pickle;

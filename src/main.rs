@@ -1,6 +1,8 @@
 //! The `oftool` command line: parses arguments and calls the library.
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
+use oftool::layouts::{self, LAYOUTS, Layout, Writes};
 use oftool::strength::BlendMode;
 use oftool::{bake, compose, convert, inspect, validate};
 use std::path::PathBuf;
@@ -17,35 +19,17 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, PartialEq, ValueEnum)]
-enum Target {
-    /// The spec-defined `.oft` format (spec/oft-format.md).
-    Oft,
-    /// A PEFT ≥ 0.18 adapter directory per diffusers component (`PeftModel.from_pretrained`).
-    #[value(alias = "peft")]
-    Diffusers,
-    /// LyCORIS `oft_blocks` under kohya names, as ComfyUI loads them.
-    Comfyui,
-    /// LyCORIS (`lycoris.kohya`) diag-oft / BOFT.
-    Lycoris,
-    /// kohya sd-scripts: `networks.oft` (output side) or `networks.oft_v2` (input side).
-    Kohya,
-    /// OneTrainer `OFT_2` (KOHYA key layout; also read by the ComfyUI-OFTv2 node).
-    Onetrainer,
-}
-
-impl Target {
-    fn export(self) -> Option<oftool::export::To> {
-        use oftool::export::To;
-        match self {
-            Target::Oft => None,
-            Target::Diffusers => Some(To::Peft),
-            Target::Comfyui => Some(To::ComfyUi),
-            Target::Lycoris => Some(To::Lycoris),
-            Target::Kohya => Some(To::Kohya),
-            Target::Onetrainer => Some(To::OneTrainer),
-        }
-    }
+/// `--to`: the layouts of the registry, each with its one-line help and aliases; layouts oftool
+/// only reads are accepted (to say why they are not written) but not listed.
+fn layout_parser() -> impl TypedValueParser<Value = &'static Layout> {
+    let values = LAYOUTS.iter().map(|l| {
+        PossibleValue::new(l.id)
+            .help(layouts::help_line(l))
+            .aliases(l.aliases.iter().copied())
+            .hide(matches!(l.writes, Writes::No(_)))
+    });
+    PossibleValuesParser::new(values)
+        .try_map(|name: String| layouts::find(&name).ok_or_else(|| format!("no layout `{name}`")))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -174,8 +158,8 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         /// Layout to write.
-        #[arg(long, value_enum, default_value = "oft")]
-        to: Target,
+        #[arg(long, default_value = "oft", value_parser = layout_parser())]
+        to: &'static Layout,
         /// The base checkpoint: `--to oft` binds the adapter to it (each target's shape and a
         /// blake3 hash of its tensor); other layouts use it to name modules, tell Conv2d from
         /// Linear, and measure how much a lossy conversion changes the merged weights.
@@ -214,6 +198,14 @@ fn print_json<T: serde::Serialize>(v: &T) {
     }
 }
 
+/// A layout and its variant for people: `lycoris diag-oft`.
+fn layout_name(layout: &str, variant: &Option<String>) -> String {
+    match variant {
+        Some(v) => format!("{layout} {v}"),
+        None => layout.to_string(),
+    }
+}
+
 fn report_export(r: &convert::ExportReport, json: bool) -> u8 {
     for w in &r.warnings {
         eprintln!("oftool: warning: {w}");
@@ -231,7 +223,11 @@ fn report_export(r: &convert::ExportReport, json: bool) -> u8 {
         };
         println!(
             "{} ({}) → {} ({}): {} layers exact{lossy}",
-            r.input, r.layout, r.output, r.to, r.exact
+            r.input,
+            layout_name(&r.layout, &r.variant),
+            r.output,
+            r.to,
+            r.exact
         );
     }
     match &r.refused {
@@ -346,8 +342,8 @@ fn main() -> ExitCode {
             allow_lossy,
             zip,
             json,
-        } => match to.export() {
-            None => {
+        } => match to.writes {
+            Writes::Canonical => {
                 if zip || allow_lossy {
                     Err(oftool::error::Error::usage(
                         "--zip and --allow-lossy apply to foreign layouts, not --to oft",
@@ -359,21 +355,26 @@ fn main() -> ExitCode {
                         } else {
                             println!(
                                 "{} ({}) → {}: {} layers, {} parameters",
-                                s.input, s.layout, s.output, s.layers, s.parameters
+                                s.input,
+                                layout_name(&s.layout, &s.variant),
+                                s.output,
+                                s.layers,
+                                s.parameters
                             );
                         }
                         0
                     })
                 }
             }
-            Some(target) => {
+            Writes::Writer(_) => {
                 let opts = convert::ExportOptions {
                     base: base.as_deref(),
                     allow_lossy,
                     zip,
                 };
-                convert::run_to(&input, &output, target, &opts).map(|r| report_export(&r, json))
+                convert::run_to(&input, &output, to, &opts).map(|r| report_export(&r, json))
             }
+            Writes::No(why) => Err(layouts::not_writable(to, why)),
         },
     };
     match result {
@@ -388,5 +389,52 @@ fn main() -> ExitCode {
             }
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn convert_help() -> String {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let convert = cmd
+            .find_subcommand_mut("convert")
+            .expect("convert subcommand");
+        convert.render_long_help().to_string()
+    }
+
+    #[test]
+    fn to_choices_and_their_help_come_from_the_registry() {
+        let help = convert_help();
+        for l in LAYOUTS {
+            let listed = help.contains(&format!("- {}: ", l.id));
+            match l.writes {
+                Writes::No(_) => assert!(!listed, "{} is listed: {help}", l.id),
+                Writes::Canonical | Writes::Writer(_) => {
+                    assert!(listed, "{} missing: {help}", l.id);
+                    assert!(help.contains(l.about), "{}'s help line: {help}", l.id);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn to_accepts_every_id_and_alias() {
+        for l in LAYOUTS {
+            for name in std::iter::once(&l.id).chain(l.aliases) {
+                let cli = Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", name])
+                    .unwrap_or_else(|e| panic!("--to {name}: {e}"));
+                let Command::Convert { to, .. } = cli.command else {
+                    panic!("not convert");
+                };
+                assert!(std::ptr::eq(to, *l), "--to {name}");
+            }
+        }
+        assert!(
+            Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", "lora"]).is_err()
+        );
     }
 }

@@ -31,8 +31,8 @@ pub enum BlendMode {
 
 impl BlendMode {
     /// How `oft_blocks` files are read for this mode.
-    pub fn semantics(self) -> crate::import::lycoris::Semantics {
-        use crate::import::lycoris::Semantics;
+    pub fn semantics(self) -> crate::layouts::Semantics {
+        use crate::layouts::Semantics;
         match self {
             BlendMode::A1111 => Semantics::A1111,
             BlendMode::ComfyUi => Semantics::ComfyUi,

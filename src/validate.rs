@@ -2,7 +2,7 @@
 //! checked against the base checkpoint it is meant for (headers and bound tensors only).
 
 use crate::error::{Error, Result};
-use crate::import::{self, Layout};
+use crate::layouts;
 use crate::model::{Adapter, Layer, Side};
 use crate::oft_file::{self, DigestStatus};
 use crate::resolve::AliasTable;
@@ -283,9 +283,9 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
         base: base.map(|b| b.display().to_string()),
         problems: Vec::new(),
     };
-    let loaded = import::detect(path).and_then(|layout| {
-        v.layout = Some(layout.name().into());
-        if layout == Layout::Oft {
+    let loaded = layouts::detect(path).and_then(|layout| {
+        v.layout = Some(layout.id().into());
+        if layout.is_oft() {
             let (adapter, status) = oft_file::read_unverified(path)?;
             match status {
                 DigestStatus::Ok => {}
@@ -301,7 +301,7 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
             }
             Ok(adapter)
         } else {
-            import::load(path)
+            layouts::load(path)
         }
     });
     let adapter = match loaded {

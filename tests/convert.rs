@@ -7,12 +7,15 @@ mod common;
 
 use assert_cmd::Command;
 use common::*;
-use oftool::import;
+use oftool::layouts;
 use oftool::model::{Adapter, Layer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-const LAYOUTS: [&str; 5] = ["diffusers", "comfyui", "lycoris", "kohya", "onetrainer"];
+/// Every layout `convert --to` writes besides `.oft`: the registry's writers.
+fn foreign_layouts() -> Vec<&'static str> {
+    layouts::writers().map(|(l, _)| l.id).collect()
+}
 
 fn oftool() -> Command {
     Command::cargo_bin("oftool").expect("binary built")
@@ -95,9 +98,9 @@ fn exact_conversions_round_trip_every_fixture() {
     for case in cases() {
         let label = case.file_name().unwrap().to_string_lossy().to_string();
         let src_path = adapter_of(&case);
-        let src = import::load(&src_path).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let src = layouts::load(&src_path).unwrap_or_else(|e| panic!("{label}: {e}"));
         let base = case.join("base.safetensors");
-        for to in LAYOUTS {
+        for to in foreign_layouts() {
             let out = tmp.path().join(format!("{label}.{to}"));
             let (code, report, stderr) = convert(&[
                 src_path.as_os_str(),
@@ -129,7 +132,7 @@ fn exact_conversions_round_trip_every_fixture() {
                 report["lossy"], 0,
                 "{label} → {to}: lossy without --allow-lossy"
             );
-            let back = import::load(&out).unwrap_or_else(|e| panic!("{label} → {to}: {e}"));
+            let back = layouts::load(&out).unwrap_or_else(|e| panic!("{label} → {to}: {e}"));
             assert_eq!(back.layers.len(), src.layers.len(), "{label} → {to}");
             for (l, r) in src.layers.iter().zip(report["layers"].as_array().unwrap()) {
                 let name = r["written_as"].as_str().expect("written_as");
@@ -173,6 +176,7 @@ fn exact_conversions_round_trip_every_fixture() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(foreign_layouts().len() >= 5, "{:?}", foreign_layouts());
     assert!(written >= 20, "only {written} conversions were written");
     assert!(
         bit_exact > 100,
@@ -495,7 +499,7 @@ fn names_follow_each_tool_for_an_sdxl_single_file_base() {
                 .unwrap()
                 .starts_with("lora_unet_up_blocks")
     );
-    let original = import::load(&src).unwrap();
+    let original = layouts::load(&src).unwrap();
     for (from, label) in [(&k, "kohya"), (&o, "onetrainer")] {
         let back_dir = tmp.path().join(format!("back-{label}"));
         let (code, _, stderr) = convert(&[
@@ -508,7 +512,7 @@ fn names_follow_each_tool_for_an_sdxl_single_file_base() {
             base.as_os_str(),
         ]);
         assert_eq!(code, 0, "{label}: {stderr}");
-        let back = import::load(&back_dir).unwrap();
+        let back = layouts::load(&back_dir).unwrap();
         let mut a: Vec<(&str, &Vec<f64>)> = original
             .layers
             .iter()

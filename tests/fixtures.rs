@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use oftool::apply::{Matrix, apply_layer};
 use oftool::model::Adapter;
-use oftool::{import, oft_file};
+use oftool::{layouts, oft_file};
 use std::path::Path;
 
 fn find_layer<'a>(adapter: &'a Adapter, name: &str) -> &'a oftool::model::Layer {
@@ -114,7 +114,7 @@ fn every_fixture_case_matches_the_library_merge() {
         let adapter_path = dir.join(case["adapter"].as_str().expect("adapter"));
         let label = dir.file_name().unwrap().to_string_lossy().to_string();
         let adapter =
-            import::load(&adapter_path).unwrap_or_else(|e| panic!("{label}: import: {e}"));
+            layouts::load(&adapter_path).unwrap_or_else(|e| panic!("{label}: import: {e}"));
         match check_case(dir, &adapter, &label) {
             Ok(n) => total += n,
             Err(e) => errors.push(e),
@@ -135,7 +135,7 @@ fn oft_round_trip_is_bit_exact_and_merges_the_same() {
     for dir in cases() {
         let case = read_json(&dir.join("case.json"));
         let label = dir.file_name().unwrap().to_string_lossy().to_string();
-        let adapter = import::load(&dir.join(case["adapter"].as_str().unwrap())).unwrap();
+        let adapter = layouts::load(&dir.join(case["adapter"].as_str().unwrap())).unwrap();
         let out = tmp.path().join(format!("{label}.oft"));
         oft_file::write(&adapter, &out).unwrap();
         let back = oft_file::read(&out).unwrap();

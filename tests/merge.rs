@@ -497,7 +497,7 @@ fn binding_mismatch_is_refused_unless_forced() {
     let dir = cases_dir().join("lyco-unet-plain");
     let (adapter, base, _) = case_paths(&dir);
     // Bind the adapter to the base, then bake it onto a different base.
-    let mut a = oftool::import::load(&adapter).unwrap();
+    let mut a = oftool::layouts::load(&adapter).unwrap();
     let f = oftool::tensors::MappedFile::open(&base).unwrap();
     let st = f.tensors();
     let table = oftool::resolve::AliasTable::new(st.names());

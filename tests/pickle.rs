@@ -5,7 +5,7 @@ mod common;
 
 use assert_cmd::Command;
 use common::*;
-use oftool::import;
+use oftool::layouts;
 use std::io::Write;
 use std::path::Path;
 
@@ -17,8 +17,8 @@ fn oftool() -> Command {
 fn peft_bin_reads_like_its_safetensors_twin() {
     let bin = repo().join("fixtures/pickles/peft-bin");
     let st = cases_dir().join("peft-unet-neumann5-b4/adapter");
-    let a = import::load(&bin).expect("pickle adapter loads");
-    let b = import::load(&st).expect("safetensors adapter loads");
+    let a = layouts::load(&bin).expect("pickle adapter loads");
+    let b = layouts::load(&st).expect("safetensors adapter loads");
     assert_eq!(a.layers.len(), b.layers.len());
     for (x, y) in a.layers.iter().zip(&b.layers) {
         assert_eq!(x.target.name, y.target.name);
