@@ -207,7 +207,7 @@ pub fn approximate(
                 .unwrap_or(short)
                 .saturating_add(oversample)
                 .clamp(1, short);
-            let (u, s, v) = randomized(view, l, power_iters, par)?;
+            let Thin { u, s, v } = randomized(view, l, power_iters, par)?;
             (
                 u,
                 s,
@@ -330,12 +330,7 @@ fn measured_error(delta: &[f64], cols: usize, b: &[f64], a: &[f64], k: usize, to
 
 /// Halko–Martinsson–Tropp randomized SVD of a tall `m × n` view with an `l`-column sketch:
 /// returns `u` (`m × l`), the singular values, `v` (`n × l`).
-fn randomized(
-    x: MatRef<'_, f64>,
-    l: usize,
-    power_iters: usize,
-    par: Par,
-) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), Error> {
+fn randomized(x: MatRef<'_, f64>, l: usize, power_iters: usize, par: Par) -> Result<Thin, Error> {
     let (m, n) = (x.nrows(), x.ncols());
     let mut rng = SplitMix(SKETCH_SEED);
     let omega = Mat::<f64>::from_fn(n, l, |_, _| rng.gaussian());
@@ -369,7 +364,18 @@ fn randomized(
     let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
     let mut u = Mat::<f64>::zeros(m, l);
     matmul(u.as_mut(), Accum::Replace, q.as_ref(), svd.V(), 1.0, par);
-    Ok((u, s, svd.U().to_owned()))
+    Ok(Thin {
+        u,
+        s,
+        v: svd.U().to_owned(),
+    })
+}
+
+/// A thin SVD `u·diag(s)·vᵀ` of a tall matrix (`u` `m × l`, `v` `n × l`).
+struct Thin {
+    u: Mat<f64>,
+    s: Vec<f64>,
+    v: Mat<f64>,
 }
 
 /// SplitMix64 with Box–Muller: a small fixed generator for the sketch (its statistical quality
