@@ -5,6 +5,7 @@
 //! ```sh
 //! RAYON_NUM_THREADS=2 cargo run --release --example svd_bench -- [SIZES] [--nalgebra] [--no-full]
 //! # SIZES: comma-separated ROWSxCOLS (default 320x320,1280x1280,5120x1280,1280x5120,4096x4096,14336x4096)
+//! cargo run --release --example svd_bench -- 1280x1280 --threads-check   # same bits on 1, 2 and 5 threads?
 //! ```
 //!
 //! Each ΔW is `W·(BD(R)ᵀ − I)` (input side, block size 32, Q entries ~ N(0, 0.02²)) with `W`
@@ -104,6 +105,35 @@ fn main() {
         })
         .collect();
     eprintln!("threads: {}", rayon::current_num_threads());
+    if args.iter().any(|a| a == "--threads-check") {
+        for &(rows, cols) in &sizes {
+            let delta = oft_delta(rows, cols);
+            for method in [
+                Method::Full,
+                Method::Randomized {
+                    oversample: 16,
+                    power_iters: 4,
+                },
+            ] {
+                let run = |threads| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("a thread pool")
+                        .install(|| {
+                            approximate(&delta, rows, cols, RankRule::Fixed(64), method)
+                                .expect("decomposition")
+                        })
+                };
+                let one = run(1);
+                let same = one == run(2) && one == run(5);
+                println!(
+                    "{rows}×{cols} {method:?}: 1, 2 and 5 threads give identical output: {same}"
+                );
+            }
+        }
+        return;
+    }
     println!("| size | method | rank | wall s | cpu s | rel. error | vs optimum |");
     println!("|---|---|---|---|---|---|---|");
     for (rows, cols) in sizes {

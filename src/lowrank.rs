@@ -11,8 +11,10 @@
 //! * [`Method::Randomized`]: a randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4:
 //!   Gaussian sketch, power iterations re-orthonormalised by QR) and the SVD of the small
 //!   projected matrix. Near-optimal, much faster on large layers; its error is measured
-//!   directly, `‖ΔW − B·A‖_F / ‖ΔW‖_F`. The sketch is seeded by a fixed constant: the same input
-//!   always gives the same output.
+//!   directly, `‖ΔW − B·A‖_F / ‖ΔW‖_F`. The sketch is seeded by a fixed constant.
+//!
+//! The same input gives the same bits for any number of threads: faer splits its work a fixed
+//! number of ways ([`FAER_SPLIT`]) whatever the size of the rayon pool it runs on.
 //!
 //! [`Method::Auto`] takes the full SVD up to [`AUTO_FULL_MAX_DIM`] and the randomized one beyond.
 //! The input is the 2-D view of the weight (row-major, `rows × cols`): a Conv2d change
@@ -106,6 +108,18 @@ impl LowRank {
     }
 }
 
+/// Ways faer splits each factorisation and product (run on the current rayon pool). A
+/// constant rather than the pool's size: faer's results depend on the split, and the output must
+/// be the same for any `--threads`.
+pub const FAER_SPLIT: usize = 4;
+
+/// The parallelism for faer, set as its global one too (its factorisation methods read that).
+pub(crate) fn faer_par() -> Par {
+    let par = Par::rayon(FAER_SPLIT);
+    faer::set_global_parallelism(par);
+    par
+}
+
 /// Seed of the randomized sketch (fixed: reproducible output).
 const SKETCH_SEED: u64 = 0x6f66_746f_6f6c_0015;
 
@@ -196,7 +210,7 @@ pub fn approximate(
         }
         (m, _) => m,
     };
-    let par = Par::rayon(0);
+    let par = faer_par();
     // Tall factors: view (≈ u·diag(s)·vᵀ), u `long × n`, v `short × n`.
     let (u, s, v, used) = match method {
         Method::Randomized {

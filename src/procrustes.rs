@@ -183,6 +183,9 @@ pub fn extract(
         ));
     }
     let blocks = d / b;
+    // faer's factorisations read its global parallelism: fix it, so the output does not depend
+    // on the number of threads.
+    crate::lowrank::faer_par();
     // Panel of block k: element (i, j) of X (len × b) is w[off + i·ra + j·ca].
     let (len, ra, ca) = match opts.side {
         Side::Input => (rows, cols, 1),
