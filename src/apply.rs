@@ -248,6 +248,18 @@ impl<T: Real> PreparedStage<T> {
         })
     }
 
+    /// The evaluated `b × b` blocks, row-major: one per stored block (a single one when the
+    /// stage is shared). What a device backend uploads.
+    pub fn blocks(&self) -> &[Vec<T>] {
+        &self.rotations
+    }
+
+    /// The stage's gather list (`None` for the identity wiring): feature `σ[kb + t]` is row `t`
+    /// of block `k`.
+    pub fn gather_list(&self) -> Option<&[usize]> {
+        self.sigma.as_deref()
+    }
+
     fn block(&self, k: usize) -> &[T] {
         if self.rotations.len() == 1 {
             &self.rotations[0]

@@ -158,7 +158,8 @@ enum Command {
     /// Check an adapter (and optionally that it fits a base checkpoint). Exit 0 valid, 1 invalid, 2 usage or I/O error.
     Validate {
         file: PathBuf,
-        /// Base checkpoint (safetensors) to check targets, shapes and binding hashes against.
+        /// Base checkpoint to check targets, shapes and binding hashes against: a .safetensors
+        /// file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
         #[arg(long)]
         base: Option<PathBuf>,
         #[arg(long)]

@@ -9,7 +9,7 @@
 
 use super::backend::{Backend, TensorBytes, TensorJob};
 use super::plan::FileJob;
-use crate::base::{Base, Layout};
+use crate::base::Base;
 use crate::error::{Category, Error, Result};
 use crate::tensors::MappedFile;
 use safetensors::tensor::{Dtype, TensorInfo};
@@ -83,7 +83,7 @@ pub(crate) fn write<B: Backend>(
         .prefix(&crate::tensors::staging_prefix())
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
-    let single = matches!(base.layout(), Layout::File(_));
+    let single = base.layout().root().is_none();
     let total: u64 = base
         .files()
         .iter()
@@ -123,23 +123,32 @@ pub(crate) fn write<B: Backend>(
     });
     progress.finish();
     result?;
-    if single {
-        let tmp = staging.path().join("out.safetensors");
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    } else if let Some(root) = base.layout().root() {
-        // Copy the rest of the folder (configs, index, other files), then move it into place.
-        let skip: Vec<PathBuf> = base.files().iter().map(|f| f.path.clone()).collect();
-        copy_tree(root, staging.path(), &skip)?;
-        let kept = staging.keep();
-        std::fs::rename(&kept, out).map_err(|e| {
-            let _ = std::fs::remove_dir_all(&kept);
-            Error::io(out, e)
-        })?;
+    publish(base, staging, out, &parent)?;
+    Ok(written)
+}
+
+/// Move the finished staging output into place: the file, or the folder once the rest of the
+/// base's folder (configs, index, other files) is copied beside the written shards.
+fn publish(base: &Base, staging: tempfile::TempDir, out: &Path, parent: &Path) -> Result<()> {
+    match base.layout().root() {
+        None => {
+            let tmp = staging.path().join("out.safetensors");
+            std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        }
+        Some(root) => {
+            let skip: Vec<PathBuf> = base.files().iter().map(|f| f.path.clone()).collect();
+            copy_tree(root, staging.path(), &skip)?;
+            let kept = staging.keep();
+            std::fs::rename(&kept, out).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&kept);
+                Error::io(out, e)
+            })?;
+        }
     }
-    if let Ok(d) = File::open(&parent) {
+    if let Ok(d) = File::open(parent) {
         let _ = d.sync_all(); // make the rename durable where the platform allows
     }
-    Ok(written)
+    Ok(())
 }
 
 /// Copy everything of `src` except the files in `skip` into `dst` (recursively).

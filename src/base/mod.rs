@@ -474,7 +474,7 @@ pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
         let n = r.checked_mul(b);
         if n != Some(axis) {
             out.push(problem(format!(
-                "stage {j} rotates {r} × {b} = {} {} features, but `{key}` has shape {covered:?} ({axis} on that side)",
+                "shape mismatch: stage {j} rotates {r} × {b} = {} {} features, but `{key}` has shape {covered:?} ({axis} on that side)",
                 n.map_or("more than 2^64".to_string(), |n| n.to_string()),
                 layer.side.as_str()
             )));
@@ -484,7 +484,7 @@ pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
         && v.len() as u64 != rows
     {
         out.push(problem(format!(
-            "row scale has {} entries, `{key}` has {rows} rows",
+            "shape mismatch: row scale has {} entries, `{key}` has {rows} rows",
             v.len()
         )));
     }
