@@ -4,15 +4,16 @@
 //!
 //! 1. [`load_inputs`]: each [`AdapterArg`] is imported (any layout) and, for a geodesic strength,
 //!    raised to its power here; a tool's own strength rule is kept for bake time.
-//! 2. [`crate::base::Base::open`] reads the base's headers; [`plan`] locates every layer,
+//! 2. [`crate::base::Base::open`] reads the base's headers; `plan` locates every layer,
 //!    checks it against its tensor and the binding hashes, and groups the edits per file and
 //!    tensor. Every refusal happens here, before anything is written.
-//! 3. [`stream`] reads each base file once in file order: untouched runs are copied in the
-//!    kernel; each tensor with edits goes through the compute [`backend`] (today the CPU one)
+//! 3. `stream` reads each base file once in file order: untouched runs are copied in the
+//!    kernel; each tensor with edits goes through the compute `backend` (today the CPU one)
 //!    and is written in its own dtype. Output goes to a staging file or folder beside OUT,
 //!    synced and renamed into place only when complete.
 //!
-//! The base is never held in memory: only the tensors in flight are.
+//! The base is never held in memory: only the tensors in flight are. `src/README.md` draws the
+//! data flow and says how to add a compute backend.
 
 mod backend;
 mod codec;

@@ -224,7 +224,7 @@ impl FileStream<'_, '_> {
             let (order, header) = (&order, &header);
             let reader =
                 s.spawn(move || self.read(backend, wtx, &reader_file, order, header, data_start));
-            let computed = self.compute(backend, wrx, &tx);
+            let computed = backend.run_stage(|| self.compute(backend, wrx, &tx));
             drop(tx);
             let written = writer
                 .join()

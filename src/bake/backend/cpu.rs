@@ -69,8 +69,16 @@ impl Backend for Cpu {
         })
     }
 
+    fn run_stage<R: Send>(&self, stage: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(stage)
+    }
+
     fn compute(&self, t: &TensorJob<'_>, loaded: Loaded) -> Result<TensorBytes> {
-        self.pool.install(|| compute(t, loaded))
+        if self.pool.current_thread_index().is_some() {
+            compute(t, loaded)
+        } else {
+            self.pool.install(|| compute(t, loaded))
+        }
     }
 }
 

@@ -82,6 +82,13 @@ pub(crate) trait Backend: Sync {
         1
     }
 
+    /// Run the compute stage of one file (the loop that calls [`Backend::compute`] for each of
+    /// its tensors, in order) where the backend wants it: the CPU backend runs it on one thread
+    /// of its pool, so that the buffers it allocates come from one thread's heap.
+    fn run_stage<R: Send>(&self, stage: impl FnOnce() -> R + Send) -> R {
+        stage()
+    }
+
     /// Prepare a tensor's stored bytes for [`Backend::compute`] (on the reader thread, while
     /// the previous tensor computes): decode, or upload.
     fn load(&self, tensor: &TensorJob<'_>, bytes: Vec<u8>) -> Result<Self::Loaded>;
