@@ -76,7 +76,8 @@ fn oft_delta(rows: usize, cols: usize) -> Vec<f64> {
     let mut rotated = w.clone();
     PreparedStage::<f64>::new(&stage, cols)
         .expect("a valid stage")
-        .apply(Side::Input, &mut rotated, cols);
+        .apply(Side::Input, &mut rotated, cols)
+        .expect("sizes fit");
     rotated.iter().zip(&w).map(|(a, c)| a - c).collect()
 }
 

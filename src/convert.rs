@@ -1,6 +1,7 @@
 //! `oftool convert`: import any supported layout and write it as `.oft` or, through the
 //! layout registry ([`crate::layouts`]), in another tool's layout.
 
+use crate::base::{Base, Lookup, Storage};
 use crate::error::{Category, Error, Result};
 use crate::layouts::{self, Layout, report};
 use crate::oft_file;
@@ -94,62 +95,51 @@ pub fn creation_time(inputs: &[&Path]) -> String {
     rfc3339(secs)
 }
 
-/// Record, per layer, the target's full shape and a base-binding hash of its tensor in `base`.
-pub fn bind(adapter: &mut crate::model::Adapter, base: &Path) -> Result<()> {
-    use crate::resolve::AliasTable;
-    use crate::tensors::MappedFile;
-    let file = MappedFile::open(base)?;
-    let st = file.tensors();
-    let table = AliasTable::with_shapes(st.iter().map(|(n, v)| (n, v.shape().to_vec())));
+/// Record, per layer, the target's covered shape and a base-binding hash of its tensor in
+/// `base` (dtype, full shape, blake3 of its bytes).
+pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
     let mut problems = Vec::new();
     for layer in &mut adapter.layers {
-        let r = match table.resolve(&layer.target) {
-            Ok(r) => r,
-            Err(c) if c.is_empty() => {
+        let loc = match base.lookup(layer) {
+            Lookup::Found(loc) => loc,
+            Lookup::Missing => {
                 problems.push(format!("`{}` has no tensor in the base", layer.target.name));
                 continue;
             }
-            Err(c) => {
+            Lookup::Ambiguous(keys) => {
                 problems.push(format!(
                     "`{}` matches several tensors: {}",
                     layer.target.name,
-                    c.join(", ")
+                    keys.join(", ")
                 ));
                 continue;
             }
         };
-        let view = st
-            .tensor(&r.key)
-            .map_err(|e| Error::format(base, e.to_string()))?;
-        let full: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
-        let mut target_shape = full.clone();
-        if let (Some((_, len)), Some(first)) = (r.rows, target_shape.first_mut()) {
-            *first = len as u64;
-        }
+        let target_shape: Vec<u64> = loc.covered_shape().iter().map(|&d| d as u64).collect();
         let axis = crate::validate::axis_len(layer.side, &target_shape);
         if layer.target.rotated_dim.is_some_and(|d| d != axis) {
             problems.push(format!(
                 "`{}` rotates {} features but `{}` has {axis} on that side (shape {target_shape:?})",
                 layer.target.name,
                 layer.target.rotated_dim.unwrap_or(0),
-                r.key
+                loc.key
             ));
             continue;
         }
         layer.target.rotated_dim = Some(axis);
         layer.target.shape = Some(target_shape);
-        layer.base_binding = Some(crate::model::BaseBinding {
-            blake3: blake3::hash(view.data()).to_hex().to_string(),
-            dtype: format!("{:?}", view.dtype()),
-            shape: full,
-        });
+        layer.base_binding = Some(base.binding(&loc)?);
     }
     if problems.is_empty() {
         Ok(())
     } else {
         Err(Error::new(
             Category::TargetShape,
-            format!("cannot bind to {}: {}", base.display(), problems.join("; ")),
+            format!(
+                "cannot bind to {}: {}",
+                base.path().display(),
+                problems.join("; ")
+            ),
         ))
     }
 }
@@ -160,7 +150,7 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     refuse_overwriting_input(output, &inputs)?;
     let (found, mut adapter) = layouts::read(input)?;
     if let Some(b) = base {
-        bind(&mut adapter, b)?;
+        bind(&mut adapter, &Base::open(b)?)?;
     }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
@@ -235,15 +225,20 @@ pub fn run_to(
     refuse_overwriting_input(output, &inputs)?;
     let (found, mut adapter) = layouts::read(input)?;
     let mut table = None;
+    // The writers' name lookup and weight-change figures read one model: a file, or the one
+    // group of a sharded base (figures then need a single file). A pipeline folder binds, but
+    // its layers are named without it.
+    let mut base_file = None;
     if let Some(b) = opts.base {
-        bind(&mut adapter, b)?;
-        let file = crate::tensors::MappedFile::open(b)?;
-        let st = file.tensors();
-        let t = crate::resolve::AliasTable::with_shapes(
-            st.iter().map(|(n, v)| (n, v.shape().to_vec())),
-        );
-        let names = t.pipeline_names();
-        table = Some((t, names));
+        let base = Base::open(b)?;
+        bind(&mut adapter, &base)?;
+        if let Some(t) = base.single_table() {
+            let names = t.pipeline_names();
+            table = Some((t.clone(), names));
+        }
+        if let Storage::File(f) = base.storage() {
+            base_file = Some(f.clone());
+        }
     }
     // A "shared" stage whose axis holds a single block is just one block.
     for layer in &mut adapter.layers {
@@ -262,7 +257,7 @@ pub fn run_to(
         .into_iter()
         .collect();
     let ctx = report::Context {
-        base: opts.base,
+        base: base_file.as_deref(),
         table,
         sd1: layouts::common::sd1_from_metadata(&metadata),
     };

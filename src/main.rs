@@ -1,11 +1,16 @@
-//! The `oftool` command line: parses arguments and calls the library.
+//! The `oftool` command line: parses arguments (including `PATH:S`), sets up the process,
+//! calls the library, and renders its reports, errors and progress. A closed stdout (`| head`)
+//! ends the program quietly.
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
+use oftool::bake::AdapterArg;
+use oftool::error::Error;
 use oftool::layouts::{self, LAYOUTS, Layout, Writes};
 use oftool::strength::BlendMode;
 use oftool::{bake, compose, convert, inspect, validate};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -87,8 +92,40 @@ impl BakeFlags {
             threads: self.threads,
             skip_missing: self.skip_missing,
             force: self.force,
-            progress: !self.quiet && !self.json,
         }
+    }
+
+    /// A progress bar on stderr when it is a terminal and no `--quiet`/`--json`.
+    fn progress(&self) -> Box<dyn bake::Progress> {
+        if !self.quiet && !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            Box::new(Bar(indicatif::ProgressBar::new(0)))
+        } else {
+            Box::new(bake::NoProgress)
+        }
+    }
+}
+
+/// The bake's progress as an indicatif bar on stderr.
+struct Bar(indicatif::ProgressBar);
+
+impl bake::Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    }
+    fn file(&self, relative: &Path) {
+        self.0.set_message(relative.display().to_string());
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
     }
 }
 
@@ -105,7 +142,8 @@ enum Command {
     /// Check an adapter (and optionally that it fits a base checkpoint). Exit 0 valid, 1 invalid, 2 usage or I/O error.
     Validate {
         file: PathBuf,
-        /// Base checkpoint (safetensors) to check targets, shapes and binding hashes against.
+        /// Base checkpoint to check targets, shapes and binding hashes against: a .safetensors
+        /// file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
         #[arg(long)]
         base: Option<PathBuf>,
         #[arg(long)]
@@ -191,11 +229,70 @@ impl Command {
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("oftool: cannot encode JSON: {e}"),
+/// What a command prints on stdout, and its exit status.
+struct Output {
+    stdout: String,
+    code: u8,
+}
+
+impl Output {
+    fn new(stdout: String, code: u8) -> Self {
+        Output { stdout, code }
     }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => s + "\n",
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "oftool: cannot encode JSON: {e}");
+            String::new()
+        }
+    }
+}
+
+/// A line on stderr (never panics, even when stderr is closed).
+fn warn(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Split `PATH:S`. A path that exists as written is taken whole, so file names with colons
+/// still work; otherwise a numeric suffix after the last `:` is the strength.
+fn parse_adapter_arg(arg: &str) -> Result<AdapterArg, Error> {
+    if Path::new(arg).exists() {
+        return Ok(AdapterArg {
+            path: arg.into(),
+            strength: None,
+        });
+    }
+    if let Some((head, tail)) = arg.rsplit_once(':')
+        && let Ok(s) = tail.trim().parse::<f64>()
+    {
+        if !s.is_finite() {
+            return Err(Error::usage(format!(
+                "strength `{tail}` in `{arg}` is not a finite number"
+            )));
+        }
+        return Ok(AdapterArg {
+            path: head.into(),
+            strength: Some(s),
+        });
+    }
+    if let Some((head, tail)) = arg.rsplit_once(':')
+        && Path::new(head).exists()
+    {
+        return Err(Error::usage(format!(
+            "`{tail}` in `{arg}` is not a strength (ADAPTER:S takes a number, e.g. `{head}:0.5`)"
+        )));
+    }
+    Ok(AdapterArg {
+        path: arg.into(),
+        strength: None,
+    })
+}
+
+fn adapter_args(args: &[String]) -> Result<Vec<AdapterArg>, Error> {
+    args.iter().map(|a| parse_adapter_arg(a)).collect()
 }
 
 /// A layout and its variant for people: `lycoris diag-oft`.
@@ -206,12 +303,13 @@ fn layout_name(layout: &str, variant: &Option<String>) -> String {
     }
 }
 
-fn report_export(r: &convert::ExportReport, json: bool) -> u8 {
+fn report_export(r: &convert::ExportReport, as_json: bool) -> Output {
     for w in &r.warnings {
-        eprintln!("oftool: warning: {w}");
+        warn(&format!("oftool: warning: {w}"));
     }
-    if json {
-        print_json(r);
+    let mut stdout = String::new();
+    if as_json {
+        stdout = json(r);
     } else if r.refused.is_none() {
         let lossy = if r.lossy > 0 {
             format!(
@@ -221,8 +319,8 @@ fn report_export(r: &convert::ExportReport, json: bool) -> u8 {
         } else {
             String::new()
         };
-        println!(
-            "{} ({}) → {} ({}): {} layers exact{lossy}",
+        stdout = format!(
+            "{} ({}) → {} ({}): {} layers exact{lossy}\n",
             r.input,
             layout_name(&r.layout, &r.variant),
             r.output,
@@ -232,17 +330,18 @@ fn report_export(r: &convert::ExportReport, json: bool) -> u8 {
     }
     match &r.refused {
         Some(why) => {
-            eprintln!("oftool: error: {why}; nothing was written");
-            1
+            warn(&format!("oftool: error: {why}; nothing was written"));
+            Output::new(stdout, 1)
         }
-        None => 0,
+        None => Output::new(stdout, 0),
     }
 }
 
-fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> u8 {
+fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
     if flags.json {
-        print_json(s);
-    } else if !flags.quiet {
+        return Output::new(json(s), 0);
+    }
+    if !flags.quiet {
         let skipped = if s.layers_skipped.is_empty() {
             String::new()
         } else {
@@ -252,7 +351,7 @@ fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> u8 {
                 s.layers_skipped.join(", ")
             )
         };
-        eprintln!(
+        warn(&format!(
             "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){skipped}",
             s.layers_baked,
             s.tensors_rotated,
@@ -260,80 +359,143 @@ fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> u8 {
             s.output,
             s.bytes_written as f64 / 1e6,
             s.seconds,
-        );
+        ));
     }
-    0
+    Output::new(String::new(), 0)
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    oftool::init_process();
-    let json = cli.command.json();
-    let result = match cli.command {
-        Command::Inspect { file, json } => inspect::run(&file).map(|r| {
-            if json {
-                print_json(&r);
-            } else {
-                print!("{}", inspect::render(&r));
-            }
-            0
-        }),
-        Command::Validate { file, base, json } => validate::run(&file, base.as_deref()).map(|v| {
-            if json {
-                print_json(&v);
-            } else {
-                print!("{}", validate::render(&v));
-            }
-            if v.valid { 0 } else { 1 }
+fn report_compose(s: &compose::ComposeSummary, as_json: bool) -> Output {
+    if as_json {
+        return Output::new(json(s), 0);
+    }
+    let stacked = if s.stacked_targets > 0 {
+        format!(", {} stacked target(s) (format 1.1)", s.stacked_targets)
+    } else {
+        String::new()
+    };
+    let collapsed = s
+        .collapse
+        .as_ref()
+        .map(|c| {
+            format!(
+                "; collapsed {} layer(s), largest R change {:.2e}, kept stages in {}",
+                c.collapsed_layers,
+                c.max_r_change,
+                c.kept.len()
+            )
+        })
+        .unwrap_or_default();
+    let line = format!(
+        "composed {} adapter(s) → {}: {} layers, {} stages{stacked}{collapsed}\n",
+        s.inputs.len(),
+        s.output,
+        s.layers,
+        s.stages,
+    );
+    Output::new(line, 0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convert_command(
+    input: &Path,
+    output: &Path,
+    to: &'static Layout,
+    base: Option<&Path>,
+    allow_lossy: bool,
+    zip: bool,
+    as_json: bool,
+) -> Result<Output, Error> {
+    match to.writes {
+        Writes::Canonical => {}
+        Writes::No(why) => return Err(layouts::not_writable(to, why)),
+        Writes::Writer(_) => {
+            let opts = convert::ExportOptions {
+                base,
+                allow_lossy,
+                zip,
+            };
+            return convert::run_to(input, output, to, &opts).map(|r| report_export(&r, as_json));
+        }
+    }
+    if zip || allow_lossy {
+        return Err(Error::usage(
+            "--zip and --allow-lossy apply to foreign layouts, not --to oft",
+        ));
+    }
+    let s = convert::run(input, output, base)?;
+    let text = if as_json {
+        json(&s)
+    } else {
+        format!(
+            "{} ({}) → {}: {} layers, {} parameters\n",
+            s.input,
+            layout_name(&s.layout, &s.variant),
+            s.output,
+            s.layers,
+            s.parameters
+        )
+    };
+    Ok(Output::new(text, 0))
+}
+
+fn run(command: Command) -> Result<Output, Error> {
+    match command {
+        Command::Inspect { file, json: j } => inspect::run(&file)
+            .map(|r| Output::new(if j { json(&r) } else { inspect::render(&r) }, 0)),
+        Command::Validate {
+            file,
+            base,
+            json: j,
+        } => validate::run(&file, base.as_deref()).map(|v| {
+            let text = if j { json(&v) } else { validate::render(&v) };
+            Output::new(text, if v.valid { 0 } else { 1 })
         }),
         Command::Merge {
             base,
             adapters,
             blend,
             flags,
-        } => bake::load_inputs(&adapters, blend.into())
-            .and_then(|inputs| bake::run(&base, inputs, &flags.output, &flags.options()))
-            .map(|s| report_bake(&s, &flags)),
+        } => {
+            let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into())?;
+            let progress = flags.progress();
+            bake::merge(
+                &base,
+                inputs,
+                &flags.output,
+                &flags.options(),
+                progress.as_ref(),
+            )
+            .map(|s| report_bake(&s, &flags))
+        }
         Command::Unmerge {
             merged,
             adapters,
             flags,
-        } => bake::unmerge(&merged, &adapters, &flags.output, &flags.options())
-            .map(|s| report_bake(&s, &flags)),
+        } => {
+            let args = adapter_args(&adapters)?;
+            let progress = flags.progress();
+            bake::unmerge(
+                &merged,
+                &args,
+                &flags.output,
+                &flags.options(),
+                progress.as_ref(),
+            )
+            .map(|s| report_bake(&s, &flags))
+        }
         Command::Compose {
             adapters,
             output,
             base,
             collapse,
-            json,
-        } => compose::run(&adapters, &output, base.as_deref(), collapse).map(|s| {
-            if json {
-                print_json(&s);
-            } else {
-                println!(
-                    "composed {} adapter(s) → {}: {} layers, {} stages{}{}",
-                    s.inputs.len(),
-                    s.output,
-                    s.layers,
-                    s.stages,
-                    if s.stacked_targets > 0 {
-                        format!(", {} stacked target(s) (format 1.1)", s.stacked_targets)
-                    } else {
-                        String::new()
-                    },
-                    s.collapse
-                        .as_ref()
-                        .map(|c| format!(
-                            "; collapsed {} layer(s), largest R change {:.2e}, kept stages in {}",
-                            c.collapsed_layers,
-                            c.max_r_change,
-                            c.kept.len()
-                        ))
-                        .unwrap_or_default()
-                );
-            }
-            0
-        }),
+            json: j,
+        } => compose::run(
+            &adapter_args(&adapters)?,
+            &output,
+            base.as_deref(),
+            collapse,
+        )
+        .map(|s| report_compose(&s, j)),
         Command::Convert {
             input,
             output,
@@ -341,51 +503,57 @@ fn main() -> ExitCode {
             base,
             allow_lossy,
             zip,
-            json,
-        } => match to.writes {
-            Writes::Canonical => {
-                if zip || allow_lossy {
-                    Err(oftool::error::Error::usage(
-                        "--zip and --allow-lossy apply to foreign layouts, not --to oft",
-                    ))
-                } else {
-                    convert::run(&input, &output, base.as_deref()).map(|s| {
-                        if json {
-                            print_json(&s);
-                        } else {
-                            println!(
-                                "{} ({}) → {}: {} layers, {} parameters",
-                                s.input,
-                                layout_name(&s.layout, &s.variant),
-                                s.output,
-                                s.layers,
-                                s.parameters
-                            );
-                        }
-                        0
-                    })
-                }
-            }
-            Writes::Writer(_) => {
-                let opts = convert::ExportOptions {
-                    base: base.as_deref(),
-                    allow_lossy,
-                    zip,
-                };
-                convert::run_to(&input, &output, to, &opts).map(|r| report_export(&r, json))
-            }
-            Writes::No(why) => Err(layouts::not_writable(to, why)),
-        },
-    };
+            json: j,
+        } => convert_command(&input, &output, to, base.as_deref(), allow_lossy, zip, j),
+    }
+}
+
+/// Process setup: a file-size limit (`ulimit -f`) must surface as an ordinary write error
+/// ("File too large"), not kill the process with SIGXFSZ midway; and freed tensor buffers stay
+/// in the heap for reuse.
+fn init_process() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_IGN at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    // Bakes allocate a few tensor-sized buffers per tensor: keep freed memory in the heap for
+    // reuse instead of returning it to the kernel and faulting fresh zeroed pages each time.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; called once at startup.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Write `text` to stdout. A reader that went away (`| head`) is not an error: the output
+/// simply has nobody to go to.
+fn write_stdout(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::new(
+            oftool::error::Category::Io,
+            format!("cannot write to stdout: {e}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_process();
+    let as_json = cli.command.json();
+    let result = run(cli.command).and_then(|o| write_stdout(&o.stdout).map(|()| o.code));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            if json {
-                print_json(&serde_json::json!({ "error": e.to_json() }));
+            if as_json {
+                let _ = write_stdout(&json(&serde_json::json!({ "error": e.to_json() })));
             }
-            eprintln!("oftool: error[{}]: {e}", e.category());
+            warn(&format!("oftool: error[{}]: {e}", e.category()));
             if let Some(h) = e.hint_text() {
-                eprintln!("hint: {h}");
+                warn(&format!("hint: {h}"));
             }
             ExitCode::from(e.exit_code())
         }
@@ -396,6 +564,20 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn adapter_arguments() {
+        assert_eq!(
+            parse_adapter_arg("style.oft:0.6").unwrap(),
+            AdapterArg {
+                path: "style.oft".into(),
+                strength: Some(0.6)
+            }
+        );
+        assert_eq!(parse_adapter_arg("a:b.oft").unwrap().strength, None);
+        assert_eq!(parse_adapter_arg("x.oft:-1").unwrap().strength, Some(-1.0));
+        assert!(parse_adapter_arg("x.oft:inf").is_err());
+    }
 
     fn convert_help() -> String {
         let mut cmd = Cli::command();

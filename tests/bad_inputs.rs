@@ -110,6 +110,24 @@ fn oft_edit(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -
     p
 }
 
+/// A LyCORIS diag-oft file with a `rescale` (a row scale) for module `a` (4 rows, blocks of 2).
+fn lyco_rescaled(dir: &Path) -> PathBuf {
+    st(
+        &dir.join("lyco.safetensors"),
+        &[
+            ("lycoris_a.oft_blocks", Dtype::F32, vec![2, 2, 2], small(8)),
+            ("lycoris_a.alpha", Dtype::F32, vec![], f32s(&[0.0])),
+            (
+                "lycoris_a.rescale",
+                Dtype::F32,
+                vec![4, 1],
+                f32s(&[1.0, 1.1, 0.9, 1.0]),
+            ),
+        ],
+        &[],
+    )
+}
+
 fn peft_dir(dir: &Path, config: &str, tensors: &[Tensor<'_>]) -> PathBuf {
     let d = dir.join("peftdir");
     std::fs::create_dir_all(&d).unwrap();
@@ -968,6 +986,43 @@ fn cases() -> Vec<Case> {
                     &[],
                 );
                 vec!["validate".into(), s(&oft(d)), "--base".into(), s(&other)]
+            }
+        ),
+        case!(
+            "validate a row-scaled layer against a 0-dim base tensor",
+            1,
+            "[target-shape] lycoris_a: `a.weight` has shape [], not a weight matrix",
+            |d| {
+                let zero = st(
+                    &d.join("m.safetensors"),
+                    &[("a.weight", F, vec![], small(1))],
+                    &[],
+                );
+                vec![
+                    "validate".into(),
+                    s(&lyco_rescaled(d)),
+                    "--base".into(),
+                    s(&zero),
+                ]
+            }
+        ),
+        case!(
+            "merge a row-scaled layer into a 0-dim base tensor",
+            1,
+            "`a.weight` has shape [], not a weight matrix",
+            |d| {
+                let zero = st(
+                    &d.join("m.safetensors"),
+                    &[("a.weight", F, vec![], small(1))],
+                    &[],
+                );
+                vec![
+                    "merge".into(),
+                    s(&zero),
+                    s(&lyco_rescaled(d)),
+                    "-o".into(),
+                    s(&d.join("out.safetensors")),
+                ]
             }
         ),
         case!(

@@ -60,7 +60,8 @@ fn rotate(st: &Stage, side: Side, w: &[f64], rows: usize, cols: usize) -> Vec<f6
     let mut out = w.to_vec();
     PreparedStage::<f64>::new(st, axis)
         .unwrap()
-        .apply(side, &mut out, cols);
+        .apply(side, &mut out, cols)
+        .unwrap();
     out
 }
 

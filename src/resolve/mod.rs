@@ -76,6 +76,7 @@ struct Entry {
 }
 
 /// Alias → base weight locations (more than one means the alias is ambiguous).
+#[derive(Clone)]
 pub struct AliasTable {
     map: HashMap<String, Vec<Entry>>,
 }
