@@ -1,5 +1,4 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)]
 
 use oftool::tensors::{MappedFile, to_f64};
 use safetensors::tensor::Dtype;

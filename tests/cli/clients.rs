@@ -3,10 +3,11 @@
 //! (fixtures/clients.py). oftool must still write those files byte for byte, and oftool's own
 //! merge of them must equal the client's.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
+use crate::common::*;
 use assert_cmd::Command;
-use common::*;
 use std::path::{Path, PathBuf};
 
 fn oftool() -> Command {

@@ -3,10 +3,11 @@
 //! unwritable folder are clean errors for bake and convert; a base truncated during a bake is
 //! an error, not a crash.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
+use crate::common::*;
 use assert_cmd::Command;
-use common::*;
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

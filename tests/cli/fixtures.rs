@@ -2,9 +2,10 @@
 //! or LyCORIS, see fixtures/generate.py) must equal what oftool computes from the imported
 //! adapter, and from its `.oft` round trip.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
-use common::*;
+use crate::common::*;
 use oftool::apply::{Matrix, apply_layer};
 use oftool::model::Adapter;
 use oftool::{layouts, oft_file};

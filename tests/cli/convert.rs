@@ -3,10 +3,11 @@
 //! rotation (bit-identical `Q`, which is what the `.oft` of either file stores), refusals must
 //! say why and write nothing.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
+use crate::common::*;
 use assert_cmd::Command;
-use common::*;
 use oftool::layouts;
 use oftool::model::{Adapter, Layer};
 use serde_json::Value;

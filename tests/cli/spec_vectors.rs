@@ -2,9 +2,10 @@
 //! independent NumPy implementation of spec/oft-format.md (cross-checked there against PEFT
 //! and LyCORIS) must equal oftool's to 1e-12.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
-use common::*;
+use crate::common::*;
 use oftool::apply::{Matrix, apply_layer};
 use oftool::model::*;
 use oftool::rotation::rotation_block;

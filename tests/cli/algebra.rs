@@ -1,9 +1,10 @@
 //! Rotation algebra through the binary: compose, strength (geodesic and tool parity), unmerge.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
+use crate::common::*;
 use assert_cmd::Command;
-use common::*;
 use std::path::{Path, PathBuf};
 
 fn oftool() -> Command {

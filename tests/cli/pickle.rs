@@ -1,10 +1,11 @@
 //! PyTorch pickle adapters: a real PEFT `adapter_model.bin` reads exactly like its safetensors
 //! twin; hostile archives and pickles are refused by name, and nothing runs.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
+use crate::common::*;
 use assert_cmd::Command;
-use common::*;
 use oftool::layouts;
 use std::io::Write;
 use std::path::Path;

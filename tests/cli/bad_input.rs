@@ -1,7 +1,8 @@
 //! Bad input: each malformed file or argument gets its own clear message and a non-zero exit
 //! code, never a panic, and leaves no output file behind.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
 use assert_cmd::Command;
 use safetensors::tensor::{Dtype, TensorView};

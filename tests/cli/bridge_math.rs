@@ -4,7 +4,6 @@
 //! these run in the debug profile.
 
 // Small dense matrices read best with explicit indices.
-#![allow(clippy::needless_range_loop)]
 
 use oftool::apply::PreparedStage;
 use oftool::error::Category;

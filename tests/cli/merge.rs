@@ -1,10 +1,11 @@
 //! `oftool merge` end to end: the real binary on the real fixtures, compared with the merged
 //! weights PEFT and LyCORIS computed; single files, sharded checkpoints and diffusers folders.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
+use crate::common::*;
 use assert_cmd::Command;
-use common::*;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

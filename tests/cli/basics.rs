@@ -1,9 +1,10 @@
 //! `inspect`, `validate` and `convert` on every fixture, through the binary.
 
-mod common;
+#[allow(unused_imports)]
+use crate::common;
 
+use crate::common::*;
 use assert_cmd::Command;
-use common::*;
 use serde_json::Value;
 
 fn oftool() -> Command {
