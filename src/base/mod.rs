@@ -511,6 +511,106 @@ pub(crate) fn read_range(file: &File, offset: u64, len: usize) -> std::io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{ModuleKind, Target};
+
+    fn layer(name: &str, side: Side) -> Layer {
+        Layer {
+            target: Target {
+                name: name.into(),
+                convention: "unknown".into(),
+                component: None,
+                module: ModuleKind::Unknown,
+                shape: None,
+                rotated_dim: None,
+            },
+            side,
+            stages: Vec::new(),
+            row_scale: Some((crate::model::ScalePosition::After, vec![1.0; 4])),
+            row_scale_f64: true,
+            constraint: None,
+            base_binding: None,
+        }
+    }
+
+    /// A base file with `w.weight` (4 × 2, F32, row r = [r, r + 0.5]) and a 0-dim `s.weight`.
+    fn base_file(dir: &Path) -> PathBuf {
+        let w: Vec<u8> = (0..4)
+            .flat_map(|r| [r as f32, r as f32 + 0.5])
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        let s = 1f32.to_le_bytes();
+        let path = dir.join("base.safetensors");
+        let mut f = File::create(&path).unwrap();
+        crate::tensors::write_safetensors(
+            &mut f,
+            &[
+                ("w.weight", Dtype::F32, &[4, 2], &w),
+                ("s.weight", Dtype::F32, &[], &s),
+            ],
+            HashMap::new(),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn locate_read_rows_in_layer_order_and_bind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = base_file(tmp.path());
+        let base = Base::open(&path).unwrap();
+        let mut loc = base.locate(&layer("w", Side::Output)).unwrap();
+        assert_eq!(
+            (loc.key.as_str(), loc.shape.as_slice()),
+            ("w.weight", &[4, 2][..])
+        );
+        assert!(loc.rows.is_whole(4));
+        assert!(check_shape(&layer("w", Side::Output), &loc).is_empty());
+        loc.rows = RowSlice::new(vec![3..4, 0..2]);
+        let m = base.read_f64(&loc).unwrap();
+        assert_eq!((m.rows, m.cols), (3, 2));
+        assert_eq!(m.data, [3.0, 3.5, 0.0, 0.5, 1.0, 1.5]);
+        // The binding hashes the whole tensor, whatever rows the layer covers.
+        let b = base.binding(&loc).unwrap();
+        assert_eq!((b.dtype.as_str(), b.shape.as_slice()), ("F32", &[4, 2][..]));
+        let f = MappedFile::open(&path).unwrap();
+        let st = f.tensors();
+        let bytes = st.tensor("w.weight").unwrap();
+        assert_eq!(b.blake3, blake3::hash(bytes.data()).to_hex().to_string());
+        let mut bound = layer("w", Side::Output);
+        bound.base_binding = Some(b);
+        loc.rows = RowSlice::whole(4);
+        assert!(base.check(&bound, &loc).unwrap().is_empty());
+        // Another tensor is not the bound one.
+        let other = base.locate(&layer("s", Side::Output)).unwrap();
+        let e = base.check_binding(&bound, &other).unwrap().unwrap();
+        assert_eq!(e.category(), Category::Binding);
+    }
+
+    #[test]
+    fn problems_are_categorised_not_panics() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = Base::open(&base_file(tmp.path())).unwrap();
+        let e = base.locate(&layer("nope", Side::Input)).unwrap_err();
+        assert_eq!(e.category(), Category::TargetMissing);
+        // A 0-dim tensor under a row-scaled layer: a target-shape problem.
+        let l = layer("s", Side::Output);
+        let loc = base.locate(&l).unwrap();
+        let p = check_shape(&l, &loc);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].category(), Category::TargetShape);
+        assert!(base.read_f64(&loc).is_err());
+        // A row scale of the wrong length, and rows past the end.
+        let mut l = layer("w", Side::Output);
+        l.row_scale = Some((crate::model::ScalePosition::After, vec![1.0; 3]));
+        let mut loc = base.locate(&l).unwrap();
+        assert!(
+            check_shape(&l, &loc)[0]
+                .message()
+                .contains("row scale has 3 entries")
+        );
+        loc.rows = RowSlice::range(2..6);
+        assert!(check_shape(&l, &loc)[0].message().contains("outside"));
+    }
 
     #[test]
     fn row_slices() {
