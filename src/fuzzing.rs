@@ -162,6 +162,7 @@ pub fn resolver(data: &[u8]) {
         module: Default::default(),
         shape: None,
         rotated_dim: None,
+        rows: None,
     };
     let plain = AliasTable::new(keys.iter().map(|(k, _)| k.as_str()));
     let _ = plain.resolve(&t);

@@ -522,6 +522,7 @@ mod tests {
                 module: ModuleKind::Unknown,
                 shape: None,
                 rotated_dim: None,
+                rows: None,
             },
             side,
             stages: Vec::new(),

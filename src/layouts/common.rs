@@ -95,6 +95,7 @@ impl OneStage {
                 module: self.module,
                 shape: None,
                 rotated_dim: self.blocks.map(|r| r * b),
+                rows: None,
             },
             side: self.side,
             stages: vec![Stage {

@@ -471,6 +471,7 @@ mod tests {
             module: ModuleKind::Unknown,
             shape: None,
             rotated_dim: None,
+            rows: None,
         }
     }
 

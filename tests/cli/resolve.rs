@@ -81,6 +81,7 @@ fn target(name: &str, convention: &str, component: Option<&str>) -> Target {
         module: ModuleKind::Unknown,
         shape: None,
         rotated_dim: None,
+        rows: None,
     }
 }
 

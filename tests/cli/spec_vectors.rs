@@ -55,6 +55,7 @@ fn layer_from(v: &Value) -> Layer {
             module: ModuleKind::Unknown,
             shape: None,
             rotated_dim: None,
+            rows: None,
         },
         side,
         stages,

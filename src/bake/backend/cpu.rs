@@ -237,6 +237,7 @@ mod tests {
                 module: Default::default(),
                 shape: None,
                 rotated_dim: Some(dim as u64),
+                rows: None,
             },
             side,
             stages: vec![Stage {

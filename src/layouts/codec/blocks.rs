@@ -242,6 +242,7 @@ pub fn read_layer(
             module: module_kind,
             shape: None,
             rotated_dim: Some(out as u64),
+            rows: None,
         },
         side: Side::Output,
         stages: stages(&q, m, nb, b, family),

@@ -141,6 +141,7 @@ fn read_layer(
             },
             shape: None,
             rotated_dim: Some((n * b) as u64),
+            rows: None,
         },
         side: Side::Input,
         stages,
