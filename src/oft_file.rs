@@ -118,24 +118,19 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     }
     // Duplicate targets need the 1.1 `stacked-layers` feature; write the lowest version.
     let mut requires = adapter.features.clone();
-    let mut seen = std::collections::HashSet::new();
-    if !adapter
-        .layers
-        .iter()
-        .all(|l| seen.insert((&l.target.name, &l.target.component)))
+    if first_overlap(adapter.layers.iter().map(|l| &l.target)).is_some()
         && !requires.iter().any(|f| f == FEATURE_STACKED_LAYERS)
     {
         requires.push(FEATURE_STACKED_LAYERS.to_string());
+    }
+    if adapter.layers.iter().any(|l| l.target.rows.is_some()) {
+        requires.push(FEATURE_ROW_SLICES.to_string());
     }
     requires.sort();
     requires.dedup();
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
-        version: if requires.is_empty() {
-            FORMAT_VERSION.into()
-        } else {
-            "1.1".into()
-        },
+        version: version_for(&requires).into(),
         requires,
         provenance: adapter.provenance.clone(),
         layers,
@@ -261,11 +256,7 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             ),
         ));
     }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = manifest
-        .layers
-        .iter()
-        .find(|l| !seen.insert((&l.target.name, &l.target.component)))
+    if let Some((_, dup)) = first_overlap(manifest.layers.iter().map(|l| &l.target))
         && !manifest
             .requires
             .iter()
@@ -275,9 +266,32 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             path,
             format!(
                 "two layers target `{}` but the file does not require `{FEATURE_STACKED_LAYERS}`",
-                dup.target.name
+                manifest.layers[dup].target.name
             ),
         ));
+    }
+    if let Some(l) = manifest.layers.iter().find(|l| l.target.rows.is_some())
+        && !manifest.requires.iter().any(|f| f == FEATURE_ROW_SLICES)
+    {
+        return Err(Error::new(
+            Category::Manifest,
+            format!(
+                "layer `{}` lists `rows` but the file does not require `{FEATURE_ROW_SLICES}`",
+                l.target.name
+            ),
+        )
+        .at(path));
+    }
+    if let Some((l, why)) = manifest
+        .layers
+        .iter()
+        .find_map(|l| rows_problem(&l.target).map(|w| (l, w)))
+    {
+        return Err(Error::new(
+            Category::Manifest,
+            format!("layer `{}`: {why}", l.target.name),
+        )
+        .at(path));
     }
     let st = file.tensors();
     let mut used: BTreeMap<String, ()> = BTreeMap::new();
@@ -467,6 +481,37 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
     ))
 }
 
+/// What is wrong with a target's `rows` on its own (spec §3.4): an empty list, an empty range,
+/// ranges that overlap, or (when the named weight's shape is known) a range past its rows.
+pub fn rows_problem(target: &Target) -> Option<String> {
+    let rows = target.rows.as_ref()?;
+    if rows.is_empty() {
+        return Some("`rows` is an empty list (null means every row)".into());
+    }
+    if let Some(r) = rows.iter().find(|r| r.len == 0) {
+        return Some(format!("`rows` has an empty range [{}, 0]", r.start));
+    }
+    let Some(ends) = rows.iter().map(|r| r.end()).collect::<Option<Vec<u64>>>() else {
+        return Some("a `rows` range ends past 2^64".into());
+    };
+    let mut sorted: Vec<(u64, u64)> = rows.iter().map(|r| r.start).zip(ends).collect();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0].1 > w[1].0) {
+        return Some(format!(
+            "`rows` ranges [{}, {}) and [{}, {}) overlap",
+            w[0].0, w[0].1, w[1].0, w[1].1
+        ));
+    }
+    if let Some(n) = target.shape.as_ref().and_then(|s| s.first())
+        && let Some(&(a, b)) = sorted.iter().find(|r| r.1 > *n)
+    {
+        return Some(format!(
+            "`rows` range [{a}, {b}) lies outside the {n} rows of the named weight"
+        ));
+    }
+    None
+}
+
 /// Read a `.oft` file and refuse it if its integrity digest is missing or wrong.
 pub fn read(path: &Path) -> Result<Adapter> {
     let (adapter, status) = read_unverified(path)?;
@@ -482,5 +527,96 @@ pub fn read(path: &Path) -> Result<Adapter> {
                 "integrity digest mismatch (stored {stored}, computed {computed}): the file was modified or corrupted"
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(rows: Option<Vec<RowRange>>) -> Adapter {
+        let q = vec![0.25; 2];
+        Adapter {
+            provenance: Provenance {
+                source_format: "oft".into(),
+                tool: tool_name(),
+                ..Provenance::default()
+            },
+            layers: vec![Layer {
+                target: Target {
+                    name: "final_layer.adaLN_modulation.1".into(),
+                    convention: "unknown".into(),
+                    component: None,
+                    module: ModuleKind::Linear,
+                    shape: Some(vec![8, 3]),
+                    rotated_dim: Some(4),
+                    rows,
+                },
+                side: Side::Output,
+                stages: vec![Stage {
+                    spec: StageSpec {
+                        blocks: Some(2),
+                        block_size: 2,
+                        shared: false,
+                        wiring: Wiring::Identity,
+                        map: RotationMap::Cayley,
+                        q: String::new(),
+                    },
+                    q,
+                    q_f64: false,
+                    inverse: false,
+                }],
+                row_scale: None,
+                row_scale_f64: false,
+                constraint: None,
+                base_binding: None,
+            }],
+            features: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rows_are_written_as_format_1_2_and_read_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.oft");
+        let rows = vec![RowRange { start: 6, len: 2 }, RowRange { start: 0, len: 2 }];
+        let a = adapter(Some(rows.clone()));
+        write(&a, &path).unwrap();
+        let f = MappedFile::open(&path).unwrap();
+        assert_eq!(f.metadata[META_VERSION], "1.2");
+        assert!(f.metadata[META_MANIFEST].contains(r#""rows":[[6,2],[0,2]]"#));
+        let back = read(&path).unwrap();
+        assert_eq!(back.layers[0].target.rows, Some(rows));
+        assert_eq!(back.features, [FEATURE_ROW_SLICES]);
+        // Without rows: 1.0, and no `rows` member.
+        write(&adapter(None), &path).unwrap();
+        let f = MappedFile::open(&path).unwrap();
+        assert_eq!(f.metadata[META_VERSION], "1.0");
+        assert!(!f.metadata[META_MANIFEST].contains("rows"));
+    }
+
+    #[test]
+    fn rows_problems() {
+        let mut t = adapter(None).layers[0].target.clone();
+        let r = |v: &[(u64, u64)]| {
+            Some(
+                v.iter()
+                    .map(|&(start, len)| RowRange { start, len })
+                    .collect(),
+            )
+        };
+        for (rows, want) in [
+            (r(&[]), "empty list"),
+            (r(&[(0, 0)]), "empty range"),
+            (r(&[(0, 4), (3, 2)]), "overlap"),
+            (r(&[(6, 4)]), "outside the 8 rows"),
+            (r(&[(u64::MAX, 2)]), "past 2^64"),
+        ] {
+            t.rows = rows;
+            let p = rows_problem(&t).unwrap_or_default();
+            assert!(p.contains(want), "{p}");
+        }
+        t.rows = r(&[(4, 4), (0, 4)]);
+        assert_eq!(rows_problem(&t), None);
     }
 }

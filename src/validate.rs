@@ -81,20 +81,26 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                     format!("row scale element {i} is {}", v[i]),
                 ));
             }
-            if let Some(shape) = &layer.target.shape
-                && shape.first() != Some(&(v.len() as u64))
+            if let Some(rows) = layer.target.view_rows()
+                && rows != v.len() as u64
             {
                 out.push(p(
                     "partition",
                     format!(
-                        "row scale has {} entries for a weight of shape {shape:?}",
+                        "row scale has {} entries for a weight view of {rows} rows",
                         v.len()
                     ),
                 ));
             }
         }
+        if let Some(why) = oft_file::rows_problem(&layer.target) {
+            out.push(p("manifest", why));
+        }
         if let (Some(shape), Some(d)) = (&layer.target.shape, layer.target.rotated_dim) {
-            let axis = axis_len(layer.side, shape);
+            let axis = match (layer.side, layer.target.view_rows()) {
+                (Side::Output, Some(rows)) => rows,
+                _ => axis_len(layer.side, shape),
+            };
             if axis != d {
                 out.push(p(
                     "partition",
