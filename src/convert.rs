@@ -193,8 +193,8 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
-        return Err(Error::new(
-            Category::Malformed,
+        let e = Error::new(
+            p.category,
             format!(
                 "{} problem(s), first: {}: {}",
                 problems.len(),
@@ -202,7 +202,12 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
                 p.message
             ),
         )
-        .at(input));
+        .at(input)
+        .hint("`oftool validate` lists every problem");
+        return Err(match p.rule {
+            Some(r) => e.rule(r),
+            None => e,
+        });
     }
     if adapter.provenance.created.is_none() {
         adapter.provenance.created = Some(creation_time(&inputs));

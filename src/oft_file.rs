@@ -184,6 +184,11 @@ pub enum DigestStatus {
     Mismatch { stored: String, computed: String },
 }
 
+/// A `.oft` file that breaks `rule` of spec §9.1.
+fn invalid(path: &Path, category: Category, rule: u8, message: impl Into<String>) -> Error {
+    Error::new(category, message).at(path).rule(rule)
+}
+
 /// Parse the version string `MAJOR.MINOR`.
 fn parse_version(v: &str) -> Option<(u32, u32)> {
     let (a, b) = v.split_once('.')?;
@@ -199,31 +204,51 @@ pub fn read_unverified(path: &Path) -> Result<(Adapter, DigestStatus)> {
 pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestStatus)> {
     let meta = &file.metadata;
     if !is_oft(meta) {
-        return Err(Error::format(
+        return Err(invalid(
             path,
+            Category::NotOft,
+            5,
             "not an .oft file (its metadata has no `format: oft`)",
-        ));
+        )
+        .hint("`oftool inspect` reads other layouts; `oftool convert` turns them into .oft"));
     }
-    let version = meta
-        .get(META_VERSION)
-        .ok_or_else(|| Error::format(path, "missing `oft.version` in the metadata"))?;
-    let (major, _minor) = parse_version(version).ok_or_else(|| {
-        Error::format(
+    let version = meta.get(META_VERSION).ok_or_else(|| {
+        invalid(
             path,
-            format!("`oft.version` is `{version}`, expected MAJOR.MINOR"),
+            Category::Version,
+            6,
+            "missing `oft.version` in the metadata",
         )
     })?;
+    let (major, _minor) = parse_version(version).ok_or_else(|| {
+        invalid(path, Category::Version, 6, "malformed `oft.version`")
+            .expected_found("MAJOR.MINOR", format!("`{version}`"))
+    })?;
     if major != 1 {
-        return Err(Error::unsupported(
+        return Err(invalid(
             path,
-            format!("format version {version}; this oftool reads version 1.x (upgrade oftool)"),
-        ));
+            Category::Version,
+            6,
+            format!("format version {version}; this oftool reads version 1.x"),
+        )
+        .hint("upgrade oftool"));
     }
-    let manifest_json = meta
-        .get(META_MANIFEST)
-        .ok_or_else(|| Error::format(path, "missing `oft.manifest` in the metadata"))?;
-    let value: serde_json::Value = serde_json::from_str(manifest_json)
-        .map_err(|e| Error::format(path, format!("the manifest is not valid JSON: {e}")))?;
+    let manifest_json = meta.get(META_MANIFEST).ok_or_else(|| {
+        invalid(
+            path,
+            Category::Manifest,
+            7,
+            "missing `oft.manifest` in the metadata",
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(manifest_json).map_err(|e| {
+        invalid(
+            path,
+            Category::Manifest,
+            7,
+            format!("the manifest is not valid JSON: {e}"),
+        )
+    })?;
     if let Some(req) = value.get("requires").and_then(|r| r.as_array()) {
         let unknown: Vec<String> = req
             .iter()
@@ -231,25 +256,38 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             .filter(|f| !KNOWN_FEATURES.contains(&f.as_str()))
             .collect();
         if !unknown.is_empty() {
-            return Err(Error::unsupported(
+            return Err(invalid(
                 path,
+                Category::Version,
+                11,
                 format!(
                     "the file requires features this oftool does not implement: {}",
                     unknown.join(", ")
                 ),
-            ));
+            )
+            .hint("upgrade oftool"));
         }
     }
     let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
-        Error::format(
+        // §8.3: an unknown value of a closed enum is rule 12; anything else is rule 9.
+        let rule = if e.to_string().contains("unknown variant") {
+            12
+        } else {
+            9
+        };
+        invalid(
             path,
+            Category::Manifest,
+            rule,
             format!("the manifest does not follow the v1 schema: {e}"),
         )
     })?;
 
     if manifest.format != FORMAT_NAME || &manifest.version != version {
-        return Err(Error::format(
+        return Err(invalid(
             path,
+            Category::Manifest,
+            10,
             format!(
                 "the manifest says format `{}` version `{}`, the metadata `oft` version `{version}`",
                 manifest.format, manifest.version
@@ -262,8 +300,10 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             .iter()
             .any(|f| f == FEATURE_STACKED_LAYERS)
     {
-        return Err(Error::format(
+        return Err(invalid(
             path,
+            Category::Manifest,
+            13,
             format!(
                 "two layers target `{}` but the file does not require `{FEATURE_STACKED_LAYERS}`",
                 manifest.layers[dup].target.name
@@ -273,38 +313,44 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
     if let Some(l) = manifest.layers.iter().find(|l| l.target.rows.is_some())
         && !manifest.requires.iter().any(|f| f == FEATURE_ROW_SLICES)
     {
-        return Err(Error::new(
+        return Err(invalid(
+            path,
             Category::Manifest,
+            15,
             format!(
                 "layer `{}` lists `rows` but the file does not require `{FEATURE_ROW_SLICES}`",
                 l.target.name
             ),
-        )
-        .at(path));
+        ));
     }
     if let Some((l, why)) = manifest
         .layers
         .iter()
         .find_map(|l| rows_problem(&l.target).map(|w| (l, w)))
     {
-        return Err(Error::new(
+        return Err(invalid(
+            path,
             Category::Manifest,
+            15,
             format!("layer `{}`: {why}", l.target.name),
-        )
-        .at(path));
+        ));
     }
     let st = file.tensors();
     let mut used: BTreeMap<String, ()> = BTreeMap::new();
     let mut take = |name: &str, what: &str| -> Result<(Vec<f64>, Vec<usize>, Dtype)> {
         let view = st.tensor(name).map_err(|_| {
-            Error::format(
+            invalid(
                 path,
+                Category::Tensor,
+                20,
                 format!("{what} refers to tensor `{name}`, which the file does not hold"),
             )
         })?;
         if !matches!(view.dtype(), Dtype::F32 | Dtype::F64) {
-            return Err(Error::format(
+            return Err(invalid(
                 path,
+                Category::Tensor,
+                21,
                 format!(
                     "tensor `{name}` has dtype {:?}; .oft tensors are F32 or F64",
                     view.dtype()
@@ -320,16 +366,20 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         let lname = &ls.target.name;
         let mut stages = Vec::with_capacity(ls.stages.len());
         if ls.stages.is_empty() {
-            return Err(Error::format(
+            return Err(invalid(
                 path,
+                Category::Manifest,
+                13,
                 format!("layer {i} (`{lname}`) has no stages"),
             ));
         }
         for (j, ss) in ls.stages.iter().enumerate() {
             let what = format!("layer {i} (`{lname}`) stage {j}");
             if ss.block_size < 2 || ss.blocks == Some(0) {
-                return Err(Error::format(
+                return Err(invalid(
                     path,
+                    Category::Manifest,
+                    9,
                     format!(
                         "{what}: {:?} blocks of size {} is not a partition (need ≥ 1 block of size ≥ 2)",
                         ss.blocks, ss.block_size
@@ -337,7 +387,7 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                 ));
             }
             if !dim_ok(ss.blocks, ss.block_size) {
-                return Err(Error::format(
+                return Err(Error::unsupported(
                     path,
                     format!(
                         "{what}: {:?} blocks of size {} exceed the largest dimension oftool accepts ({MAX_DIM})",
@@ -348,27 +398,33 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             if let RotationMap::Neumann { terms, .. } = ss.map
                 && terms > MAX_NEUMANN_TERMS
             {
-                return Err(Error::format(
+                return Err(Error::unsupported(
                     path,
                     format!("{what}: {terms} Neumann terms (at most {MAX_NEUMANN_TERMS})"),
                 ));
             }
             if ss.blocks.is_none() && !ss.shared {
-                return Err(Error::format(
+                return Err(invalid(
                     path,
+                    Category::Manifest,
+                    14,
                     format!("{what}: `blocks` may only be null for a shared stage"),
                 ));
             }
             if let RotationMap::Neumann { terms: 0, .. } = ss.map {
-                return Err(Error::format(
+                return Err(invalid(
                     path,
+                    Category::Manifest,
+                    9,
                     format!("{what}: a Neumann map needs at least 1 term"),
                 ));
             }
             let expected = format!("layers.{i}.stages.{j}.q");
             if ss.q != expected {
-                return Err(Error::format(
+                return Err(invalid(
                     path,
+                    Category::Tensor,
+                    19,
                     format!(
                         "{what}: its tensor must be named `{expected}`, not `{}`",
                         ss.q
@@ -383,8 +439,10 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             };
             let tri = tri_len(ss.block_size as usize);
             if shape != [stored, tri] {
-                return Err(Error::format(
+                return Err(invalid(
                     path,
+                    Category::Tensor,
+                    22,
                     format!(
                         "{what}: tensor `{}` has shape {shape:?}, expected [{stored}, {tri}] for {} block(s) of size {} (b(b−1)/2 = {tri})",
                         ss.q,
@@ -405,8 +463,10 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             Some(rs) => {
                 let expected = format!("layers.{i}.row_scale");
                 if rs.tensor != expected {
-                    return Err(Error::format(
+                    return Err(invalid(
                         path,
+                        Category::Tensor,
+                        19,
                         format!(
                             "layer {i}: its row scale must be named `{expected}`, not `{}`",
                             rs.tensor
@@ -416,8 +476,10 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                 let (v, shape, dtype) =
                     take(&rs.tensor, &format!("layer {i} (`{lname}`) row scale"))?;
                 if shape.len() != 1 {
-                    return Err(Error::format(
+                    return Err(invalid(
                         path,
+                        Category::Tensor,
+                        22,
                         format!("row scale `{}` must be 1-D, has shape {shape:?}", rs.tensor),
                     ));
                 }
@@ -441,8 +503,10 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         .map(|n| n.to_string())
         .collect();
     if !stray.is_empty() {
-        return Err(Error::format(
+        return Err(invalid(
             path,
+            Category::Tensor,
+            20,
             format!(
                 "tensors not referenced by the manifest: {}",
                 stray.join(", ")
@@ -517,16 +581,19 @@ pub fn read(path: &Path) -> Result<Adapter> {
     let (adapter, status) = read_unverified(path)?;
     match status {
         DigestStatus::Ok => Ok(adapter),
-        DigestStatus::Missing => Err(Error::format(
+        DigestStatus::Missing => Err(invalid(
             path,
+            Category::Digest,
+            8,
             "missing `oft.digest`: the file's integrity cannot be checked",
         )),
-        DigestStatus::Mismatch { stored, computed } => Err(Error::format(
+        DigestStatus::Mismatch { stored, computed } => Err(invalid(
             path,
-            format!(
-                "integrity digest mismatch (stored {stored}, computed {computed}): the file was modified or corrupted"
-            ),
-        )),
+            Category::Digest,
+            8,
+            "integrity digest mismatch: the file was modified or corrupted",
+        )
+        .expected_found(stored, computed)),
     }
 }
 

@@ -148,7 +148,7 @@ pub fn bytes_to_f64(d: &[u8], dtype: Dtype, what: &str) -> Result<Vec<f64>> {
         Dtype::BOOL | Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
         other => {
             return Err(Error::new(
-                Category::TargetShape,
+                Category::Tensor,
                 format!("dtype {other:?} is not a floating-point dtype"),
             )
             .tensor(what));

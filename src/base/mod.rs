@@ -489,9 +489,15 @@ impl Base {
             }
         };
         if (rows * row_bytes) as u64 != loc.data.1 {
-            return Err(Error::format(
-                path,
-                format!("`{name}` holds {} bytes, not {rows} rows", loc.data.1),
+            return Err(Error::new(
+                Category::Container,
+                "the tensor's byte length does not hold its rows",
+            )
+            .at(path)
+            .tensor(name)
+            .expected_found(
+                format!("{} bytes", rows.saturating_mul(row_bytes)),
+                format!("{} bytes", loc.data.1),
             ));
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;

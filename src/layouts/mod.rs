@@ -323,7 +323,7 @@ pub fn read_with(path: &Path, semantics: Semantics) -> Result<(Detected, Adapter
             Some((_, a)) => a.layers.extend(adapter.layers),
         }
     }
-    read.ok_or_else(|| Error::format(path, "holds no adapter"))
+    read.ok_or_else(|| Error::new(Category::UnknownLayout, "holds no adapter").at(path))
 }
 
 fn detect_opened(input: &container::Input, opened: &container::Weights) -> Result<Detected> {
