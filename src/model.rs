@@ -104,7 +104,9 @@ pub enum ModuleKind {
     Linear,
     Conv,
     Embedding,
+    /// `unknown`, and any value this reader does not know (spec §3.4: treated as unknown).
     #[default]
+    #[serde(other)]
     Unknown,
 }
 

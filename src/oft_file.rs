@@ -189,10 +189,118 @@ fn invalid(path: &Path, category: Category, rule: u8, message: impl Into<String>
     Error::new(category, message).at(path).rule(rule)
 }
 
-/// Parse the version string `MAJOR.MINOR`.
+/// Why a safetensors file that looks like a `.oft` file (its tensors are named
+/// `layers.<i>.…`, or its metadata has `oft.` keys) is not one: no `__metadata__` (rule 4) or no
+/// `format: oft` (rule 5). `None` for files that do not look like `.oft` files at all.
+pub fn not_oft_reason(path: &Path) -> Option<Error> {
+    let file = MappedFile::open(path).ok()?;
+    if is_oft(&file.metadata) {
+        return None;
+    }
+    let oft_keys = file.metadata.keys().any(|k| k.starts_with("oft."));
+    let st = file.tensors();
+    let oft_names = st.names().iter().any(|n| n.starts_with("layers."));
+    if !(oft_keys || oft_names) {
+        return None;
+    }
+    let has_metadata = file.header().metadata().is_some();
+    Some(if has_metadata {
+        invalid(
+            path,
+            Category::NotOft,
+            5,
+            "its tensors are named as in a .oft file, but its metadata has no `format: oft`",
+        )
+    } else {
+        invalid(
+            path,
+            Category::Container,
+            4,
+            "its tensors are named as in a .oft file, but it has no `__metadata__`",
+        )
+    })
+}
+
+/// Parse the version string `MAJOR.MINOR` (spec §8.1: decimal, no sign, no leading zeros).
 fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let number = |s: &str| {
+        let canonical = !s.is_empty()
+            && s.bytes().all(|c| c.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        canonical.then(|| s.parse().ok()).flatten()
+    };
     let (a, b) = v.split_once('.')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
+    Some((number(a)?, number(b)?))
+}
+
+/// A JSON value parsed with every object's member names checked for duplicates (spec §3: a
+/// manifest with two members of one name is invalid; `serde_json::Value` keeps the last).
+struct Strict(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(out.into())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("duplicate member `{k}`")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(k, v);
+        }
+        Ok(out.into())
+    }
+}
+
+/// Parse `json`, refusing duplicate member names in any object.
+fn parse_strict(json: &str) -> std::result::Result<serde_json::Value, serde_json::Error> {
+    serde_json::from_str::<Strict>(json).map(|s| s.0)
 }
 
 /// Read a `.oft` file; the digest is reported, not enforced (see [`read`]).
@@ -241,7 +349,7 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             "missing `oft.manifest` in the metadata",
         )
     })?;
-    let value: serde_json::Value = serde_json::from_str(manifest_json).map_err(|e| {
+    let value = parse_strict(manifest_json).map_err(|e| {
         invalid(
             path,
             Category::Manifest,
@@ -267,6 +375,26 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             )
             .hint("upgrade oftool"));
         }
+    }
+    if !value.is_object() {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            7,
+            "the manifest is not a JSON object",
+        ));
+    }
+    if let Some(um) = value
+        .pointer("/provenance/user_metadata")
+        .and_then(|m| m.as_object())
+        && let Some((k, _)) = um.iter().find(|(_, v)| !v.is_string())
+    {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            16,
+            format!("provenance.user_metadata `{k}` is not a string"),
+        ));
     }
     let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
         // §8.3: an unknown value of a closed enum is rule 12; anything else is rule 9.
@@ -308,6 +436,18 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                 "two layers target `{}` but the file does not require `{FEATURE_STACKED_LAYERS}`",
                 manifest.layers[dup].target.name
             ),
+        ));
+    }
+    if let Some(i) = manifest
+        .layers
+        .iter()
+        .position(|l| l.target.name.is_empty())
+    {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            13,
+            format!("layer {i} has an empty target name"),
         ));
     }
     if let Some(l) = manifest.layers.iter().find(|l| l.target.rows.is_some())

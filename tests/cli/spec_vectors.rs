@@ -216,3 +216,46 @@ fn container_vector_reads_and_merges() {
         assert!(err < 1e-12, "container layer {i}: W' differs by {err}");
     }
 }
+
+/// Every file of `spec/vectors/invalid/` is refused by `validate` with the rule of §9.1 and the
+/// category `expected.json` gives it; every file of `spec/vectors/valid/` (and the container
+/// example) is accepted.
+#[test]
+fn invalid_vectors_are_refused_with_their_rule_and_category() {
+    let dir = repo().join("spec/vectors/invalid");
+    let expected = read_json(&dir.join("expected.json"));
+    let expected = expected.as_object().unwrap();
+    assert!(expected.len() >= 60, "{}", expected.len());
+    let mut wrong = Vec::new();
+    for (file, want) in expected {
+        let rule = want["rule"].as_u64().unwrap();
+        let category = want["category"].as_str().unwrap();
+        let v = oftool::validate::run(&dir.join(file), None).unwrap();
+        let hit = v
+            .problems
+            .iter()
+            .any(|p| p.category.id() == category && p.rule.map(u64::from) == Some(rule));
+        if v.valid || !hit {
+            let got: Vec<String> = v
+                .problems
+                .iter()
+                .map(|p| format!("{}/{:?}: {}", p.category.id(), p.rule, p.message))
+                .collect();
+            wrong.push(format!("{file} (want {category}/{rule}): {got:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let valid = repo().join("spec/vectors/valid");
+    let shown = read_json(&valid.join("expected.json"));
+    let mut files: Vec<std::path::PathBuf> = shown
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|f| valid.join(f))
+        .collect();
+    files.push(repo().join("spec/vectors/container_example.oft"));
+    for f in files {
+        let v = oftool::validate::run(&f, None).unwrap();
+        assert!(v.valid, "{}: {:?}", f.display(), v.problems);
+    }
+}
