@@ -373,13 +373,34 @@ pub fn axis_len(side: Side, shape: &[u64]) -> u64 {
 pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
     let base = Base::open(base)?;
     let mut out = Vec::new();
+    let mut located = Vec::new();
     for layer in &adapter.layers {
-        let found = base.locate(layer).and_then(|loc| base.check(layer, &loc));
+        let found = base.locate(layer).and_then(|loc| {
+            let problems = base.check(layer, &loc)?;
+            located.push((layer, loc));
+            Ok(problems)
+        });
         match found {
             Ok(problems) => out.extend(problems.iter().map(|e| as_problem(layer, e))),
             Err(e) if e.exit_code() == 2 => return Err(e),
             Err(e) => out.push(as_problem(layer, &e)),
         }
+    }
+    let stacked = adapter
+        .features
+        .iter()
+        .any(|f| f == crate::model::FEATURE_STACKED_LAYERS);
+    let locs: Vec<&crate::base::Located> = located.iter().map(|(_, l)| l).collect();
+    if !stacked && let Some((a, b)) = crate::base::first_shared_rows(&locs) {
+        let (la, lb) = (&located[a], &located[b]);
+        out.push(problem(
+            Some(lb.0),
+            "target-ambiguous",
+            format!(
+                "`{}` and `{}` both act on `{}` rows {}, but the file does not require `stacked-layers`, so their order is not defined",
+                la.0.target.name, lb.0.target.name, lb.1.key, lb.1.rows
+            ),
+        ));
     }
     Ok(out)
 }

@@ -139,6 +139,36 @@ impl RowSlice {
     }
 }
 
+impl RowSlice {
+    /// Whether the two slices share a row.
+    pub fn overlaps(&self, other: &RowSlice) -> bool {
+        self.ranges.iter().any(|a| {
+            other
+                .ranges
+                .iter()
+                .any(|b| a.start < b.end && b.start < a.end)
+        })
+    }
+}
+
+/// The first two layers (indices into `located`, in order) that act on common rows of one base
+/// tensor. A file may hold such layers only with `stacked-layers` (spec §8.4); they then apply
+/// in file order.
+pub fn first_shared_rows(located: &[&Located]) -> Option<(usize, usize)> {
+    let mut seen: HashMap<(usize, &str), Vec<usize>> = HashMap::new();
+    for (i, loc) in located.iter().enumerate() {
+        let earlier = seen.entry((loc.file, loc.key.as_str())).or_default();
+        if let Some(&j) = earlier
+            .iter()
+            .find(|&&j| located[j].rows.overlaps(&loc.rows))
+        {
+            return Some((j, i));
+        }
+        earlier.push(i);
+    }
+    None
+}
+
 impl std::fmt::Display for RowSlice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let parts: Vec<String> = self
