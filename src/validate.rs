@@ -171,10 +171,10 @@ fn check_manifest(adapter: &Adapter, out: &mut Vec<Problem>) {
                     ),
                 ));
             }
-            if layer.side == Side::Input && shape.len() < 2 {
+            if shape.len() < 2 {
                 out.push(p(
                     15,
-                    format!("an input-side target needs 2 or more axes, not shape {shape:?}"),
+                    format!("a target weight has 2 or more axes (spec §1.3), not shape {shape:?}"),
                 ));
             }
             if let Some(b) = &layer.base_binding

@@ -265,6 +265,9 @@ def cases():
         edited(lambda m, t: m["layers"][1]["target"].update(module="linear")))
     add("r15-rotated-dim", 15, "manifest", "rotated_dim differs from the shape's rotated axis",
         edited(lambda m, t: m["layers"][1]["target"].update(shape=[2, 4, 1, 2])))
+    add("r15-shape-1d", 15, "manifest", "target.shape has fewer than 2 entries",
+        edited(lambda m, t: m["layers"][0]["target"].update(module="unknown", shape=[4])
+               or m["layers"][0]["base_binding"].update(shape=[4])))
     add("r15-binding-shape", 15, "manifest", "base_binding.shape differs from target.shape",
         edited(lambda m, t: m["layers"][0]["base_binding"].update(shape=[12, 3])))
 
