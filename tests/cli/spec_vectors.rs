@@ -129,10 +129,55 @@ fn spec_vectors_match() {
                 );
             }
         }
+        // `w` in its stored shape (a conv's 4-D one with `w_shape`): the 2-D view flattens
+        // every axis after the first.
         let w = floats(&v["w"]);
         let rows = v["w"].as_array().unwrap().len();
-        let mut m = Matrix::from_shape(&[rows, w.len() / rows], w).unwrap();
-        apply_layer(&layer, &mut m).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(shape) = v.get("w_shape") {
+            let shape: Vec<usize> = floats(shape).iter().map(|&x| x as usize).collect();
+            assert_eq!(shape.iter().product::<usize>(), w.len(), "{name}: w_shape");
+        }
+        let cols = w.len() / rows;
+        let mut m = Matrix::from_shape(&[rows, cols], w.clone()).unwrap();
+        if let Some(listed) = v.get("rows") {
+            // Gather the listed rows in order, apply, scatter back (spec §3.4.1).
+            let order: Vec<usize> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| {
+                    let (a, n) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+                    (a..a + n).map(|x| x as usize)
+                })
+                .collect();
+            let part: Vec<f64> = order
+                .iter()
+                .flat_map(|&r| w[r * cols..(r + 1) * cols].to_vec())
+                .collect();
+            let mut p = Matrix::from_shape(&[order.len(), cols], part).unwrap();
+            apply_layer(&layer, &mut p).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for (i, &r) in order.iter().enumerate() {
+                m.data[r * cols..(r + 1) * cols].copy_from_slice(&p.data[i * cols..(i + 1) * cols]);
+            }
+        } else {
+            apply_layer(&layer, &mut m).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        if v.get("base_dtype").and_then(Value::as_str) == Some("BF16") {
+            let bits = |x: &Value| -> Vec<u8> {
+                floats(x)
+                    .iter()
+                    .flat_map(|&b| (b as u16).to_le_bytes())
+                    .collect()
+            };
+            let base = oftool::tensors::from_f64(&w, safetensors::Dtype::BF16).unwrap();
+            assert_eq!(base, bits(&v["w_bits"]), "{name}: w is BF16");
+            let got = oftool::tensors::from_f64(&m.data, safetensors::Dtype::BF16).unwrap();
+            assert_eq!(
+                got,
+                bits(&v["expected_bits"]),
+                "{name}: rounded once to BF16"
+            );
+        }
         let want = floats(&v["expected"]);
         let err = m
             .data
