@@ -21,7 +21,10 @@
 //! SDXL checkpoint is ambiguous until the component says which encoder.
 
 mod clip;
+mod tables;
 mod unet;
+
+pub use tables::spec_tables;
 
 /// First path segments of SD U-Net modules, diffusers and ldm/sgm naming.
 pub fn is_unet_module(name: &str) -> bool {

@@ -304,3 +304,25 @@ fn invalid_vectors_are_refused_with_their_rule_and_category() {
         assert!(v.valid, "{}: {:?}", f.display(), v.problems);
     }
 }
+
+/// `spec/names/*.tsv` are what `src/resolve/` resolves with: regenerated here from the code,
+/// any difference fails (`OFTOOL_BLESS=1` rewrites them).
+#[test]
+fn spec_names_are_the_resolvers_tables() {
+    let dir = repo().join("spec/names");
+    let bless = std::env::var_os("OFTOOL_BLESS").is_some();
+    let mut stale = Vec::new();
+    for (file, text) in oftool::resolve::spec_tables() {
+        let path = dir.join(file);
+        if bless {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &text).unwrap();
+        } else if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            stale.push(file);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "spec/names differs from src/resolve/ for {stale:?}: run OFTOOL_BLESS=1 cargo test --test cli spec_names"
+    );
+}
