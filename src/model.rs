@@ -183,7 +183,8 @@ pub fn targets_overlap(a: &Target, b: &Target) -> bool {
 
 /// The first pair of targets (by index) that act on common rows of one weight.
 pub fn first_overlap<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Option<(usize, usize)> {
-    let mut by_name: HashMap<(&str, Option<&str>), Vec<(usize, &Target)>> = HashMap::new();
+    type Key<'k> = (&'k str, Option<&'k str>);
+    let mut by_name: HashMap<Key<'_>, Vec<(usize, &Target)>> = HashMap::new();
     for (i, t) in targets.into_iter().enumerate() {
         let seen = by_name
             .entry((t.name.as_str(), t.component.as_deref()))
