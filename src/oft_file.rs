@@ -217,16 +217,14 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         )
         .hint("`oftool inspect` reads other layouts; `oftool convert` turns them into .oft"));
     }
-    let version = meta
-        .get(META_VERSION)
-        .ok_or_else(|| {
-            invalid(
-                path,
-                Category::Version,
-                6,
-                "missing `oft.version` in the metadata",
-            )
-        })?;
+    let version = meta.get(META_VERSION).ok_or_else(|| {
+        invalid(
+            path,
+            Category::Version,
+            6,
+            "missing `oft.version` in the metadata",
+        )
+    })?;
     let (major, _minor) = parse_version(version).ok_or_else(|| {
         invalid(path, Category::Version, 6, "malformed `oft.version`")
             .expected_found("MAJOR.MINOR", format!("`{version}`"))
@@ -240,25 +238,22 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         )
         .hint("upgrade oftool"));
     }
-    let manifest_json = meta
-        .get(META_MANIFEST)
-        .ok_or_else(|| {
-            invalid(
-                path,
-                Category::Manifest,
-                7,
-                "missing `oft.manifest` in the metadata",
-            )
-        })?;
-    let value: serde_json::Value = serde_json::from_str(manifest_json)
-        .map_err(|e| {
-            invalid(
-                path,
-                Category::Manifest,
-                7,
-                format!("the manifest is not valid JSON: {e}"),
-            )
-        })?;
+    let manifest_json = meta.get(META_MANIFEST).ok_or_else(|| {
+        invalid(
+            path,
+            Category::Manifest,
+            7,
+            "missing `oft.manifest` in the metadata",
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(manifest_json).map_err(|e| {
+        invalid(
+            path,
+            Category::Manifest,
+            7,
+            format!("the manifest is not valid JSON: {e}"),
+        )
+    })?;
     if let Some(req) = value.get("requires").and_then(|r| r.as_array()) {
         let unknown: Vec<String> = req
             .iter()

@@ -684,10 +684,7 @@ fn ints(path: &Path, v: &Value, what: &str) -> Result<Vec<u64>> {
                 )),
             })
             .collect(),
-        _ => Err(bad(
-            path,
-            format!("pickle: tensor {what} is not a tuple"),
-        )),
+        _ => Err(bad(path, format!("pickle: tensor {what} is not a tuple"))),
     }
 }
 
@@ -699,10 +696,7 @@ fn reduce(path: &Path, callable: Value, args: Value) -> Result<Value> {
         ));
     };
     let Value::Tuple(args) = args else {
-        return Err(bad(
-            path,
-            "pickle: call arguments are not a tuple",
-        ));
+        return Err(bad(path, "pickle: call arguments are not a tuple"));
     };
     match (module.as_str(), name.as_str()) {
         ("collections", "OrderedDict") if args.is_empty() => Ok(Value::Dict(Rc::default())),
@@ -711,10 +705,7 @@ fn reduce(path: &Path, callable: Value, args: Value) -> Result<Value> {
                 return Err(bad(path, "pickle: a tensor without a storage"));
             };
             let Value::Int(offset) = args[1] else {
-                return Err(bad(
-                    path,
-                    "pickle: a tensor offset that is not an integer",
-                ));
+                return Err(bad(path, "pickle: a tensor offset that is not an integer"));
             };
             let shape = ints(path, &args[2], "shape")?;
             let stride = ints(path, &args[3], "stride")?;

@@ -295,7 +295,8 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
         Ok(a) => a,
         Err(e) if e.is_io() => return Err(e),
         Err(e) => {
-            v.problems.push(from_error(None, "parse", &e, e.to_string()));
+            v.problems
+                .push(from_error(None, "parse", &e, e.to_string()));
             return Ok(v);
         }
     };

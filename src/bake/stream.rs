@@ -251,13 +251,11 @@ impl FileStream<'_, '_> {
     ) -> Result<()> {
         let mut pending: Option<(u64, u64)> = None;
         for key in order {
-            let info = header
-                .info(key)
-                .ok_or_else(|| {
-                    Error::new(Category::Container, "the base no longer holds this tensor")
-                        .at(self.input)
-                        .tensor(key.as_str())
-                })?;
+            let info = header.info(key).ok_or_else(|| {
+                Error::new(Category::Container, "the base no longer holds this tensor")
+                    .at(self.input)
+                    .tensor(key.as_str())
+            })?;
             let (begin, end) = info.data_offsets;
             let start = data_start + begin as u64;
             let len = (end - begin) as u64;

@@ -16,6 +16,7 @@ mod faults;
 mod fixtures;
 mod fuzz_corpus;
 mod merge;
+mod messages;
 mod pickle;
 mod resolve;
 mod rotation_props;
