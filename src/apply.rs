@@ -214,8 +214,39 @@ impl<T: Real> PreparedStage<T> {
 
     /// Like [`PreparedStage::new`], with each block replaced by `s·R + (1 − s)·I` (the linear
     /// interpolation toward the identity that LyCORIS, kohya and ComfyUI use for strength).
+    /// A stage whose `q` does not hold its stored blocks, or whose block size is 0, is a
+    /// `tensor` or `partition` error (a [`Stage`] built by hand may be inconsistent).
     pub fn with_blend(stage: &Stage, axis: usize, interpolate: Option<f64>) -> Result<Self, Error> {
         let b = stage.spec.block_size as usize;
+        if b == 0 || b > crate::model::MAX_DIM as usize {
+            return Err(Error::new(
+                Category::Partition,
+                format!(
+                    "block size {b} is not between 1 and {}",
+                    crate::model::MAX_DIM
+                ),
+            ));
+        }
+        let want = (stage.stored_blocks() as usize).checked_mul(stage.tri_len());
+        if want != Some(stage.q.len()) {
+            return Err(Error::new(
+                Category::Tensor,
+                "the stage's parameters do not fill its stored blocks",
+            )
+            .expected_found(
+                want.map_or("more than fit in memory".into(), |n| n.to_string()),
+                stage.q.len(),
+            ));
+        }
+        if axis as u64 > crate::model::MAX_DIM {
+            return Err(Error::new(
+                Category::TargetShape,
+                format!(
+                    "an axis of {axis} features is larger than oftool accepts ({})",
+                    crate::model::MAX_DIM
+                ),
+            ));
+        }
         let blocks = stage.blocks_on(axis as u64) as usize;
         let sigma =
             gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::new(Category::Wiring, e.0))?;

@@ -280,11 +280,13 @@ impl Stage {
         crate::rotation::tri_len(self.spec.block_size as usize)
     }
 
-    /// Packed triangle of stored block `k`.
+    /// Packed triangle of stored block `k` (empty when `q` holds no such block).
     pub fn q_row(&self, k: usize) -> &[f64] {
         let n = self.tri_len();
         let k = if self.spec.shared { 0 } else { k };
-        &self.q[k * n..(k + 1) * n]
+        k.checked_mul(n)
+            .and_then(|start| self.q.get(start..start.checked_add(n)?))
+            .unwrap_or(&[])
     }
 
     /// Rotated dimension r·b, when the block count is recorded.

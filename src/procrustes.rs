@@ -458,3 +458,9 @@ fn cap_angles(s: &mut [f64], b: usize, max_angle: f64) -> Result<usize, Error> {
     }
     Ok(planes.len())
 }
+
+/// Properties of the bridges' numerical core (`lowrank`, `procrustes`) against the rotation maps
+/// (moved from the integration tests when `rotation` became private).
+#[cfg(test)]
+#[path = "bridge_math_tests.rs"]
+mod bridge_math_tests;

@@ -98,7 +98,7 @@ fn oft(dir: &Path) -> PathBuf {
 /// An `.oft` with its manifest edited (the digest is left as is).
 fn oft_edit(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let src = oft(dir);
-    let file = oftool::tensors::MappedFile::open(&src).unwrap();
+    let file = crate::common::MappedFile::open(&src).unwrap();
     let mut meta = file.metadata.clone();
     let mut m: serde_json::Value = serde_json::from_str(&meta["oft.manifest"]).unwrap();
     edit(&mut m);
@@ -576,7 +576,7 @@ fn cases() -> Vec<Case> {
             "the manifest is not valid JSON",
             |d| {
                 let src = oft(d);
-                let file = oftool::tensors::MappedFile::open(&src).unwrap();
+                let file = crate::common::MappedFile::open(&src).unwrap();
                 let mut meta = file.metadata.clone();
                 meta.insert("oft.manifest".into(), "{oops".into());
                 let st = file.tensors();
@@ -590,7 +590,7 @@ fn cases() -> Vec<Case> {
         ),
         case!(".oft major version 2", 1, "format version 2.0", |d| {
             let src = oft(d);
-            let file = oftool::tensors::MappedFile::open(&src).unwrap();
+            let file = crate::common::MappedFile::open(&src).unwrap();
             let mut meta = file.metadata.clone();
             meta.insert("oft.version".into(), "2.0".into());
             let st = file.tensors();
