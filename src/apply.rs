@@ -13,8 +13,17 @@ use rayon::prelude::*;
 /// Rows per unit of parallel work on the input side (fixed: results must not depend on threads).
 pub const INPUT_CHUNK_ROWS: usize = 256;
 
-/// The element types the rotation runs in.
-pub trait Real: Copy + Send + Sync + Default + std::ops::MulAssign + 'static {
+/// Keeps [`Real`] to the types this module implements it for (its kernels take raw pointers).
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// The element types the rotation runs in (`f32` and `f64`; sealed).
+pub trait Real:
+    sealed::Sealed + Copy + Send + Sync + Default + std::ops::MulAssign + 'static
+{
     /// A specialised kernel for `dst = src · Rᵀ` on `m` rows of one `b × b` block, if this type
     /// has one for `b` on this CPU (returns whether it ran).
     ///
@@ -30,7 +39,9 @@ pub trait Real: Copy + Send + Sync + Default + std::ops::MulAssign + 'static {
     ) -> bool {
         false
     }
+    /// The nearest value of this type to `x`.
     fn from_f64(x: f64) -> Self;
+    /// This value as f64 (exact).
     fn to_f64(self) -> f64;
     /// `C = A · B` for an `m × k` A and a `k × n` B with arbitrary strides.
     ///
@@ -170,8 +181,11 @@ impl Real for f64 {
 /// `(out, in·kh·kw)`, Embedding `(num_embeddings, dim)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix<T = f64> {
+    /// Rows (output features).
     pub rows: usize,
+    /// Columns (input features, times the kernel size for a convolution).
     pub cols: usize,
+    /// The `rows × cols` elements, row-major.
     pub data: Vec<T>,
 }
 
@@ -197,7 +211,9 @@ impl<T> Matrix<T> {
 
 /// The evaluated blocks of one stage with its gather list.
 pub struct PreparedStage<T> {
+    /// Block size.
     pub b: usize,
+    /// Blocks along the rotated axis (`blocks × b` features).
     pub blocks: usize,
     /// One `b × b` block per stored block (1 when shared), row-major.
     rotations: Vec<Vec<T>>,

@@ -16,11 +16,15 @@ use std::path::Path;
 
 /// One input of a composition.
 pub struct ComposeInput {
+    /// How the input is named in reports (its path as given).
     pub label: String,
+    /// The adapter.
     pub adapter: Adapter,
+    /// Its strength (`A:S`), if one was given.
     pub strength: Option<f64>,
 }
 
+/// What `--collapse` did.
 #[derive(Debug, Serialize, Default)]
 pub struct CollapseReport {
     /// Layers whose stages were multiplied into fewer stages.
@@ -31,13 +35,20 @@ pub struct CollapseReport {
     pub kept: Vec<String>,
 }
 
+/// What `compose` wrote (its `--json` report).
 #[derive(Debug, Serialize)]
 pub struct ComposeSummary {
+    /// The inputs, as given (`PATH` or `PATH:S`).
     pub inputs: Vec<String>,
+    /// The `.oft` file written.
     pub output: String,
+    /// Layers in the result.
     pub layers: usize,
+    /// Stages in the result, over all layers.
     pub stages: usize,
+    /// Targets that more than one layer of the result rotates (stacked layers, format 1.1).
     pub stacked_targets: usize,
+    /// What `--collapse` did, when asked.
     pub collapse: Option<CollapseReport>,
 }
 

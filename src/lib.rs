@@ -9,38 +9,25 @@
 
 #![warn(missing_docs)]
 
-#[allow(missing_docs)] // not yet documented item by item
 pub mod apply;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod bake;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod base;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod compose;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod convert;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod inspect;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod layouts;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod lowrank;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod model;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod oft_file;
 pub(crate) mod pickle;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod procrustes;
 pub(crate) mod resolve;
 pub(crate) mod rotation;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod strength;
 pub(crate) mod tensors;
-#[allow(missing_docs)] // not yet documented item by item
 pub mod validate;
 pub(crate) mod wiring;
 

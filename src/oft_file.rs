@@ -9,9 +9,13 @@ use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+/// Metadata key naming the format (value `oft`).
 pub const META_FORMAT: &str = "format";
+/// Metadata key of the format version (`MAJOR.MINOR`).
 pub const META_VERSION: &str = "oft.version";
+/// Metadata key of the manifest (JSON).
 pub const META_MANIFEST: &str = "oft.manifest";
+/// Metadata key of the integrity digest (spec §7).
 pub const META_DIGEST: &str = "oft.digest";
 
 /// Whether a safetensors header's metadata marks it as `.oft`.
@@ -184,9 +188,17 @@ pub fn write(adapter: &Adapter, path: &Path) -> Result<()> {
 /// Result of checking the stored integrity digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DigestStatus {
+    /// The stored digest matches.
     Ok,
+    /// The file has no `oft.digest`.
     Missing,
-    Mismatch { stored: String, computed: String },
+    /// The stored digest differs from the one computed.
+    Mismatch {
+        /// The digest the file holds.
+        stored: String,
+        /// The digest of its content.
+        computed: String,
+    },
 }
 
 /// A `.oft` file that breaks `rule` of spec §9.1.
@@ -206,7 +218,7 @@ pub fn read_unverified(path: &Path) -> Result<(Adapter, DigestStatus)> {
     read_mapped(path, &file)
 }
 
-pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestStatus)> {
+pub(crate) fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestStatus)> {
     let meta = &file.metadata;
     if !is_oft(meta) {
         return Err(invalid(
