@@ -590,7 +590,6 @@ pub fn apply_layer<T: Real>(layer: &Layer, w: &mut Matrix<T>) -> Result<(), Erro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RotationMap, StageSpec, Wiring};
 
     /// The f32 path (with the 32 × 32 FMA kernel where the CPU has it) against the f64 path.
     #[test]
@@ -601,19 +600,7 @@ mod tests {
         let q: Vec<f64> = (0..blocks * tri)
             .map(|i| ((i * 7919 % 997) as f64 / 997.0 - 0.5) * 0.02)
             .collect();
-        let stage = Stage {
-            spec: StageSpec {
-                blocks: Some(blocks as u64),
-                block_size: b as u64,
-                shared: false,
-                wiring: Wiring::Identity,
-                map: RotationMap::Cayley,
-                q: String::new(),
-            },
-            q,
-            q_f64: true,
-            inverse: false,
-        };
+        let stage = Stage::cayley(blocks as u64, b as u64, q);
         let (rows, cols) = (301, blocks * b); // an odd row count exercises the single-row tail
         let w: Vec<f64> = (0..rows * cols)
             .map(|i| (i * 104729 % 1009) as f64 / 1009.0 - 0.5)

@@ -10,7 +10,7 @@
 use crate::apply::PreparedStage;
 use crate::error::Category;
 use crate::lowrank::{Method, MethodUsed, RankRule, approximate};
-use crate::model::{RotationMap, Side, Stage, StageSpec, Wiring};
+use crate::model::{Side, Stage};
 use crate::procrustes::{DEFAULT_MAX_ANGLE, ExtractOptions, extract};
 use crate::rotation::{cayley, tri_len, unpack_skew};
 use proptest::prelude::*;
@@ -37,19 +37,7 @@ fn values(n: usize, seed: u64) -> Vec<f64> {
 }
 
 fn stage(q: Vec<f64>, blocks: usize, b: usize) -> Stage {
-    Stage {
-        spec: StageSpec {
-            blocks: Some(blocks as u64),
-            block_size: b as u64,
-            shared: false,
-            wiring: Wiring::Identity,
-            map: RotationMap::Cayley,
-            q: "q".into(),
-        },
-        q,
-        q_f64: true,
-        inverse: false,
-    }
+    Stage::cayley(blocks as u64, b as u64, q)
 }
 
 /// `w` rotated by `st` on `side`, by the crate's bake code (spec §4.6).

@@ -271,22 +271,7 @@ fn collapse_pair(a: &Stage, b: &Stage, side: Side) -> std::result::Result<(Stage
         );
         q.extend(tri);
     }
-    Ok((
-        Stage {
-            spec: StageSpec {
-                blocks: Some(blocks as u64),
-                block_size: big as u64,
-                shared: false,
-                wiring: Wiring::Identity,
-                map: RotationMap::Cayley,
-                q: String::new(),
-            },
-            q,
-            q_f64: true,
-            inverse: false,
-        },
-        change,
-    ))
+    Ok((Stage::cayley(blocks as u64, big as u64, q), change))
 }
 
 /// How many targets have more than one layer (stacked).

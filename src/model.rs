@@ -311,6 +311,25 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// A stage of `blocks` blocks of size `block_size`, not shared, identity wiring, Cayley
+    /// map, holding `q` (`blocks · b(b−1)/2` values; not checked here: whatever reads the stage
+    /// checks it) as f64.
+    pub fn cayley(blocks: u64, block_size: u64, q: Vec<f64>) -> Stage {
+        Stage {
+            spec: StageSpec {
+                blocks: Some(blocks),
+                block_size,
+                shared: false,
+                wiring: Wiring::Identity,
+                map: RotationMap::Cayley,
+                q: String::new(),
+            },
+            q,
+            q_f64: true,
+            inverse: false,
+        }
+    }
+
     /// Number of stored Q rows (1 when shared).
     pub fn stored_blocks(&self) -> u64 {
         if self.spec.shared {
