@@ -9,9 +9,13 @@ use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+/// Metadata key naming the format (value `oft`).
 pub const META_FORMAT: &str = "format";
+/// Metadata key of the format version (`MAJOR.MINOR`).
 pub const META_VERSION: &str = "oft.version";
+/// Metadata key of the manifest (JSON).
 pub const META_MANIFEST: &str = "oft.manifest";
+/// Metadata key of the integrity digest (spec §7).
 pub const META_DIGEST: &str = "oft.digest";
 
 /// Whether a safetensors header's metadata marks it as `.oft`.
@@ -53,6 +57,22 @@ fn fits_f32(values: &[f64]) -> bool {
     values.iter().all(|&v| (v as f32) as f64 == v)
 }
 
+/// `values` as a tensor: F32 when every value survives the round trip (and F64 is not asked
+/// for), else F64.
+fn stored(name: &str, values: &[f64], f64_asked: bool, shape: Vec<usize>) -> Result<OwnedTensor> {
+    let dtype = if f64_asked || !fits_f32(values) {
+        Dtype::F64
+    } else {
+        Dtype::F32
+    };
+    Ok(OwnedTensor {
+        name: name.to_string(),
+        dtype,
+        shape,
+        bytes: from_f64(values, dtype)?,
+    })
+}
+
 /// Build the manifest and tensors for `adapter`, naming tensors canonically.
 fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     let mut tensors = Vec::new();
@@ -70,17 +90,8 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
                 ));
             }
             let name = format!("layers.{i}.stages.{j}.q");
-            let dtype = if stage.q_f64 || !fits_f32(&stage.q) {
-                Dtype::F64
-            } else {
-                Dtype::F32
-            };
-            tensors.push(OwnedTensor {
-                name: name.clone(),
-                dtype,
-                shape: vec![stage.stored_blocks() as usize, stage.tri_len()],
-                bytes: from_f64(&stage.q, dtype)?,
-            });
+            let shape = vec![stage.stored_blocks() as usize, stage.tri_len()];
+            tensors.push(stored(&name, &stage.q, stage.q_f64, shape)?);
             stages.push(StageSpec {
                 q: name,
                 ..stage.spec.clone()
@@ -90,17 +101,8 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
             None => None,
             Some((position, values)) => {
                 let name = format!("layers.{i}.row_scale");
-                let dtype = if layer.row_scale_f64 || !fits_f32(values) {
-                    Dtype::F64
-                } else {
-                    Dtype::F32
-                };
-                tensors.push(OwnedTensor {
-                    name: name.clone(),
-                    dtype,
-                    shape: vec![values.len()],
-                    bytes: from_f64(values, dtype)?,
-                });
+                let shape = vec![values.len()];
+                tensors.push(stored(&name, values, layer.row_scale_f64, shape)?);
                 Some(RowScaleSpec {
                     tensor: name,
                     position: *position,
@@ -179,9 +181,17 @@ pub fn write(adapter: &Adapter, path: &Path) -> Result<()> {
 /// Result of checking the stored integrity digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DigestStatus {
+    /// The stored digest matches.
     Ok,
+    /// The file has no `oft.digest`.
     Missing,
-    Mismatch { stored: String, computed: String },
+    /// The stored digest differs from the one computed.
+    Mismatch {
+        /// The digest the file holds.
+        stored: String,
+        /// The digest of its content.
+        computed: String,
+    },
 }
 
 /// A `.oft` file that breaks `rule` of spec §9.1.
@@ -309,17 +319,69 @@ pub fn read_unverified(path: &Path) -> Result<(Adapter, DigestStatus)> {
     read_mapped(path, &file)
 }
 
-pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestStatus)> {
-    let meta = &file.metadata;
-    if !is_oft(meta) {
+pub(crate) fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestStatus)> {
+    let (manifest, manifest_json) = read_manifest(path, &file.metadata)?;
+    let st = file.tensors();
+    let mut tensors = Referenced {
+        path,
+        st: &st,
+        used: BTreeMap::new(),
+    };
+    let layers = (manifest.layers.iter().enumerate())
+        .map(|(i, ls)| read_layer(&mut tensors, i, ls))
+        .collect::<Result<Vec<_>>>()?;
+    let used = tensors.used;
+    let stray: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !used.contains_key(*n))
+        .map(|n| n.to_string())
+        .collect();
+    if !stray.is_empty() {
         return Err(invalid(
             path,
-            Category::NotOft,
-            5,
-            "not an .oft file (its metadata has no `format: oft`)",
-        )
-        .hint("`oftool inspect` reads other layouts; `oftool convert` turns them into .oft"));
+            Category::Tensor,
+            20,
+            format!(
+                "tensors not referenced by the manifest: {}",
+                stray.join(", ")
+            ),
+        ));
     }
+
+    let status = match file.metadata.get(META_DIGEST) {
+        None => DigestStatus::Missing,
+        Some(stored) => {
+            let mut views: Vec<(String, TensorView<'_>)> = st.tensors();
+            views.sort_by(|a, b| a.0.cmp(&b.0));
+            let computed = digest(
+                manifest_json,
+                views
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), dtype_name(v.dtype()), v.shape(), v.data())),
+            );
+            if &computed == stored {
+                DigestStatus::Ok
+            } else {
+                DigestStatus::Mismatch {
+                    stored: stored.clone(),
+                    computed,
+                }
+            }
+        }
+    };
+    Ok((
+        Adapter {
+            provenance: manifest.provenance,
+            layers,
+            features: manifest.requires,
+        },
+        status,
+    ))
+}
+
+/// Spec §9.1 rule 6: `oft.version`, of a MAJOR this oftool reads.
+fn read_version<'m>(path: &Path, meta: &'m HashMap<String, String>) -> Result<&'m String> {
     let version = meta.get(META_VERSION).ok_or_else(|| {
         invalid(
             path,
@@ -341,6 +403,24 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         )
         .hint("upgrade oftool"));
     }
+    Ok(version)
+}
+
+/// Spec §9.1 rules 4–13: the metadata and the manifest; returns the manifest and its JSON text.
+fn read_manifest<'m>(
+    path: &Path,
+    meta: &'m HashMap<String, String>,
+) -> Result<(Manifest, &'m str)> {
+    if !is_oft(meta) {
+        return Err(invalid(
+            path,
+            Category::NotOft,
+            5,
+            "not an .oft file (its metadata has no `format: oft`)",
+        )
+        .hint("`oftool inspect` reads other layouts; `oftool convert` turns them into .oft"));
+    }
+    let version = read_version(path, meta)?;
     let manifest_json = meta.get(META_MANIFEST).ok_or_else(|| {
         invalid(
             path,
@@ -422,6 +502,13 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             ),
         ));
     }
+    check_targets(path, &manifest)?;
+    Ok((manifest, manifest_json))
+}
+
+/// Spec §9.1 rules 13 and 15: the layers' targets — layers on common rows of one weight need
+/// `stacked-layers`, no target name is empty, and `rows` need `row-slices` and are well formed.
+fn check_targets(path: &Path, manifest: &Manifest) -> Result<()> {
     if let Some((_, dup)) = first_overlap(manifest.layers.iter().map(|l| &l.target))
         && !manifest
             .requires
@@ -475,9 +562,20 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
             format!("layer `{}`: {why}", l.target.name),
         ));
     }
-    let st = file.tensors();
-    let mut used: BTreeMap<String, ()> = BTreeMap::new();
-    let mut take = |name: &str, what: &str| -> Result<(Vec<f64>, Vec<usize>, Dtype)> {
+    Ok(())
+}
+
+/// The tensors of a `.oft` file, and which of them the manifest referenced so far.
+struct Referenced<'a> {
+    path: &'a Path,
+    st: &'a safetensors::SafeTensors<'a>,
+    used: BTreeMap<String, ()>,
+}
+
+impl Referenced<'_> {
+    /// Spec §9.1 rules 20–21: the tensor `name` that `what` refers to, as f64.
+    fn take(&mut self, name: &str, what: &str) -> Result<(Vec<f64>, Vec<usize>, Dtype)> {
+        let (path, st) = (self.path, self.st);
         let view = st.tensor(name).map_err(|_| {
             invalid(
                 path,
@@ -497,192 +595,152 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                 ),
             ));
         }
-        used.insert(name.to_string(), ());
+        self.used.insert(name.to_string(), ());
         Ok((to_f64(&view, name)?, view.shape().to_vec(), view.dtype()))
-    };
+    }
+}
 
-    let mut layers = Vec::with_capacity(manifest.layers.len());
-    for (i, ls) in manifest.layers.iter().enumerate() {
-        let lname = &ls.target.name;
-        let mut stages = Vec::with_capacity(ls.stages.len());
-        if ls.stages.is_empty() {
+/// Spec §9.1 rules 9 and 14 for one stage, and oftool's limits (`unsupported`).
+fn check_stage_spec(path: &Path, what: &str, ss: &StageSpec) -> Result<()> {
+    if ss.block_size < 2 || ss.blocks == Some(0) {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            9,
+            format!(
+                "{what}: {:?} blocks of size {} is not a partition (need ≥ 1 block of size ≥ 2)",
+                ss.blocks, ss.block_size
+            ),
+        ));
+    }
+    if !dim_ok(ss.blocks, ss.block_size) {
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "{what}: {:?} blocks of size {} exceed the largest dimension oftool accepts ({MAX_DIM})",
+                ss.blocks, ss.block_size
+            ),
+        ));
+    }
+    if let RotationMap::Neumann { terms, .. } = ss.map
+        && terms > MAX_NEUMANN_TERMS
+    {
+        return Err(Error::unsupported(
+            path,
+            format!("{what}: {terms} Neumann terms (at most {MAX_NEUMANN_TERMS})"),
+        ));
+    }
+    if ss.blocks.is_none() && !ss.shared {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            14,
+            format!("{what}: `blocks` may only be null for a shared stage"),
+        ));
+    }
+    if let RotationMap::Neumann { terms: 0, .. } = ss.map {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            9,
+            format!("{what}: a Neumann map needs at least 1 term"),
+        ));
+    }
+    Ok(())
+}
+
+/// Spec §9.1 rules 13, 9, 14, 19 and 22 for layer `i`: its stages and row scale, read.
+fn read_layer(tensors: &mut Referenced<'_>, i: usize, ls: &LayerSpec) -> Result<Layer> {
+    let path = tensors.path;
+    let lname = &ls.target.name;
+    let mut stages = Vec::with_capacity(ls.stages.len());
+    if ls.stages.is_empty() {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            13,
+            format!("layer {i} (`{lname}`) has no stages"),
+        ));
+    }
+    for (j, ss) in ls.stages.iter().enumerate() {
+        let what = format!("layer {i} (`{lname}`) stage {j}");
+        check_stage_spec(path, &what, ss)?;
+        let expected = format!("layers.{i}.stages.{j}.q");
+        if ss.q != expected {
             return Err(invalid(
                 path,
-                Category::Manifest,
-                13,
-                format!("layer {i} (`{lname}`) has no stages"),
+                Category::Tensor,
+                19,
+                format!(
+                    "{what}: its tensor must be named `{expected}`, not `{}`",
+                    ss.q
+                ),
             ));
         }
-        for (j, ss) in ls.stages.iter().enumerate() {
-            let what = format!("layer {i} (`{lname}`) stage {j}");
-            if ss.block_size < 2 || ss.blocks == Some(0) {
-                return Err(invalid(
-                    path,
-                    Category::Manifest,
-                    9,
-                    format!(
-                        "{what}: {:?} blocks of size {} is not a partition (need ≥ 1 block of size ≥ 2)",
-                        ss.blocks, ss.block_size
-                    ),
-                ));
-            }
-            if !dim_ok(ss.blocks, ss.block_size) {
-                return Err(Error::unsupported(
-                    path,
-                    format!(
-                        "{what}: {:?} blocks of size {} exceed the largest dimension oftool accepts ({MAX_DIM})",
-                        ss.blocks, ss.block_size
-                    ),
-                ));
-            }
-            if let RotationMap::Neumann { terms, .. } = ss.map
-                && terms > MAX_NEUMANN_TERMS
-            {
-                return Err(Error::unsupported(
-                    path,
-                    format!("{what}: {terms} Neumann terms (at most {MAX_NEUMANN_TERMS})"),
-                ));
-            }
-            if ss.blocks.is_none() && !ss.shared {
-                return Err(invalid(
-                    path,
-                    Category::Manifest,
-                    14,
-                    format!("{what}: `blocks` may only be null for a shared stage"),
-                ));
-            }
-            if let RotationMap::Neumann { terms: 0, .. } = ss.map {
-                return Err(invalid(
-                    path,
-                    Category::Manifest,
-                    9,
-                    format!("{what}: a Neumann map needs at least 1 term"),
-                ));
-            }
-            let expected = format!("layers.{i}.stages.{j}.q");
-            if ss.q != expected {
+        let (q, shape, dtype) = tensors.take(&ss.q, &what)?;
+        let stored = if ss.shared {
+            1
+        } else {
+            ss.blocks.unwrap_or(1) as usize
+        };
+        let tri = tri_len(ss.block_size as usize);
+        if shape != [stored, tri] {
+            return Err(invalid(
+                path,
+                Category::Tensor,
+                22,
+                format!(
+                    "{what}: tensor `{}` has shape {shape:?}, expected [{stored}, {tri}] for {} block(s) of size {} (b(b−1)/2 = {tri})",
+                    ss.q,
+                    ss.blocks.map_or("shared".to_string(), |r| r.to_string()),
+                    ss.block_size
+                ),
+            ));
+        }
+        stages.push(Stage {
+            spec: ss.clone(),
+            q,
+            q_f64: dtype == Dtype::F64,
+            inverse: false,
+        });
+    }
+    let (row_scale, row_scale_f64) = match &ls.row_scale {
+        None => (None, false),
+        Some(rs) => {
+            let expected = format!("layers.{i}.row_scale");
+            if rs.tensor != expected {
                 return Err(invalid(
                     path,
                     Category::Tensor,
                     19,
                     format!(
-                        "{what}: its tensor must be named `{expected}`, not `{}`",
-                        ss.q
+                        "layer {i}: its row scale must be named `{expected}`, not `{}`",
+                        rs.tensor
                     ),
                 ));
             }
-            let (q, shape, dtype) = take(&ss.q, &what)?;
-            let stored = if ss.shared {
-                1
-            } else {
-                ss.blocks.unwrap_or(1) as usize
-            };
-            let tri = tri_len(ss.block_size as usize);
-            if shape != [stored, tri] {
+            let (v, shape, dtype) =
+                tensors.take(&rs.tensor, &format!("layer {i} (`{lname}`) row scale"))?;
+            if shape.len() != 1 {
                 return Err(invalid(
                     path,
                     Category::Tensor,
                     22,
-                    format!(
-                        "{what}: tensor `{}` has shape {shape:?}, expected [{stored}, {tri}] for {} block(s) of size {} (b(b−1)/2 = {tri})",
-                        ss.q,
-                        ss.blocks.map_or("shared".to_string(), |r| r.to_string()),
-                        ss.block_size
-                    ),
+                    format!("row scale `{}` must be 1-D, has shape {shape:?}", rs.tensor),
                 ));
             }
-            stages.push(Stage {
-                spec: ss.clone(),
-                q,
-                q_f64: dtype == Dtype::F64,
-                inverse: false,
-            });
-        }
-        let (row_scale, row_scale_f64) = match &ls.row_scale {
-            None => (None, false),
-            Some(rs) => {
-                let expected = format!("layers.{i}.row_scale");
-                if rs.tensor != expected {
-                    return Err(invalid(
-                        path,
-                        Category::Tensor,
-                        19,
-                        format!(
-                            "layer {i}: its row scale must be named `{expected}`, not `{}`",
-                            rs.tensor
-                        ),
-                    ));
-                }
-                let (v, shape, dtype) =
-                    take(&rs.tensor, &format!("layer {i} (`{lname}`) row scale"))?;
-                if shape.len() != 1 {
-                    return Err(invalid(
-                        path,
-                        Category::Tensor,
-                        22,
-                        format!("row scale `{}` must be 1-D, has shape {shape:?}", rs.tensor),
-                    ));
-                }
-                (Some((rs.position, v)), dtype == Dtype::F64)
-            }
-        };
-        layers.push(Layer {
-            target: ls.target.clone(),
-            side: ls.side,
-            stages,
-            row_scale,
-            row_scale_f64,
-            constraint: ls.constraint.clone(),
-            base_binding: ls.base_binding.clone(),
-        });
-    }
-    let stray: Vec<String> = st
-        .names()
-        .into_iter()
-        .filter(|n| !used.contains_key(*n))
-        .map(|n| n.to_string())
-        .collect();
-    if !stray.is_empty() {
-        return Err(invalid(
-            path,
-            Category::Tensor,
-            20,
-            format!(
-                "tensors not referenced by the manifest: {}",
-                stray.join(", ")
-            ),
-        ));
-    }
-
-    let status = match meta.get(META_DIGEST) {
-        None => DigestStatus::Missing,
-        Some(stored) => {
-            let mut views: Vec<(String, TensorView<'_>)> = st.tensors();
-            views.sort_by(|a, b| a.0.cmp(&b.0));
-            let computed = digest(
-                manifest_json,
-                views
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), dtype_name(v.dtype()), v.shape(), v.data())),
-            );
-            if &computed == stored {
-                DigestStatus::Ok
-            } else {
-                DigestStatus::Mismatch {
-                    stored: stored.clone(),
-                    computed,
-                }
-            }
+            (Some((rs.position, v)), dtype == Dtype::F64)
         }
     };
-    Ok((
-        Adapter {
-            provenance: manifest.provenance,
-            layers,
-            features: manifest.requires,
-        },
-        status,
-    ))
+    Ok(Layer {
+        target: ls.target.clone(),
+        side: ls.side,
+        stages,
+        row_scale,
+        row_scale_f64,
+        constraint: ls.constraint.clone(),
+        base_binding: ls.base_binding.clone(),
+    })
 }
 
 /// What is wrong with a target's `rows` on its own (spec §3.4): an empty list, an empty range,

@@ -231,9 +231,13 @@ pub fn encode_header(
 /// A tensor ready to be written: name, dtype, shape, little-endian bytes.
 #[derive(Debug, Clone)]
 pub struct OwnedTensor {
+    /// Its name in the file.
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Its elements, little-endian, `∏shape · size(dtype)` bytes.
     pub bytes: Vec<u8>,
 }
 

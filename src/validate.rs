@@ -38,13 +38,20 @@ impl Problem {
     }
 }
 
+/// What `validate` found (its `--json` report).
 #[derive(Debug, Serialize)]
 pub struct Validation {
+    /// The file validated, as given.
     pub file: String,
+    /// Its layout id, once detected.
     pub layout: Option<String>,
+    /// Whether no problem was found.
     pub valid: bool,
+    /// Layers read.
     pub layers: usize,
+    /// The base checked against, if any.
     pub base: Option<String>,
+    /// Every problem found.
     pub problems: Vec<Problem>,
 }
 
@@ -481,6 +488,7 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
     Ok(v)
 }
 
+/// The report as text: one line when valid, else one line per problem.
 pub fn render(v: &Validation) -> String {
     use std::fmt::Write;
     let mut s = String::new();

@@ -55,6 +55,7 @@ impl RowSlice {
         RowSlice { ranges }
     }
 
+    /// The row ranges, in the layer's order.
     pub fn ranges(&self) -> &[Range<usize>] {
         &self.ranges
     }
@@ -64,6 +65,7 @@ impl RowSlice {
         self.ranges.iter().map(|r| r.len()).sum()
     }
 
+    /// Whether no row is covered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -190,7 +192,9 @@ pub struct Located {
     pub key: String,
     /// The tensor's full shape and dtype, as stored.
     pub shape: Vec<usize>,
+    /// The tensor's dtype, as stored.
     pub dtype: Dtype,
+    /// The rows of the tensor the layer covers, in the layer's row order.
     pub rows: RowSlice,
     /// When the layer lists `target.rows`: the rows of the weight its name resolved to (which
     /// the listed ranges must lie within), and whether they fit.
@@ -219,6 +223,7 @@ impl Located {
 /// One safetensors file of the base.
 #[derive(Debug, Clone)]
 pub struct BaseFile {
+    /// Where the file is.
     pub path: PathBuf,
     /// Its path relative to the output root (a bare file name for a single-file base).
     pub relative: PathBuf,
@@ -312,6 +317,7 @@ impl Base {
         &self.path
     }
 
+    /// What kind of checkpoint this is, and where its files are.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }

@@ -21,10 +21,9 @@
 //! SDXL checkpoint is ambiguous until the component says which encoder.
 
 mod clip;
+#[cfg(test)]
 mod tables;
 mod unet;
-
-pub use tables::spec_tables;
 
 /// First path segments of SD U-Net modules, diffusers and ldm/sgm naming.
 pub fn is_unet_module(name: &str) -> bool {
@@ -460,6 +459,11 @@ fn fits(owner: Owner, component: Option<&str>) -> bool {
         },
     }
 }
+
+/// Resolution against realistic key sets (moved from the integration tests when `resolve` became
+/// private).
+#[cfg(test)]
+mod keys_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! The name tables of `spec/names/` (spec Annex D), generated from the code that resolves
-//! names, so that the spec and the resolver cannot disagree: `tests/cli/spec_vectors.rs`
-//! regenerates them and fails on any difference (`OFTOOL_BLESS=1` rewrites them).
+//! names, so that the spec and the resolver cannot disagree: the unit test below regenerates
+//! them and fails on any difference (`OFTOOL_BLESS=1` rewrites them). Test-only code: the
+//! resolver itself never needs the tables as text.
 //!
 //! Architectures of the canonical SD U-Nets are given here by their diffusers module names
 //! (one weight per module is enough: [`UnetMap::derive`] reads the architecture from names).
@@ -45,7 +46,7 @@ fn unet_modules(down: &[&[bool]]) -> Vec<String> {
 
 fn tsv(header: &str, columns: &str, rows: impl IntoIterator<Item = String>) -> String {
     let mut s = format!(
-        "# {header}\n# Generated from src/resolve/ by `OFTOOL_BLESS=1 cargo test --test cli spec_names`; do not edit.\n{columns}\n"
+        "# {header}\n# Generated from src/resolve/ by `OFTOOL_BLESS=1 cargo test --lib spec_names`; do not edit.\n{columns}\n"
     );
     for r in rows {
         s.push_str(&r);
@@ -68,7 +69,7 @@ fn unet_table(what: &str, down: &[&[bool]]) -> String {
 }
 
 /// Every table of `spec/names/`: (file name, contents).
-pub fn spec_tables() -> Vec<(&'static str, String)> {
+pub(crate) fn spec_tables() -> Vec<(&'static str, String)> {
     let sd1: [&[bool]; 4] = [&[true, true], &[true, true], &[true, true], &[false, false]];
     let sdxl: [&[bool]; 3] = [&[false, false], &[true, true], &[true, true]];
     let children = tsv(
@@ -220,4 +221,29 @@ pub fn spec_tables() -> Vec<(&'static str, String)> {
         ("checkpoint-prefixes.tsv", prefixes),
         ("adapter-prefixes.tsv", adapter),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    /// `spec/names/*.tsv` are what `src/resolve/` resolves with: regenerated here from the code,
+    /// any difference fails (`OFTOOL_BLESS=1` rewrites them).
+    #[test]
+    fn spec_names_are_the_resolvers_tables() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("spec/names");
+        let bless = std::env::var_os("OFTOOL_BLESS").is_some();
+        let mut stale = Vec::new();
+        for (file, text) in super::spec_tables() {
+            let path = dir.join(file);
+            if bless {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &text).unwrap();
+            } else if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                stale.push(file);
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "spec/names differs from src/resolve/ for {stale:?}: run OFTOOL_BLESS=1 cargo test --lib spec_names"
+        );
+    }
 }

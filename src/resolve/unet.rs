@@ -153,6 +153,7 @@ impl UnetMap {
     }
 }
 
+#[cfg(test)]
 impl UnetMap {
     /// The block-level correspondence as rows `(ldm prefix, diffusers prefix, below)`, where
     /// `below` says how the names under the prefix carry over: `exact` (the prefix is the whole
@@ -178,6 +179,7 @@ impl UnetMap {
 }
 
 /// A sort key that orders numbered path segments by value (`input_blocks.2` before `.10`).
+#[cfg(test)]
 fn natural(name: &str) -> Vec<(u64, String)> {
     name.split('.')
         .map(|p| match p.parse::<u64>() {
@@ -188,11 +190,13 @@ fn natural(name: &str) -> Vec<(u64, String)> {
 }
 
 /// Resnet children: (ldm, diffusers).
+#[cfg(test)]
 pub fn resnet_children() -> &'static [(&'static str, &'static str)] {
     &RESNET_CHILDREN
 }
 
 /// Whole modules outside the blocks: (ldm, diffusers).
+#[cfg(test)]
 pub fn basic_modules() -> &'static [(&'static str, &'static str)] {
     &BASIC
 }

@@ -204,7 +204,7 @@ fn convert_can_bind_an_adapter_to_its_base() {
     assert_eq!(ok["valid"], true, "{ok}");
     // Another base (one element changed): validate reports the binding per layer.
     let other = tmp.path().join("other.safetensors");
-    let f = oftool::tensors::MappedFile::open(&base).unwrap();
+    let f = crate::common::MappedFile::open(&base).unwrap();
     let st = f.tensors();
     let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
         .tensors()
@@ -238,7 +238,7 @@ fn convert_can_bind_an_adapter_to_its_base() {
 /// A sharded copy of a fixture base: two shards, an index and a config file.
 fn sharded_base(dir: &std::path::Path, base: &std::path::Path) -> std::path::PathBuf {
     use safetensors::tensor::TensorView;
-    let f = oftool::tensors::MappedFile::open(base).unwrap();
+    let f = crate::common::MappedFile::open(base).unwrap();
     let st = f.tensors();
     let mut all = st.tensors();
     all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -382,7 +382,7 @@ fn validate_accepts_a_binding_to_a_fused_tensor() {
     let v = json_of(&["validate", "--json"], &oft);
     assert_eq!(v["valid"], true, "{v}");
 
-    let f = oftool::tensors::MappedFile::open(&oft).unwrap();
+    let f = crate::common::MappedFile::open(&oft).unwrap();
     assert_eq!(f.metadata["oft.version"], "1.2");
     let m: Value = serde_json::from_str(&f.metadata["oft.manifest"]).unwrap();
     assert_eq!(m["requires"], serde_json::json!(["row-slices"]));
@@ -426,8 +426,8 @@ fn validate_accepts_a_binding_to_a_fused_tensor() {
             .success();
     }
     let (fa, fb) = (
-        oftool::tensors::MappedFile::open(&a).unwrap(),
-        oftool::tensors::MappedFile::open(&b).unwrap(),
+        crate::common::MappedFile::open(&a).unwrap(),
+        crate::common::MappedFile::open(&b).unwrap(),
     );
     let (ta, tb) = (fa.tensors(), fb.tensors());
     for name in ta.names() {
@@ -454,8 +454,8 @@ fn validate_accepts_a_binding_to_a_fused_tensor() {
             .success();
     }
     let (fa, fb) = (
-        oftool::tensors::MappedFile::open(&la).unwrap(),
-        oftool::tensors::MappedFile::open(&lb).unwrap(),
+        crate::common::MappedFile::open(&la).unwrap(),
+        crate::common::MappedFile::open(&lb).unwrap(),
     );
     let (sa, sb) = (fa.tensors(), fb.tensors());
     let (mut na, mut nb) = (sa.names(), sb.names());

@@ -6,10 +6,8 @@
 use crate::common;
 
 use crate::common::*;
-use oftool::apply::{Matrix, apply_layer};
+use oftool::apply::{Matrix, PreparedStage, apply_layer};
 use oftool::model::*;
-use oftool::rotation::rotation_block;
-use oftool::wiring::gather;
 use serde_json::Value;
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -88,6 +86,11 @@ fn spec_vectors_match() {
         }
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         let layer = layer_from(&v);
+        let w_rows = v["w"].as_array().unwrap().len();
+        let axis = match layer.side {
+            Side::Output => w_rows,
+            Side::Input => floats(&v["w"]).len() / w_rows,
+        };
         for (j, (stage, sv)) in layer
             .stages
             .iter()
@@ -106,8 +109,10 @@ fn spec_vectors_match() {
                 stage.stored_blocks(),
                 "{name} stage {j}"
             );
+            let prepared = PreparedStage::<f64>::new(stage, axis).unwrap();
             for (k, rb) in want_r.iter().enumerate() {
-                let got = rotation_block(stage.q_row(k), b, &stage.spec.map);
+                let got = &prepared.blocks()[k];
+                assert_eq!(got.len(), b * b, "{name} stage {j} block {k}: size");
                 let want = floats(rb);
                 let err = got
                     .iter()
@@ -121,12 +126,10 @@ fn spec_vectors_match() {
             }
             if let Some(sigma) = sv.get("sigma").filter(|s| !s.is_null()) {
                 let want: Vec<usize> = floats(sigma).iter().map(|&x| x as usize).collect();
-                let blocks = want.len() / b;
-                assert_eq!(
-                    gather(&stage.spec.wiring, blocks, b).unwrap(),
-                    want,
-                    "{name} stage {j}: σ"
-                );
+                let got = prepared
+                    .gather_list()
+                    .map_or_else(|| (0..want.len()).collect(), <[usize]>::to_vec);
+                assert_eq!(got, want, "{name} stage {j}: σ");
             }
         }
         // `w` in its stored shape (a conv's 4-D one with `w_shape`): the 2-D view flattens
@@ -169,9 +172,9 @@ fn spec_vectors_match() {
                     .flat_map(|&b| (b as u16).to_le_bytes())
                     .collect()
             };
-            let base = oftool::tensors::from_f64(&w, safetensors::Dtype::BF16).unwrap();
+            let base = common::bf16_bytes(&w);
             assert_eq!(base, bits(&v["w_bits"]), "{name}: w is BF16");
-            let got = oftool::tensors::from_f64(&m.data, safetensors::Dtype::BF16).unwrap();
+            let got = common::bf16_bytes(&m.data);
             assert_eq!(
                 got,
                 bits(&v["expected_bits"]),
@@ -248,7 +251,7 @@ fn container_vector_reads_and_merges() {
             );
         }
         let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), &bytes).unwrap();
-        let w = oftool::tensors::to_f64(&view, "base").unwrap();
+        let w = crate::common::to_f64(&view);
         let mut mat = Matrix::from_shape(&shape, w).unwrap();
         apply_layer(layer, &mut mat).unwrap();
         let want = floats(&m["expected_f64"]);
@@ -303,26 +306,4 @@ fn invalid_vectors_are_refused_with_their_rule_and_category() {
         let v = oftool::validate::run(&f, None).unwrap();
         assert!(v.valid, "{}: {:?}", f.display(), v.problems);
     }
-}
-
-/// `spec/names/*.tsv` are what `src/resolve/` resolves with: regenerated here from the code,
-/// any difference fails (`OFTOOL_BLESS=1` rewrites them).
-#[test]
-fn spec_names_are_the_resolvers_tables() {
-    let dir = repo().join("spec/names");
-    let bless = std::env::var_os("OFTOOL_BLESS").is_some();
-    let mut stale = Vec::new();
-    for (file, text) in oftool::resolve::spec_tables() {
-        let path = dir.join(file);
-        if bless {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &text).unwrap();
-        } else if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-            stale.push(file);
-        }
-    }
-    assert!(
-        stale.is_empty(),
-        "spec/names differs from src/resolve/ for {stale:?}: run OFTOOL_BLESS=1 cargo test --test cli spec_names"
-    );
 }
