@@ -32,6 +32,7 @@ pub mod comfyui;
 pub mod common;
 pub mod container;
 pub mod kohya;
+pub mod lora;
 pub mod lycoris;
 pub mod names;
 pub mod oft;
@@ -56,6 +57,7 @@ pub static LAYOUTS: &[&Layout] = &[
     &lycoris::LAYOUT,
     &kohya::LAYOUT,
     &onetrainer::LAYOUT,
+    &lora::LAYOUT,
     &authors::LAYOUT,
 ];
 
@@ -111,6 +113,9 @@ pub enum Writes {
     Canonical,
     /// A foreign layout: the files and per-layer verdicts, nothing on disk yet.
     Writer(fn(&Adapter, &Context<'_>) -> Result<Written>),
+    /// A LoRA approximating the bake: written from the adapter *and* the base, with a rank rule,
+    /// by [`crate::bridge::lora`] (`convert --to lora --base BASE`).
+    LowRank,
     /// Not written, because …
     No(&'static str),
 }
@@ -247,7 +252,7 @@ pub fn find(name: &str) -> Option<&'static Layout> {
 pub fn writers() -> impl Iterator<Item = (&'static Layout, WriteFn)> {
     LAYOUTS.iter().filter_map(|l| match l.writes {
         Writes::Writer(f) => Some((*l, f)),
-        Writes::Canonical | Writes::No(_) => None,
+        Writes::Canonical | Writes::LowRank | Writes::No(_) => None,
     })
 }
 
@@ -433,6 +438,10 @@ pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<W
         Writes::Writer(write) => write(adapter, ctx),
         Writes::Canonical => Err(Error::usage(format!(
             "`{}` is written by `oftool convert IN -o OUT.oft`",
+            layout.id
+        ))),
+        Writes::LowRank => Err(Error::usage(format!(
+            "`{}` is written by `oftool convert IN --to lora --base BASE -o OUT`",
             layout.id
         ))),
         Writes::No(why) => Err(not_writable(layout, why)),

@@ -8,6 +8,7 @@ mod algebra;
 mod bad_input;
 mod bad_inputs;
 mod basics;
+mod bridge;
 mod bridge_math;
 mod clients;
 mod common;

@@ -1,0 +1,313 @@
+//! The bridges through the real binary (issue #15): `convert --to lora` (ΔW of the exact bake as
+//! a LoRA) and `extract` (a finetune as a block-diagonal rotation).
+
+use crate::common::*;
+use assert_cmd::Command;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn oftool() -> Command {
+    Command::cargo_bin("oftool").expect("binary built")
+}
+
+/// Run oftool; return (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = oftool().args(args).output().expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `(case dir, adapter path, base path, merged path)` of every fixture case.
+fn case_paths() -> Vec<(PathBuf, PathBuf, PathBuf, PathBuf)> {
+    cases()
+        .into_iter()
+        .map(|dir| {
+            let case = read_json(&dir.join("case.json"));
+            let p = |k: &str| dir.join(case[k].as_str().expect(k));
+            (dir.clone(), p("adapter"), p("base"), p("merged"))
+        })
+        .collect()
+}
+
+/// Row-major `up · down` (`rows × k` times `k × cols`).
+fn product(up: &[f64], down: &[f64], rows: usize, k: usize) -> Vec<f64> {
+    let cols = if k == 0 { 0 } else { down.len() / k };
+    let mut out = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for j in 0..k {
+            let u = up[i * k + j];
+            for c in 0..cols {
+                out[i * cols + c] += u * down[j * cols + c];
+            }
+        }
+    }
+    out
+}
+
+/// Convert `adapter` to a LoRA in `layout`; the JSON report.
+fn to_lora(
+    adapter: &Path,
+    base: &Path,
+    out: &Path,
+    layout: &str,
+    rule: &[&str],
+) -> serde_json::Value {
+    let mut args = vec![
+        "convert",
+        s(adapter),
+        "--to",
+        "lora",
+        "--base",
+        s(base),
+        "-o",
+        s(out),
+        "--layout",
+        layout,
+        "--json",
+    ];
+    args.extend_from_slice(rule);
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "{}: {stderr}", adapter.display());
+    serde_json::from_str(&stdout).expect("JSON report")
+}
+
+/// The LoRA's `ΔW` per base tensor, from the written files (alpha / rank applied).
+fn lora_deltas(out: &Path, layout: &str, report: &serde_json::Value) -> HashMap<String, Vec<f64>> {
+    let mut deltas = HashMap::new();
+    for l in report["layers"].as_array().expect("layers") {
+        let Some(name) = l["written_as"].as_str() else {
+            continue;
+        };
+        let key = l["tensor"].as_str().expect("tensor").to_string();
+        let rows = l["shape"][0].as_u64().expect("shape") as usize;
+        let rank = l["rank"].as_u64().expect("rank") as usize;
+        let (up, down, scale) = match layout {
+            "kohya" => {
+                let (up, up_shape, _) = tensor(out, &format!("{name}.lora_up.weight"));
+                let (down, down_shape, _) = tensor(out, &format!("{name}.lora_down.weight"));
+                let (alpha, alpha_shape, _) = tensor(out, &format!("{name}.alpha"));
+                assert!(alpha_shape.is_empty(), "{name}: alpha is a scalar");
+                assert_eq!(up_shape[1], rank);
+                assert_eq!(down_shape[0], rank);
+                assert_eq!(alpha[0], rank as f64, "{name}: alpha = rank");
+                (up, down, alpha[0] / rank as f64)
+            }
+            _ => {
+                let file = match l["component"].as_str() {
+                    Some(c) => out.join(c).join("adapter_model.safetensors"),
+                    None => out.join("adapter_model.safetensors"),
+                };
+                let p = format!("base_model.model.{name}");
+                let names = oftool::tensors::MappedFile::open(&file).unwrap().tensors().names().iter().map(|n| n.to_string()).collect::<Vec<_>>();
+                if names.contains(&format!("{p}.lora_embedding_A")) {
+                    // PEFT: ΔW = (B_e·A_e)ᵀ with A_e [k, num_embeddings], B_e [dim, k].
+                    let (a, a_shape, _) = tensor(&file, &format!("{p}.lora_embedding_A"));
+                    let (b, b_shape, _) = tensor(&file, &format!("{p}.lora_embedding_B"));
+                    assert_eq!(a_shape[0], rank);
+                    let (n, dim) = (a_shape[1], b_shape[0]);
+                    let t = product(&b, &a, dim, rank);
+                    let mut d = vec![0.0; n * dim];
+                    for i in 0..dim {
+                        for j in 0..n {
+                            d[j * dim + i] = t[i * n + j];
+                        }
+                    }
+                    deltas.insert(key, d);
+                    continue;
+                }
+                let (a, a_shape, _) = tensor(&file, &format!("{p}.lora_A.weight"));
+                let (b, _, _) = tensor(&file, &format!("{p}.lora_B.weight"));
+                assert_eq!(a_shape[0], rank);
+                (b, a, 1.0)
+            }
+        };
+        let d: Vec<f64> = product(&up, &down, rows, rank)
+            .into_iter()
+            .map(|x| x * scale)
+            .collect();
+        deltas.insert(key, d);
+    }
+    deltas
+}
+
+/// `W + ΔW_lora`, rounded to the base dtype, equals the case's merged weights (the library's
+/// own bake) within the fixtures' tolerance, for every tensor the LoRA writes.
+fn check_full_rank(dir: &Path, base: &Path, merged: &Path, out: &Path, layout: &str, report: &serde_json::Value) {
+    let deltas = lora_deltas(out, layout, report);
+    assert!(!deltas.is_empty(), "{}: nothing written", dir.display());
+    for (key, d) in &deltas {
+        let (w, _, dtype) = tensor(base, key);
+        let (want, _, _) = tensor(merged, key);
+        let got: Vec<f64> = w.iter().zip(d).map(|(a, b)| a + b).collect();
+        let (ratio, i) = worst(&round_to(&got, dtype), &want, dtype);
+        assert!(
+            ratio <= 1.0,
+            "{} {layout} {key}: element {i}: W + B·A = {} vs merged {} ({ratio:.2}× the tolerance)",
+            dir.display(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+#[test]
+fn lora_at_full_rank_equals_the_exact_bake_for_every_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for (i, (dir, adapter, base, merged)) in case_paths().into_iter().enumerate() {
+        for layout in ["kohya", "peft"] {
+            let out = tmp.path().join(format!("{i}-{layout}"));
+            let mut args = vec![
+                "convert",
+                s(&adapter),
+                "--to",
+                "lora",
+                "--base",
+                s(&base),
+                "-o",
+                s(&out),
+                "--layout",
+                layout,
+                "--json",
+                "--rank",
+                "100000",
+            ];
+            if layout == "kohya" {
+                args.push("--threads");
+                args.push("1");
+            }
+            let (code, stdout, stderr) = run(&args);
+            if code != 0 {
+                // PEFT names only what has a diffusers module (a fused text-encoder tensor has
+                // none), kohya only diffusion pipelines (not an LLM): refused clearly.
+                assert!(
+                    (layout == "peft" && stderr.contains("fused"))
+                        || (layout == "kohya" && stderr.contains("only for diffusion pipelines")),
+                    "{} {layout}: {stderr}",
+                    dir.display()
+                );
+                continue;
+            }
+            let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+            assert!(report["totals"]["rel_error"].as_f64().unwrap() < 1e-9);
+            check_full_rank(&dir, &base, &merged, &out, layout, &report);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} conversions checked");
+}
+
+#[test]
+fn lora_rank_and_energy_rules_show_in_the_report_and_the_files() {
+    let (_, adapter, base, _) = case_paths()
+        .into_iter()
+        .find(|(d, ..)| d.ends_with("peft-unet-exact-r"))
+        .expect("case");
+    let tmp = tempfile::tempdir().unwrap();
+
+    // A fixed rank: every tensor gets min(K, rows, cols), the files hold exactly that.
+    let out = tmp.path().join("r3.safetensors");
+    let r = to_lora(&adapter, &base, &out, "kohya", &["--rank", "3"]);
+    assert_eq!(r["rule"]["rank"], 3);
+    for l in r["layers"].as_array().unwrap() {
+        let shape: Vec<usize> = l["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let short = shape[0].min(shape[1..].iter().product());
+        assert_eq!(l["rank"].as_u64().unwrap() as usize, 3.min(short));
+        let e = l["rel_error"].as_f64().unwrap();
+        assert!((l["energy_kept"].as_f64().unwrap() - (1.0 - e * e)).abs() < 1e-12);
+    }
+    // The report's error is what the files give: ‖ΔW − B·A‖ from the stored factors.
+    let deltas = lora_deltas(&out, "kohya", &r);
+    assert_eq!(deltas.len(), r["layers"].as_array().unwrap().len());
+
+    // An energy fraction: every layer keeps at least it, with the smallest such rank.
+    let out = tmp.path().join("e.safetensors");
+    let r = to_lora(&adapter, &base, &out, "kohya", &["--energy", "0.9"]);
+    assert_eq!(r["rule"]["energy"], 0.9);
+    let mut ranks = std::collections::BTreeSet::new();
+    for l in r["layers"].as_array().unwrap() {
+        assert!(l["energy_kept"].as_f64().unwrap() >= 0.9 - 1e-12, "{l}");
+        ranks.insert(l["rank"].as_u64().unwrap());
+    }
+    assert!(ranks.len() > 1, "energy gives per-layer ranks: {ranks:?}");
+    // One rank less would keep less than 0.9: compare with a fixed rank one lower.
+    let out2 = tmp.path().join("e-1.safetensors");
+    let capped = to_lora(&adapter, &base, &out2, "kohya", &["--energy", "0.9", "--max-rank", "2"]);
+    for (a, b) in r["layers"].as_array().unwrap().iter().zip(capped["layers"].as_array().unwrap()) {
+        let (ka, kb) = (a["rank"].as_u64().unwrap(), b["rank"].as_u64().unwrap());
+        assert_eq!(kb, ka.min(2), "{}", a["tensor"]);
+        if ka > 2 {
+            assert!(b["energy_kept"].as_f64().unwrap() < 0.9);
+        }
+    }
+    // The table names the rule's result too.
+    let out3 = tmp.path().join("t.safetensors");
+    let (code, stdout, stderr) = run(&[
+        "convert", s(&adapter), "--to", "lora", "--base", s(&base), "-o", s(&out3), "--layout", "kohya",
+        "--rank", "2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("rank ≤ 2") && stdout.contains("rel.error"), "{stdout}");
+}
+
+#[test]
+fn lora_output_is_the_same_for_any_thread_count() {
+    let (_, adapter, base, _) = case_paths()
+        .into_iter()
+        .find(|(d, ..)| d.ends_with("peft-unet-exact-r"))
+        .expect("case");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut outs = Vec::new();
+    for t in ["1", "2", "3"] {
+        let out = tmp.path().join(format!("t{t}.safetensors"));
+        let (code, _, stderr) = run(&[
+            "convert", s(&adapter), "--to", "lora", "--base", s(&base), "-o", s(&out), "--layout", "kohya",
+            "--rank", "5", "--threads", t,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        outs.push(std::fs::read(&out).unwrap());
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(outs[0], outs[2]);
+}
+
+#[test]
+fn lora_refuses_what_it_cannot_do_and_writes_nothing() {
+    let (_, adapter, base, _) = case_paths()
+        .into_iter()
+        .find(|(d, ..)| d.ends_with("peft-unet-exact-r"))
+        .expect("case");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    let o = s(&out);
+    let a = s(&adapter);
+    let b = s(&base);
+    for (args, needle) in [
+        (vec!["convert", a, "--to", "lora", "-o", o], "needs --base"),
+        (vec!["convert", a, "--to", "lora", "--base", b, "-o", o, "--allow-lossy"], "no --allow-lossy"),
+        (vec!["convert", a, "--to", "lora", "--base", b, "-o", o, "--rank", "0"], "at least 1"),
+        (vec!["convert", a, "--to", "lora", "--base", b, "-o", o, "--energy", "1.5"], "outside [0, 1]"),
+        (vec!["convert", a, "--to", "peft", "--base", b, "-o", o, "--rank", "4"], "--rank applies to --to lora"),
+        (vec!["convert", a, "--to", "lora", "--base", b, "-o", o, "--layout", "kohya", "--zip"], "single file"),
+    ] {
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} left a file");
+    }
+    // --max-rank without --energy is a usage error from the parser.
+    let (code, _, _) = run(&["convert", a, "--to", "lora", "--base", b, "-o", o, "--max-rank", "4"]);
+    assert_eq!(code, 2);
+}
