@@ -195,6 +195,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A full finetune as an OFT adapter: per weight the block-diagonal rotation that best maps
+    /// the base onto the finetune (orthogonal Procrustes per block), with how much it explains.
+    Extract {
+        /// Base checkpoint: a .safetensors file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
+        base: PathBuf,
+        /// The finetuned checkpoint, in the same layout (same tensor names, shapes and dtypes).
+        finetuned: PathBuf,
+        /// Output `.oft` file (bound to BASE).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Features per rotation block; must divide the rotated dimension of each weight.
+        #[arg(long, value_name = "B")]
+        block_size: usize,
+        /// Which side the rotation acts on: input (columns; PEFT ≥ 0.14, kohya oft_v2) or output
+        /// (rows; LyCORIS, kohya legacy).
+        #[arg(long, value_enum, default_value = "input")]
+        side: SideArg,
+        /// Tensor names to extract, as globs (default: every weight of two or more axes that differs).
+        #[arg(long, value_name = "GLOB", num_args = 1..)]
+        targets: Vec<String>,
+        /// Worker threads (default: all cores); the output is the same for any value.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print the per-layer report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Import any supported adapter layout and write it in another layout.
     Convert {
         input: PathBuf,
@@ -278,6 +308,12 @@ impl LoraFlags {
 const DEFAULT_LORA_RANK: usize = 32;
 
 #[derive(Clone, Copy, ValueEnum)]
+enum SideArg {
+    Input,
+    Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LoraLayoutArg {
     /// PEFT LoRA directories (PeftModel.from_pretrained; diffusers), one per component.
     Peft,
@@ -292,6 +328,7 @@ impl Command {
             Command::Inspect { json, .. }
             | Command::Validate { json, .. }
             | Command::Compose { json, .. }
+            | Command::Extract { json, .. }
             | Command::Convert { json, .. } => *json,
             Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
         }
@@ -605,6 +642,36 @@ fn run(command: Command) -> Result<Output, Error> {
             collapse,
         )
         .map(|s| report_compose(&s, j)),
+        Command::Extract {
+            base,
+            finetuned,
+            output,
+            block_size,
+            side,
+            targets,
+            threads,
+            quiet,
+            json: j,
+        } => {
+            let opts = bridge::extract::Options {
+                block_size,
+                side: match side {
+                    SideArg::Input => oftool::model::Side::Input,
+                    SideArg::Output => oftool::model::Side::Output,
+                },
+                targets,
+                threads,
+            };
+            let progress = progress_bar(quiet || j);
+            bridge::extract::run(&base, &finetuned, &output, &opts, progress.as_ref()).map(|r| {
+                let text = if j {
+                    json(&r)
+                } else {
+                    bridge::extract::render(&r)
+                };
+                Output::new(text, 0)
+            })
+        }
         Command::Convert {
             input,
             output,

@@ -36,17 +36,15 @@ fn case_paths() -> Vec<(PathBuf, PathBuf, PathBuf, PathBuf)> {
         .collect()
 }
 
-/// Row-major `up · down` (`rows × k` times `k × cols`).
+/// Row-major `up · down` (`rows × k` times `k × cols`), in f64 (faer: optimised even here).
 fn product(up: &[f64], down: &[f64], rows: usize, k: usize) -> Vec<f64> {
     let cols = if k == 0 { 0 } else { down.len() / k };
     let mut out = vec![0.0; rows * cols];
-    for i in 0..rows {
-        for j in 0..k {
-            let u = up[i * k + j];
-            for c in 0..cols {
-                out[i * cols + c] += u * down[j * cols + c];
-            }
-        }
+    if k > 0 {
+        let u = faer::MatRef::from_row_major_slice(up, rows, k);
+        let d = faer::MatRef::from_row_major_slice(down, k, cols);
+        let o = faer::MatMut::from_row_major_slice_mut(&mut out, rows, cols);
+        faer::linalg::matmul::matmul(o, faer::Accum::Replace, u, d, 1.0, faer::Par::Seq);
     }
     out
 }
