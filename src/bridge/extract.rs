@@ -182,8 +182,10 @@ pub fn run(
         .collect();
     for (p, t) in patterns.iter().zip(&opts.targets) {
         if !pairs.iter().any(|(l, _)| p.matches(&l.key)) {
-            return Err(Error::usage(format!("--targets `{t}` matches no tensor of the base"))
-                .hint("globs match whole tensor names, e.g. `*attn*.weight`"));
+            return Err(
+                Error::usage(format!("--targets `{t}` matches no tensor of the base"))
+                    .hint("globs match whole tensor names, e.g. `*attn*.weight`"),
+            );
         }
     }
     let pool = super::pool(opts.threads)?;
@@ -208,7 +210,11 @@ pub fn run(
                 }
             };
             let skip = if l0.shape.len() < 2 {
-                refuse(format!("`{}` has {} axis; a rotation needs a weight matrix", l0.key, l0.shape.len()))?
+                refuse(format!(
+                    "`{}` has {} axis; a rotation needs a weight matrix",
+                    l0.key,
+                    l0.shape.len()
+                ))?
             } else if !matches!(
                 l0.dtype,
                 safetensors::Dtype::F16
@@ -216,7 +222,10 @@ pub fn run(
                     | safetensors::Dtype::F32
                     | safetensors::Dtype::F64
             ) {
-                refuse(format!("`{}` is {:?}, not a floating-point weight", l0.key, l0.dtype))?
+                refuse(format!(
+                    "`{}` is {:?}, not a floating-point weight",
+                    l0.key, l0.dtype
+                ))?
             } else {
                 let rows = l0.shape[0];
                 let cols = l0.cols();
@@ -303,7 +312,9 @@ pub fn run(
         };
         return Err(Error::new(
             Category::Conversion,
-            format!("no weight to extract: every targeted tensor is equal in both checkpoints{why}"),
+            format!(
+                "no weight to extract: every targeted tensor is equal in both checkpoints{why}"
+            ),
         )
         .hint("check the two paths, or choose --targets and a --block-size that divides them"));
     }

@@ -238,7 +238,8 @@ pub fn run(
                     lr: LowRank { b, a, ..lr },
                 });
             }
-            progress.advance((loc.shape.iter().product::<usize>() * loc.dtype.bitsize() / 8) as u64);
+            progress
+                .advance((loc.shape.iter().product::<usize>() * loc.dtype.bitsize() / 8) as u64);
         }
         Ok(())
     })();
@@ -268,7 +269,10 @@ pub fn run(
     let bytes = output_bytes(output);
     let sq = |l: &LoraLayer| l.delta_norm * l.delta_norm;
     let total_sq: f64 = rows_out.iter().map(sq).sum();
-    let err_sq: f64 = rows_out.iter().map(|l| sq(l) * l.rel_error * l.rel_error).sum();
+    let err_sq: f64 = rows_out
+        .iter()
+        .map(|l| sq(l) * l.rel_error * l.rel_error)
+        .sum();
     let totals = LoraTotals {
         tensors: rows_out.len(),
         layers: planned.layers_baked,
@@ -551,7 +555,11 @@ fn peft_files(modules: &[Module], adapter: &crate::model::Adapter) -> Result<Wri
                 }
                 Kind::Linear | Kind::Conv => {
                     let (up, down) = up_down_shapes(m);
-                    tensors.push(f32_tensor(format!("{prefix}.lora_A.weight"), down, &m.lr.a)?);
+                    tensors.push(f32_tensor(
+                        format!("{prefix}.lora_A.weight"),
+                        down,
+                        &m.lr.a,
+                    )?);
                     tensors.push(f32_tensor(format!("{prefix}.lora_B.weight"), up, &m.lr.b)?);
                 }
             }
@@ -639,7 +647,11 @@ fn kohya_file(modules: &[Module], adapter: &crate::model::Adapter) -> Result<Wri
             ));
         }
         let (up, down) = up_down_shapes(m);
-        tensors.push(f32_tensor(format!("{name}.lora_down.weight"), down, &m.lr.a)?);
+        tensors.push(f32_tensor(
+            format!("{name}.lora_down.weight"),
+            down,
+            &m.lr.a,
+        )?);
         tensors.push(f32_tensor(format!("{name}.lora_up.weight"), up, &m.lr.b)?);
         tensors.push(f32_tensor(
             format!("{name}.alpha"),
@@ -652,7 +664,10 @@ fn kohya_file(modules: &[Module], adapter: &crate::model::Adapter) -> Result<Wri
     md.insert("ss_network_module".into(), "networks.lora".into());
     md.insert("ss_network_dim".into(), max_rank.to_string());
     md.insert("ss_network_alpha".into(), max_rank.to_string());
-    md.insert("oftool.source".into(), "oft → lora (ΔW of the exact bake, truncated SVD)".into());
+    md.insert(
+        "oftool.source".into(),
+        "oft → lora (ΔW of the exact bake, truncated SVD)".into(),
+    );
     Ok(Written::single(tensors, md, Vec::new(), Vec::new()))
 }
 
