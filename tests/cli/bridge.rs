@@ -765,3 +765,71 @@ fn merge_then_extract_recovers_every_single_stage_cayley_fixture() {
     }
     assert!(recovered >= 50, "only {recovered} layers recovered");
 }
+
+/// Every file below `p` (or `p` itself) with its bytes, relative to `p`.
+fn file_bytes(p: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    if p.is_file() {
+        return vec![(PathBuf::new(), std::fs::read(p).unwrap())];
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap() {
+        let path = e.unwrap().path();
+        let name = PathBuf::from(path.file_name().unwrap());
+        for (f, b) in file_bytes(&path) {
+            out.push((name.join(f), b));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// fixtures/clients/lora/: LoRAs that PEFT (`merge_and_unload`) and ComfyUI (`load_lora` +
+/// `calculate_weight`) merged to W + B·A, and at full rank to the exact bake
+/// (fixtures/clients_lora.py). oftool must still write them byte for byte.
+#[test]
+fn lora_files_are_what_peft_and_comfyui_loaded() {
+    let dir = repo().join("fixtures/clients/lora");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let record = read_json(&path);
+        assert_eq!(record["passed"], true, "{name}: the client check failed");
+        seen.insert(record["client"]["name"].as_str().unwrap().to_string());
+        let cmd: Vec<String> = record["oftool"]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let o = cmd.iter().position(|a| a == "-o").expect("-o");
+        let committed = repo().join(&cmd[o + 1]);
+        let fresh = tmp.path().join(&name);
+        let mut args = cmd[1..].to_vec();
+        args[o] = fresh.to_string_lossy().to_string();
+        let run = oftool()
+            .current_dir(repo())
+            .env("SOURCE_DATE_EPOCH", "0")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            run.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(
+            file_bytes(&committed) == file_bytes(&fresh),
+            "{name}: oftool now writes other bytes"
+        );
+    }
+    assert!(
+        seen.contains("peft") && seen.contains("ComfyUI"),
+        "{seen:?}"
+    );
+}
