@@ -45,7 +45,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 k, run, wall, user, sys_, rss, load, dt, di, hz, n = sys.argv[2:]
 t = r["totals"]
-busy = (int(dt) - int(di)) / hz            # CPU seconds anyone used during the run
+busy = (int(dt) - int(di)) / int(hz)           # CPU seconds anyone used during the run
 ours = float(user) + float(sys_)
 other = max(0.0, busy - ours) / (float(wall) * int(n)) * 100
 print(f"rank {k} run {run}: {float(wall):.1f} s wall, {ours:.1f} s cpu, peak {int(rss)/1024:.0f} MiB, "
