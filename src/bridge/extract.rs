@@ -22,20 +22,27 @@ use std::time::Instant;
 
 /// Options of `extract`.
 pub struct Options {
+    /// Features per rotation block.
     pub block_size: usize,
+    /// The side the rotation acts on.
     pub side: Side,
     /// Glob patterns on tensor names (empty: every weight of ≥ 2 axes that differs).
     pub targets: Vec<String>,
+    /// Worker threads (default: all cores); the output is the same for any value.
     pub threads: Option<usize>,
 }
 
 /// One extracted layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExtractedLayer {
+    /// The base tensor.
     pub tensor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The pipeline component, when the base has several.
     pub component: Option<String>,
+    /// The tensor's full shape.
     pub shape: Vec<usize>,
+    /// Number of blocks.
     pub blocks: usize,
     /// `‖W₁ − W₀R‖_F / ‖W₁ − W₀‖_F`: the part of the finetune that is no rotation.
     pub residual: f64,
@@ -54,35 +61,55 @@ pub struct ExtractedLayer {
 /// A targeted tensor that was not extracted, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Skipped {
+    /// The base tensor.
     pub tensor: String,
+    /// Why it was not extracted.
     pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// Totals of an extraction.
 pub struct ExtractTotals {
+    /// Layers (per-layer figures).
     pub layers: usize,
     /// Targeted tensors equal in both checkpoints (nothing to extract).
     pub unchanged: usize,
+    /// Targeted tensors not extracted (listed in `skipped`).
     pub skipped: usize,
     /// `√(Σ‖W₁ − W₀R‖² / Σ‖W₁ − W₀‖²)` over the extracted layers.
     pub residual: f64,
+    /// The largest per-layer residual.
     pub max_residual: f64,
+    /// Blocks whose best orthogonal fit was a reflection.
     pub reflections: usize,
+    /// Rotation planes capped short of a half-turn.
     pub capped_planes: usize,
+    /// Stored parameters.
     pub parameters: u64,
+    /// Bytes written.
     pub bytes: u64,
+    /// Wall time.
     pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// What `extract` did.
 pub struct ExtractReport {
+    /// The base checkpoint, as given.
     pub base: String,
+    /// The finetuned checkpoint, as given.
     pub finetuned: String,
+    /// The output path, as given.
     pub output: String,
+    /// Features per rotation block.
     pub block_size: usize,
+    /// The side the rotation acts on.
     pub side: Side,
+    /// Totals over every layer.
     pub totals: ExtractTotals,
+    /// Layers (per-layer figures).
     pub layers: Vec<ExtractedLayer>,
+    /// Targeted tensors not extracted (listed in `skipped`).
     pub skipped: Vec<Skipped>,
 }
 

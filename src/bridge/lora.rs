@@ -49,8 +49,11 @@ pub enum LoraLayout {
 
 /// Options of `convert --to lora`.
 pub struct LoraOptions<'a> {
+    /// The base checkpoint, as given.
     pub base: &'a Path,
+    /// The rank rule.
     pub rule: RankRule,
+    /// The input's layout id.
     pub layout: LoraLayout,
     /// Worker threads (default: all cores); the output is the same for any value.
     pub threads: Option<usize>,
@@ -70,7 +73,9 @@ pub struct LoraLayer {
     /// PEFT: the component directory it is written in (`null`: the output's root).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub component: Option<String>,
+    /// The tensor's full shape.
     pub shape: Vec<usize>,
+    /// Components kept.
     pub rank: usize,
     /// `‖ΔW − B·A‖_F / ‖ΔW‖_F` (0 when ΔW is zero).
     pub rel_error: f64,
@@ -82,41 +87,57 @@ pub struct LoraLayer {
     pub max_weight_change: f64,
     /// `full` (thin SVD), `randomized`, or `zero` (ΔW was zero).
     pub method: &'static str,
+    /// Stored parameters.
     pub parameters: u64,
 }
 
 /// Totals over every tensor.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoraTotals {
+    /// Base tensors changed.
     pub tensors: usize,
+    /// Layers (per-layer figures).
     pub layers: usize,
+    /// Largest rank of any tensor.
     pub max_rank: usize,
     /// `√(Σ‖ΔW − B·A‖²_F / Σ‖ΔW‖²_F)` over all tensors.
     pub rel_error: f64,
+    /// Worst relative error of any tensor.
     pub max_rel_error: f64,
+    /// Largest change of any merged weight vs the exact bake.
     pub max_weight_change: f64,
+    /// Stored parameters.
     pub parameters: u64,
     /// Bytes written (all files).
     pub bytes: u64,
+    /// Wall time.
     pub seconds: f64,
 }
 
 /// What `convert --to lora` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoraReport {
+    /// The adapter, as given.
     pub input: String,
     /// The input's layout id and variant (as `inspect` reports them).
     pub layout: String,
+    /// The input's variant.
     pub variant: Option<String>,
+    /// `lora`.
     pub to: &'static str,
+    /// The LoRA layout written.
     pub lora_layout: LoraLayout,
+    /// The base checkpoint, as given.
     pub base: String,
+    /// The output path, as given.
     pub output: String,
     /// `{"rank": k}` or `{"energy": e, "max_rank": k}`.
     pub rule: serde_json::Value,
     /// Files written, relative to `output` (directories only).
     pub files: Vec<String>,
+    /// Totals over every layer.
     pub totals: LoraTotals,
+    /// Layers (per-layer figures).
     pub layers: Vec<LoraLayer>,
 }
 

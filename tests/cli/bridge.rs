@@ -103,13 +103,13 @@ fn lora_deltas(out: &Path, layout: &str, report: &serde_json::Value) -> HashMap<
                     None => out.join("adapter_model.safetensors"),
                 };
                 let p = format!("base_model.model.{name}");
-                let names = oftool::tensors::MappedFile::open(&file)
+                let bytes = std::fs::read(&file).unwrap();
+                let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
                     .unwrap()
-                    .tensors()
                     .names()
                     .iter()
                     .map(|n| n.to_string())
-                    .collect::<Vec<_>>();
+                    .collect();
                 if names.contains(&format!("{p}.lora_embedding_A")) {
                     // PEFT: ΔW = (B_e·A_e)ᵀ with A_e [k, num_embeddings], B_e [dim, k].
                     let (a, a_shape, _) = tensor(&file, &format!("{p}.lora_embedding_A"));
@@ -740,17 +740,14 @@ fn merge_then_extract_recovers_every_single_stage_cayley_fixture() {
                     .find(|l| l.target.name == stem)
                     .unwrap_or_else(|| panic!("{key}: not extracted: {r}"));
                 let (sw, sg) = (&want.stages[0], &g.stages[0]);
-                let bs = *b as usize;
-                let n = sg.stored_blocks() as usize;
+                let axis = (sg.stored_blocks() * *b) as usize;
+                let pw = oftool::apply::PreparedStage::<f64>::new(sw, axis).unwrap();
+                let pg = oftool::apply::PreparedStage::<f64>::new(sg, axis).unwrap();
+                let (bw, bg) = (pw.blocks(), pg.blocks());
                 let mut worst = 0.0f64;
-                for k in 0..n {
-                    let rw = oftool::rotation::rotation_block(
-                        sw.q_row(k.min(sw.stored_blocks() as usize - 1)),
-                        bs,
-                        &sw.spec.map,
-                    );
-                    let rg = oftool::rotation::rotation_block(sg.q_row(k), bs, &sg.spec.map);
-                    for (x, y) in rw.iter().zip(&rg) {
+                for k in 0..bg.len() {
+                    let rw = &bw[k.min(bw.len() - 1)];
+                    for (x, y) in rw.iter().zip(&bg[k]) {
                         worst = worst.max((x - y).abs());
                     }
                 }
