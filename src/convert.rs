@@ -387,7 +387,7 @@ pub fn run_to(
 
 /// Write the files: one file atomically; a directory built beside the target and renamed into
 /// place (the target must not exist yet, or be an empty directory); or one zip archive.
-fn write_output(output: &Path, written: &report::Written, zip: bool) -> Result<()> {
+pub(crate) fn write_output(output: &Path, written: &report::Written, zip: bool) -> Result<()> {
     use std::io::Write;
     if !written.directory {
         let bytes = match written.files.first() {

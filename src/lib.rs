@@ -12,6 +12,7 @@
 pub mod apply;
 pub mod bake;
 pub mod base;
+pub mod bridge;
 pub mod compose;
 pub mod convert;
 pub mod error;

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use oftool::bake::AdapterArg;
 use oftool::error::Error;
 use oftool::layouts::{self, LAYOUTS, Layout, Writes};
+use oftool::lowrank::RankRule;
 use oftool::strength::BlendMode;
-use oftool::{bake, compose, convert, inspect, validate};
+use oftool::{bake, bridge, compose, convert, inspect, validate};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -97,11 +98,16 @@ impl BakeFlags {
 
     /// A progress bar on stderr when it is a terminal and no `--quiet`/`--json`.
     fn progress(&self) -> Box<dyn bake::Progress> {
-        if !self.quiet && !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            Box::new(Bar(indicatif::ProgressBar::new(0)))
-        } else {
-            Box::new(bake::NoProgress)
-        }
+        progress_bar(self.quiet || self.json)
+    }
+}
+
+/// A progress bar on stderr when it is a terminal and `quiet` is not set.
+fn progress_bar(quiet: bool) -> Box<dyn bake::Progress> {
+    if !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        Box::new(Bar(indicatif::ProgressBar::new(0)))
+    } else {
+        Box::new(bake::NoProgress)
     }
 }
 
@@ -189,6 +195,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A full finetune as an OFT adapter: per weight the block-diagonal rotation that best maps
+    /// the base onto the finetune (orthogonal Procrustes per block), with how much it explains.
+    Extract {
+        /// Base checkpoint: a .safetensors file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
+        base: PathBuf,
+        /// The finetuned checkpoint, in the same layout (same tensor names, shapes and dtypes).
+        finetuned: PathBuf,
+        /// Output `.oft` file (bound to BASE).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Features per rotation block; must divide the rotated dimension of each weight.
+        #[arg(long, value_name = "B")]
+        block_size: usize,
+        /// Which side the rotation acts on: input (columns; PEFT ≥ 0.14, kohya oft_v2) or output
+        /// (rows; LyCORIS, kohya legacy).
+        #[arg(long, value_enum, default_value = "input")]
+        side: SideArg,
+        /// Tensor names to extract, as globs (default: every weight of two or more axes that differs).
+        #[arg(long, value_name = "GLOB", num_args = 1..)]
+        targets: Vec<String>,
+        /// Worker threads (default: all cores); the output is the same for any value.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print the per-layer report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Import any supported adapter layout and write it in another layout.
     Convert {
         input: PathBuf,
@@ -213,7 +249,76 @@ enum Command {
         /// Print the per-layer report as JSON: exact / lossy (with figures) / impossible.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        lora: LoraFlags,
     },
+}
+
+/// `convert --to lora`: how many components to keep and which LoRA layout to write.
+#[derive(clap::Args)]
+struct LoraFlags {
+    /// --to lora: keep K components per layer (default 32 when --energy is not given).
+    #[arg(long, value_name = "K", conflicts_with = "energy")]
+    rank: Option<usize>,
+    /// --to lora: keep the smallest rank that holds a fraction E (0–1) of ‖ΔW‖²_F per layer.
+    #[arg(long, value_name = "E")]
+    energy: Option<f64>,
+    /// --to lora with --energy: at most K components per layer.
+    #[arg(long, value_name = "K", requires = "energy")]
+    max_rank: Option<usize>,
+    /// --to lora: the LoRA layout: a PEFT directory per component, or one kohya file.
+    #[arg(long, value_enum)]
+    layout: Option<LoraLayoutArg>,
+    /// --to lora: worker threads (default: all cores); the output is the same for any value.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl LoraFlags {
+    fn given(&self) -> Option<&'static str> {
+        if self.rank.is_some() {
+            Some("--rank")
+        } else if self.energy.is_some() {
+            Some("--energy")
+        } else if self.layout.is_some() {
+            Some("--layout")
+        } else if self.threads.is_some() {
+            Some("--threads")
+        } else {
+            None
+        }
+    }
+
+    fn rule(&self) -> Result<RankRule, Error> {
+        match (self.rank, self.energy) {
+            (Some(k), _) => Ok(RankRule::Fixed(k)),
+            (None, Some(e)) if (0.0..=1.0).contains(&e) => Ok(RankRule::Energy {
+                fraction: e,
+                max_rank: self.max_rank,
+            }),
+            (None, Some(e)) => Err(Error::usage(format!(
+                "--energy {e} is outside [0, 1] (the fraction of ‖ΔW‖² to keep, e.g. 0.9)"
+            ))),
+            (None, None) => Ok(RankRule::Fixed(DEFAULT_LORA_RANK)),
+        }
+    }
+}
+
+/// The rank `--to lora` keeps when neither `--rank` nor `--energy` is given.
+const DEFAULT_LORA_RANK: usize = 32;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SideArg {
+    Input,
+    Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LoraLayoutArg {
+    /// PEFT LoRA directories (PeftModel.from_pretrained; diffusers), one per component.
+    Peft,
+    /// A kohya `lora_unet_…` safetensors file (ComfyUI, A1111/Forge).
+    Kohya,
 }
 
 impl Command {
@@ -223,6 +328,7 @@ impl Command {
             Command::Inspect { json, .. }
             | Command::Validate { json, .. }
             | Command::Compose { json, .. }
+            | Command::Extract { json, .. }
             | Command::Convert { json, .. } => *json,
             Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
         }
@@ -407,8 +513,48 @@ fn convert_command(
     allow_lossy: bool,
     zip: bool,
     as_json: bool,
+    lora: &LoraFlags,
 ) -> Result<Output, Error> {
+    if let Writes::LowRank = to.writes {
+        let Some(base) = base else {
+            return Err(Error::usage(
+                "--to lora needs --base BASE: a LoRA stores the weight change W′ − W, which \
+                 depends on the base",
+            ));
+        };
+        if allow_lossy {
+            return Err(Error::usage(
+                "--to lora needs no --allow-lossy: a LoRA is an approximation, and the report \
+                 says how far it is",
+            ));
+        }
+        let opts = bridge::lora::LoraOptions {
+            base,
+            rule: lora.rule()?,
+            layout: match lora.layout {
+                None | Some(LoraLayoutArg::Peft) => bridge::lora::LoraLayout::Peft,
+                Some(LoraLayoutArg::Kohya) => bridge::lora::LoraLayout::Kohya,
+            },
+            threads: lora.threads,
+            zip,
+        };
+        let progress = progress_bar(as_json);
+        let r = bridge::lora::run(input, output, &opts, progress.as_ref())?;
+        let text = if as_json {
+            json(&r)
+        } else {
+            bridge::lora::render(&r)
+        };
+        return Ok(Output::new(text, 0));
+    }
+    if let Some(flag) = lora.given() {
+        return Err(Error::usage(format!(
+            "{flag} applies to --to lora, not --to {}",
+            to.id
+        )));
+    }
     match to.writes {
+        Writes::LowRank => {}
         Writes::Canonical => {}
         Writes::No(why) => return Err(layouts::not_writable(to, why)),
         Writes::Writer(_) => {
@@ -499,6 +645,36 @@ fn run(command: Command) -> Result<Output, Error> {
             collapse,
         )
         .map(|s| report_compose(&s, j)),
+        Command::Extract {
+            base,
+            finetuned,
+            output,
+            block_size,
+            side,
+            targets,
+            threads,
+            quiet,
+            json: j,
+        } => {
+            let opts = bridge::extract::Options {
+                block_size,
+                side: match side {
+                    SideArg::Input => oftool::model::Side::Input,
+                    SideArg::Output => oftool::model::Side::Output,
+                },
+                targets,
+                threads,
+            };
+            let progress = progress_bar(quiet || j);
+            bridge::extract::run(&base, &finetuned, &output, &opts, progress.as_ref()).map(|r| {
+                let text = if j {
+                    json(&r)
+                } else {
+                    bridge::extract::render(&r)
+                };
+                Output::new(text, 0)
+            })
+        }
         Command::Convert {
             input,
             output,
@@ -507,7 +683,17 @@ fn run(command: Command) -> Result<Output, Error> {
             allow_lossy,
             zip,
             json: j,
-        } => convert_command(&input, &output, to, base.as_deref(), allow_lossy, zip, j),
+            lora,
+        } => convert_command(
+            &input,
+            &output,
+            to,
+            base.as_deref(),
+            allow_lossy,
+            zip,
+            j,
+            &lora,
+        ),
     }
 }
 
@@ -598,7 +784,7 @@ mod tests {
             let listed = help.contains(&format!("- {}: ", l.id));
             match l.writes {
                 Writes::No(_) => assert!(!listed, "{} is listed: {help}", l.id),
-                Writes::Canonical | Writes::Writer(_) => {
+                Writes::Canonical | Writes::Writer(_) | Writes::LowRank => {
                     assert!(listed, "{} missing: {help}", l.id);
                     assert!(help.contains(l.about), "{}'s help line: {help}", l.id);
                 }
@@ -619,7 +805,7 @@ mod tests {
             }
         }
         assert!(
-            Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", "lora"]).is_err()
+            Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", "lokr"]).is_err()
         );
     }
 }

@@ -15,9 +15,9 @@
 //! The base is never held in memory: only the tensors in flight are. `src/README.md` draws the
 //! data flow and says how to add a compute backend.
 
-mod backend;
+pub(crate) mod backend;
 mod codec;
-mod plan;
+pub(crate) mod plan;
 mod stream;
 
 pub use crate::strength::AdapterArg;

@@ -340,6 +340,29 @@ impl Base {
         }
     }
 
+    /// Every tensor, whole (all rows): group by group, keys sorted within a group.
+    pub fn tensors(&self) -> Vec<Located> {
+        let mut out = Vec::new();
+        for (g, group) in self.groups.iter().enumerate() {
+            let mut keys: Vec<&String> = group.tensors.keys().collect();
+            keys.sort();
+            for key in keys {
+                if let Some(meta) = group.tensors.get(key) {
+                    out.push(Located {
+                        file: meta.file,
+                        key: key.clone(),
+                        shape: meta.shape.clone(),
+                        dtype: meta.dtype,
+                        rows: RowSlice::whole(meta.shape.first().copied().unwrap_or(0)),
+                        group: g,
+                        data: meta.data,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Find the tensor `layer` targets: `target-missing` when nothing matches, `target-ambiguous`
     /// when several tensors do.
     pub fn locate(&self, layer: &Layer) -> Result<Located> {

@@ -32,6 +32,7 @@ pub(crate) mod comfyui;
 pub(crate) mod common;
 pub(crate) mod container;
 pub(crate) mod kohya;
+pub(crate) mod lora;
 pub(crate) mod lycoris;
 pub(crate) mod names;
 pub(crate) mod oft;
@@ -56,6 +57,7 @@ pub static LAYOUTS: &[&Layout] = &[
     &lycoris::LAYOUT,
     &kohya::LAYOUT,
     &onetrainer::LAYOUT,
+    &lora::LAYOUT,
     &authors::LAYOUT,
 ];
 
@@ -113,6 +115,9 @@ pub enum Writes {
     Canonical,
     /// A foreign layout: the files and per-layer verdicts, nothing on disk yet.
     Writer(fn(&Adapter, &Context<'_>) -> Result<Written>),
+    /// A LoRA approximating the bake: written from the adapter *and* the base, with a rank rule,
+    /// by [`crate::bridge::lora`] (`convert --to lora --base BASE`).
+    LowRank,
     /// Not written, because …
     No(&'static str),
 }
@@ -259,7 +264,7 @@ pub fn find(name: &str) -> Option<&'static Layout> {
 pub fn writers() -> impl Iterator<Item = (&'static Layout, WriteFn)> {
     LAYOUTS.iter().filter_map(|l| match l.writes {
         Writes::Writer(f) => Some((*l, f)),
-        Writes::Canonical | Writes::No(_) => None,
+        Writes::Canonical | Writes::LowRank | Writes::No(_) => None,
     })
 }
 
@@ -448,6 +453,10 @@ pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<W
         },
         Writes::Canonical => Err(Error::usage(format!(
             "`{}` is written by `oftool convert IN -o OUT.oft`",
+            layout.id
+        ))),
+        Writes::LowRank => Err(Error::usage(format!(
+            "`{}` is written by `oftool convert IN --to lora --base BASE -o OUT`",
             layout.id
         ))),
         Writes::No(why) => Err(not_writable(layout, why)),

@@ -8,6 +8,7 @@ mod algebra;
 mod bad_input;
 mod bad_inputs;
 mod basics;
+mod bridge;
 mod clients;
 mod common;
 mod convert;
