@@ -354,6 +354,7 @@ impl Base {
                         shape: meta.shape.clone(),
                         dtype: meta.dtype,
                         rows: RowSlice::whole(meta.shape.first().copied().unwrap_or(0)),
+                        named_rows: None,
                         group: g,
                         data: meta.data,
                     });
