@@ -7,6 +7,8 @@
 
 pub mod apply;
 pub mod bake;
+#[doc(hidden)]
+pub mod candle_rotate;
 pub mod compose;
 pub mod convert;
 pub mod error;

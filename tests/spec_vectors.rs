@@ -6,63 +6,8 @@ mod common;
 
 use common::*;
 use oftool::apply::{Matrix, apply_layer};
-use oftool::model::*;
 use oftool::rotation::rotation_block;
 use oftool::wiring::gather;
-use serde_json::Value;
-
-fn floats(v: &Value) -> Vec<f64> {
-    match v {
-        Value::Array(a) => a.iter().flat_map(floats).collect(),
-        Value::Number(n) => vec![n.as_f64().expect("number")],
-        other => panic!("expected numbers, got {other}"),
-    }
-}
-
-fn layer_from(v: &Value) -> Layer {
-    let side: Side = serde_json::from_value(v["side"].clone()).expect("side");
-    let stages = v["stages"]
-        .as_array()
-        .expect("stages")
-        .iter()
-        .map(|s| Stage {
-            spec: StageSpec {
-                blocks: s["blocks"].as_u64(),
-                block_size: s["block_size"].as_u64().expect("block_size"),
-                shared: s["shared"].as_bool().unwrap_or(false),
-                wiring: serde_json::from_value(s["wiring"].clone()).expect("wiring"),
-                map: serde_json::from_value(s["map"].clone()).expect("map"),
-                q: String::new(),
-            },
-            q: floats(&s["q"]),
-            q_f64: true,
-            inverse: false,
-        })
-        .collect();
-    let row_scale = match &v["row_scale"] {
-        Value::Null => None,
-        rs => Some((
-            serde_json::from_value(rs["position"].clone()).expect("position"),
-            floats(&rs["values"]),
-        )),
-    };
-    Layer {
-        target: Target {
-            name: "vector".into(),
-            convention: "unknown".into(),
-            component: None,
-            module: ModuleKind::Unknown,
-            shape: None,
-            rotated_dim: None,
-        },
-        side,
-        stages,
-        row_scale,
-        row_scale_f64: true,
-        constraint: None,
-        base_binding: None,
-    }
-}
 
 #[test]
 fn spec_vectors_match() {
