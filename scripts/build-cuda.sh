@@ -50,12 +50,13 @@ for lib in cublas:13 cublasLt:13 curand:10 nvrtc:13; do
     ln -sf "$CUDA_HOME/lib/lib${lib%%:*}.so.${lib##*:}" "$LINK/lib${lib%%:*}.so"
 done
 ln -sf "$CUDA_HOME/lib/libcudart_static.a" "$LINK/libcudart.a"
-if [ ! -e "$LINK/libcuda.so" ]; then
+if [ ! -s "$LINK/libcuda-stub.c" ] || [ ! -e "$LINK/libcuda.so" ]; then
     (cd "$ROOT" && cargo fetch --locked --quiet)
     CUDARC=$(cd "$ROOT" && cargo metadata --locked --format-version 1 --features cuda |
         python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')
-    grep -ohE 'pub fn cu[A-Za-z0-9_]+' "$CUDARC/src/driver/sys/mod.rs" | sed 's/^pub fn //' | sort -u |
+    grep -ohE '\bfn cu[A-Za-z0-9_]+\(' "$CUDARC/src/driver/sys/mod.rs" | sed 's/^fn //; s/($//' | sort -u |
         sed 's/.*/void &(void) {}/' > "$LINK/libcuda-stub.c"
+    [ -s "$LINK/libcuda-stub.c" ] || { echo "build-cuda.sh: no driver functions found in $CUDARC" >&2; exit 1; }
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/libcuda-stub.c"
 fi
 
