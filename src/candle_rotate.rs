@@ -162,7 +162,7 @@ fn compute_dtype(dtype: Dtype) -> Option<(DType, DType)> {
 
 /// A host f64 vector as a device tensor of the compute type (f32: rounded once, as
 /// `Real::from_f64` does on the CPU path).
-fn upload(
+fn upload_f64(
     values: &[f64],
     shape: &[usize],
     compute: DType,
@@ -193,15 +193,14 @@ impl Oriented {
         })
     }
 
-    /// Multiply row `i` of the `(rows, cols)` view by `s[i]`.
-    fn scale_rows(self, s: &[f64], compute: DType) -> candle_core::Result<Oriented> {
-        let dev = self.t.device().clone();
-        let shape: &[usize] = if self.transposed {
-            &[1, s.len()]
+    /// Multiply row `i` of the `(rows, cols)` view by `s[i]` (`s` one-dimensional).
+    fn scale_rows(self, s: &Tensor) -> candle_core::Result<Oriented> {
+        let n = s.elem_count();
+        let s = if self.transposed {
+            s.reshape((1, n))?
         } else {
-            &[s.len(), 1]
+            s.reshape((n, 1))?
         };
-        let s = upload(s, shape, compute, &dev)?;
         Ok(Oriented {
             t: self.t.broadcast_mul(&s)?,
             transposed: self.transposed,
@@ -209,90 +208,149 @@ impl Oriented {
     }
 }
 
-/// The program for one layer on a `(rows, cols)` weight (already checked to fit).
-fn apply_layer(
-    key: &str,
-    w: Oriented,
-    layer: &Layer,
-    blend: Blend,
-    compute: DType,
-) -> Result<Oriented> {
-    let (rows, cols) = match (w.t.dims(), w.transposed) {
-        ([a, b], true) => (*b, *a),
-        ([a, b], false) => (*a, *b),
-        _ => (0, 0),
-    };
-    let axis = match layer.side {
-        Side::Input => cols,
-        Side::Output => rows,
-    };
-    let n = if axis == 0 { 0 } else { rows * cols / axis };
-    // Host work first (block matrices, gather lists), failing with the CPU path's errors.
-    let mut stages = Vec::with_capacity(layer.stages.len());
-    for stage in &layer.stages {
-        let b = stage.spec.block_size as usize;
-        let blocks = stage.blocks_on(axis as u64) as usize;
-        let sigma = gather(&stage.spec.wiring, blocks, b)
-            .map_err(|e| Error::new(Category::Wiring, e.0).tensor(key))?;
-        let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
-        let mut m = stage_blocks(stage, blend.interpolate).map_err(|e| e.tensor(key))?;
-        if layer.side == Side::Output {
-            // A' = R_kᵀ · A_k on the output side.
-            for r in &mut m {
-                for i in 0..b {
-                    for j in (i + 1)..b {
-                        r.swap(i * b + j, j * b + i);
+/// One stage ready on the device: `M_k` blocks (`R_k` on the input side, `R_kᵀ` on the
+/// output side), broadcast when one block serves all, and the gather lists of a butterfly.
+struct DeviceStage {
+    b: usize,
+    blocks: usize,
+    m: Tensor,
+    /// (σ, σ⁻¹) as row indices; `None` for the identity wiring.
+    gather: Option<(Tensor, Tensor)>,
+}
+
+/// One edit ready on the device.
+struct DeviceEdit {
+    rows: Option<(usize, usize)>,
+    side: Side,
+    stages: Vec<DeviceStage>,
+    scale: Option<(ScalePosition, Tensor)>,
+    linear: Option<f64>,
+}
+
+/// A tensor's edits with their blocks built on the host (f64, by the CPU path's own function)
+/// and moved to the device in the compute type: the host half of the program, which can run
+/// while the device works on another tensor.
+pub struct Prepared {
+    edits: Vec<DeviceEdit>,
+}
+
+/// Build and upload the blocks, gather lists and row scales of `edits` for `w`.
+pub fn prepare(key: &str, w: &Resident, edits: &[Edit<'_>]) -> Result<Prepared> {
+    let (rows, cols) = (w.rows, w.cols);
+    let (_, compute) = compute_dtype(w.dtype).unwrap_or((DType::F64, DType::F64));
+    let dev = w.t.device();
+    let mut out = Vec::with_capacity(edits.len());
+    for e in edits {
+        let (start, len) = e.rows.unwrap_or((0, rows));
+        if start.checked_add(len).is_none_or(|end| end > rows) {
+            return Err(Error::new(
+                Category::TargetShape,
+                format!(
+                    "rows {start}..{} are outside the tensor's {rows} rows",
+                    start.saturating_add(len)
+                ),
+            )
+            .tensor(key));
+        }
+        let layer = e.layer;
+        check_fits(layer, len, cols).map_err(|err| err.tensor(key))?;
+        let axis = match layer.side {
+            Side::Input => cols,
+            Side::Output => len,
+        };
+        let mut stages = Vec::with_capacity(layer.stages.len());
+        for stage in &layer.stages {
+            let b = stage.spec.block_size as usize;
+            let blocks = stage.blocks_on(axis as u64) as usize;
+            let sigma = gather(&stage.spec.wiring, blocks, b)
+                .map_err(|err| Error::new(Category::Wiring, err.0).tensor(key))?;
+            let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
+            let mut m = stage_blocks(stage, e.blend.interpolate).map_err(|err| err.tensor(key))?;
+            if layer.side == Side::Output {
+                for r in &mut m {
+                    for i in 0..b {
+                        for j in (i + 1)..b {
+                            r.swap(i * b + j, j * b + i);
+                        }
                     }
                 }
             }
-        }
-        stages.push((b, blocks, m, (!identity).then_some(sigma)));
-    }
-
-    let dev = w.t.device().clone();
-    let original = blend.linear.map(|_| (w.t.clone(), w.transposed));
-    let mut w = w;
-    if let Some((ScalePosition::Before, s)) = &layer.row_scale {
-        w = w.scale_rows(s, compute).on_device(key)?;
-    }
-    w = w.to(layer.side == Side::Input).on_device(key)?;
-    for (b, blocks, m, sigma) in stages {
-        let stored = m.len();
-        let m = upload(&m.concat(), &[stored, b, b], compute, &dev).on_device(key)?;
-        // A shared block (or one stored block) serves every block: a zero batch stride.
-        let m = if stored == blocks {
-            m
-        } else {
-            m.broadcast_as((blocks, b, b)).on_device(key)?
-        };
-        let index = |v: Vec<u32>| Tensor::from_vec(v, axis, &dev).on_device(key);
-        let a = match &sigma {
-            Some(s) => {
-                let idx = index(s.iter().map(|&i| i as u32).collect())?;
-                w.t.index_select(&idx, 0).on_device(key)?
-            }
-            None => w.t.clone(),
-        };
-        let out = a
-            .reshape((blocks, b, n))
-            .and_then(|a| m.matmul(&a))
-            .and_then(|o| o.reshape((axis, n)))
-            .on_device(key)?;
-        w.t = match &sigma {
-            Some(s) => {
-                let mut inv = vec![0u32; s.len()];
-                for (p, &i) in s.iter().enumerate() {
+            let stored = m.len();
+            let m = upload_f64(&m.concat(), &[stored, b, b], compute, dev).on_device(key)?;
+            // A shared block (or one stored block) serves every block: a zero batch stride.
+            let m = if stored == blocks {
+                m
+            } else {
+                m.broadcast_as((blocks, b, b)).on_device(key)?
+            };
+            let gather = if identity {
+                None
+            } else {
+                let mut inv = vec![0u32; sigma.len()];
+                for (p, &i) in sigma.iter().enumerate() {
                     inv[i] = p as u32;
                 }
-                out.index_select(&index(inv)?, 0).on_device(key)?
-            }
+                let fwd: Vec<u32> = sigma.iter().map(|&i| i as u32).collect();
+                let n = fwd.len();
+                Some((
+                    Tensor::from_vec(fwd, n, dev).on_device(key)?,
+                    Tensor::from_vec(inv, n, dev).on_device(key)?,
+                ))
+            };
+            stages.push(DeviceStage {
+                b,
+                blocks,
+                m,
+                gather,
+            });
+        }
+        let scale = match &layer.row_scale {
+            Some((pos, s)) => Some((
+                *pos,
+                upload_f64(s, &[s.len()], compute, dev).on_device(key)?,
+            )),
+            None => None,
+        };
+        out.push(DeviceEdit {
+            rows: e.rows.filter(|&(_, l)| l != rows),
+            side: layer.side,
+            stages,
+            scale,
+            linear: e.blend.linear,
+        });
+    }
+    Ok(Prepared { edits: out })
+}
+
+/// The device half for one edit on a `(rows, cols)` weight.
+fn run_edit(w: Oriented, e: &DeviceEdit, compute: DType) -> candle_core::Result<Oriented> {
+    let original = e.linear.map(|_| (w.t.clone(), w.transposed));
+    let mut w = w;
+    if let Some((ScalePosition::Before, s)) = &e.scale {
+        w = w.scale_rows(s)?;
+    }
+    w = w.to(e.side == Side::Input)?;
+    let (axis, n) = match w.t.dims() {
+        [a, n] => (*a, *n),
+        _ => (0, 0),
+    };
+    for st in &e.stages {
+        let a = match &st.gather {
+            Some((fwd, _)) => w.t.index_select(fwd, 0)?,
+            None => w.t.clone(),
+        };
+        let out =
+            st.m.matmul(&a.reshape((st.blocks, st.b, n))?)?
+                .reshape((axis, n))?;
+        w.t = match &st.gather {
+            Some((_, inv)) => out.index_select(inv, 0)?,
             None => out,
         };
     }
-    if let Some((ScalePosition::After, s)) = &layer.row_scale {
-        w = w.scale_rows(s, compute).on_device(key)?;
+    if let Some((ScalePosition::After, s)) = &e.scale {
+        w = w.scale_rows(s)?;
     }
-    if let (Some(s), Some((t0, transposed0))) = (blend.linear, original) {
+    if let (Some(s), Some((t0, transposed0))) = (e.linear, original) {
         // W + s·(W' − W) in f64, s first rounded to the compute type (as on the CPU path).
         let s = if compute == DType::F32 {
             s as f32 as f64
@@ -302,29 +360,49 @@ fn apply_layer(
         let w0 = Oriented {
             t: t0,
             transposed: transposed0,
-        };
-        w.t = (|| {
-            let w0 = w0.to(w.transposed)?.t.to_dtype(DType::F64)?;
-            let diff = w.t.to_dtype(DType::F64)?.sub(&w0)?;
-            let diff = diff.broadcast_mul(&Tensor::new(s, &dev)?)?;
-            w0.add(&diff)?.to_dtype(compute)
-        })()
-        .on_device(key)?;
+        }
+        .to(w.transposed)?
+        .t
+        .to_dtype(DType::F64)?;
+        let diff = w.t.to_dtype(DType::F64)?.sub(&w0)?;
+        let diff = diff.broadcast_mul(&Tensor::new(s, w0.device())?)?;
+        w.t = w0.add(&diff)?.to_dtype(compute)?;
     }
     Ok(w)
 }
 
-/// Apply `edits` (in order, each on its row slice) to a tensor of `dtype` and `shape` given by
-/// its little-endian `bytes`, on `device`; one rounding to `dtype` at the end.
-pub fn rotate(
+/// A base tensor on the device in its own dtype, viewed as `(rows, cols)`.
+pub struct Resident {
+    t: Tensor,
+    dtype: Dtype,
+    rows: usize,
+    cols: usize,
+}
+
+impl Resident {
+    /// Bytes of the tensor in its base dtype.
+    pub fn byte_len(&self) -> usize {
+        self.rows * self.cols * self.dtype.bitsize() / 8
+    }
+}
+
+/// The result of [`program`] on the device: the values in the compute type and rounded to
+/// the base dtype (both `(rows, cols)`).
+pub struct Computed {
+    wide: Tensor,
+    out: Tensor,
+    dtype: Dtype,
+}
+
+/// Check `bytes` against `dtype` and `shape` and copy them to `device` as they are.
+pub fn upload(
     key: &str,
     bytes: &[u8],
     dtype: Dtype,
     shape: &[usize],
-    edits: &[Edit<'_>],
     device: &Device,
-) -> Result<Rotated> {
-    let (base, compute) = compute_dtype(dtype).ok_or_else(|| {
+) -> Result<Resident> {
+    let (base, _) = compute_dtype(dtype).ok_or_else(|| {
         Error::new(
             Category::TargetShape,
             format!("dtype {dtype:?} cannot be rotated; only F64, F32, F16 and BF16"),
@@ -350,73 +428,87 @@ pub fn rotate(
         )
         .tensor(key));
     }
-    let mut slices = Vec::with_capacity(edits.len());
-    for e in edits {
-        let (start, len) = e.rows.unwrap_or((0, rows));
-        if start.checked_add(len).is_none_or(|end| end > rows) {
-            return Err(Error::new(
-                Category::TargetShape,
-                format!(
-                    "rows {start}..{} are outside the tensor's {rows} rows",
-                    start.saturating_add(len)
-                ),
-            )
-            .tensor(key));
-        }
-        check_fits(e.layer, len, cols).map_err(|err| err.tensor(key))?;
-        slices.push((start, len));
-    }
-    // Widen once; when the first layer rotates the input side, transpose in the same pass.
-    let transposed = edits
-        .first()
-        .is_some_and(|e| e.layer.side == Side::Input && e.rows.is_none_or(|(_, len)| len == rows));
-    let t = Tensor::from_raw_buffer(bytes, base, &[rows, cols], device)
-        .and_then(|t| if transposed { t.t() } else { Ok(t) })
-        .and_then(|t| t.to_dtype(compute))
-        .and_then(|t| t.contiguous())
-        .on_device(key)?;
-    let mut w = Oriented { t, transposed };
-    if rows * cols > 0 {
-        for (e, &(start, len)) in edits.iter().zip(&slices) {
-            if len == rows {
-                w = apply_layer(key, w, e.layer, e.blend, compute)?;
-                continue;
+    let t = Tensor::from_raw_buffer(bytes, base, &[rows, cols], device).on_device(key)?;
+    Ok(Resident {
+        t,
+        dtype,
+        rows,
+        cols,
+    })
+}
+
+/// Run the device half of the program: the prepared edits in order, each on its row slice,
+/// one rounding to the base dtype at the end. The input stays on the device unchanged.
+pub fn program(key: &str, w: &Resident, p: &Prepared) -> Result<Computed> {
+    let (rows, cols, dtype) = (w.rows, w.cols, w.dtype);
+    let (base, compute) = compute_dtype(dtype).unwrap_or((DType::F64, DType::F64));
+    let run = || -> candle_core::Result<Computed> {
+        // Widen once; when the first edit rotates the input side, transpose in the same pass.
+        let transposed = p
+            .edits
+            .first()
+            .is_some_and(|e| e.side == Side::Input && e.rows.is_none());
+        let t = if transposed { w.t.t()? } else { w.t.clone() };
+        let mut w = Oriented {
+            t: t.to_dtype(compute)?.contiguous()?,
+            transposed,
+        };
+        if rows * cols > 0 {
+            for e in &p.edits {
+                let Some((start, len)) = e.rows else {
+                    w = run_edit(w, e, compute)?;
+                    continue;
+                };
+                // A row slice (a fused q/k/v tensor): rotate it alone, then put it back.
+                let whole = w.to(false)?.t;
+                let part = Oriented {
+                    t: whole.narrow(0, start, len)?,
+                    transposed: false,
+                };
+                let part = run_edit(part, e, compute)?.to(false)?;
+                let mut pieces = Vec::with_capacity(3);
+                if start > 0 {
+                    pieces.push(whole.narrow(0, 0, start)?);
+                }
+                pieces.push(part.t);
+                if start + len < rows {
+                    pieces.push(whole.narrow(0, start + len, rows - start - len)?);
+                }
+                w = Oriented {
+                    t: Tensor::cat(&pieces, 0)?,
+                    transposed: false,
+                };
             }
-            // A row slice (a fused q/k/v tensor): rotate it alone, then put it back.
-            let whole = w.to(false).on_device(key)?.t;
-            let part = Oriented {
-                t: whole.narrow(0, start, len).on_device(key)?,
-                transposed: false,
-            };
-            let part = apply_layer(key, part, e.layer, e.blend, compute)?;
-            let t = part
-                .to(false)
-                .and_then(|p| {
-                    let mut pieces = Vec::with_capacity(3);
-                    if start > 0 {
-                        pieces.push(whole.narrow(0, 0, start)?);
-                    }
-                    pieces.push(p.t);
-                    if start + len < rows {
-                        pieces.push(whole.narrow(0, start + len, rows - start - len)?);
-                    }
-                    Tensor::cat(&pieces, 0)
-                })
-                .on_device(key)?;
-            w = Oriented {
-                t,
-                transposed: false,
-            };
         }
-    }
-    // Round once to the base dtype, turning back to (rows, cols) in the same pass.
-    let computed = if w.transposed { w.t.t() } else { Ok(w.t) }.on_device(key)?;
-    let out = computed
-        .to_dtype(base)
-        .and_then(|t| t.contiguous())
-        .and_then(|t| download(&t))
-        .on_device(key)?;
-    check(key, dtype, out, &computed)
+        // Round once to the base dtype, turning back to (rows, cols) in the same pass.
+        let wide = if w.transposed { w.t.t()? } else { w.t };
+        let out = wide.to_dtype(base)?.contiguous()?;
+        Ok(Computed { wide, out, dtype })
+    };
+    run().on_device(key)
+}
+
+/// Download a computed tensor and check, as the CPU path does, that every value is finite.
+pub fn finish(key: &str, c: Computed) -> Result<Rotated> {
+    let host = download(&c.out).on_device(key)?;
+    check(key, c.dtype, host, &c.wide)
+}
+
+/// Apply `edits` (in order, each on its row slice) to a tensor of `dtype` and `shape` given by
+/// its little-endian `bytes`, on `device`; one rounding to `dtype` at the end.
+pub fn rotate(
+    key: &str,
+    bytes: &[u8],
+    dtype: Dtype,
+    shape: &[usize],
+    edits: &[Edit<'_>],
+    device: &Device,
+) -> Result<Rotated> {
+    let w = upload(key, bytes, dtype, shape, device)?;
+    let p = prepare(key, &w, edits)?;
+    let c = program(key, &w, &p)?;
+    drop(w);
+    finish(key, c)
 }
 
 /// A contiguous device tensor's values on the host, moved out of its storage without a

@@ -11,6 +11,8 @@ pub mod bake;
 pub mod candle_rotate;
 pub mod compose;
 pub mod convert;
+#[doc(hidden)]
+pub mod device_check;
 pub mod error;
 pub mod export;
 #[doc(hidden)]

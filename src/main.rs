@@ -192,6 +192,127 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Developer checks of the candle compute path (scripts/gpu-check.sh, docs/gpu.md).
+    #[command(hide = true)]
+    DeviceCheck {
+        #[command(subcommand)]
+        check: DeviceCheck,
+        /// Where the candle program runs: cpu (candle's CPU device), cuda, cuda:N or auto.
+        #[arg(long, default_value = "cuda", global = true)]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCheck {
+    /// Every adapted tensor of BASE through the candle program and the native CPU path.
+    Parity {
+        base: PathBuf,
+        adapter: PathBuf,
+        /// The library's merged weights, compared at the fixture tolerance.
+        #[arg(long)]
+        merged: Option<PathBuf>,
+    },
+    /// `parity` for every fixture case under DIR (its case.json names base, adapter, merged).
+    ParityCases { dir: PathBuf },
+    /// The candle program on one synthetic tensor resident on the device.
+    Bench {
+        /// f16, bf16, f32 or f64.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        #[arg(long)]
+        rows: usize,
+        #[arg(long)]
+        cols: usize,
+        #[arg(long, default_value_t = 32)]
+        block: usize,
+        /// Butterfly stages (1: plain OFT).
+        #[arg(long, default_value_t = 1)]
+        stages: usize,
+        /// input or output.
+        #[arg(long, default_value = "input")]
+        side: String,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also time the native CPU path on the same tensor and compare.
+        #[arg(long)]
+        cpu: bool,
+    },
+    /// Device copy bandwidth and f32 matrix-product rate through candle.
+    Ceilings {
+        #[arg(long, default_value_t = 4 << 30)]
+        copy_bytes: usize,
+        #[arg(long, default_value_t = 8192)]
+        n: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+fn device_check(check: DeviceCheck, device: &str) -> oftool::Result<u8> {
+    use oftool::device_check as dc;
+    use oftool::error::Error;
+    let dev = dc::device(device.parse()?)?;
+    let v = match check {
+        DeviceCheck::Parity {
+            base,
+            adapter,
+            merged,
+        } => dc::parity(&base, &adapter, merged.as_deref(), &dev)?,
+        DeviceCheck::ParityCases { dir } => {
+            let all = dc::parity_cases(&dir, &dev)?;
+            for v in &all {
+                println!("{v}");
+            }
+            let ok = all.iter().all(|v| v["ok"] == serde_json::Value::Bool(true));
+            serde_json::json!({ "mode": "parity-cases", "cases": all.len(), "ok": ok })
+        }
+        DeviceCheck::Bench {
+            dtype,
+            rows,
+            cols,
+            block,
+            stages,
+            side,
+            runs,
+            cpu,
+        } => {
+            let dtype = match dtype.as_str() {
+                "f16" => safetensors::Dtype::F16,
+                "bf16" => safetensors::Dtype::BF16,
+                "f32" => safetensors::Dtype::F32,
+                "f64" => safetensors::Dtype::F64,
+                _ => return Err(Error::usage(format!("unknown dtype `{dtype}`"))),
+            };
+            let side = match side.as_str() {
+                "input" => oftool::model::Side::Input,
+                "output" => oftool::model::Side::Output,
+                _ => return Err(Error::usage(format!("unknown side `{side}`"))),
+            };
+            let spec = dc::BenchSpec {
+                dtype,
+                rows,
+                cols,
+                block,
+                stages,
+                side,
+                runs,
+                cpu,
+            };
+            dc::bench(&spec, &dev)?
+        }
+        DeviceCheck::Ceilings {
+            copy_bytes,
+            n,
+            runs,
+        } => dc::ceilings(&dev, copy_bytes, n, runs)?,
+    };
+    println!("{v}");
+    Ok(if v["ok"] == serde_json::Value::Bool(false) {
+        1
+    } else {
+        0
+    })
 }
 
 impl Command {
@@ -203,6 +324,7 @@ impl Command {
             | Command::Compose { json, .. }
             | Command::Convert { json, .. } => *json,
             Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
+            Command::DeviceCheck { .. } => false,
         }
     }
 }
@@ -375,6 +497,7 @@ fn main() -> ExitCode {
                 convert::run_to(&input, &output, target, &opts).map(|r| report_export(&r, json))
             }
         },
+        Command::DeviceCheck { check, device } => device_check(check, &device),
     };
     match result {
         Ok(code) => ExitCode::from(code),
