@@ -123,13 +123,13 @@ fn find_layer<'a>(adapter: &'a Adapter, name: &str) -> &'a Layer {
         .unwrap_or_else(|| panic!("adapter layer `{name}`"))
 }
 
-/// A fixture case's tensors with their edits, in case.json's order: (key, [(layer, rows)]).
-fn case_groups<'a>(
-    dir: &Path,
-    adapter: &'a Adapter,
-) -> Vec<(String, Vec<(&'a Layer, Option<(usize, usize)>)>)> {
+/// A layer on a base tensor, optionally on a row slice.
+type Placed<'a> = (&'a Layer, Option<(usize, usize)>);
+
+/// A fixture case's tensors with their edits, in case.json's order.
+fn case_groups<'a>(dir: &Path, adapter: &'a Adapter) -> Vec<(String, Vec<Placed<'a>>)> {
     let case = read_json(&dir.join("case.json"));
-    let mut groups: Vec<(String, Vec<(&Layer, Option<(usize, usize)>)>)> = Vec::new();
+    let mut groups: Vec<(String, Vec<Placed<'a>>)> = Vec::new();
     for l in case["layers"].as_array().expect("layers") {
         let key = l["base_key"].as_str().expect("base_key").to_string();
         let layer = find_layer(adapter, l["adapter_name"].as_str().expect("adapter_name"));
