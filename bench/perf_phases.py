@@ -36,7 +36,7 @@ PHASES = [
     ("rotation: apply loops (chunk copies, scratch Vecs)", "stack", ("oftool::apply::", "apply_edits", "apply_layer")),
     ("rotation: other under finish/rotate", "stack", ("oftool::bake::finish", "oftool::bake::rotate")),
     ("idle threads spinning/yielding (rayon, channels)", "stack", ("sched_yield", "futex", "wait_until", "WorkerThread::wait", "nanosleep")),
-    ("setup: headers, adapter import, name resolution", "stack", ("MappedFile", "read_metadata", "SafeTensors", "import::", "resolve::", "AliasTable", "load_adapter")),
+    ("setup: headers, adapter import, name resolution", "stack", ("MappedFile", "read_metadata", "SafeTensors", "layouts::", "resolve::", "AliasTable", "load_adapter")),
     ("munmap (freeing big Vecs)", "stack", ("munmap", "unmap_page_range")),
 ]
 

@@ -2,7 +2,7 @@
 # Benchmark of `oftool merge` against the I/O floor (`cp base out && sync out`) and, optionally,
 # PEFT. See bench/README.md for what is measured and how to read it.
 #
-#   bench/run.sh [--sdxl] [--sdxl-only] [--runs N] [--sdxl-runs N] [--peft-runs N] [--diag] [--profile] [--regen]
+#   bench/run.sh [--sdxl] [--sdxl-only] [--runs N] [--sdxl-runs N] [--peft-runs N] [--diag] [--profile] [--regen] [--against BIN]
 #
 # Environment: BENCH_DATA (default /work/benchdata; needs ~3× the base size free: 5 GB for
 # SD1.5, 16 GB with --sdxl), RUNS (5), SDXL_RUNS (default RUNS), PEFT_RUNS (3),
@@ -10,7 +10,8 @@
 # IDLE_PCT (15) / IDLE_WAIT (120): before each timed run wait up to IDLE_WAIT s for other
 # processes to use under IDLE_PCT % of the CPUs (the busy % seen is printed per run).
 # --diag adds oftool --threads 1 and a 1-layer adapter (streaming cost); --profile a perf profile
-# by phase (frame-pointer build in $BENCH_DATA/target-fp).
+# by phase (frame-pointer build in $BENCH_DATA/target-fp). --against BIN also times another oftool
+# binary (e.g. an earlier commit's build) in every run, in rotating order, and reports this/that.
 #
 # Every figure is a median over runs of this session, printed next to a ratio measured in the
 # same session; runs of oftool and cp alternate (order swapped every run), the base is in the
@@ -22,7 +23,7 @@ DATA=${BENCH_DATA:-/work/benchdata}
 RUNS=${RUNS:-5}
 SDXL_RUNS=${SDXL_RUNS:-$RUNS}
 PEFT_RUNS=${PEFT_RUNS:-3}
-DO_SD15=1 DO_SDXL=0 DIAG=0 PROFILE=0 REGEN=0
+DO_SD15=1 DO_SDXL=0 DIAG=0 PROFILE=0 REGEN=0 AGAINST=
 while [ $# -gt 0 ]; do
     case "$1" in
         --sdxl) DO_SDXL=1 ;;
@@ -33,7 +34,8 @@ while [ $# -gt 0 ]; do
         --diag) DIAG=1 ;;
         --profile) PROFILE=1 ;;
         --regen) REGEN=1 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --against) AGAINST=$2; shift ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -53,6 +55,10 @@ cp "$ROOT/target/release/oftool" "$TMP/oftool"
 cp "$ROOT/target/release/examples/make_bench_checkpoint" "$TMP/make_bench_checkpoint"
 OFTOOL="$TMP/oftool"
 GEN="$TMP/make_bench_checkpoint"
+if [ -n "$AGAINST" ]; then
+    cp "$AGAINST" "$TMP/oftool-against"
+    AGAINST="$TMP/oftool-against"
+fi
 REV=$(cd "$ROOT" && git rev-parse --short HEAD 2> /dev/null || echo '?')
 if [ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock 2> /dev/null)" ]; then
     REV="$REV+dirty(src $(cd "$ROOT" && { git diff HEAD -- src Cargo.toml Cargo.lock; git ls-files --others --exclude-standard -- src | xargs -r cat; } | sha256sum | cut -c1-8))"
@@ -164,7 +170,7 @@ profile() {
     grep -E '^ +[0-9.]+%' "$TMP/perf.txt" | awk 'NR <= 12 { printf "     %s\n", $0 }' || true
 }
 
-RESULTS=() CPU_LINES=()
+RESULTS=() CPU_LINES=() AGAINST_LINES=()
 
 bench_model() {
     local name=$1 keys=$2 runs=$3
@@ -183,13 +189,29 @@ bench_model() {
     cat "$base" > /dev/null # page cache: both cp and oftool read a hot base
 
     local cp_t=() cp_c=() of_t=() of_c=() of_rss=() of_tmax=() pair=() i r c
+    local ag_t=() ag_c=() ag_pair=() a step
     for i in $(seq 1 "$runs"); do
-        if [ $((i % 2)) = 1 ]; then
-            c=($(time_cp "$base" "$out"))
-            r=($(time_oftool "$base" "$adapter" "$out"))
+        if [ -z "$AGAINST" ]; then
+            if [ $((i % 2)) = 1 ]; then
+                c=($(time_cp "$base" "$out"))
+                r=($(time_oftool "$base" "$adapter" "$out"))
+            else
+                r=($(time_oftool "$base" "$adapter" "$out"))
+                c=($(time_cp "$base" "$out"))
+            fi
         else
-            r=($(time_oftool "$base" "$adapter" "$out"))
-            c=($(time_cp "$base" "$out"))
+            # cp, this build and the other build, in an order that rotates every run.
+            for step in 0 1 2; do
+                case $(((i + step) % 3)) in
+                    0) c=($(time_cp "$base" "$out")) ;;
+                    1) r=($(time_oftool "$base" "$adapter" "$out")) ;;
+                    2) a=($(OFTOOL="$AGAINST" time_oftool "$base" "$adapter" "$out")) ;;
+                esac
+            done
+            [ "${a[3]}" = "$layers" ] || { echo "the other oftool baked ${a[3]} layers, expected $layers" >&2; exit 1; }
+            ag_t+=("${a[0]}") ag_c+=("${a[4]}") ag_pair+=("$(ratio "${r[0]}" "${a[0]}")")
+            printf '   run %d: other oftool %s s (cpu %s s, others busy %s%%), this/other %s\n' \
+                "$i" "${a[0]}" "${a[4]}" "${a[5]}" "${ag_pair[-1]}"
         fi
         [ "${r[3]}" = "$layers" ] || { echo "oftool baked ${r[3]} layers, expected $layers" >&2; exit 1; }
         cp_t+=("${c[0]}") cp_c+=("${c[1]}")
@@ -204,6 +226,12 @@ bench_model() {
     local anon file
     read -r anon file < <(rss_breakdown "$base" "$adapter" "$out")
     RESULTS+=("$name|$(mib "$size")|$runs|$cp_m|$of_m|$(ratio "$of_m" "$cp_m")|$(mib "$rss_m")|$((tmax_m / 1024))|$anon|$file")
+    if [ -n "$AGAINST" ]; then
+        local ag_m
+        ag_m=$(median "${ag_t[@]}")
+        AGAINST_LINES+=("$name|$runs|$of_m|$ag_m|$(ratio "$of_m" "$ag_m")|$(median "${ag_pair[@]}")|$(median "${of_c[@]}")|$(median "${ag_c[@]}")")
+        echo "   other oftool: median $ag_m s; this/other $(ratio "$of_m" "$ag_m") (median of per-run ratios $(median "${ag_pair[@]}"))"
+    fi
     echo "   median of $runs: cp+sync $cp_m s, oftool $of_m s, bake/cp $(ratio "$of_m" "$cp_m") (median of per-run ratios $(median "${pair[@]}")); peak RSS $(mib "$rss_m") MiB (sampled: anon $anon MiB, file-backed $file MiB)"
 
     if [ "$DIAG" = 1 ]; then
@@ -285,6 +313,15 @@ for l in "${CPU_LINES[@]}"; do
     IFS='|' read -r n c o q <<< "$l"
     echo "| $n | $c | $o | $q |"
 done
+if [ -n "$AGAINST" ]; then
+    echo
+    echo "| model | runs | this oftool s | other oftool s | this/other | median of per-run this/other | CPU s this / other |"
+    echo "|---|---|---|---|---|---|---|"
+    for l in "${AGAINST_LINES[@]}"; do
+        IFS='|' read -r n k o g q p oc gc <<< "$l"
+        echo "| $n | $k | $o | $g | **$q** | $p | $oc / $gc |"
+    done
+fi
 if [ -n "$PEFT_LINE" ]; then
     IFS='|' read -r n k o pin pw q1 q2 prss pm <<< "$PEFT_LINE"
     echo

@@ -260,6 +260,18 @@ impl<T: Real> PreparedStage<T> {
         })
     }
 
+    /// The evaluated `b × b` blocks, row-major: one per stored block (a single one when the
+    /// stage is shared). What a device backend uploads.
+    pub fn blocks(&self) -> &[Vec<T>] {
+        &self.rotations
+    }
+
+    /// The stage's gather list (`None` for the identity wiring): feature `σ[kb + t]` is row `t`
+    /// of block `k`.
+    pub fn gather_list(&self) -> Option<&[usize]> {
+        self.sigma.as_deref()
+    }
+
     fn block(&self, k: usize) -> &[T] {
         if self.rotations.len() == 1 {
             &self.rotations[0]
@@ -399,11 +411,36 @@ impl<T: Real> PreparedStage<T> {
         }
     }
 
-    pub fn apply(&self, side: Side, data: &mut [T], cols: usize) {
+    /// Rotate a row-major matrix of `cols` columns in place: its columns (input side), whose
+    /// count must be this stage's `blocks × b`, or its rows (output side), whose count must be.
+    /// Sizes that do not fit are a `target-shape` error, never a read out of bounds.
+    pub fn apply(&self, side: Side, data: &mut [T], cols: usize) -> Result<(), Error> {
+        let axis = self.blocks.checked_mul(self.b);
+        let fits = match side {
+            Side::Input => axis == Some(cols) && cols > 0 && data.len().is_multiple_of(cols),
+            Side::Output => cols == 0 || axis.and_then(|n| n.checked_mul(cols)) == Some(data.len()),
+        };
+        let stored = self.rotations.len();
+        if !fits || self.b == 0 || !(stored == 1 || stored == self.blocks) {
+            return Err(Error::new(
+                Category::TargetShape,
+                format!(
+                    "a stage of {} × {} blocks does not fit {} values of {cols} columns ({} side)",
+                    self.blocks,
+                    self.b,
+                    data.len(),
+                    side.as_str()
+                ),
+            ));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
         match side {
             Side::Input => self.apply_input(data, cols),
             Side::Output => self.apply_output(data, cols),
         }
+        Ok(())
     }
 }
 
@@ -416,12 +453,12 @@ pub fn check_fits(layer: &Layer, rows: usize, cols: usize) -> Result<(), Error> 
     for (j, s) in layer.stages.iter().enumerate() {
         let b = s.spec.block_size as usize;
         let blocks = s.blocks_on(axis as u64) as usize;
-        if blocks * b != axis {
+        if blocks.checked_mul(b) != Some(axis) {
             return Err(Error::new(
                 Category::TargetShape,
                 format!(
                     "shape mismatch: stage {j} rotates {blocks} × {b} = {} {} features but the weight has {axis} ({rows} × {cols} view)",
-                    blocks * b,
+                    blocks.saturating_mul(b),
                     layer.side.as_str(),
                 ),
             )
@@ -478,6 +515,13 @@ pub fn apply_layer_blended<T: Real>(
     blend: Blend,
 ) -> Result<(), Error> {
     check_fits(layer, rows, cols)?;
+    if rows.checked_mul(cols) != Some(data.len()) {
+        return Err(Error::new(
+            Category::TargetShape,
+            format!("{} values do not fill a {rows} × {cols} weight", data.len()),
+        )
+        .tensor(&layer.target.name));
+    }
     let original = blend.linear.map(|_| data.to_vec());
     if let Some((ScalePosition::Before, s)) = &layer.row_scale {
         scale_rows(data, cols, s);
@@ -488,7 +532,7 @@ pub fn apply_layer_blended<T: Real>(
     };
     for stage in &layer.stages {
         PreparedStage::<T>::with_blend(stage, axis, blend.interpolate)?
-            .apply(layer.side, data, cols);
+            .apply(layer.side, data, cols)?;
     }
     if let Some((ScalePosition::After, s)) = &layer.row_scale {
         scale_rows(data, cols, s);
@@ -542,11 +586,13 @@ mod tests {
         let mut w64 = w.clone();
         PreparedStage::<f64>::new(&stage, cols)
             .unwrap()
-            .apply(Side::Input, &mut w64, cols);
+            .apply(Side::Input, &mut w64, cols)
+            .unwrap();
         let mut w32: Vec<f32> = w.iter().map(|&x| x as f32).collect();
         PreparedStage::<f32>::new(&stage, cols)
             .unwrap()
-            .apply(Side::Input, &mut w32, cols);
+            .apply(Side::Input, &mut w32, cols)
+            .unwrap();
         let err = w64
             .iter()
             .zip(&w32)

@@ -5,12 +5,11 @@
 //! layers are stacked, which the `stacked-layers` feature (format 1.1) allows. `--collapse`
 //! multiplies consecutive Cayley stages with nesting partitions into one stage.
 
+use crate::base::Base;
 use crate::error::{Category, Error, Result};
 use crate::model::*;
-use crate::resolve::AliasTable;
 use crate::rotation::{cayley, inverse_cayley, pack_upper, unpack_skew};
-use crate::strength::adapter_power;
-use crate::tensors::MappedFile;
+use crate::strength::{AdapterArg, adapter_power};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -43,13 +42,16 @@ pub struct ComposeSummary {
 }
 
 /// The key two layers must share to act on the same weight.
-fn match_key(layer: &Layer, table: Option<&AliasTable>) -> String {
-    if let Some(t) = table
-        && let Ok(r) = t.resolve(&layer.target)
-    {
-        return match r.rows {
-            Some((s, l)) => format!("{}[{s}..{}]", r.key, s + l),
-            None => r.key,
+fn match_key(layer: &Layer, base: Option<&Base>) -> String {
+    if let Some(loc) = base.and_then(|b| b.locate(layer).ok()) {
+        let component = base
+            .and_then(|b| b.component(&loc))
+            .map(|c| format!("{c}/"))
+            .unwrap_or_default();
+        return if loc.rows.is_whole(loc.shape.first().copied().unwrap_or(0)) {
+            format!("{component}{}", loc.key)
+        } else {
+            format!("{component}{}[{}]", loc.key, loc.rows)
         };
     }
     let name = layer
@@ -107,12 +109,7 @@ fn try_extend(prev: &mut Layer, next: &Layer) -> bool {
 
 /// Compose inputs in order. With `base`, targets are matched by the base tensor they resolve
 /// to (so PEFT and kohya names of one module meet); without, by component and name.
-pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Path>) -> Result<Adapter> {
-    let file = base.map(MappedFile::open).transpose()?;
-    let table = file.as_ref().map(|f| {
-        let st = f.tensors();
-        AliasTable::with_shapes(st.iter().map(|(n, v)| (n, v.shape().to_vec())))
-    });
+pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Base>) -> Result<Adapter> {
     let mut layers: Vec<Layer> = Vec::new();
     let mut last: HashMap<String, usize> = HashMap::new();
     let mut stacked = false;
@@ -140,7 +137,7 @@ pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Path>) -> Result<Adapter
                 )
                 .hint("bake it with `merge` (or `unmerge`) instead"));
             }
-            let key = match_key(&layer, table.as_ref());
+            let key = match_key(&layer, base);
             match last.get(&key) {
                 Some(&i) if try_extend(&mut layers[i], &layer) => {}
                 seen => {
@@ -294,7 +291,7 @@ pub fn stacked_targets(adapter: &Adapter) -> usize {
 
 /// `oftool compose A[:S] B[:S] … -o OUT.oft [--base BASE] [--collapse]`.
 pub fn run(
-    args: &[String],
+    args: &[AdapterArg],
     out: &Path,
     base: Option<&Path>,
     do_collapse: bool,
@@ -302,14 +299,10 @@ pub fn run(
     if args.is_empty() {
         return Err(Error::usage("give at least one adapter to compose"));
     }
-    let parsed = args
-        .iter()
-        .map(|a| crate::strength::parse_adapter_arg(a))
-        .collect::<Result<Vec<_>>>()?;
-    let mut paths: Vec<&Path> = parsed.iter().map(|a| a.path.as_path()).collect();
+    let mut paths: Vec<&Path> = args.iter().map(|a| a.path.as_path()).collect();
     paths.extend(base);
     crate::convert::refuse_overwriting_input(out, &paths)?;
-    let inputs = parsed
+    let inputs = args
         .iter()
         .map(|a| {
             Ok(ComposeInput {
@@ -319,12 +312,13 @@ pub fn run(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut adapter = compose(inputs, base)?;
+    let base = base.map(Base::open).transpose()?;
+    let mut adapter = compose(inputs, base.as_ref())?;
     let collapse_report = do_collapse.then(|| collapse(&mut adapter));
     adapter.provenance.created = Some(crate::convert::creation_time(&paths));
     crate::oft_file::write(&adapter, out)?;
     Ok(ComposeSummary {
-        inputs: args.to_vec(),
+        inputs: args.iter().map(|a| a.to_string()).collect(),
         output: out.display().to_string(),
         layers: adapter.layers.len(),
         stages: adapter.layers.iter().map(|l| l.stages.len()).sum(),

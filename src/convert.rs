@@ -1,8 +1,9 @@
-//! `oftool convert`: import any supported layout and write it as `.oft`.
+//! `oftool convert`: import any supported layout and write it as `.oft` or, through the
+//! layout registry ([`crate::layouts`]), in another tool's layout.
 
+use crate::base::{Base, Lookup, Storage};
 use crate::error::{Category, Error, Result};
-use crate::export;
-use crate::import;
+use crate::layouts::{self, Layout, report};
 use crate::oft_file;
 use crate::validate::check_adapter;
 use serde::Serialize;
@@ -12,7 +13,9 @@ use std::time::UNIX_EPOCH;
 #[derive(Debug, Serialize)]
 pub struct ConvertSummary {
     pub input: String,
+    /// The input's layout id and variant (as `inspect` reports them).
     pub layout: String,
+    pub variant: Option<String>,
     pub output: String,
     pub layers: usize,
     pub parameters: u64,
@@ -92,62 +95,51 @@ pub fn creation_time(inputs: &[&Path]) -> String {
     rfc3339(secs)
 }
 
-/// Record, per layer, the target's full shape and a base-binding hash of its tensor in `base`.
-pub fn bind(adapter: &mut crate::model::Adapter, base: &Path) -> Result<()> {
-    use crate::resolve::AliasTable;
-    use crate::tensors::MappedFile;
-    let file = MappedFile::open(base)?;
-    let st = file.tensors();
-    let table = AliasTable::with_shapes(st.iter().map(|(n, v)| (n, v.shape().to_vec())));
+/// Record, per layer, the target's covered shape and a base-binding hash of its tensor in
+/// `base` (dtype, full shape, blake3 of its bytes).
+pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
     let mut problems = Vec::new();
     for layer in &mut adapter.layers {
-        let r = match table.resolve(&layer.target) {
-            Ok(r) => r,
-            Err(c) if c.is_empty() => {
+        let loc = match base.lookup(layer) {
+            Lookup::Found(loc) => loc,
+            Lookup::Missing => {
                 problems.push(format!("`{}` has no tensor in the base", layer.target.name));
                 continue;
             }
-            Err(c) => {
+            Lookup::Ambiguous(keys) => {
                 problems.push(format!(
                     "`{}` matches several tensors: {}",
                     layer.target.name,
-                    c.join(", ")
+                    keys.join(", ")
                 ));
                 continue;
             }
         };
-        let view = st
-            .tensor(&r.key)
-            .map_err(|e| Error::format(base, e.to_string()))?;
-        let full: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
-        let mut target_shape = full.clone();
-        if let (Some((_, len)), Some(first)) = (r.rows, target_shape.first_mut()) {
-            *first = len as u64;
-        }
+        let target_shape: Vec<u64> = loc.covered_shape().iter().map(|&d| d as u64).collect();
         let axis = crate::validate::axis_len(layer.side, &target_shape);
         if layer.target.rotated_dim.is_some_and(|d| d != axis) {
             problems.push(format!(
                 "`{}` rotates {} features but `{}` has {axis} on that side (shape {target_shape:?})",
                 layer.target.name,
                 layer.target.rotated_dim.unwrap_or(0),
-                r.key
+                loc.key
             ));
             continue;
         }
         layer.target.rotated_dim = Some(axis);
         layer.target.shape = Some(target_shape);
-        layer.base_binding = Some(crate::model::BaseBinding {
-            blake3: blake3::hash(view.data()).to_hex().to_string(),
-            dtype: format!("{:?}", view.dtype()),
-            shape: full,
-        });
+        layer.base_binding = Some(base.binding(&loc)?);
     }
     if problems.is_empty() {
         Ok(())
     } else {
         Err(Error::new(
             Category::TargetShape,
-            format!("cannot bind to {}: {}", base.display(), problems.join("; ")),
+            format!(
+                "cannot bind to {}: {}",
+                base.path().display(),
+                problems.join("; ")
+            ),
         ))
     }
 }
@@ -156,10 +148,9 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     let mut inputs = vec![input];
     inputs.extend(base);
     refuse_overwriting_input(output, &inputs)?;
-    let layout = import::detect(input)?;
-    let mut adapter = import::load(input)?;
+    let (found, mut adapter) = layouts::read(input)?;
     if let Some(b) = base {
-        bind(&mut adapter, b)?;
+        bind(&mut adapter, &Base::open(b)?)?;
     }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
@@ -180,7 +171,8 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     oft_file::write(&adapter, output)?;
     Ok(ConvertSummary {
         input: input.display().to_string(),
-        layout: layout.name().into(),
+        layout: found.id().into(),
+        variant: found.variant().map(str::to_string),
         output: output.display().to_string(),
         layers: adapter.layers.len(),
         parameters: adapter.layers.iter().map(|l| l.parameter_count()).sum(),
@@ -191,7 +183,10 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
 #[derive(Debug, Serialize)]
 pub struct ExportReport {
     pub input: String,
+    /// The input's layout id and variant (as `inspect` reports them).
     pub layout: String,
+    pub variant: Option<String>,
+    /// The layout written (its id, whichever alias `--to` named).
     pub to: String,
     pub output: String,
     /// Files written, relative to `output` for directories.
@@ -207,7 +202,7 @@ pub struct ExportReport {
     /// Why nothing was written, when the conversion was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
-    pub layers: Vec<export::LayerReport>,
+    pub layers: Vec<report::LayerReport>,
 }
 
 /// Options of `convert --to <layout>`.
@@ -222,24 +217,28 @@ pub struct ExportOptions<'a> {
 pub fn run_to(
     input: &Path,
     output: &Path,
-    to: export::To,
+    to: &Layout,
     opts: &ExportOptions<'_>,
 ) -> Result<ExportReport> {
     let mut inputs = vec![input];
     inputs.extend(opts.base);
     refuse_overwriting_input(output, &inputs)?;
-    let layout = import::detect(input)?;
-    let mut adapter = import::load(input)?;
+    let (found, mut adapter) = layouts::read(input)?;
     let mut table = None;
+    // The writers' name lookup and weight-change figures read one model: a file, or the one
+    // group of a sharded base (figures then need a single file). A pipeline folder binds, but
+    // its layers are named without it.
+    let mut base_file = None;
     if let Some(b) = opts.base {
-        bind(&mut adapter, b)?;
-        let file = crate::tensors::MappedFile::open(b)?;
-        let st = file.tensors();
-        let t = crate::resolve::AliasTable::with_shapes(
-            st.iter().map(|(n, v)| (n, v.shape().to_vec())),
-        );
-        let names = t.pipeline_names();
-        table = Some((t, names));
+        let base = Base::open(b)?;
+        bind(&mut adapter, &base)?;
+        if let Some(t) = base.single_table() {
+            let names = t.pipeline_names();
+            table = Some((t.clone(), names));
+        }
+        if let Storage::File(f) = base.storage() {
+            base_file = Some(f.clone());
+        }
     }
     // A "shared" stage whose axis holds a single block is just one block.
     for layer in &mut adapter.layers {
@@ -257,30 +256,30 @@ pub fn run_to(
         .clone()
         .into_iter()
         .collect();
-    let ctx = export::Context {
-        base: opts.base,
+    let ctx = report::Context {
+        base: base_file.as_deref(),
         table,
-        sd1: import::onetrainer::sd1_from_metadata(&metadata),
+        sd1: layouts::common::sd1_from_metadata(&metadata),
     };
-    let written = export::export(&adapter, to, &ctx)?;
-    let layers = export::reports(&adapter, &written, &ctx)?;
-    let count = |f: fn(&export::Status) -> bool| layers.iter().filter(|l| f(&l.status)).count();
+    let written = layouts::export(&adapter, to, &ctx)?;
+    let layers = report::reports(&adapter, &written, &ctx)?;
+    let count = |f: fn(&report::Status) -> bool| layers.iter().filter(|l| f(&l.status)).count();
     let impossible: Vec<(String, String)> = layers
         .iter()
         .filter_map(|l| match &l.status {
-            export::Status::Impossible { reason } => Some((l.layer.clone(), reason.clone())),
+            report::Status::Impossible { reason } => Some((l.layer.clone(), reason.clone())),
             _ => None,
         })
         .collect();
     let lossy: Vec<(String, String)> = layers
         .iter()
         .filter_map(|l| match &l.status {
-            export::Status::Lossy { reason } => Some((l.layer.clone(), reason.clone())),
+            report::Status::Lossy { reason } => Some((l.layer.clone(), reason.clone())),
             _ => None,
         })
         .collect();
     let refused = if !impossible.is_empty() || (!lossy.is_empty() && !opts.allow_lossy) {
-        Some(export::refuse(to, &impossible, &lossy).to_string())
+        Some(report::refuse(to.id, &impossible, &lossy).to_string())
     } else {
         None
     };
@@ -288,25 +287,26 @@ pub fn run_to(
     if opts.zip && !written.directory {
         return Err(Error::usage(format!(
             "--zip packs a directory layout; {} is a single file",
-            to.name()
+            to.id
         )));
     }
     let files: Vec<String> = written
         .files
         .iter()
-        .map(|f| export::rel_path(f).display().to_string())
+        .map(|f| report::rel_path(f).display().to_string())
         .collect();
     if refused.is_none() {
         write_output(output, &written, zip)?;
     }
     Ok(ExportReport {
         input: input.display().to_string(),
-        layout: layout.name().into(),
-        to: to.name().into(),
+        layout: found.id().into(),
+        variant: found.variant().map(str::to_string),
+        to: to.id.into(),
         output: output.display().to_string(),
         files: if written.directory { files } else { Vec::new() },
-        exact: count(|s| matches!(s, export::Status::Exact)),
-        lossy: count(|s| matches!(s, export::Status::Lossy { .. })),
+        exact: count(|s| matches!(s, report::Status::Exact)),
+        lossy: count(|s| matches!(s, report::Status::Lossy { .. })),
         impossible: impossible.len(),
         max_rotation_change: layers
             .iter()
@@ -324,10 +324,13 @@ pub fn run_to(
 
 /// Write the files: one file atomically; a directory built beside the target and renamed into
 /// place (the target must not exist yet, or be an empty directory); or one zip archive.
-fn write_output(output: &Path, written: &export::Written, zip: bool) -> Result<()> {
+fn write_output(output: &Path, written: &report::Written, zip: bool) -> Result<()> {
     use std::io::Write;
     if !written.directory {
-        let bytes = export::file_bytes(&written.files[0])?;
+        let bytes = match written.files.first() {
+            Some(f) => report::file_bytes(f)?,
+            None => Vec::new(),
+        };
         return crate::tensors::atomic_write(output, |f| {
             f.write_all(&bytes).map_err(|e| Error::io(output, e))
         });
@@ -335,7 +338,7 @@ fn write_output(output: &Path, written: &export::Written, zip: bool) -> Result<(
     if zip {
         let mut entries = Vec::new();
         for f in &written.files {
-            entries.push((export::rel_path(f).to_path_buf(), export::file_bytes(f)?));
+            entries.push((report::rel_path(f).to_path_buf(), report::file_bytes(f)?));
         }
         return crate::tensors::atomic_write(output, |f| {
             let mut z = zip::ZipWriter::new(f);
@@ -378,11 +381,11 @@ fn write_output(output: &Path, written: &export::Written, zip: bool) -> Result<(
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     for f in &written.files {
-        let path = tmp.path().join(export::rel_path(f));
+        let path = tmp.path().join(report::rel_path(f));
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let bytes = export::file_bytes(f)?;
+        let bytes = report::file_bytes(f)?;
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     }
     if output.is_dir() {

@@ -3,7 +3,7 @@
 //! the command line does, and must return (with an error or not) — never panic, never hang,
 //! never allocate without bound. Not a stable API.
 
-use crate::export::{Context, To, export};
+use crate::layouts::{self, Context};
 use crate::model::Adapter;
 use crate::resolve::AliasTable;
 use crate::tensors::{OwnedTensor, write_owned};
@@ -37,30 +37,28 @@ fn write(name: &str, data: &[u8]) -> PathBuf {
 }
 
 /// What every command does with an adapter once read: check it, report it, write it in every
-/// layout (in memory), and serialise it as `.oft`.
-fn exercise(adapter: &Adapter) {
+/// layout of the registry that oftool writes (in memory), and serialise it as `.oft`. Returns
+/// the layouts it wrote through.
+fn exercise(adapter: &Adapter) -> Vec<&'static str> {
     let _ = crate::validate::check_adapter(adapter);
-    let _ = crate::inspect::report(std::path::Path::new("fuzz"), "fuzz", adapter);
+    let _ = crate::inspect::report(std::path::Path::new("fuzz"), "fuzz", None, adapter);
     let ctx = Context {
         base: None,
         table: None,
         sd1: None,
     };
-    for to in [
-        To::Peft,
-        To::ComfyUi,
-        To::Lycoris,
-        To::Kohya,
-        To::OneTrainer,
-    ] {
-        if let Ok(w) = export(adapter, to, &ctx) {
+    let mut tried = Vec::new();
+    for (layout, write) in layouts::writers() {
+        if let Ok(w) = write(adapter, &ctx) {
             for f in &w.files {
-                let _ = crate::export::file_bytes(f);
+                let _ = layouts::report::file_bytes(f);
             }
         }
+        tried.push(layout.id);
     }
     let mut out = Vec::new();
     let _ = crate::oft_file::write_to(adapter, &mut out);
+    tried
 }
 
 /// The `.oft` reader: container, manifest, digest.
@@ -74,7 +72,7 @@ pub fn oft_reader(data: &[u8]) {
 /// Layout detection and every safetensors/pickle importer, as `inspect FILE` runs them.
 pub fn any_adapter(data: &[u8]) {
     let p = write("in.safetensors", data);
-    if let Ok(a) = crate::import::load(&p) {
+    if let Ok(a) = layouts::load(&p) {
         exercise(&a);
     }
 }
@@ -122,7 +120,7 @@ pub fn peft_config(data: &[u8]) {
                 let _ = write_owned(&mut f, &owned, Default::default());
             }
         }
-        if let Ok(a) = crate::import::load(&d) {
+        if let Ok(a) = layouts::load(&d) {
             exercise(&a);
         }
     }
@@ -164,6 +162,7 @@ pub fn resolver(data: &[u8]) {
         module: Default::default(),
         shape: None,
         rotated_dim: None,
+        rows: None,
     };
     let plain = AliasTable::new(keys.iter().map(|(k, _)| k.as_str()));
     let _ = plain.resolve(&t);
@@ -188,20 +187,8 @@ pub fn structured(data: &[u8]) {
         "x.processor.to_q_oft",
         "base_model.model.model.layers.0.mlp.down_proj",
     ];
-    const SUFFIXES: [&str; 12] = [
-        ".oft_R.weight",
-        ".oft_R.scaled_oft",
-        ".oft_embedding_R.weight",
-        ".oft_r",
-        ".oft_s",
-        ".boft_R",
-        ".boft_s",
-        ".oft_blocks",
-        ".alpha",
-        ".rescale",
-        ".oft_diag",
-        ".R",
-    ];
+    // Every tensor suffix of every layout in the registry.
+    let suffixes = layouts::tensor_suffixes();
     let mut it = data.iter().copied();
     let mut next = || it.next().unwrap_or(0);
     let count = (next() % 6) as usize + 1;
@@ -210,7 +197,7 @@ pub fn structured(data: &[u8]) {
         let name = format!(
             "{}{}",
             PREFIXES[next() as usize % PREFIXES.len()],
-            SUFFIXES[next() as usize % SUFFIXES.len()]
+            suffixes[next() as usize % suffixes.len()]
         );
         let rank = (next() % 5) as usize;
         let shape: Vec<usize> = (0..rank).map(|_| (next() % 9) as usize).collect();
@@ -258,5 +245,24 @@ pub fn structured(data: &[u8]) {
     let mut buf = Vec::new();
     if write_owned(&mut buf, &tensors, md).is_ok() {
         any_adapter(&buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exercise_writes_every_layout_the_registry_writes() {
+        let a = crate::model::Adapter {
+            provenance: Default::default(),
+            layers: Vec::new(),
+            features: Vec::new(),
+        };
+        let writable: Vec<&str> = crate::layouts::LAYOUTS
+            .iter()
+            .filter(|l| matches!(l.writes, crate::layouts::Writes::Writer(_)))
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(super::exercise(&a), writable);
+        assert!(writable.len() >= 5, "{writable:?}");
     }
 }

@@ -4,7 +4,7 @@
 //! ever added.
 
 use crate::error::Result;
-use crate::import;
+use crate::layouts;
 use crate::model::{Adapter, Layer, Provenance, ScalePosition};
 use crate::rotation::{max_rotation_angle, orthogonality_error, rotation_block, skew_norm};
 use serde::Serialize;
@@ -70,7 +70,10 @@ pub struct Totals {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub file: String,
+    /// The layout's registry id: a `convert --to` value whenever oftool writes that layout.
     pub layout: String,
+    /// The finer kind of file within the layout (`diag-oft`), when it has several.
+    pub variant: Option<String>,
     pub provenance: Provenance,
     pub totals: Totals,
     /// Things a user should know about how runtimes treat this adapter (README "Where each
@@ -155,7 +158,7 @@ pub fn layer_report(layer: &Layer) -> LayerReport {
     }
 }
 
-pub fn report(file: &Path, layout: &str, adapter: &Adapter) -> Report {
+pub fn report(file: &Path, layout: &str, variant: Option<&str>, adapter: &Adapter) -> Report {
     let layers: Vec<LayerReport> = adapter.layers.iter().map(layer_report).collect();
     let totals = Totals {
         layers: layers.len(),
@@ -173,6 +176,7 @@ pub fn report(file: &Path, layout: &str, adapter: &Adapter) -> Report {
     Report {
         file: file.display().to_string(),
         layout: layout.into(),
+        variant: variant.map(str::to_string),
         provenance: adapter.provenance.clone(),
         totals,
         notes,
@@ -255,9 +259,8 @@ fn notes(adapter: &Adapter, layers: &[LayerReport]) -> Vec<String> {
 
 /// Load any supported adapter and build its report.
 pub fn run(path: &Path) -> Result<Report> {
-    let layout = import::detect(path)?;
-    let adapter = import::load(path)?;
-    Ok(report(path, layout.name(), &adapter))
+    let (found, adapter) = layouts::read(path)?;
+    Ok(report(path, found.id(), found.variant(), &adapter))
 }
 
 /// The human-readable table.
@@ -268,8 +271,12 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(s, "{}", r.file);
     let _ = writeln!(
         s,
-        "  layout {}   source {}{}   {} layers, {} stages, {} parameters",
+        "  layout {}{}   source {}{}   {} layers, {} stages, {} parameters",
         r.layout,
+        r.variant
+            .as_ref()
+            .map(|v| format!(" ({v})"))
+            .unwrap_or_default(),
         p.source_format,
         p.source_version
             .as_ref()

@@ -1,9 +1,16 @@
-//! The `oftool` command line: parses arguments and calls the library.
+//! The `oftool` command line: parses arguments (including `PATH:S`), sets up the process,
+//! calls the library, and renders its reports, errors and progress. A closed stdout (`| head`)
+//! ends the program quietly.
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
+use oftool::bake::AdapterArg;
+use oftool::error::Error;
+use oftool::layouts::{self, LAYOUTS, Layout, Writes};
 use oftool::strength::BlendMode;
 use oftool::{bake, compose, convert, inspect, validate};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -17,35 +24,17 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, PartialEq, ValueEnum)]
-enum Target {
-    /// The spec-defined `.oft` format (spec/oft-format.md).
-    Oft,
-    /// A PEFT ≥ 0.18 adapter directory per diffusers component (`PeftModel.from_pretrained`).
-    #[value(alias = "peft")]
-    Diffusers,
-    /// LyCORIS `oft_blocks` under kohya names, as ComfyUI loads them.
-    Comfyui,
-    /// LyCORIS (`lycoris.kohya`) diag-oft / BOFT.
-    Lycoris,
-    /// kohya sd-scripts: `networks.oft` (output side) or `networks.oft_v2` (input side).
-    Kohya,
-    /// OneTrainer `OFT_2` (KOHYA key layout; also read by the ComfyUI-OFTv2 node).
-    Onetrainer,
-}
-
-impl Target {
-    fn export(self) -> Option<oftool::export::To> {
-        use oftool::export::To;
-        match self {
-            Target::Oft => None,
-            Target::Diffusers => Some(To::Peft),
-            Target::Comfyui => Some(To::ComfyUi),
-            Target::Lycoris => Some(To::Lycoris),
-            Target::Kohya => Some(To::Kohya),
-            Target::Onetrainer => Some(To::OneTrainer),
-        }
-    }
+/// `--to`: the layouts of the registry, each with its one-line help and aliases; layouts oftool
+/// only reads are accepted (to say why they are not written) but not listed.
+fn layout_parser() -> impl TypedValueParser<Value = &'static Layout> {
+    let values = LAYOUTS.iter().map(|l| {
+        PossibleValue::new(l.id)
+            .help(layouts::help_line(l))
+            .aliases(l.aliases.iter().copied())
+            .hide(matches!(l.writes, Writes::No(_)))
+    });
+    PossibleValuesParser::new(values)
+        .try_map(|name: String| layouts::find(&name).ok_or_else(|| format!("no layout `{name}`")))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,8 +92,40 @@ impl BakeFlags {
             threads: self.threads,
             skip_missing: self.skip_missing,
             force: self.force,
-            progress: !self.quiet && !self.json,
         }
+    }
+
+    /// A progress bar on stderr when it is a terminal and no `--quiet`/`--json`.
+    fn progress(&self) -> Box<dyn bake::Progress> {
+        if !self.quiet && !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            Box::new(Bar(indicatif::ProgressBar::new(0)))
+        } else {
+            Box::new(bake::NoProgress)
+        }
+    }
+}
+
+/// The bake's progress as an indicatif bar on stderr.
+struct Bar(indicatif::ProgressBar);
+
+impl bake::Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    }
+    fn file(&self, relative: &Path) {
+        self.0.set_message(relative.display().to_string());
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
     }
 }
 
@@ -121,7 +142,8 @@ enum Command {
     /// Check an adapter (and optionally that it fits a base checkpoint). Exit 0 valid, 1 invalid, 2 usage or I/O error.
     Validate {
         file: PathBuf,
-        /// Base checkpoint (safetensors) to check targets, shapes and binding hashes against.
+        /// Base checkpoint to check targets, shapes and binding hashes against: a .safetensors
+        /// file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
         #[arg(long)]
         base: Option<PathBuf>,
         #[arg(long)]
@@ -174,8 +196,8 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         /// Layout to write.
-        #[arg(long, value_enum, default_value = "oft")]
-        to: Target,
+        #[arg(long, default_value = "oft", value_parser = layout_parser())]
+        to: &'static Layout,
         /// The base checkpoint: `--to oft` binds the adapter to it (each target's shape and a
         /// blake3 hash of its tensor); other layouts use it to name modules, tell Conv2d from
         /// Linear, and measure how much a lossy conversion changes the merged weights.
@@ -249,10 +271,304 @@ enum DeviceCheck {
     },
 }
 
-fn device_check(check: DeviceCheck, device: &str) -> oftool::Result<u8> {
+impl Command {
+    /// Whether the user asked for JSON output (errors are then reported in JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Inspect { json, .. }
+            | Command::Validate { json, .. }
+            | Command::Compose { json, .. }
+            | Command::Convert { json, .. } => *json,
+            Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
+            Command::DeviceCheck { .. } => false,
+        }
+    }
+}
+
+/// What a command prints on stdout, and its exit status.
+struct Output {
+    stdout: String,
+    code: u8,
+}
+
+impl Output {
+    fn new(stdout: String, code: u8) -> Self {
+        Output { stdout, code }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => s + "\n",
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "oftool: cannot encode JSON: {e}");
+            String::new()
+        }
+    }
+}
+
+/// A line on stderr (never panics, even when stderr is closed).
+fn warn(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Split `PATH:S`. A path that exists as written is taken whole, so file names with colons
+/// still work; otherwise a numeric suffix after the last `:` is the strength.
+fn parse_adapter_arg(arg: &str) -> Result<AdapterArg, Error> {
+    if Path::new(arg).exists() {
+        return Ok(AdapterArg {
+            path: arg.into(),
+            strength: None,
+        });
+    }
+    if let Some((head, tail)) = arg.rsplit_once(':')
+        && let Ok(s) = tail.trim().parse::<f64>()
+    {
+        if !s.is_finite() {
+            return Err(Error::usage(format!(
+                "strength `{tail}` in `{arg}` is not a finite number"
+            )));
+        }
+        return Ok(AdapterArg {
+            path: head.into(),
+            strength: Some(s),
+        });
+    }
+    if let Some((head, tail)) = arg.rsplit_once(':')
+        && Path::new(head).exists()
+    {
+        return Err(Error::usage(format!(
+            "`{tail}` in `{arg}` is not a strength (ADAPTER:S takes a number, e.g. `{head}:0.5`)"
+        )));
+    }
+    Ok(AdapterArg {
+        path: arg.into(),
+        strength: None,
+    })
+}
+
+fn adapter_args(args: &[String]) -> Result<Vec<AdapterArg>, Error> {
+    args.iter().map(|a| parse_adapter_arg(a)).collect()
+}
+
+/// A layout and its variant for people: `lycoris diag-oft`.
+fn layout_name(layout: &str, variant: &Option<String>) -> String {
+    match variant {
+        Some(v) => format!("{layout} {v}"),
+        None => layout.to_string(),
+    }
+}
+
+fn report_export(r: &convert::ExportReport, as_json: bool) -> Output {
+    for w in &r.warnings {
+        warn(&format!("oftool: warning: {w}"));
+    }
+    let mut stdout = String::new();
+    if as_json {
+        stdout = json(r);
+    } else if r.refused.is_none() {
+        let lossy = if r.lossy > 0 {
+            format!(
+                ", {} lossy (largest rotation change {:.3e})",
+                r.lossy, r.max_rotation_change
+            )
+        } else {
+            String::new()
+        };
+        stdout = format!(
+            "{} ({}) → {} ({}): {} layers exact{lossy}\n",
+            r.input,
+            layout_name(&r.layout, &r.variant),
+            r.output,
+            r.to,
+            r.exact
+        );
+    }
+    match &r.refused {
+        Some(why) => {
+            warn(&format!("oftool: error: {why}; nothing was written"));
+            Output::new(stdout, 1)
+        }
+        None => Output::new(stdout, 0),
+    }
+}
+
+fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
+    if flags.json {
+        return Output::new(json(s), 0);
+    }
+    if !flags.quiet {
+        let skipped = if s.layers_skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; skipped {} without a target: {}",
+                s.layers_skipped.len(),
+                s.layers_skipped.join(", ")
+            )
+        };
+        warn(&format!(
+            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){skipped}",
+            s.layers_baked,
+            s.tensors_rotated,
+            s.base,
+            s.output,
+            s.bytes_written as f64 / 1e6,
+            s.seconds,
+        ));
+    }
+    Output::new(String::new(), 0)
+}
+
+fn report_compose(s: &compose::ComposeSummary, as_json: bool) -> Output {
+    if as_json {
+        return Output::new(json(s), 0);
+    }
+    let stacked = if s.stacked_targets > 0 {
+        format!(", {} stacked target(s) (format 1.1)", s.stacked_targets)
+    } else {
+        String::new()
+    };
+    let collapsed = s
+        .collapse
+        .as_ref()
+        .map(|c| {
+            format!(
+                "; collapsed {} layer(s), largest R change {:.2e}, kept stages in {}",
+                c.collapsed_layers,
+                c.max_r_change,
+                c.kept.len()
+            )
+        })
+        .unwrap_or_default();
+    let line = format!(
+        "composed {} adapter(s) → {}: {} layers, {} stages{stacked}{collapsed}\n",
+        s.inputs.len(),
+        s.output,
+        s.layers,
+        s.stages,
+    );
+    Output::new(line, 0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convert_command(
+    input: &Path,
+    output: &Path,
+    to: &'static Layout,
+    base: Option<&Path>,
+    allow_lossy: bool,
+    zip: bool,
+    as_json: bool,
+) -> Result<Output, Error> {
+    match to.writes {
+        Writes::Canonical => {}
+        Writes::No(why) => return Err(layouts::not_writable(to, why)),
+        Writes::Writer(_) => {
+            let opts = convert::ExportOptions {
+                base,
+                allow_lossy,
+                zip,
+            };
+            return convert::run_to(input, output, to, &opts).map(|r| report_export(&r, as_json));
+        }
+    }
+    if zip || allow_lossy {
+        return Err(Error::usage(
+            "--zip and --allow-lossy apply to foreign layouts, not --to oft",
+        ));
+    }
+    let s = convert::run(input, output, base)?;
+    let text = if as_json {
+        json(&s)
+    } else {
+        format!(
+            "{} ({}) → {}: {} layers, {} parameters\n",
+            s.input,
+            layout_name(&s.layout, &s.variant),
+            s.output,
+            s.layers,
+            s.parameters
+        )
+    };
+    Ok(Output::new(text, 0))
+}
+
+fn run(command: Command) -> Result<Output, Error> {
+    match command {
+        Command::Inspect { file, json: j } => inspect::run(&file)
+            .map(|r| Output::new(if j { json(&r) } else { inspect::render(&r) }, 0)),
+        Command::Validate {
+            file,
+            base,
+            json: j,
+        } => validate::run(&file, base.as_deref()).map(|v| {
+            let text = if j { json(&v) } else { validate::render(&v) };
+            Output::new(text, if v.valid { 0 } else { 1 })
+        }),
+        Command::Merge {
+            base,
+            adapters,
+            blend,
+            flags,
+        } => {
+            let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into())?;
+            let progress = flags.progress();
+            bake::merge(
+                &base,
+                inputs,
+                &flags.output,
+                &flags.options(),
+                progress.as_ref(),
+            )
+            .map(|s| report_bake(&s, &flags))
+        }
+        Command::Unmerge {
+            merged,
+            adapters,
+            flags,
+        } => {
+            let args = adapter_args(&adapters)?;
+            let progress = flags.progress();
+            bake::unmerge(
+                &merged,
+                &args,
+                &flags.output,
+                &flags.options(),
+                progress.as_ref(),
+            )
+            .map(|s| report_bake(&s, &flags))
+        }
+        Command::Compose {
+            adapters,
+            output,
+            base,
+            collapse,
+            json: j,
+        } => compose::run(
+            &adapter_args(&adapters)?,
+            &output,
+            base.as_deref(),
+            collapse,
+        )
+        .map(|s| report_compose(&s, j)),
+        Command::Convert {
+            input,
+            output,
+            to,
+            base,
+            allow_lossy,
+            zip,
+            json: j,
+        } => convert_command(&input, &output, to, base.as_deref(), allow_lossy, zip, j),
+        Command::DeviceCheck { check, device } => device_check(check, &device),
+    }
+}
+
+fn device_check(check: DeviceCheck, device: &str) -> Result<Output, Error> {
     use oftool::device_check as dc;
-    use oftool::error::Error;
     let dev = dc::device(device.parse()?)?;
+    let mut lines = String::new();
     let v = match check {
         DeviceCheck::Parity {
             base,
@@ -262,7 +578,7 @@ fn device_check(check: DeviceCheck, device: &str) -> oftool::Result<u8> {
         DeviceCheck::ParityCases { dir } => {
             let all = dc::parity_cases(&dir, &dev)?;
             for v in &all {
-                println!("{v}");
+                lines.push_str(&format!("{v}\n"));
             }
             let ok = all.iter().all(|v| v["ok"] == serde_json::Value::Bool(true));
             serde_json::json!({ "mode": "parity-cases", "cases": all.len(), "ok": ok })
@@ -307,209 +623,120 @@ fn device_check(check: DeviceCheck, device: &str) -> oftool::Result<u8> {
             runs,
         } => dc::ceilings(&dev, copy_bytes, n, runs)?,
     };
-    println!("{v}");
-    Ok(if v["ok"] == serde_json::Value::Bool(false) {
-        1
-    } else {
-        0
-    })
+    lines.push_str(&format!("{v}\n"));
+    let failed = v["ok"] == serde_json::Value::Bool(false);
+    Ok(Output::new(lines, u8::from(failed)))
 }
 
-impl Command {
-    /// Whether the user asked for JSON output (errors are then reported in JSON too).
-    fn json(&self) -> bool {
-        match self {
-            Command::Inspect { json, .. }
-            | Command::Validate { json, .. }
-            | Command::Compose { json, .. }
-            | Command::Convert { json, .. } => *json,
-            Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
-            Command::DeviceCheck { .. } => false,
-        }
+/// Process setup: a file-size limit (`ulimit -f`) must surface as an ordinary write error
+/// ("File too large"), not kill the process with SIGXFSZ midway; and freed tensor buffers stay
+/// in the heap for reuse.
+fn init_process() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_IGN at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-}
-
-fn print_json<T: serde::Serialize>(v: &T) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("oftool: cannot encode JSON: {e}"),
+    // Bakes allocate a few tensor-sized buffers per tensor: keep freed memory in the heap for
+    // reuse instead of returning it to the kernel and faulting fresh zeroed pages each time.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; called once at startup.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 
-fn report_export(r: &convert::ExportReport, json: bool) -> u8 {
-    for w in &r.warnings {
-        eprintln!("oftool: warning: {w}");
+/// Write `text` to stdout. A reader that went away (`| head`) is not an error: the output
+/// simply has nobody to go to.
+fn write_stdout(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::new(
+            oftool::error::Category::Io,
+            format!("cannot write to stdout: {e}"),
+        )),
+        _ => Ok(()),
     }
-    if json {
-        print_json(r);
-    } else if r.refused.is_none() {
-        let lossy = if r.lossy > 0 {
-            format!(
-                ", {} lossy (largest rotation change {:.3e})",
-                r.lossy, r.max_rotation_change
-            )
-        } else {
-            String::new()
-        };
-        println!(
-            "{} ({}) → {} ({}): {} layers exact{lossy}",
-            r.input, r.layout, r.output, r.to, r.exact
-        );
-    }
-    match &r.refused {
-        Some(why) => {
-            eprintln!("oftool: error: {why}; nothing was written");
-            1
-        }
-        None => 0,
-    }
-}
-
-fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> u8 {
-    if flags.json {
-        print_json(s);
-    } else if !flags.quiet {
-        let skipped = if s.layers_skipped.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; skipped {} without a target: {}",
-                s.layers_skipped.len(),
-                s.layers_skipped.join(", ")
-            )
-        };
-        eprintln!(
-            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){skipped}",
-            s.layers_baked,
-            s.tensors_rotated,
-            s.base,
-            s.output,
-            s.bytes_written as f64 / 1e6,
-            s.seconds,
-        );
-    }
-    0
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    oftool::init_process();
-    let json = cli.command.json();
-    let result = match cli.command {
-        Command::Inspect { file, json } => inspect::run(&file).map(|r| {
-            if json {
-                print_json(&r);
-            } else {
-                print!("{}", inspect::render(&r));
-            }
-            0
-        }),
-        Command::Validate { file, base, json } => validate::run(&file, base.as_deref()).map(|v| {
-            if json {
-                print_json(&v);
-            } else {
-                print!("{}", validate::render(&v));
-            }
-            if v.valid { 0 } else { 1 }
-        }),
-        Command::Merge {
-            base,
-            adapters,
-            blend,
-            flags,
-        } => bake::load_inputs(&adapters, blend.into())
-            .and_then(|inputs| bake::run(&base, inputs, &flags.output, &flags.options()))
-            .map(|s| report_bake(&s, &flags)),
-        Command::Unmerge {
-            merged,
-            adapters,
-            flags,
-        } => bake::unmerge(&merged, &adapters, &flags.output, &flags.options())
-            .map(|s| report_bake(&s, &flags)),
-        Command::Compose {
-            adapters,
-            output,
-            base,
-            collapse,
-            json,
-        } => compose::run(&adapters, &output, base.as_deref(), collapse).map(|s| {
-            if json {
-                print_json(&s);
-            } else {
-                println!(
-                    "composed {} adapter(s) → {}: {} layers, {} stages{}{}",
-                    s.inputs.len(),
-                    s.output,
-                    s.layers,
-                    s.stages,
-                    if s.stacked_targets > 0 {
-                        format!(", {} stacked target(s) (format 1.1)", s.stacked_targets)
-                    } else {
-                        String::new()
-                    },
-                    s.collapse
-                        .as_ref()
-                        .map(|c| format!(
-                            "; collapsed {} layer(s), largest R change {:.2e}, kept stages in {}",
-                            c.collapsed_layers,
-                            c.max_r_change,
-                            c.kept.len()
-                        ))
-                        .unwrap_or_default()
-                );
-            }
-            0
-        }),
-        Command::Convert {
-            input,
-            output,
-            to,
-            base,
-            allow_lossy,
-            zip,
-            json,
-        } => match to.export() {
-            None => {
-                if zip || allow_lossy {
-                    Err(oftool::error::Error::usage(
-                        "--zip and --allow-lossy apply to foreign layouts, not --to oft",
-                    ))
-                } else {
-                    convert::run(&input, &output, base.as_deref()).map(|s| {
-                        if json {
-                            print_json(&s);
-                        } else {
-                            println!(
-                                "{} ({}) → {}: {} layers, {} parameters",
-                                s.input, s.layout, s.output, s.layers, s.parameters
-                            );
-                        }
-                        0
-                    })
-                }
-            }
-            Some(target) => {
-                let opts = convert::ExportOptions {
-                    base: base.as_deref(),
-                    allow_lossy,
-                    zip,
-                };
-                convert::run_to(&input, &output, target, &opts).map(|r| report_export(&r, json))
-            }
-        },
-        Command::DeviceCheck { check, device } => device_check(check, &device),
-    };
+    init_process();
+    let as_json = cli.command.json();
+    let result = run(cli.command).and_then(|o| write_stdout(&o.stdout).map(|()| o.code));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            if json {
-                print_json(&serde_json::json!({ "error": e.to_json() }));
+            if as_json {
+                let _ = write_stdout(&json(&serde_json::json!({ "error": e.to_json() })));
             }
-            eprintln!("oftool: error[{}]: {e}", e.category());
+            warn(&format!("oftool: error[{}]: {e}", e.category()));
             if let Some(h) = e.hint_text() {
-                eprintln!("hint: {h}");
+                warn(&format!("hint: {h}"));
             }
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn adapter_arguments() {
+        assert_eq!(
+            parse_adapter_arg("style.oft:0.6").unwrap(),
+            AdapterArg {
+                path: "style.oft".into(),
+                strength: Some(0.6)
+            }
+        );
+        assert_eq!(parse_adapter_arg("a:b.oft").unwrap().strength, None);
+        assert_eq!(parse_adapter_arg("x.oft:-1").unwrap().strength, Some(-1.0));
+        assert!(parse_adapter_arg("x.oft:inf").is_err());
+    }
+
+    fn convert_help() -> String {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let convert = cmd
+            .find_subcommand_mut("convert")
+            .expect("convert subcommand");
+        convert.render_long_help().to_string()
+    }
+
+    #[test]
+    fn to_choices_and_their_help_come_from_the_registry() {
+        let help = convert_help();
+        for l in LAYOUTS {
+            let listed = help.contains(&format!("- {}: ", l.id));
+            match l.writes {
+                Writes::No(_) => assert!(!listed, "{} is listed: {help}", l.id),
+                Writes::Canonical | Writes::Writer(_) => {
+                    assert!(listed, "{} missing: {help}", l.id);
+                    assert!(help.contains(l.about), "{}'s help line: {help}", l.id);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn to_accepts_every_id_and_alias() {
+        for l in LAYOUTS {
+            for name in std::iter::once(&l.id).chain(l.aliases) {
+                let cli = Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", name])
+                    .unwrap_or_else(|e| panic!("--to {name}: {e}"));
+                let Command::Convert { to, .. } = cli.command else {
+                    panic!("not convert");
+                };
+                assert!(std::ptr::eq(to, *l), "--to {name}");
+            }
+        }
+        assert!(
+            Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", "lora"]).is_err()
+        );
     }
 }

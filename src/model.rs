@@ -127,6 +127,32 @@ pub struct Target {
     /// source does not record the target's dimension (PEFT `block_share`).
     #[serde(default)]
     pub rotated_dim: Option<u64>,
+    /// The rows of the named weight this layer covers, in this order (a split of a fused
+    /// tensor, or rows stored in another order); `None`: every row, in stored order. With
+    /// `rows`, `shape` is the named (whole) weight's shape and `rotated_dim` the size of the
+    /// rotated axis of the sliced view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<RowRange>>,
+}
+
+/// `len` rows starting at row `start` (serialised as `[start, len]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "[u64; 2]", into = "[u64; 2]")]
+pub struct RowRange {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl From<[u64; 2]> for RowRange {
+    fn from([start, len]: [u64; 2]) -> Self {
+        RowRange { start, len }
+    }
+}
+
+impl From<RowRange> for [u64; 2] {
+    fn from(r: RowRange) -> Self {
+        [r.start, r.len]
+    }
 }
 
 /// One block-diagonal rotation stage.

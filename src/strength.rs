@@ -10,7 +10,7 @@ use crate::apply::Blend;
 use crate::error::{Category, Error, Result};
 use crate::model::{Adapter, Layer, RotationMap, ScalePosition, Stage};
 use crate::rotation::cayley_power;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Whose strength rule to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,8 +31,8 @@ pub enum BlendMode {
 
 impl BlendMode {
     /// How `oft_blocks` files are read for this mode.
-    pub fn semantics(self) -> crate::import::lycoris::Semantics {
-        use crate::import::lycoris::Semantics;
+    pub fn semantics(self) -> crate::layouts::Semantics {
+        use crate::layouts::Semantics;
         match self {
             BlendMode::A1111 => Semantics::A1111,
             BlendMode::ComfyUi => Semantics::ComfyUi,
@@ -68,46 +68,23 @@ impl BlendMode {
     }
 }
 
-/// An adapter argument with its optional strength.
+/// An adapter to bake or compose, with its optional strength (`ADAPTER:S` on the command line;
+/// the binary parses that form).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterArg {
     pub path: PathBuf,
     pub strength: Option<f64>,
 }
 
-/// Split `PATH:S`. A path that exists as written is taken whole, so file names with colons
-/// still work; otherwise a numeric suffix after the last `:` is the strength.
-pub fn parse_adapter_arg(arg: &str) -> Result<AdapterArg> {
-    if Path::new(arg).exists() {
-        return Ok(AdapterArg {
-            path: arg.into(),
-            strength: None,
-        });
-    }
-    if let Some((head, tail)) = arg.rsplit_once(':')
-        && let Ok(s) = tail.trim().parse::<f64>()
-    {
-        if !s.is_finite() {
-            return Err(Error::usage(format!(
-                "strength `{tail}` in `{arg}` is not a finite number"
-            )));
+impl std::fmt::Display for AdapterArg {
+    /// `PATH` or `PATH:S`, as on the command line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        match self.strength {
+            Some(s) => write!(f, ":{s}"),
+            None => Ok(()),
         }
-        return Ok(AdapterArg {
-            path: head.into(),
-            strength: Some(s),
-        });
     }
-    if let Some((head, tail)) = arg.rsplit_once(':')
-        && Path::new(head).exists()
-    {
-        return Err(Error::usage(format!(
-            "`{tail}` in `{arg}` is not a strength (ADAPTER:S takes a number, e.g. `{head}:0.5`)"
-        )));
-    }
-    Ok(AdapterArg {
-        path: arg.into(),
-        strength: None,
-    })
 }
 
 fn stage_power(stage: &Stage, s: f64, layer: &str, j: usize) -> Result<Stage> {
@@ -193,23 +170,4 @@ pub fn adapter_inverse(adapter: &Adapter) -> Result<Adapter> {
     let mut inv = adapter_power(adapter, -1.0)?;
     inv.layers.reverse();
     Ok(inv)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adapter_arguments() {
-        assert_eq!(
-            parse_adapter_arg("style.oft:0.6").unwrap(),
-            AdapterArg {
-                path: "style.oft".into(),
-                strength: Some(0.6)
-            }
-        );
-        assert_eq!(parse_adapter_arg("a:b.oft").unwrap().strength, None);
-        assert_eq!(parse_adapter_arg("x.oft:-1").unwrap().strength, Some(-1.0));
-        assert!(parse_adapter_arg("x.oft:inf").is_err());
-    }
 }

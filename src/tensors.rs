@@ -123,8 +123,12 @@ fn duplicate_key(header: &[u8]) -> Option<String> {
 
 /// Decode a tensor's elements to f64. Refuses dtypes an adapter or weight never uses.
 pub fn to_f64(view: &TensorView<'_>, what: &str) -> Result<Vec<f64>> {
-    let d = view.data();
-    Ok(match view.dtype() {
+    bytes_to_f64(view.data(), view.dtype(), what)
+}
+
+/// Decode little-endian elements of `dtype` to f64 (`what` names the tensor in errors).
+pub fn bytes_to_f64(d: &[u8], dtype: Dtype, what: &str) -> Result<Vec<f64>> {
+    Ok(match dtype {
         Dtype::F64 => d
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))

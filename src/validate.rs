@@ -1,13 +1,12 @@
 //! `oftool validate`: every structural and numerical problem of an adapter, optionally
 //! checked against the base checkpoint it is meant for (headers and bound tensors only).
 
+use crate::base::Base;
 use crate::error::{Error, Result};
-use crate::import::{self, Layout};
+use crate::layouts;
 use crate::model::{Adapter, Layer, Side};
 use crate::oft_file::{self, DigestStatus};
-use crate::resolve::AliasTable;
 use crate::rotation::skew_norm;
-use crate::tensors::MappedFile;
 use crate::wiring::gather;
 use serde::Serialize;
 use std::path::Path;
@@ -178,85 +177,24 @@ pub fn axis_len(side: Side, shape: &[u64]) -> u64 {
     }
 }
 
-/// Check every target against the base's headers, and binding hashes against its tensors.
+/// Check every target against the base (a file, sharded folder or pipeline folder, as for
+/// `merge`): it exists once, fits the layer, and is the tensor the layer is bound to.
 pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
-    let file = MappedFile::open(base)?;
-    let st = file.tensors();
-    let table = AliasTable::with_shapes(st.iter().map(|(n, v)| (n, v.shape().to_vec())));
+    let base = Base::open(base)?;
     let mut out = Vec::new();
     for layer in &adapter.layers {
-        let p = |check: &str, m: String| problem(Some(layer), check, m);
-        let (key, rows) = match table.resolve(&layer.target) {
-            Ok(r) => (r.key, r.rows),
-            Err(c) if c.is_empty() => {
-                out.push(p(
-                    "target-missing",
-                    format!(
-                        "no tensor in {} matches `{}`",
-                        base.display(),
-                        layer.target.name
-                    ),
-                ));
-                continue;
-            }
-            Err(c) => {
-                out.push(p(
-                    "target-ambiguous",
-                    format!(
-                        "`{}` matches several tensors: {}",
-                        layer.target.name,
-                        c.join(", ")
-                    ),
-                ));
-                continue;
-            }
-        };
-        let view = st
-            .tensor(&key)
-            .map_err(|e| Error::format(base, e.to_string()))?;
-        let mut shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
-        if let (Some((_, len)), Some(first)) = (rows, shape.first_mut()) {
-            *first = len as u64;
-        }
-        let axis = axis_len(layer.side, &shape);
-        for (j, s) in layer.stages.iter().enumerate() {
-            let r = s.blocks_on(axis);
-            if r * s.spec.block_size != axis {
-                out.push(p(
-                    "target-shape",
-                    format!(
-                        "stage {j} rotates {r} × {} = {} {} features, but `{key}` has shape {shape:?} ({axis} on that side)",
-                        s.spec.block_size,
-                        r * s.spec.block_size,
-                        layer.side.as_str()
-                    ),
-                ));
-            }
-        }
-        if let Some((_, v)) = &layer.row_scale
-            && v.len() as u64 != shape.first().copied().unwrap_or(0)
-        {
-            out.push(p(
-                "target-shape",
-                format!(
-                    "row scale has {} entries, `{key}` has {} rows",
-                    v.len(),
-                    shape[0]
-                ),
-            ));
-        }
-        if let Some(bind) = &layer.base_binding {
-            let dtype = format!("{:?}", view.dtype());
-            let hash = blake3::hash(view.data()).to_hex().to_string();
-            if bind.dtype != dtype || bind.shape != shape || bind.blake3 != hash {
-                out.push(p(
-                    "binding",
-                    format!("`{key}` is not the tensor this adapter was made for (bound {} {:?} {}, found {dtype} {shape:?} {hash})", bind.dtype, bind.shape, bind.blake3),
-                ));
-            }
+        let found = base.locate(layer).and_then(|loc| base.check(layer, &loc));
+        match found {
+            Ok(problems) => out.extend(problems.iter().map(|e| as_problem(layer, e))),
+            Err(e) if e.exit_code() == 2 => return Err(e),
+            Err(e) => out.push(as_problem(layer, &e)),
         }
     }
     Ok(out)
+}
+
+fn as_problem(layer: &Layer, e: &Error) -> Problem {
+    problem(Some(layer), e.category().id(), e.message().to_string())
 }
 
 /// Validate `path` (any importable layout); `Err` only for usage and I/O problems.
@@ -283,9 +221,9 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
         base: base.map(|b| b.display().to_string()),
         problems: Vec::new(),
     };
-    let loaded = import::detect(path).and_then(|layout| {
-        v.layout = Some(layout.name().into());
-        if layout == Layout::Oft {
+    let loaded = layouts::detect(path).and_then(|layout| {
+        v.layout = Some(layout.id().into());
+        if layout.is_oft() {
             let (adapter, status) = oft_file::read_unverified(path)?;
             match status {
                 DigestStatus::Ok => {}
@@ -301,7 +239,7 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
             }
             Ok(adapter)
         } else {
-            import::load(path)
+            layouts::load(path)
         }
     });
     let adapter = match loaded {
@@ -317,7 +255,7 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
     if let Some(b) = base {
         match check_base(&adapter, b) {
             Ok(p) => v.problems.extend(p),
-            Err(e) if e.is_io() => return Err(e),
+            Err(e) if e.exit_code() == 2 => return Err(e),
             Err(e) => v.problems.push(problem(None, "base", e.to_string())),
         }
     }

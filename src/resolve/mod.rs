@@ -29,6 +29,7 @@ pub fn is_unet_module(name: &str) -> bool {
     DIFFUSERS_TOP.contains(&top) || LDM_TOP.contains(&top)
 }
 
+use crate::layouts::names;
 use crate::model::Target;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use unet::{DIFFUSERS_TOP, LDM_TOP, Naming, UnetMap};
@@ -75,25 +76,26 @@ struct Entry {
 }
 
 /// Alias → base weight locations (more than one means the alias is ambiguous).
+#[derive(Clone)]
 pub struct AliasTable {
     map: HashMap<String, Vec<Entry>>,
 }
 
 /// Flattened prefixes of generic keys (old kohya/LyCORIS/ComfyUI conventions).
 const FLAT_PREFIXES: [&str; 6] = [
-    "lora_unet_",
-    "lora_te_",
-    "lora_te1_",
-    "lora_te2_",
-    "lycoris_",
-    "lora_transformer_",
+    names::LORA_UNET,
+    names::LORA_TE,
+    names::LORA_TE1,
+    names::LORA_TE2,
+    names::LYCORIS,
+    names::LORA_TRANSFORMER,
 ];
 
 /// Flattened prefixes of U-Net modules (kohya/LyCORIS-via-kohya, LyCORIS standalone /
 /// SimpleTuner, kohya's legacy OFT).
-const UNET_FLAT: [&str; 3] = ["lora_unet_", "lycoris_", "oft_unet_"];
+const UNET_FLAT: [&str; 3] = [names::LORA_UNET, names::LYCORIS, names::KOHYA_OFT_UNET];
 
-const PEFT_WRAPPER: &str = "base_model.model.";
+const PEFT_WRAPPER: &str = names::PEFT_WRAPPER;
 
 fn flat(name: &str) -> String {
     name.replace('.', "_")
@@ -259,11 +261,11 @@ impl AliasTable {
             self.add(format!("{}{own}", k.root), key, Rows::Whole, owner);
         }
         let (components, flats): (&[&str], &[&str]) = match slot {
-            Slot::First => (&["text_encoder."], &["lora_te_", "lora_te1_"]),
-            Slot::Second => (&["text_encoder_2."], &["lora_te2_"]),
+            Slot::First => (&["text_encoder."], &[names::LORA_TE, names::LORA_TE1]),
+            Slot::Second => (&["text_encoder_2."], &[names::LORA_TE2]),
             Slot::Either => (
                 &["text_encoder.", "text_encoder_2."],
-                &["lora_te_", "lora_te1_", "lora_te2_"],
+                &[names::LORA_TE, names::LORA_TE1, names::LORA_TE2],
             ),
             Slot::Extra => (&[], &[]),
         };
@@ -401,7 +403,7 @@ impl AliasTable {
             }
         }
         // Earlier components win where a bare encoder answers to both `text_encoder` names.
-        let components = ["unet.", "text_encoder.", "text_encoder_2.", "transformer."];
+        let components = names::DOTTED_COMPONENTS;
         let rank = |c: &str| components.iter().position(|p| p.trim_end_matches('.') == c);
         for (alias, entries) in &self.map {
             let Some((comp, module)) = components
@@ -469,6 +471,7 @@ mod tests {
             module: ModuleKind::Unknown,
             shape: None,
             rotated_dim: None,
+            rows: None,
         }
     }
 

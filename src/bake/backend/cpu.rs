@@ -1,0 +1,361 @@
+//! The CPU backend: the rotation kernels of [`crate::apply`] on a rayon pool of `--threads`
+//! threads. F16/BF16 tensors are rotated in f32, F32/F64 tensors in f64; results are
+//! bit-identical for any thread count.
+//!
+//! A 16-bit tensor whose edits all rotate whole rows on the input side takes a fused path:
+//! chunks of rows are widened, rotated by every edit and rounded back one at a time, so no
+//! tensor-sized f32 copy exists.
+
+use super::{Backend, Edit, TensorBytes, TensorJob};
+use crate::apply::{INPUT_CHUNK_ROWS, PreparedStage, Real, apply_layer_blended, check_fits};
+use crate::bake::codec::{self, Half};
+use crate::error::{Category, Error, Result};
+use crate::model::Side;
+use rayon::prelude::*;
+use safetensors::tensor::Dtype;
+
+/// The CPU backend and its thread pool.
+pub(crate) struct Cpu {
+    pool: rayon::ThreadPool,
+}
+
+impl Cpu {
+    /// A backend on `threads` threads (default: all cores).
+    pub fn new(threads: Option<usize>) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.unwrap_or(0))
+            .build()
+            .map_err(|e| Error::usage(format!("cannot start {threads:?} threads: {e}")))?;
+        Ok(Cpu { pool })
+    }
+}
+
+/// A tensor as the reader hands it on: F16/BF16 decoded to f32, F32/F64 to f64, or the raw
+/// bytes of a 16-bit tensor that takes the fused path.
+pub(crate) enum Loaded {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Raw(Vec<u8>),
+}
+
+impl Backend for Cpu {
+    type Loaded = Loaded;
+
+    fn load(&self, t: &TensorJob<'_>, bytes: Vec<u8>) -> Result<Loaded> {
+        let numel: usize = t.shape.iter().product();
+        let width = match t.dtype {
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F32 => 4,
+            Dtype::F64 => 8,
+            other => return Err(unsupported(t.key, other)),
+        };
+        if numel.checked_mul(width) != Some(bytes.len()) {
+            return Err(Error::new(
+                Category::Tensor,
+                format!(
+                    "{} bytes do not hold shape {:?} of {:?}",
+                    bytes.len(),
+                    t.shape,
+                    t.dtype
+                ),
+            )
+            .tensor(t.key));
+        }
+        Ok(match t.dtype {
+            Dtype::F16 | Dtype::BF16 if fusable(t) => Loaded::Raw(bytes),
+            Dtype::F16 => Loaded::F32(codec::halves_to_f32::<half::f16>(&bytes)),
+            Dtype::BF16 => Loaded::F32(codec::halves_to_f32::<half::bf16>(&bytes)),
+            _ => Loaded::F64(codec::wide_to_f64(&bytes, t.dtype)),
+        })
+    }
+
+    fn run_stage<R: Send>(&self, stage: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(stage)
+    }
+
+    fn compute(&self, t: &TensorJob<'_>, loaded: Loaded) -> Result<TensorBytes> {
+        if self.pool.current_thread_index().is_some() {
+            compute(t, loaded)
+        } else {
+            self.pool.install(|| compute(t, loaded))
+        }
+    }
+}
+
+fn unsupported(key: &str, dtype: Dtype) -> Error {
+    Error::new(
+        Category::TargetShape,
+        format!("dtype {dtype:?} cannot be rotated (only F64, F32, F16 and BF16)"),
+    )
+    .tensor(key)
+}
+
+/// Apply the edits to a loaded tensor and round once to the stored dtype.
+fn compute(t: &TensorJob<'_>, loaded: Loaded) -> Result<TensorBytes> {
+    match (loaded, t.dtype) {
+        (Loaded::Raw(bytes), Dtype::F16) => fused_input::<half::f16>(t, &bytes),
+        (Loaded::Raw(bytes), Dtype::BF16) => fused_input::<half::bf16>(t, &bytes),
+        (Loaded::F32(mut data), Dtype::F16) => {
+            apply_edits(t, &mut data)?;
+            codec::f32_to_halves::<half::f16>(t.key, &data, t.dtype)
+        }
+        (Loaded::F32(mut data), Dtype::BF16) => {
+            apply_edits(t, &mut data)?;
+            codec::f32_to_halves::<half::bf16>(t.key, &data, t.dtype)
+        }
+        (Loaded::F64(mut data), Dtype::F32) => {
+            apply_edits(t, &mut data)?;
+            codec::f64_to_f32(t.key, &data)
+        }
+        (Loaded::F64(mut data), Dtype::F64) => {
+            apply_edits(t, &mut data)?;
+            codec::f64_checked(t.key, data)
+        }
+        (_, other) => Err(unsupported(t.key, other)),
+    }
+}
+
+/// Whether a tensor's edits can run fused (decode, rotate and encode per chunk of rows): every
+/// edit rotates all rows in order, on the input side, without a linear blend.
+fn fusable(t: &TensorJob<'_>) -> bool {
+    let (rows, _) = t.view();
+    t.edits
+        .iter()
+        .all(|e| e.rows.is_whole(rows) && e.layer.side == Side::Input && e.blend.linear.is_none())
+}
+
+/// Apply every edit in place, each on its rows: a contiguous range in place, several ranges
+/// gathered into one matrix, rotated and scattered back.
+fn apply_edits<T: Real>(t: &TensorJob<'_>, data: &mut [T]) -> Result<()> {
+    let (rows, cols) = t.view();
+    if rows.checked_mul(cols) != Some(data.len()) {
+        return Err(Error::new(
+            Category::TargetShape,
+            format!("{} values do not fill shape {:?}", data.len(), t.shape),
+        )
+        .tensor(t.key));
+    }
+    for e in t.edits {
+        if !e.rows.fits(rows) {
+            return Err(Error::new(
+                Category::TargetShape,
+                format!("rows {} are outside the {rows} rows", e.rows),
+            )
+            .tensor(t.key));
+        }
+        apply_edit(e, data, cols).map_err(|err| err.tensor(t.key))?;
+    }
+    Ok(())
+}
+
+/// One edit on rows that [`crate::base::RowSlice::fits`] the `data` matrix of `cols` columns.
+fn apply_edit<T: Real>(e: &Edit<'_>, data: &mut [T], cols: usize) -> Result<()> {
+    let n = e.rows.len();
+    if let Some(r) = e.rows.contiguous() {
+        let slice = &mut data[r.start * cols..r.end * cols];
+        return apply_layer_blended(e.layer, slice, n, cols, e.blend);
+    }
+    let mut gathered = Vec::with_capacity(n * cols);
+    for r in e.rows.ranges() {
+        gathered.extend_from_slice(&data[r.start * cols..r.end * cols]);
+    }
+    apply_layer_blended(e.layer, &mut gathered, n, cols, e.blend)?;
+    let mut from = 0;
+    for r in e.rows.ranges() {
+        let len = r.len() * cols;
+        data[r.start * cols..r.end * cols].copy_from_slice(&gathered[from..from + len]);
+        from += len;
+    }
+    Ok(())
+}
+
+/// Input-side rotation of a 16-bit tensor in one pass over chunks of rows: each chunk is
+/// widened to f32, rotated by every edit and rounded back, so no tensor-sized f32 copy exists.
+/// Chunks are the rows [`INPUT_CHUNK_ROWS`] apart that the general path uses, so results are
+/// bit-identical to it.
+fn fused_input<H: Half>(t: &TensorJob<'_>, bytes: &[u8]) -> Result<TensorBytes> {
+    let (rows, cols) = t.view();
+    let mut prepared = Vec::with_capacity(t.edits.len());
+    for e in t.edits {
+        check_fits(e.layer, rows, cols).map_err(|err| err.tensor(t.key))?;
+        let stages = e
+            .layer
+            .stages
+            .iter()
+            .map(|st| PreparedStage::<f32>::with_blend(st, cols, e.blend.interpolate))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|err| err.tensor(t.key))?;
+        prepared.push((
+            stages,
+            e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
+        ));
+    }
+    let input = codec::as_halves::<H>(bytes);
+    let mut out = vec![H::default(); input.len()];
+    let chunk = INPUT_CHUNK_ROWS * cols.max(1);
+    out.par_chunks_mut(chunk)
+        .zip(input.par_chunks(chunk))
+        .enumerate()
+        .try_for_each(|(c, (o, i))| -> Result<()> {
+            let mut buf = vec![0f32; i.len()];
+            H::to_f32s(i, &mut buf);
+            for (stages, scale) in &prepared {
+                for st in stages {
+                    st.apply(Side::Input, &mut buf, cols)?;
+                }
+                if let Some(s) = scale {
+                    for (r, row) in buf.chunks_exact_mut(cols).enumerate() {
+                        let f = s.get(c * INPUT_CHUNK_ROWS + r).copied().unwrap_or(1.0) as f32;
+                        row.iter_mut().for_each(|x| *x *= f);
+                    }
+                }
+            }
+            H::from_f32s(&buf, o);
+            Ok(())
+        })
+        .map_err(|err| err.tensor(t.key))?;
+    codec::halves_checked(t.key, out, t.dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{Blend, Matrix, apply_layer};
+    use crate::base::RowSlice;
+    use crate::model::{Layer, RotationMap, ScalePosition, Stage, StageSpec, Target, Wiring};
+
+    /// An output-side layer on 4 rows (two 2 × 2 blocks) with a row scale: the order of the
+    /// rows it is given matters.
+    fn layer(side: Side, dim: usize) -> Layer {
+        let b = 2;
+        let blocks = dim / b;
+        Layer {
+            target: Target {
+                name: "t".into(),
+                convention: "unknown".into(),
+                component: None,
+                module: Default::default(),
+                shape: None,
+                rotated_dim: Some(dim as u64),
+                rows: None,
+            },
+            side,
+            stages: vec![Stage {
+                spec: StageSpec {
+                    blocks: Some(blocks as u64),
+                    block_size: b as u64,
+                    shared: false,
+                    wiring: Wiring::Identity,
+                    map: RotationMap::Cayley,
+                    q: String::new(),
+                },
+                q: (0..blocks).map(|k| 0.1 + 0.2 * k as f64).collect(),
+                q_f64: true,
+                inverse: false,
+            }],
+            row_scale: (side == Side::Output)
+                .then(|| (ScalePosition::After, vec![1.5, 0.5, 2.0, 0.25])),
+            row_scale_f64: true,
+            constraint: None,
+            base_binding: None,
+        }
+    }
+
+    fn f32_bytes(v: &[f64]) -> Vec<u8> {
+        v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect()
+    }
+
+    fn run(shape: &[usize], edits: &[Edit<'_>], w: &[f64]) -> Vec<f64> {
+        let cpu = Cpu::new(Some(2)).unwrap();
+        let job = TensorJob {
+            key: "w",
+            dtype: Dtype::F32,
+            shape,
+            edits,
+        };
+        let loaded = cpu.load(&job, f32_bytes(w)).unwrap();
+        let out = cpu.compute(&job, loaded).unwrap();
+        crate::tensors::bytes_to_f64(out.as_bytes(), Dtype::F32, "w").unwrap()
+    }
+
+    /// Layer rows 0..2 are tensor rows 4..6 and layer rows 2..4 are tensor rows 0..2 (halves
+    /// swapped, as in Flux's adaLN): the result is the layer applied to those rows in that
+    /// order, put back where they came from; rows 2..4 are untouched.
+    #[test]
+    fn multi_range_row_slice_gathers_applies_and_scatters() {
+        let (rows, cols) = (6, 3);
+        let w: Vec<f64> = (0..rows * cols).map(|i| (i as f64 * 0.37).sin()).collect();
+        let l = layer(Side::Output, 4);
+        let edit = Edit {
+            layer: &l,
+            rows: RowSlice::new(vec![4..6, 0..2]),
+            blend: Blend::default(),
+        };
+        let got = run(&[rows, cols], &[edit], &w);
+        // Reference: the layer on the 4 × 3 matrix of rows [4, 5, 0, 1], in f64, rounded.
+        let order = [4, 5, 0, 1];
+        let mut m = Matrix {
+            rows: 4,
+            cols,
+            data: order
+                .iter()
+                .flat_map(|&r| w[r * cols..(r + 1) * cols].iter().map(|&x| x as f32 as f64))
+                .collect(),
+        };
+        apply_layer(&l, &mut m).unwrap();
+        let mut want: Vec<f64> = w.iter().map(|&x| x as f32 as f64).collect();
+        for (i, &r) in order.iter().enumerate() {
+            for c in 0..cols {
+                want[r * cols + c] = m.data[i * cols + c] as f32 as f64;
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!(got[2 * cols..4 * cols], want[2 * cols..4 * cols]);
+    }
+
+    /// Two adjacent ranges in order are the same rows as one range: bit-identical results.
+    #[test]
+    fn adjacent_ranges_equal_one_range() {
+        let (rows, cols) = (6, 4);
+        let w: Vec<f64> = (0..rows * cols).map(|i| (i as f64 * 0.91).cos()).collect();
+        for side in [Side::Output, Side::Input] {
+            let l = layer(side, 4);
+            let one = Edit {
+                layer: &l,
+                rows: RowSlice::range(1..5),
+                blend: Blend::default(),
+            };
+            let two = Edit {
+                layer: &l,
+                rows: RowSlice::new(vec![1..3, 3..5]),
+                blend: Blend::default(),
+            };
+            assert_eq!(
+                run(&[rows, cols], &[one], &w),
+                run(&[rows, cols], &[two], &w)
+            );
+        }
+    }
+
+    #[test]
+    fn rows_outside_the_tensor_are_an_error() {
+        let l = layer(Side::Output, 4);
+        let edit = Edit {
+            layer: &l,
+            rows: RowSlice::range(4..8),
+            blend: Blend::default(),
+        };
+        let cpu = Cpu::new(Some(1)).unwrap();
+        let job = TensorJob {
+            key: "w",
+            dtype: Dtype::F32,
+            shape: &[6, 2],
+            edits: std::slice::from_ref(&edit),
+        };
+        let loaded = cpu.load(&job, f32_bytes(&[0.5; 12])).unwrap();
+        let e = cpu.compute(&job, loaded).err().unwrap();
+        assert_eq!(e.category(), Category::TargetShape);
+        // And bytes that do not fill the shape are refused on load.
+        assert!(cpu.load(&job, vec![0; 40]).is_err());
+    }
+}

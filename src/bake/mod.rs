@@ -1,0 +1,213 @@
+//! `oftool merge` and `unmerge`: bake adapters into a base checkpoint, streaming.
+//!
+//! From the arguments to the bytes on disk:
+//!
+//! 1. [`load_inputs`]: each [`AdapterArg`] is imported (any layout) and, for a geodesic strength,
+//!    raised to its power here; a tool's own strength rule is kept for bake time.
+//! 2. [`crate::base::Base::open`] reads the base's headers; `plan` locates every layer,
+//!    checks it against its tensor and the binding hashes, and groups the edits per file and
+//!    tensor. Every refusal happens here, before anything is written.
+//! 3. `stream` reads each base file once in file order: untouched runs are copied in the
+//!    kernel; each tensor with edits goes through the compute `backend` (today the CPU one)
+//!    and is written in its own dtype. Output goes to a staging file or folder beside OUT,
+//!    synced and renamed into place only when complete.
+//!
+//! The base is never held in memory: only the tensors in flight are. `src/README.md` draws the
+//! data flow and says how to add a compute backend.
+
+mod backend;
+mod codec;
+mod plan;
+mod stream;
+
+pub use crate::strength::AdapterArg;
+pub use stream::{NoProgress, Progress};
+
+use crate::base::{Base, Storage};
+use crate::convert::refuse_overwriting_input;
+use crate::error::{Error, Result};
+use crate::layouts;
+use crate::model::Adapter;
+use crate::strength::BlendMode;
+use backend::Backend;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct MergeOptions {
+    /// Worker threads for the rotation (default: all cores). Output does not depend on it.
+    pub threads: Option<usize>,
+    /// Skip adapter layers whose target the base lacks instead of failing.
+    pub skip_missing: bool,
+    /// Bake even where base-binding hashes do not match.
+    pub force: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MergeSummary {
+    pub base: String,
+    pub output: String,
+    pub adapters: Vec<String>,
+    pub files_written: usize,
+    pub tensors: usize,
+    pub tensors_rotated: usize,
+    pub layers_baked: usize,
+    pub layers_skipped: Vec<String>,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// One adapter to bake, already loaded.
+pub struct BakeInput {
+    /// How to name it in messages and metadata (its path as given).
+    pub label: String,
+    pub path: PathBuf,
+    pub adapter: Adapter,
+    /// Parity strength rule, applied at bake time when `runtime_strength` is set.
+    pub mode: BlendMode,
+    pub runtime_strength: Option<f64>,
+    /// The strength the user asked for (recorded in the output's metadata).
+    pub strength: Option<f64>,
+}
+
+/// Load one adapter argument: a file, a PEFT directory, or a folder of per-component PEFT
+/// directories (`unet/`, `text_encoder/`, …).
+pub fn load_adapter(path: &Path) -> Result<Adapter> {
+    load_adapter_with(path, crate::layouts::Semantics::Producer)
+}
+
+/// [`load_adapter`], reading `oft_blocks` files as a given runtime does.
+pub fn load_adapter_with(path: &Path, semantics: crate::layouts::Semantics) -> Result<Adapter> {
+    layouts::load_with(path, semantics)
+}
+
+/// Load adapters for `merge`: geodesic strengths are applied to the adapter here, parity
+/// strengths at bake time; `oft_blocks` files are read as the parity tool reads them.
+pub fn load_inputs(args: &[AdapterArg], mode: BlendMode) -> Result<Vec<BakeInput>> {
+    args.iter()
+        .map(|a| {
+            let adapter = load_adapter_with(&a.path, mode.semantics())?;
+            let (adapter, runtime_strength) = match (mode, a.strength) {
+                (_, None) => (adapter, None),
+                (BlendMode::Geodesic, Some(s)) => {
+                    (crate::strength::adapter_power(&adapter, s)?, None)
+                }
+                (_, Some(s)) => (adapter, Some(s)),
+            };
+            Ok(BakeInput {
+                label: a.path.display().to_string(),
+                path: a.path.clone(),
+                adapter,
+                mode,
+                runtime_strength,
+                strength: a.strength,
+            })
+        })
+        .collect()
+}
+
+/// Bake `adapters`, in order, into the checkpoint at `base`, writing `out` (see the module
+/// documentation for the steps).
+pub fn merge(
+    base: &Path,
+    adapters: Vec<BakeInput>,
+    out: &Path,
+    opts: &MergeOptions,
+    progress: &dyn Progress,
+) -> Result<MergeSummary> {
+    let start = Instant::now();
+    if adapters.is_empty() {
+        return Err(Error::usage("give at least one adapter"));
+    }
+    let mut inputs: Vec<&Path> = vec![base];
+    inputs.extend(adapters.iter().map(|a| a.path.as_path()));
+    refuse_overwriting_input(out, &inputs)?;
+    let checkpoint = Base::open(base)?;
+    if !matches!(checkpoint.storage(), Storage::File(_)) && out.exists() {
+        return Err(Error::usage(format!(
+            "{} already exists; a sharded or pipeline output is a new folder",
+            out.display()
+        )));
+    }
+    let plan = plan::plan(&checkpoint, &adapters, opts)?;
+    let cpu = backend::cpu::Cpu::new(opts.threads)?;
+    let stream_opts = stream::StreamOptions {
+        in_flight: cpu.in_flight(),
+    };
+    let metadata = output_metadata(&adapters);
+    let written = stream::write(
+        &checkpoint,
+        &plan.jobs,
+        out,
+        &metadata,
+        &cpu,
+        progress,
+        stream_opts,
+    )?;
+    Ok(MergeSummary {
+        base: base.display().to_string(),
+        output: out.display().to_string(),
+        adapters: adapters.iter().map(|a| a.label.clone()).collect(),
+        files_written: plan.jobs.len(),
+        tensors: checkpoint.files().iter().map(|f| f.tensors).sum(),
+        tensors_rotated: written.tensors_computed,
+        layers_baked: plan.layers_baked,
+        layers_skipped: plan.skipped,
+        bytes_written: written.bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// `oftool unmerge MERGED ADAPTER[:S]… -o BASE`: bake the exact inverse of each adapter, in
+/// reverse order (Cayley stages negated, Neumann stages inverted by solving, row scales
+/// divided out), with the same streaming and atomic-output rules as [`merge`].
+pub fn unmerge(
+    merged: &Path,
+    args: &[AdapterArg],
+    out: &Path,
+    opts: &MergeOptions,
+    progress: &dyn Progress,
+) -> Result<MergeSummary> {
+    let mut inputs = load_inputs(args, BlendMode::Geodesic)?;
+    for input in &mut inputs {
+        input.adapter = crate::strength::adapter_inverse(&input.adapter)?;
+    }
+    inputs.reverse();
+    merge(merged, inputs, out, opts, progress)
+}
+
+/// Metadata oftool adds to every output file: its version and the adapters baked.
+fn output_metadata(adapters: &[BakeInput]) -> BTreeMap<String, String> {
+    let mut extra = BTreeMap::new();
+    extra.insert("oftool.version".to_string(), crate::model::tool_name());
+    let list: Vec<serde_json::Value> = adapters
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "name": a.path.file_name().map(|n| n.to_string_lossy().to_string()),
+                "source_format": a.adapter.provenance.source_format,
+                "source_digest": a.adapter.provenance.source_digest,
+                "layers": a.adapter.layers.len(),
+                "strength": a.strength,
+                "blend": format!("{:?}", a.mode).to_lowercase(),
+            })
+        })
+        .collect();
+    extra.insert(
+        "oftool.adapters".to_string(),
+        serde_json::Value::Array(list).to_string(),
+    );
+    extra
+}
+
+/// Peak resident memory of this process, from /proc (Linux only).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,149 @@
+//! The bake's plan: every adapter layer located in the base and checked against its tensor,
+//! binding hashes compared, and the edits grouped per base file and tensor. Every refusal
+//! happens here, before anything is written.
+
+use super::backend::Edit;
+use super::{BakeInput, MergeOptions};
+use crate::apply::Blend;
+use crate::base::{Base, Located, Lookup, check_shape};
+use crate::error::{Category, Error, Result};
+use crate::model::Layer;
+use std::collections::BTreeMap;
+
+/// One base file and the edits of its tensors, each tensor's in the order they apply.
+pub(crate) struct FileJob<'a> {
+    /// Index into [`Base::files`].
+    pub file: usize,
+    pub edits: BTreeMap<String, Vec<Edit<'a>>>,
+}
+
+/// What the bake will do.
+pub(crate) struct Plan<'a> {
+    /// One job per base file, in the base's file order (files without edits are copied).
+    pub jobs: Vec<FileJob<'a>>,
+    pub layers_baked: usize,
+    /// `name (adapter)` of each layer skipped for want of a target (`--skip-missing`).
+    pub skipped: Vec<String>,
+}
+
+/// A layer and where it lands.
+struct Placement<'a> {
+    loc: Located,
+    layer: &'a Layer,
+    blend: Blend,
+}
+
+/// Plan the bake of `inputs` (in order) into `base`; refuse with every problem at once.
+pub(crate) fn plan<'a>(
+    base: &Base,
+    inputs: &'a [BakeInput],
+    opts: &MergeOptions,
+) -> Result<Plan<'a>> {
+    let (placements, skipped) = place(base, inputs, opts)?;
+    if !opts.force {
+        check_bindings(base, &placements)?;
+    }
+    let mut jobs: Vec<FileJob<'a>> = (0..base.files().len())
+        .map(|file| FileJob {
+            file,
+            edits: BTreeMap::new(),
+        })
+        .collect();
+    let layers_baked = placements.len();
+    for p in placements {
+        if let Some(job) = jobs.get_mut(p.loc.file) {
+            let edit = Edit {
+                layer: p.layer,
+                rows: p.loc.rows,
+                blend: p.blend,
+            };
+            job.edits.entry(p.loc.key).or_default().push(edit);
+        }
+    }
+    Ok(Plan {
+        jobs,
+        layers_baked,
+        skipped,
+    })
+}
+
+/// Locate and check every layer of every input.
+fn place<'a>(
+    base: &Base,
+    inputs: &'a [BakeInput],
+    opts: &MergeOptions,
+) -> Result<(Vec<Placement<'a>>, Vec<String>)> {
+    let mut placements = Vec::new();
+    let mut missing = Vec::new();
+    let mut problems: Vec<(Category, String)> = Vec::new();
+    for input in inputs {
+        let label = &input.label;
+        for layer in &input.adapter.layers {
+            let name = &layer.target.name;
+            let loc = match base.lookup(layer) {
+                Lookup::Found(loc) => loc,
+                Lookup::Missing => {
+                    missing.push(format!("{name} ({label})"));
+                    continue;
+                }
+                Lookup::Ambiguous(keys) => {
+                    problems.push((
+                        Category::TargetAmbiguous,
+                        format!(
+                            "`{name}` ({label}) matches several tensors: {}",
+                            keys.join(", ")
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let unfit = check_shape(layer, &loc);
+            if !unfit.is_empty() {
+                problems.extend(unfit.iter().map(|e| (e.category(), e.to_string())));
+                continue;
+            }
+            let blend = match input.runtime_strength {
+                Some(s) => input.mode.layer_blend(layer, s),
+                None => Blend::default(),
+            };
+            placements.push(Placement { loc, layer, blend });
+        }
+    }
+    if !missing.is_empty() && !opts.skip_missing {
+        problems.push((Category::TargetMissing, format!(
+            "{} adapter layer(s) have no target in the base (use --skip-missing to bake the rest): {}",
+            missing.len(),
+            missing.join(", ")
+        )));
+    }
+    if let Some((category, _)) = problems.first() {
+        let text: Vec<&str> = problems.iter().map(|(_, m)| m.as_str()).collect();
+        return Err(Error::new(
+            *category,
+            format!("cannot bake: {}", text.join("; ")),
+        ));
+    }
+    Ok((placements, missing))
+}
+
+/// Check the base-binding hash of every bound layer.
+fn check_bindings(base: &Base, placements: &[Placement<'_>]) -> Result<()> {
+    let mut bad = Vec::new();
+    for p in placements {
+        if base.check_binding(p.layer, &p.loc)?.is_some() {
+            bad.push(p.layer.target.name.clone());
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Category::Binding,
+            format!(
+                "the base is not the one these adapter layers were made for (binding hash mismatch): {}",
+                bad.join(", ")
+            ),
+        )
+        .hint("--force bakes anyway"))
+    }
+}

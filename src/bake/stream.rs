@@ -1,0 +1,426 @@
+//! The bake's stream: every base file read once in file order and written to a staging file
+//! or folder beside the output, which is renamed into place only when complete and synced.
+//!
+//! Per file, three threads: a reader (`pread`s the next tensor to compute and hands it to the
+//! backend's `load`), the compute stage (the backend's `compute`, in file order) and a writer
+//! (untouched runs copied in the kernel with `copy_file_range`, computed bytes in small
+//! `write()`s). Bounded channels between them keep only a few tensors in memory. Progress is
+//! reported through [`Progress`]; drawing it is the caller's business.
+
+use super::backend::{Backend, TensorBytes, TensorJob};
+use super::plan::FileJob;
+use crate::base::Base;
+use crate::error::{Category, Error, Result};
+use crate::tensors::MappedFile;
+use safetensors::tensor::{Dtype, TensorInfo};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+/// Where a bake reports how far it is. Called from the writer thread.
+pub trait Progress: Sync {
+    /// The bake starts: `total` bytes of base files to go through.
+    fn start(&self, _total: u64) {}
+    /// Now writing the file at this path (relative to the output).
+    fn file(&self, _relative: &Path) {}
+    /// `bytes` more of the base are written out.
+    fn advance(&self, _bytes: u64) {}
+    /// Every file is written (also called when the bake fails).
+    fn finish(&self) {}
+}
+
+/// No progress reporting.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// How the stream runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamOptions {
+    /// Tensors that may wait between the reader and the compute stage.
+    pub in_flight: usize,
+}
+
+/// What the stream wrote.
+pub(crate) struct Written {
+    pub bytes: u64,
+    pub tensors_computed: usize,
+}
+
+/// Size of each write() of computed bytes.
+const WRITE_PIECE: usize = 256 << 10;
+/// Pieces queued for the writer: enough that computing and writing overlap.
+const WRITER_QUEUE: usize = 6;
+
+/// Write the baked base to `out` (a file for a single-file base, else a folder mirroring the
+/// base's, with its other files copied), atomically.
+pub(crate) fn write<B: Backend>(
+    base: &Base,
+    jobs: &[FileJob<'_>],
+    out: &Path,
+    metadata: &BTreeMap<String, String>,
+    backend: &B,
+    progress: &dyn Progress,
+    opts: StreamOptions,
+) -> Result<Written> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::io(
+            &parent,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the output folder does not exist",
+            ),
+        ));
+    }
+    crate::tensors::clean_stale(&parent);
+    let staging = tempfile::Builder::new()
+        .prefix(&crate::tensors::staging_prefix())
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    let single = base.storage().root().is_none();
+    let total: u64 = base
+        .files()
+        .iter()
+        .map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    progress.start(total);
+    let mut written = Written {
+        bytes: 0,
+        tensors_computed: 0,
+    };
+    let result = jobs.iter().try_for_each(|job| -> Result<()> {
+        let file = base
+            .files()
+            .get(job.file)
+            .ok_or_else(|| Error::usage("a plan for another base"))?;
+        let dest = if single {
+            staging.path().join("out.safetensors")
+        } else {
+            staging.path().join(&file.relative)
+        };
+        if let Some(d) = dest.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+        progress.file(&file.relative);
+        let stream = FileStream {
+            input: &file.path,
+            edits: &job.edits,
+            out: &dest,
+            metadata,
+            progress,
+            opts,
+        };
+        let (n, computed) = stream.run(backend)?;
+        written.bytes += n;
+        written.tensors_computed += computed;
+        Ok(())
+    });
+    progress.finish();
+    result?;
+    publish(base, staging, out, &parent)?;
+    Ok(written)
+}
+
+/// Move the finished staging output into place: the file, or the folder once the rest of the
+/// base's folder (configs, index, other files) is copied beside the written shards.
+fn publish(base: &Base, staging: tempfile::TempDir, out: &Path, parent: &Path) -> Result<()> {
+    match base.storage().root() {
+        None => {
+            let tmp = staging.path().join("out.safetensors");
+            std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        }
+        Some(root) => {
+            let skip: Vec<PathBuf> = base.files().iter().map(|f| f.path.clone()).collect();
+            copy_tree(root, staging.path(), &skip)?;
+            let kept = staging.keep();
+            std::fs::rename(&kept, out).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&kept);
+                Error::io(out, e)
+            })?;
+        }
+    }
+    if let Ok(d) = File::open(parent) {
+        let _ = d.sync_all(); // make the rename durable where the platform allows
+    }
+    Ok(())
+}
+
+/// Copy everything of `src` except the files in `skip` into `dst` (recursively).
+fn copy_tree(src: &Path, dst: &Path, skip: &[PathBuf]) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    for entry in crate::base::list_dir(src)? {
+        if skip.contains(&entry) {
+            continue;
+        }
+        let target = dst.join(entry.file_name().unwrap_or_default());
+        let meta = std::fs::symlink_metadata(&entry).map_err(|e| Error::io(&entry, e))?;
+        if meta.is_dir() {
+            copy_tree(&entry, &target, skip)?;
+        } else if meta.is_file() {
+            std::fs::copy(&entry, &target).map_err(|e| Error::io(&entry, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A piece of output data: a byte range of the base copied as is, or computed bytes.
+enum Piece {
+    /// `len` bytes at absolute `offset` of the base file (copied in the kernel where possible).
+    Range {
+        offset: u64,
+        len: u64,
+    },
+    Computed(TensorBytes),
+}
+
+/// What the reader hands to the compute stage, in file order.
+enum Work<'k, L> {
+    Copy {
+        offset: u64,
+        len: u64,
+    },
+    Compute {
+        key: &'k str,
+        loaded: L,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        /// Stored byte length, which the computed bytes must match.
+        len: usize,
+    },
+}
+
+/// One base file streamed to one output file.
+struct FileStream<'s, 'a> {
+    input: &'s Path,
+    edits: &'s BTreeMap<String, Vec<super::backend::Edit<'a>>>,
+    out: &'s Path,
+    metadata: &'s BTreeMap<String, String>,
+    progress: &'s dyn Progress,
+    opts: StreamOptions,
+}
+
+impl FileStream<'_, '_> {
+    /// Stream the file; returns the bytes written and the number of tensors computed.
+    fn run<B: Backend>(&self, backend: &B) -> Result<(u64, usize)> {
+        let mapped = MappedFile::open(self.input)?;
+        mapped.advise_sequential();
+        let header_bytes = output_header(&mapped, self.metadata, self.input)?;
+        let header = mapped.header();
+        let order = header.offset_keys();
+        let data_start = mapped.data_start();
+        let file = File::create(self.out).map_err(|e| Error::io(self.out, e))?;
+        let source = File::open(self.input).map_err(|e| Error::io(self.input, e))?;
+        let reader_file = File::open(self.input).map_err(|e| Error::io(self.input, e))?;
+        std::thread::scope(|s| -> Result<(u64, usize)> {
+            let (tx, rx) = sync_channel::<Piece>(WRITER_QUEUE);
+            let writer = s.spawn(move || self.write(rx, file, source, &header_bytes));
+            let (wtx, wrx) = sync_channel(self.opts.in_flight.max(1));
+            let (order, header) = (&order, &header);
+            let reader =
+                s.spawn(move || self.read(backend, wtx, &reader_file, order, header, data_start));
+            let computed = backend.run_stage(|| self.compute(backend, wrx, &tx));
+            drop(tx);
+            let written = writer
+                .join()
+                .map_err(|_| Error::new(Category::Io, "the writer thread panicked"))?;
+            let read = reader
+                .join()
+                .map_err(|_| Error::new(Category::Io, "the reader thread panicked"))?;
+            read?;
+            let computed = computed?;
+            Ok((written?, computed))
+        })
+    }
+
+    /// Reader: walks the tensors in file order, merges untouched runs into one range and reads
+    /// and loads the next tensor to compute while the previous one computes.
+    fn read<'k, B: Backend>(
+        &self,
+        backend: &B,
+        tx: SyncSender<Work<'k, B::Loaded>>,
+        file: &File,
+        order: &'k [String],
+        header: &safetensors::tensor::Metadata,
+        data_start: u64,
+    ) -> Result<()> {
+        let mut pending: Option<(u64, u64)> = None;
+        for key in order {
+            let info = header
+                .info(key)
+                .ok_or_else(|| Error::format(self.input, format!("no tensor `{key}`")))?;
+            let (begin, end) = info.data_offsets;
+            let start = data_start + begin as u64;
+            let len = (end - begin) as u64;
+            let Some(edits) = self.edits.get(key) else {
+                pending = match pending {
+                    Some((o, l)) if o + l == start => Some((o, l + len)),
+                    Some((o, l)) => {
+                        if tx.send(Work::Copy { offset: o, len: l }).is_err() {
+                            return Ok(()); // a later stage failed; its error is reported
+                        }
+                        Some((start, len))
+                    }
+                    None => Some((start, len)),
+                };
+                continue;
+            };
+            if let Some((o, l)) = pending.take()
+                && tx.send(Work::Copy { offset: o, len: l }).is_err()
+            {
+                return Ok(());
+            }
+            // pread rather than the mapping, so only the tensors in flight are resident.
+            let bytes = crate::base::read_range(file, start, end - begin)
+                .map_err(|e| Error::io(self.input, e))?;
+            let job = TensorJob {
+                key,
+                dtype: info.dtype,
+                shape: &info.shape,
+                edits,
+            };
+            let loaded = backend.load(&job, bytes)?;
+            let work = Work::Compute {
+                key,
+                loaded,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                len: end - begin,
+            };
+            if tx.send(work).is_err() {
+                return Ok(());
+            }
+        }
+        if let Some((o, l)) = pending {
+            let _ = tx.send(Work::Copy { offset: o, len: l });
+        }
+        Ok(())
+    }
+
+    /// Compute stage: each loaded tensor through the backend, in file order; returns how many.
+    fn compute<B: Backend>(
+        &self,
+        backend: &B,
+        rx: Receiver<Work<'_, B::Loaded>>,
+        tx: &SyncSender<Piece>,
+    ) -> Result<usize> {
+        let mut computed = 0;
+        for work in rx {
+            let piece = match work {
+                Work::Copy { offset, len } => Piece::Range { offset, len },
+                Work::Compute {
+                    key,
+                    loaded,
+                    dtype,
+                    shape,
+                    len,
+                } => {
+                    let edits = self.edits.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                    let job = TensorJob {
+                        key,
+                        dtype,
+                        shape: &shape,
+                        edits,
+                    };
+                    let bytes = backend.compute(&job, loaded)?;
+                    if bytes.as_bytes().len() != len {
+                        return Err(Error::new(
+                            Category::Tensor,
+                            format!(
+                                "internal error: the backend returned {} bytes for {len}",
+                                bytes.as_bytes().len()
+                            ),
+                        )
+                        .tensor(key));
+                    }
+                    computed += 1;
+                    Piece::Computed(bytes)
+                }
+            };
+            if tx.send(piece).is_err() {
+                break; // the writer failed; its error is reported
+            }
+        }
+        Ok(computed)
+    }
+
+    /// Writer: the header, then every piece in order; syncs the file. Returns bytes written.
+    fn write(
+        &self,
+        rx: Receiver<Piece>,
+        file: File,
+        mut source: File,
+        header: &[u8],
+    ) -> Result<u64> {
+        let out = self.out;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(header).map_err(|e| Error::io(out, e))?;
+        let mut n = header.len() as u64;
+        for piece in rx {
+            w.flush().map_err(|e| Error::io(out, e))?;
+            match piece {
+                Piece::Range { offset, len } => {
+                    // Untouched tensors: std::io::copy between files uses copy_file_range
+                    // (or sendfile) on Linux, so the bytes never pass through user space.
+                    source
+                        .seek(SeekFrom::Start(offset))
+                        .map_err(|e| Error::io(self.input, e))?;
+                    let copied = std::io::copy(&mut (&mut source).take(len), w.get_mut())
+                        .map_err(|e| Error::io(out, e))?;
+                    if copied != len {
+                        return Err(Error::format(
+                            self.input,
+                            "the file became shorter while it was being read",
+                        ));
+                    }
+                    n += len;
+                    self.progress.advance(len);
+                }
+                Piece::Computed(bytes) => {
+                    // Computed bytes go out in small write()s: on this kind of machine one
+                    // multi-MiB write costs several times the CPU of the same bytes in
+                    // 256 KiB pieces (measured: bench/README.md).
+                    for piece in bytes.as_bytes().chunks(WRITE_PIECE) {
+                        w.get_mut()
+                            .write_all(piece)
+                            .map_err(|e| Error::io(out, e))?;
+                        self.progress.advance(piece.len() as u64);
+                    }
+                    n += bytes.as_bytes().len() as u64;
+                }
+            }
+        }
+        let f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(out, e))?;
+        Ok(n)
+    }
+}
+
+/// The header of the output: the input's tensors at the same offsets, metadata extended,
+/// keys sorted (deterministic).
+fn output_header(
+    input: &MappedFile,
+    extra: &BTreeMap<String, String>,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let header = input.header();
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    for (k, v) in extra {
+        meta.insert(k.clone(), v.clone());
+    }
+    let infos = header.tensors();
+    let tensors: Vec<(String, TensorInfo)> = header
+        .offset_keys()
+        .into_iter()
+        .filter_map(|k| {
+            let info = (*infos.get(&k)?).clone();
+            Some((k, info))
+        })
+        .collect();
+    crate::tensors::encode_header(meta, tensors).map_err(|e| Error::format(path, e.to_string()))
+}

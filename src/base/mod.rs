@@ -1,0 +1,626 @@
+//! The base checkpoint an adapter is baked into, bound to or checked against.
+//!
+//! [`Base::open`] takes a single `.safetensors` file, a sharded checkpoint (its folder or its
+//! `*.safetensors.index.json`) or a diffusers pipeline folder (`unet/`, `text_encoder/`, …) and
+//! reads every header once. Each model (or pipeline component) is a group with its own
+//! [`AliasTable`]; [`Base::locate`] finds the tensor a layer targets and the rows of it the layer
+//! covers, [`Base::check`] says whether the layer fits it, [`Base::read_f64`] reads those rows.
+//! Every command that takes a base (merge, unmerge, `validate --base`, `convert --base`,
+//! `compose --base`) goes through here, so a base means the same thing everywhere.
+//!
+//! Tensor data is read with plain positioned reads when needed (binding hashes, reports); no
+//! mapping is kept open, so a `Base` costs only its headers.
+
+mod files;
+
+pub use files::{COMPONENTS, Storage};
+
+pub(crate) use files::list_dir;
+
+use crate::apply::Matrix;
+use crate::error::{Category, Error, Result};
+use crate::model::{BaseBinding, Layer, Side};
+use crate::resolve::{AliasTable, Resolved};
+use crate::tensors::MappedFile;
+use safetensors::tensor::Dtype;
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// The rows of a base tensor that one layer covers, in the layer's order: row `i` of the layer
+/// is row `i` of the ranges laid end to end. A whole tensor is one range `0..rows`; a slice of a
+/// fused tensor (OpenCLIP's `in_proj_weight`) is one shorter range; a fused tensor stored in
+/// another order than the layer's (e.g. two halves swapped) is several ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowSlice {
+    ranges: Vec<Range<usize>>,
+}
+
+impl RowSlice {
+    /// All `rows` rows, in order.
+    pub fn whole(rows: usize) -> Self {
+        Self::range(0..rows)
+    }
+
+    /// One contiguous range of rows.
+    pub fn range(rows: Range<usize>) -> Self {
+        RowSlice {
+            ranges: std::iter::once(rows).collect(),
+        }
+    }
+
+    /// The given ranges, in the layer's order (checked against a tensor by [`RowSlice::fits`]).
+    pub fn new(ranges: Vec<Range<usize>>) -> Self {
+        RowSlice { ranges }
+    }
+
+    pub fn ranges(&self) -> &[Range<usize>] {
+        &self.ranges
+    }
+
+    /// Rows covered in all.
+    pub fn len(&self) -> usize {
+        self.ranges.iter().map(|r| r.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether this is every row of a tensor of `rows` rows, in order.
+    pub fn is_whole(&self, rows: usize) -> bool {
+        matches!(self.ranges.as_slice(), [r] if r.start == 0 && r.end == rows)
+    }
+
+    /// The one range, when the rows are contiguous and in order.
+    pub fn contiguous(&self) -> Option<Range<usize>> {
+        match self.ranges.as_slice() {
+            [r] => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether every range lies within `rows` rows, none is reversed and no two overlap.
+    pub fn fits(&self, rows: usize) -> bool {
+        if self.ranges.iter().any(|r| r.start > r.end || r.end > rows) {
+            return false;
+        }
+        let mut sorted: Vec<&Range<usize>> = self.ranges.iter().collect();
+        sorted.sort_by_key(|r| r.start);
+        sorted.windows(2).all(|w| w[0].end <= w[1].start)
+    }
+}
+
+impl std::fmt::Display for RowSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .ranges
+            .iter()
+            .map(|r| format!("{}..{}", r.start, r.end))
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Where a layer lands in the base: the file, the tensor, its full shape and dtype, and the
+/// rows the layer covers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located {
+    /// Index into [`Base::files`].
+    pub file: usize,
+    /// The tensor's key in that file.
+    pub key: String,
+    /// The tensor's full shape and dtype, as stored.
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+    pub rows: RowSlice,
+    group: usize,
+    /// Absolute byte offset and length of the tensor's data in its file.
+    data: (u64, u64),
+}
+
+impl Located {
+    /// Length of a row: the product of every axis but the first.
+    pub fn cols(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// The shape of the covered rows (the full shape with the first axis replaced).
+    pub fn covered_shape(&self) -> Vec<usize> {
+        let mut s = self.shape.clone();
+        if let Some(first) = s.first_mut() {
+            *first = self.rows.len();
+        }
+        s
+    }
+}
+
+/// One safetensors file of the base.
+#[derive(Debug, Clone)]
+pub struct BaseFile {
+    pub path: PathBuf,
+    /// Its path relative to the output root (a bare file name for a single-file base).
+    pub relative: PathBuf,
+    /// Tensors its header lists.
+    pub tensors: usize,
+}
+
+struct TensorMeta {
+    file: usize,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    data: (u64, u64),
+}
+
+/// One model, or one pipeline component: its files share one name space.
+struct Group {
+    component: Option<String>,
+    table: AliasTable,
+    tensors: HashMap<String, TensorMeta>,
+}
+
+/// What a layer's name resolves to, before it becomes an error.
+pub(crate) enum Lookup {
+    Found(Located),
+    Missing,
+    /// The keys it could mean.
+    Ambiguous(Vec<String>),
+}
+
+/// A base checkpoint with every header read.
+pub struct Base {
+    path: PathBuf,
+    storage: Storage,
+    files: Vec<BaseFile>,
+    groups: Vec<Group>,
+}
+
+impl Base {
+    /// Open `path`: a `.safetensors` file, a sharded checkpoint (folder or index) or a diffusers
+    /// pipeline folder. Every file's header is parsed and checked here.
+    pub fn open(path: &Path) -> Result<Base> {
+        let storage = files::classify(path)?;
+        let mut files = Vec::new();
+        let mut groups = Vec::new();
+        for g in files::groups(&storage)? {
+            let mut tensors = HashMap::new();
+            for (p, relative) in g.files {
+                let index = files.len();
+                let f = MappedFile::open(&p)?;
+                let start = f.data_start();
+                let header = f.header();
+                let infos = header.tensors();
+                let count = infos.len();
+                for (name, info) in infos {
+                    let (b, e) = info.data_offsets;
+                    let meta = TensorMeta {
+                        file: index,
+                        shape: info.shape.clone(),
+                        dtype: info.dtype,
+                        data: (start + b as u64, (e - b) as u64),
+                    };
+                    tensors.insert(name, meta);
+                }
+                files.push(BaseFile {
+                    path: p,
+                    relative,
+                    tensors: count,
+                });
+            }
+            let table = AliasTable::with_shapes(
+                tensors
+                    .iter()
+                    .map(|(k, m)| (k.as_str(), m.shape.as_slice())),
+            );
+            groups.push(Group {
+                component: g.component,
+                table,
+                tensors,
+            });
+        }
+        Ok(Base {
+            path: path.to_path_buf(),
+            storage,
+            files,
+            groups,
+        })
+    }
+
+    /// The path as given.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Every safetensors file, group by group.
+    pub fn files(&self) -> &[BaseFile] {
+        &self.files
+    }
+
+    /// The pipeline component a location belongs to (`None` outside a pipeline folder).
+    pub fn component(&self, loc: &Located) -> Option<&str> {
+        self.groups.get(loc.group)?.component.as_deref()
+    }
+
+    /// The alias table of a base that is one model (not a pipeline folder).
+    pub fn single_table(&self) -> Option<&AliasTable> {
+        match self.groups.as_slice() {
+            [g] => Some(&g.table),
+            _ => None,
+        }
+    }
+
+    /// Find the tensor `layer` targets: `target-missing` when nothing matches, `target-ambiguous`
+    /// when several tensors do.
+    pub fn locate(&self, layer: &Layer) -> Result<Located> {
+        let name = &layer.target.name;
+        match self.lookup(layer) {
+            Lookup::Found(loc) => Ok(loc),
+            Lookup::Missing => Err(Error::new(
+                Category::TargetMissing,
+                format!("no tensor in {} matches `{name}`", self.path.display()),
+            )
+            .tensor(name)),
+            Lookup::Ambiguous(keys) => Err(Error::new(
+                Category::TargetAmbiguous,
+                format!("`{name}` matches several tensors: {}", keys.join(", ")),
+            )
+            .tensor(name)),
+        }
+    }
+
+    /// [`Base::locate`] without the error wording (callers that list problems word their own).
+    pub(crate) fn lookup(&self, layer: &Layer) -> Lookup {
+        // A component the layer names narrows the groups, unless the base lacks it.
+        let candidates = (0..self.groups.len()).filter(|&g| {
+            match (&layer.target.component, &self.groups[g].component) {
+                (Some(a), Some(b)) => {
+                    a == b || !self.groups.iter().any(|x| x.component.as_ref() == Some(a))
+                }
+                _ => true,
+            }
+        });
+        let mut hits: Vec<(usize, Resolved)> = Vec::new();
+        let mut ambiguous = Vec::new();
+        for g in candidates {
+            match self.groups[g].table.resolve(&layer.target) {
+                Ok(r) => hits.push((g, r)),
+                Err(c) => ambiguous.extend(c),
+            }
+        }
+        if !ambiguous.is_empty() || hits.len() > 1 {
+            let mut keys: Vec<String> = hits.into_iter().map(|(_, r)| r.key).collect();
+            keys.extend(ambiguous);
+            return Lookup::Ambiguous(keys);
+        }
+        let Some((g, r)) = hits.pop() else {
+            return Lookup::Missing;
+        };
+        let Some(meta) = self.groups[g].tensors.get(&r.key) else {
+            return Lookup::Missing;
+        };
+        let rows = match r.rows {
+            Some((start, len)) => RowSlice::range(start..start.saturating_add(len)),
+            None => RowSlice::whole(meta.shape.first().copied().unwrap_or(0)),
+        };
+        Lookup::Found(Located {
+            file: meta.file,
+            key: r.key,
+            shape: meta.shape.clone(),
+            dtype: meta.dtype,
+            rows,
+            group: g,
+            data: meta.data,
+        })
+    }
+
+    /// Every way `layer` does not fit the tensor it was located at (`target-shape`), and whether
+    /// the tensor is the one the layer is bound to (`binding`). `Err` only when reading fails.
+    pub fn check(&self, layer: &Layer, loc: &Located) -> Result<Vec<Error>> {
+        let mut problems = check_shape(layer, loc);
+        problems.extend(self.check_binding(layer, loc)?);
+        Ok(problems)
+    }
+
+    /// The binding problem of `layer` at `loc`, if it is bound to another tensor. Reads (and
+    /// hashes) the tensor only when the layer is bound.
+    pub fn check_binding(&self, layer: &Layer, loc: &Located) -> Result<Option<Error>> {
+        let Some(bound) = &layer.base_binding else {
+            return Ok(None);
+        };
+        let found = self.binding(loc)?;
+        if found == *bound {
+            return Ok(None);
+        }
+        Ok(Some(
+            Error::new(
+                Category::Binding,
+                format!(
+                    "`{}` is not the tensor this adapter was made for (bound {} {:?} {}, found {} {:?} {})",
+                    loc.key,
+                    bound.dtype,
+                    bound.shape,
+                    bound.blake3,
+                    found.dtype,
+                    found.shape,
+                    found.blake3
+                ),
+            )
+            .tensor(&layer.target.name),
+        ))
+    }
+
+    /// The binding record of the tensor at `loc`: dtype, full shape, blake3 of its bytes.
+    pub fn binding(&self, loc: &Located) -> Result<BaseBinding> {
+        let path = self.file_path(loc)?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut hasher = blake3::Hasher::new();
+        let (offset, len) = loc.data;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(HASH_PIECE);
+            let bytes =
+                read_range(&file, offset + done, n as usize).map_err(|e| Error::io(path, e))?;
+            hasher.update(&bytes);
+            done += n;
+        }
+        Ok(BaseBinding {
+            blake3: hasher.finalize().to_hex().to_string(),
+            dtype: format!("{:?}", loc.dtype),
+            shape: loc.shape.iter().map(|&d| d as u64).collect(),
+        })
+    }
+
+    /// The rows `loc` covers as f64, as a `(rows, cols)` matrix in the layer's row order.
+    pub fn read_f64(&self, loc: &Located) -> Result<Matrix<f64>> {
+        let name = loc.key.as_str();
+        if loc.shape.is_empty() {
+            return Err(Error::new(
+                Category::TargetShape,
+                format!("`{name}` has shape [], not a weight matrix"),
+            ));
+        }
+        let rows = loc.shape[0];
+        if !loc.rows.fits(rows) {
+            return Err(Error::new(
+                Category::TargetShape,
+                format!("`{name}` rows {} are outside its {rows} rows", loc.rows),
+            ));
+        }
+        let cols = loc.cols();
+        let path = self.file_path(loc)?;
+        let row_bytes = match loc.dtype {
+            Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::U8 | Dtype::BOOL => {
+                cols * loc.dtype.bitsize() / 8
+            }
+            other => {
+                return Err(Error::new(
+                    Category::TargetShape,
+                    format!("dtype {other:?} is not a floating-point dtype"),
+                )
+                .tensor(name));
+            }
+        };
+        if (rows * row_bytes) as u64 != loc.data.1 {
+            return Err(Error::format(
+                path,
+                format!("`{name}` holds {} bytes, not {rows} rows", loc.data.1),
+            ));
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut data = Vec::with_capacity(loc.rows.len() * cols);
+        for r in loc.rows.ranges() {
+            let at = loc.data.0 + (r.start * row_bytes) as u64;
+            let bytes =
+                read_range(&file, at, r.len() * row_bytes).map_err(|e| Error::io(path, e))?;
+            data.extend(crate::tensors::bytes_to_f64(&bytes, loc.dtype, name)?);
+        }
+        Matrix::from_shape(&[loc.rows.len(), cols], data)
+    }
+
+    fn file_path(&self, loc: &Located) -> Result<&Path> {
+        self.files
+            .get(loc.file)
+            .map(|f| f.path.as_path())
+            .ok_or_else(|| Error::usage("a location from another base"))
+    }
+}
+
+/// Bytes hashed per read when computing a binding.
+const HASH_PIECE: u64 = 4 << 20;
+
+/// Every way `layer` does not fit the tensor at `loc` (`target-shape`): a dtype that cannot be
+/// rotated, fewer than two axes, rows outside the tensor, a stage partition or row scale that
+/// does not match the covered rows.
+pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
+    let key = &loc.key;
+    let shape = &loc.shape;
+    let problem = |m: String| Error::new(Category::TargetShape, m).tensor(&layer.target.name);
+    let mut out = Vec::new();
+    if !matches!(
+        loc.dtype,
+        Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16
+    ) {
+        out.push(problem(format!(
+            "`{key}` has dtype {:?}; only F64, F32, F16 and BF16 weights can be rotated",
+            loc.dtype
+        )));
+    }
+    if shape.len() < 2 {
+        out.push(problem(format!(
+            "`{key}` has shape {shape:?}, not a weight matrix"
+        )));
+        return out;
+    }
+    if !loc.rows.fits(shape[0]) {
+        out.push(problem(format!(
+            "`{key}` rows {} are outside its {} rows (or overlap)",
+            loc.rows, shape[0]
+        )));
+        return out;
+    }
+    let covered = loc.covered_shape();
+    let rows = loc.rows.len() as u64;
+    let axis = match layer.side {
+        Side::Output => rows,
+        Side::Input => loc.cols() as u64,
+    };
+    for (j, s) in layer.stages.iter().enumerate() {
+        let (r, b) = (s.blocks_on(axis), s.spec.block_size);
+        let n = r.checked_mul(b);
+        if n != Some(axis) {
+            out.push(problem(format!(
+                "shape mismatch: stage {j} rotates {r} × {b} = {} {} features, but `{key}` has shape {covered:?} ({axis} on that side)",
+                n.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                layer.side.as_str()
+            )));
+        }
+    }
+    if let Some((_, v)) = &layer.row_scale
+        && v.len() as u64 != rows
+    {
+        out.push(problem(format!(
+            "shape mismatch: row scale has {} entries, `{key}` has {rows} rows",
+            v.len()
+        )));
+    }
+    out
+}
+
+/// Read `len` bytes at `offset` into a fresh buffer (not zeroed first: `read_to_end` fills
+/// spare capacity directly); a file that is shorter than that is an error.
+pub(crate) fn read_range(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file became shorter while it was being read",
+        ));
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ModuleKind, Target};
+
+    fn layer(name: &str, side: Side) -> Layer {
+        Layer {
+            target: Target {
+                name: name.into(),
+                convention: "unknown".into(),
+                component: None,
+                module: ModuleKind::Unknown,
+                shape: None,
+                rotated_dim: None,
+                rows: None,
+            },
+            side,
+            stages: Vec::new(),
+            row_scale: Some((crate::model::ScalePosition::After, vec![1.0; 4])),
+            row_scale_f64: true,
+            constraint: None,
+            base_binding: None,
+        }
+    }
+
+    /// A base file with `w.weight` (4 × 2, F32, row r = [r, r + 0.5]) and a 0-dim `s.weight`.
+    fn base_file(dir: &Path) -> PathBuf {
+        let w: Vec<u8> = (0..4)
+            .flat_map(|r| [r as f32, r as f32 + 0.5])
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        let s = 1f32.to_le_bytes();
+        let path = dir.join("base.safetensors");
+        let mut f = File::create(&path).unwrap();
+        crate::tensors::write_safetensors(
+            &mut f,
+            &[
+                ("w.weight", Dtype::F32, &[4, 2], &w),
+                ("s.weight", Dtype::F32, &[], &s),
+            ],
+            HashMap::new(),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn locate_read_rows_in_layer_order_and_bind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = base_file(tmp.path());
+        let base = Base::open(&path).unwrap();
+        let mut loc = base.locate(&layer("w", Side::Output)).unwrap();
+        assert_eq!(
+            (loc.key.as_str(), loc.shape.as_slice()),
+            ("w.weight", &[4, 2][..])
+        );
+        assert!(loc.rows.is_whole(4));
+        assert!(check_shape(&layer("w", Side::Output), &loc).is_empty());
+        loc.rows = RowSlice::new(vec![3..4, 0..2]);
+        let m = base.read_f64(&loc).unwrap();
+        assert_eq!((m.rows, m.cols), (3, 2));
+        assert_eq!(m.data, [3.0, 3.5, 0.0, 0.5, 1.0, 1.5]);
+        // The binding hashes the whole tensor, whatever rows the layer covers.
+        let b = base.binding(&loc).unwrap();
+        assert_eq!((b.dtype.as_str(), b.shape.as_slice()), ("F32", &[4, 2][..]));
+        let f = MappedFile::open(&path).unwrap();
+        let st = f.tensors();
+        let bytes = st.tensor("w.weight").unwrap();
+        assert_eq!(b.blake3, blake3::hash(bytes.data()).to_hex().to_string());
+        let mut bound = layer("w", Side::Output);
+        bound.base_binding = Some(b);
+        loc.rows = RowSlice::whole(4);
+        assert!(base.check(&bound, &loc).unwrap().is_empty());
+        // Another tensor is not the bound one.
+        let other = base.locate(&layer("s", Side::Output)).unwrap();
+        let e = base.check_binding(&bound, &other).unwrap().unwrap();
+        assert_eq!(e.category(), Category::Binding);
+    }
+
+    #[test]
+    fn problems_are_categorised_not_panics() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = Base::open(&base_file(tmp.path())).unwrap();
+        let e = base.locate(&layer("nope", Side::Input)).unwrap_err();
+        assert_eq!(e.category(), Category::TargetMissing);
+        // A 0-dim tensor under a row-scaled layer: a target-shape problem.
+        let l = layer("s", Side::Output);
+        let loc = base.locate(&l).unwrap();
+        let p = check_shape(&l, &loc);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].category(), Category::TargetShape);
+        assert!(base.read_f64(&loc).is_err());
+        // A row scale of the wrong length, and rows past the end.
+        let mut l = layer("w", Side::Output);
+        l.row_scale = Some((crate::model::ScalePosition::After, vec![1.0; 3]));
+        let mut loc = base.locate(&l).unwrap();
+        assert!(
+            check_shape(&l, &loc)[0]
+                .message()
+                .contains("row scale has 3 entries")
+        );
+        loc.rows = RowSlice::range(2..6);
+        assert!(check_shape(&l, &loc)[0].message().contains("outside"));
+    }
+
+    #[test]
+    fn row_slices() {
+        let s = RowSlice::new(vec![4..6, 0..2]);
+        assert_eq!(s.len(), 4);
+        assert!(s.fits(6) && !s.fits(5));
+        assert!(!RowSlice::new(vec![0..3, 2..4]).fits(8), "overlap");
+        assert!(RowSlice::whole(5).is_whole(5) && !s.is_whole(6));
+        assert_eq!(s.contiguous(), None);
+        assert_eq!(s.to_string(), "4..6, 0..2");
+    }
+}
