@@ -3,13 +3,15 @@
 # toolkit, as ../shared/gpu/README.md describes: nvcc, headers and the CUDA 13.0 libraries come
 # from pinned PyPI wheels installed into a venv outside the repository. See docs/gpu.md.
 #
-#   scripts/build-cuda.sh            # → target/cuda/oftool-cuda (stripped)
+#   scripts/build-cuda.sh            # → target/cuda/oftool-cuda (stripped; see OFTOOL_CUDA_TARGET)
 #
 # Environment:
 #   OFTOOL_CUDA_VENV   the venv (default ~/.cache/oftool/cuda-13.0); created when missing
 #   CUDA_COMPUTE_CAP   GPU architecture for candle's kernels (default 90: Hopper, H100/H200)
 #   CUDARC_CUDA_VERSION  CUDA version of the bindings (default 13000; driver ≥ 580)
 #   NICE               niceness of the build (default 19: the build takes ~10 min on 2 cores)
+#   OFTOOL_CUDA_TARGET cargo target folder of the cuda build (default target/cuda; ~3 GB, e.g.
+#                      /tmp/... to keep it off a shared disk's checkout)
 #
 # What the binary then needs at run time (printed at the end, `ldd`): the NVIDIA driver
 # (libcuda.so.1) and the CUDA 13 libraries cuBLAS, cuBLASLt, cuRAND and NVRTC (candle-core links
@@ -22,7 +24,7 @@ VENV=${OFTOOL_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/oftool/cuda-13.0}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 NICE=${NICE:-19}
-TARGET="$ROOT/target/cuda"
+TARGET=${OFTOOL_CUDA_TARGET:-$ROOT/target/cuda}
 
 # Every package pinned (their own dependencies are not), all CUDA 13.0.
 WHEELS=(

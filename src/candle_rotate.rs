@@ -24,20 +24,22 @@
 //! products is exact and bit-identical to the CPU path; the products sum in a different order
 //! (candle's GEMM, cuBLAS), so results can differ from the CPU path by the rounding of the
 //! compute type, which the final rounding to the base dtype hides except near a tie (then one
-//! unit in the last place of the base dtype; `tests/candle.rs` measures it on every fixture).
+//! unit in the last place of the base dtype; `tests/cli/candle.rs` measures it on every fixture).
 
 use crate::apply::{Blend, check_fits, stage_blocks};
+use crate::base::RowSlice;
 use crate::error::{Category, Error, Result};
 use crate::model::{Layer, ScalePosition, Side};
 use crate::wiring::gather;
 use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype;
 
-/// One adapter layer applied to one base tensor, optionally to a row slice `(start, len)`.
+/// One adapter layer applied to one base tensor, optionally to some of its rows: row `i` of
+/// the layer is row `i` of the slice's ranges laid end to end (a fused q/k/v tensor).
 #[derive(Debug, Clone, Copy)]
 pub struct Edit<'a> {
     pub layer: &'a Layer,
-    pub rows: Option<(usize, usize)>,
+    pub rows: Option<&'a RowSlice>,
     pub blend: Blend,
 }
 
@@ -63,10 +65,14 @@ impl Rotated {
 }
 
 /// Where `--device` asks the rotation to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
     /// The native CPU kernels ([`crate::apply`]).
+    #[default]
     Cpu,
+    /// This tensor program on candle's CPU device (`candle-cpu`: tests the device path
+    /// without a GPU).
+    CandleCpu,
     /// CUDA device `N` through candle.
     Cuda(usize),
     /// CUDA device 0 when this build and machine have one, else the CPU.
@@ -83,6 +89,7 @@ impl std::str::FromStr for DeviceChoice {
         };
         match s {
             "cpu" => Ok(DeviceChoice::Cpu),
+            "candle-cpu" => Ok(DeviceChoice::CandleCpu),
             "cuda" => Ok(DeviceChoice::Cuda(0)),
             "auto" => Ok(DeviceChoice::Auto),
             _ => match s.strip_prefix("cuda:") {
@@ -91,6 +98,17 @@ impl std::str::FromStr for DeviceChoice {
                 }
                 _ => Err(bad()),
             },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::CandleCpu => f.write_str("candle-cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceChoice::Auto => f.write_str("auto"),
         }
     }
 }
@@ -123,6 +141,7 @@ pub fn open_cuda(ordinal: usize) -> Result<Device> {
 pub fn resolve_device(choice: DeviceChoice) -> Result<(Option<Device>, Option<String>)> {
     match choice {
         DeviceChoice::Cpu => Ok((None, None)),
+        DeviceChoice::CandleCpu => Ok((Some(Device::Cpu), None)),
         DeviceChoice::Cuda(n) => open_cuda(n).map(|d| (Some(d), None)),
         DeviceChoice::Auto => match open_cuda(0) {
             Ok(d) => Ok((Some(d), None)),
@@ -218,9 +237,20 @@ struct DeviceStage {
     gather: Option<(Tensor, Tensor)>,
 }
 
+/// The rows an edit covers, as the device program reaches them.
+enum Rows {
+    /// Every row, in order.
+    All,
+    /// One contiguous range `(start, len)`: `narrow`, then `cat` back.
+    Range(usize, usize),
+    /// Several ranges: `index_select` of the covered rows, then one `index_select` over
+    /// `[whole; rotated part]` that takes each covered row from the part (`back`).
+    Gather { rows: Tensor, back: Tensor },
+}
+
 /// One edit ready on the device.
 struct DeviceEdit {
-    rows: Option<(usize, usize)>,
+    rows: Rows,
     side: Side,
     stages: Vec<DeviceStage>,
     scale: Option<(ScalePosition, Tensor)>,
@@ -241,17 +271,17 @@ pub fn prepare(key: &str, w: &Resident, edits: &[Edit<'_>]) -> Result<Prepared> 
     let dev = w.t.device();
     let mut out = Vec::with_capacity(edits.len());
     for e in edits {
-        let (start, len) = e.rows.unwrap_or((0, rows));
-        if start.checked_add(len).is_none_or(|end| end > rows) {
-            return Err(Error::new(
-                Category::TargetShape,
-                format!(
-                    "rows {start}..{} are outside the tensor's {rows} rows",
-                    start.saturating_add(len)
-                ),
-            )
-            .tensor(key));
-        }
+        let len = match e.rows {
+            Some(slice) if !slice.fits(rows) => {
+                return Err(Error::new(
+                    Category::TargetShape,
+                    format!("rows {slice} are outside the tensor's {rows} rows or overlap"),
+                )
+                .tensor(key));
+            }
+            Some(slice) => slice.len(),
+            None => rows,
+        };
         let layer = e.layer;
         check_fits(layer, len, cols).map_err(|err| err.tensor(key))?;
         let axis = match layer.side {
@@ -312,7 +342,7 @@ pub fn prepare(key: &str, w: &Resident, edits: &[Edit<'_>]) -> Result<Prepared> 
             None => None,
         };
         out.push(DeviceEdit {
-            rows: e.rows.filter(|&(_, l)| l != rows),
+            rows: device_rows(key, e.rows, rows, dev)?,
             side: layer.side,
             stages,
             scale,
@@ -320,6 +350,39 @@ pub fn prepare(key: &str, w: &Resident, edits: &[Edit<'_>]) -> Result<Prepared> 
         });
     }
     Ok(Prepared { edits: out })
+}
+
+/// How the program reaches an edit's rows of a tensor of `rows` rows (already checked to fit).
+fn device_rows(key: &str, slice: Option<&RowSlice>, rows: usize, dev: &Device) -> Result<Rows> {
+    let Some(slice) = slice.filter(|s| !s.is_whole(rows)) else {
+        return Ok(Rows::All);
+    };
+    if let Some(r) = slice.contiguous() {
+        return Ok(Rows::Range(r.start, r.len()));
+    }
+    let index = |v: Vec<u32>| {
+        let n = v.len();
+        Tensor::from_vec(v, n, dev).on_device(key)
+    };
+    let too_many = || {
+        Error::new(
+            Category::Unsupported,
+            format!("{rows} rows are too many to index on the device"),
+        )
+        .tensor(key)
+    };
+    let mut back: Vec<u32> = (0..rows)
+        .map(|r| u32::try_from(r).map_err(|_| too_many()))
+        .collect::<Result<_>>()?;
+    let mut covered = Vec::with_capacity(slice.len());
+    for (p, r) in slice.ranges().iter().cloned().flatten().enumerate() {
+        covered.push(u32::try_from(r).map_err(|_| too_many())?);
+        back[r] = u32::try_from(rows + p).map_err(|_| too_many())?;
+    }
+    Ok(Rows::Gather {
+        rows: index(covered)?,
+        back: index(back)?,
+    })
 }
 
 /// The device half for one edit on a `(rows, cols)` weight.
@@ -447,7 +510,7 @@ pub fn program(key: &str, w: &Resident, p: &Prepared) -> Result<Computed> {
         let transposed = p
             .edits
             .first()
-            .is_some_and(|e| e.side == Side::Input && e.rows.is_none());
+            .is_some_and(|e| e.side == Side::Input && matches!(e.rows, Rows::All));
         let t = if transposed { w.t.t()? } else { w.t.clone() };
         let mut w = Oriented {
             t: t.to_dtype(compute)?.contiguous()?,
@@ -455,9 +518,26 @@ pub fn program(key: &str, w: &Resident, p: &Prepared) -> Result<Computed> {
         };
         if rows * cols > 0 {
             for e in &p.edits {
-                let Some((start, len)) = e.rows else {
-                    w = run_edit(w, e, compute)?;
-                    continue;
+                let (start, len) = match &e.rows {
+                    Rows::All => {
+                        w = run_edit(w, e, compute)?;
+                        continue;
+                    }
+                    Rows::Gather { rows, back } => {
+                        // Rows from several ranges: gather them, rotate, take them back.
+                        let whole = w.to(false)?.t;
+                        let part = Oriented {
+                            t: whole.index_select(rows, 0)?,
+                            transposed: false,
+                        };
+                        let part = run_edit(part, e, compute)?.to(false)?;
+                        w = Oriented {
+                            t: Tensor::cat(&[&whole, &part.t], 0)?.index_select(back, 0)?,
+                            transposed: false,
+                        };
+                        continue;
+                    }
+                    Rows::Range(start, len) => (*start, *len),
                 };
                 // A row slice (a fused q/k/v tensor): rotate it alone, then put it back.
                 let whole = w.to(false)?.t;

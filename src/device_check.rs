@@ -26,7 +26,7 @@ use std::time::Instant;
 /// `--device` for the checks: `cpu` is candle's CPU device.
 pub fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cpu | DeviceChoice::CandleCpu => Ok(Device::Cpu),
         DeviceChoice::Cuda(n) => candle_rotate::open_cuda(n),
         DeviceChoice::Auto => Ok(candle_rotate::open_cuda(0).unwrap_or(Device::Cpu)),
     }
@@ -109,14 +109,24 @@ fn round_to(x: f64, dtype: Dtype) -> f64 {
 fn native(base: &[f64], dtype: Dtype, shape: &[usize], edits: &[Edit<'_>]) -> Result<Vec<f64>> {
     fn run<T: Real>(data: &mut [T], rows: usize, cols: usize, edits: &[Edit<'_>]) -> Result<()> {
         for e in edits {
-            let (start, len) = e.rows.unwrap_or((0, rows));
-            apply_layer_blended(
-                e.layer,
-                &mut data[start * cols..(start + len) * cols],
-                len,
-                cols,
-                e.blend,
-            )?;
+            let Some(slice) = e.rows else {
+                apply_layer_blended(e.layer, data, rows, cols, e.blend)?;
+                continue;
+            };
+            // The slice's rows gathered into one matrix, rotated, and put back.
+            let mut part: Vec<T> = Vec::with_capacity(slice.len() * cols);
+            for r in slice.ranges().iter().cloned().flatten() {
+                part.extend_from_slice(data.get(r * cols..(r + 1) * cols).ok_or_else(|| {
+                    Error::new(
+                        Category::TargetShape,
+                        format!("row {r} is outside the tensor"),
+                    )
+                })?);
+            }
+            apply_layer_blended(e.layer, &mut part, slice.len(), cols, e.blend)?;
+            for (p, r) in slice.ranges().iter().cloned().flatten().enumerate() {
+                data[r * cols..(r + 1) * cols].copy_from_slice(&part[p * cols..(p + 1) * cols]);
+            }
         }
         Ok(())
     }
@@ -161,33 +171,28 @@ fn tolerance_ratio(got: &[f64], lib: &[f64], dtype: Dtype) -> f64 {
 
 /// `device-check parity`.
 pub fn parity(base: &Path, adapter: &Path, merged: Option<&Path>, dev: &Device) -> Result<Value> {
-    let adapter = crate::import::load(adapter)?;
+    let adapter = crate::layouts::load(adapter)?;
+    let located: Vec<(&Layer, crate::base::Located)> = {
+        let checkpoint = crate::base::Base::open(base)?;
+        adapter
+            .layers
+            .iter()
+            .map(|layer| Ok((layer, checkpoint.locate(layer)?)))
+            .collect::<Result<_>>()?
+    };
     let file = crate::tensors::MappedFile::open(base)?;
     let lib = merged.map(crate::tensors::MappedFile::open).transpose()?;
     let st = file.tensors();
-    let shapes: Vec<(String, Vec<usize>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.shape().to_vec()))
-        .collect();
-    let table = crate::resolve::AliasTable::with_shapes(shapes.iter().map(|(k, s)| (k, s)));
     let mut groups: Vec<(String, Vec<Edit<'_>>)> = Vec::new();
-    for layer in &adapter.layers {
-        let r = table.resolve(&layer.target).map_err(|_| {
-            Error::new(
-                Category::TargetMissing,
-                format!("`{}` has no single tensor in the base", layer.target.name),
-            )
-            .at(base)
-        })?;
+    for (layer, loc) in &located {
         let edit = Edit {
             layer,
-            rows: r.rows,
+            rows: Some(&loc.rows).filter(|r| !r.is_whole(loc.shape.first().copied().unwrap_or(0))),
             blend: Blend::default(),
         };
-        match groups.iter_mut().find(|(k, _)| *k == r.key) {
+        match groups.iter_mut().find(|(k, _)| *k == loc.key) {
             Some((_, v)) => v.push(edit),
-            None => groups.push((r.key, vec![edit])),
+            None => groups.push((loc.key.clone(), vec![edit])),
         }
     }
     let (mut elements, mut differing, mut max_ulp, mut worst) = (0, 0, 0.0f64, 0.0f64);
@@ -322,6 +327,7 @@ fn synthetic_layer(spec: &BenchSpec, rng: &mut Rng) -> Layer {
             module: ModuleKind::Linear,
             shape: Some(vec![spec.rows as u64, spec.cols as u64]),
             rotated_dim: Some(d as u64),
+            rows: None,
         },
         side: spec.side,
         stages,

@@ -81,18 +81,23 @@ struct BakeFlags {
     /// No progress bar and no summary line.
     #[arg(short, long)]
     quiet: bool,
-    /// Print a JSON summary (layers baked, bytes, seconds, peak memory).
+    /// Print a JSON summary (layers baked, bytes, seconds, peak memory, device).
     #[arg(long)]
     json: bool,
+    /// Where the rotation runs: cpu (default), cuda or cuda:N (an NVIDIA GPU; needs the cuda
+    /// build, see docs/gpu.md), or auto (the GPU if there is one, else the CPU, with a note).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
 }
 
 impl BakeFlags {
-    fn options(&self) -> bake::MergeOptions {
-        bake::MergeOptions {
+    fn options(&self) -> Result<bake::MergeOptions, Error> {
+        Ok(bake::MergeOptions {
             threads: self.threads,
             skip_missing: self.skip_missing,
             force: self.force,
-        }
+            device: self.device.parse()?,
+        })
     }
 
     /// A progress bar on stderr when it is a terminal and no `--quiet`/`--json`.
@@ -394,6 +399,9 @@ fn report_export(r: &convert::ExportReport, as_json: bool) -> Output {
 }
 
 fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
+    if let Some(note) = s.device_note.as_ref().filter(|_| !flags.quiet) {
+        warn(&format!("oftool: note: {note}"));
+    }
     if flags.json {
         return Output::new(json(s), 0);
     }
@@ -407,8 +415,13 @@ fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
                 s.layers_skipped.join(", ")
             )
         };
+        let on = if s.device == "cpu" {
+            String::new()
+        } else {
+            format!(" on {}", s.device)
+        };
         warn(&format!(
-            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){skipped}",
+            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s{on}){skipped}",
             s.layers_baked,
             s.tensors_rotated,
             s.base,
@@ -512,32 +525,22 @@ fn run(command: Command) -> Result<Output, Error> {
             blend,
             flags,
         } => {
+            let opts = flags.options()?;
             let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into())?;
             let progress = flags.progress();
-            bake::merge(
-                &base,
-                inputs,
-                &flags.output,
-                &flags.options(),
-                progress.as_ref(),
-            )
-            .map(|s| report_bake(&s, &flags))
+            bake::merge(&base, inputs, &flags.output, &opts, progress.as_ref())
+                .map(|s| report_bake(&s, &flags))
         }
         Command::Unmerge {
             merged,
             adapters,
             flags,
         } => {
+            let opts = flags.options()?;
             let args = adapter_args(&adapters)?;
             let progress = flags.progress();
-            bake::unmerge(
-                &merged,
-                &args,
-                &flags.output,
-                &flags.options(),
-                progress.as_ref(),
-            )
-            .map(|s| report_bake(&s, &flags))
+            bake::unmerge(&merged, &args, &flags.output, &opts, progress.as_ref())
+                .map(|s| report_bake(&s, &flags))
         }
         Command::Compose {
             adapters,

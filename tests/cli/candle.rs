@@ -10,9 +10,10 @@
 //! native path is held to in tests/fixtures.rs). `cargo test --test cli candle:: -- --nocapture`
 //! prints the measured differences.
 
-use candle_core::Device;
 use crate::common::*;
+use candle_core::Device;
 use oftool::apply::{Blend, apply_layer_blended};
+use oftool::base::RowSlice;
 use oftool::candle_rotate::{DeviceChoice, Edit, Rotated, rotate};
 use oftool::error::Category;
 use oftool::model::{Adapter, Layer};
@@ -55,15 +56,16 @@ fn native(base: &[f64], dtype: Dtype, shape: &[usize], edits: &[Edit<'_>]) -> Ve
     let cols: usize = shape[1..].iter().product();
     fn run<T: oftool::apply::Real>(data: &mut [T], rows: usize, cols: usize, edits: &[Edit<'_>]) {
         for e in edits {
-            let (start, len) = e.rows.unwrap_or((0, rows));
-            apply_layer_blended(
-                e.layer,
-                &mut data[start * cols..(start + len) * cols],
-                len,
-                cols,
-                e.blend,
-            )
-            .expect("native path applies");
+            let slice = e.rows.cloned().unwrap_or_else(|| RowSlice::whole(rows));
+            let mut part: Vec<T> = Vec::with_capacity(slice.len() * cols);
+            for r in slice.ranges().iter().cloned().flatten() {
+                part.extend_from_slice(&data[r * cols..(r + 1) * cols]);
+            }
+            apply_layer_blended(e.layer, &mut part, slice.len(), cols, e.blend)
+                .expect("native path applies");
+            for (p, r) in slice.ranges().iter().cloned().flatten().enumerate() {
+                data[r * cols..(r + 1) * cols].copy_from_slice(&part[p * cols..(p + 1) * cols]);
+            }
         }
     }
     let out: Vec<f64> = match dtype {
@@ -122,7 +124,7 @@ fn find_layer<'a>(adapter: &'a Adapter, name: &str) -> &'a Layer {
 }
 
 /// A layer on a base tensor, optionally on a row slice.
-type Placed<'a> = (&'a Layer, Option<(usize, usize)>);
+type Placed<'a> = (&'a Layer, Option<RowSlice>);
 
 /// A fixture case's tensors with their edits, in case.json's order.
 fn case_groups<'a>(dir: &Path, adapter: &'a Adapter) -> Vec<(String, Vec<Placed<'a>>)> {
@@ -132,10 +134,8 @@ fn case_groups<'a>(dir: &Path, adapter: &'a Adapter) -> Vec<(String, Vec<Placed<
         let key = l["base_key"].as_str().expect("base_key").to_string();
         let layer = find_layer(adapter, l["adapter_name"].as_str().expect("adapter_name"));
         let rows = l.get("rows").and_then(|r| r.as_array()).map(|r| {
-            (
-                r[0].as_u64().unwrap() as usize,
-                r[1].as_u64().unwrap() as usize,
-            )
+            let start = r[0].as_u64().unwrap() as usize;
+            RowSlice::range(start..start + r[1].as_u64().unwrap() as usize)
         });
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, v)) => v.push((layer, rows)),
@@ -204,7 +204,7 @@ fn every_fixture_case_matches_the_native_path_and_the_library() {
     for dir in cases() {
         let label = dir.file_name().unwrap().to_string_lossy().to_string();
         let case = read_json(&dir.join("case.json"));
-        let adapter = oftool::import::load(&dir.join(case["adapter"].as_str().unwrap()))
+        let adapter = oftool::layouts::load(&dir.join(case["adapter"].as_str().unwrap()))
             .unwrap_or_else(|e| panic!("{label}: import: {e}"));
         let base = MappedFile::open(&dir.join(case["base"].as_str().unwrap())).unwrap();
         let merged = MappedFile::open(&dir.join(case["merged"].as_str().unwrap())).unwrap();
@@ -220,9 +220,9 @@ fn every_fixture_case_matches_the_native_path_and_the_library() {
             for (bi, blend) in blends.iter().enumerate() {
                 let edits: Vec<Edit<'_>> = group
                     .iter()
-                    .map(|&(layer, rows)| Edit {
+                    .map(|(layer, rows)| Edit {
                         layer,
-                        rows,
+                        rows: rows.as_ref(),
                         blend: *blend,
                     })
                     .collect();
@@ -284,7 +284,7 @@ fn unmerge_matches_the_native_path() {
         if case["single_file"].as_bool() == Some(true) {
             continue; // whole checkpoints: the merge test covers their row slices
         }
-        let adapter = oftool::import::load(&dir.join(case["adapter"].as_str().unwrap())).unwrap();
+        let adapter = oftool::layouts::load(&dir.join(case["adapter"].as_str().unwrap())).unwrap();
         let inverse = oftool::strength::adapter_inverse(&adapter)
             .unwrap_or_else(|e| panic!("{label}: inverse: {e}"));
         let merged = MappedFile::open(&dir.join(case["merged"].as_str().unwrap())).unwrap();
@@ -293,9 +293,9 @@ fn unmerge_matches_the_native_path() {
             let edits: Vec<Edit<'_>> = group
                 .iter()
                 .rev()
-                .map(|&(layer, rows)| Edit {
+                .map(|(layer, rows)| Edit {
                     layer,
-                    rows,
+                    rows: rows.as_ref(),
                     blend: Blend::default(),
                 })
                 .collect();
@@ -373,7 +373,7 @@ fn spec_vectors_match_in_f64() {
 fn errors_name_the_problem_and_never_panic() {
     let dir = cases_dir().join("peft-unet-f16");
     let case = read_json(&dir.join("case.json"));
-    let adapter = oftool::import::load(&dir.join(case["adapter"].as_str().unwrap())).unwrap();
+    let adapter = oftool::layouts::load(&dir.join(case["adapter"].as_str().unwrap())).unwrap();
     let (key, group) = case_groups(&dir, &adapter).remove(0);
     let base = MappedFile::open(&dir.join("base.safetensors")).unwrap();
     let Raw {
@@ -400,16 +400,17 @@ fn errors_name_the_problem_and_never_panic() {
         &bytes,
         dtype,
         &shape,
-        &[edit(Some((1, shape[0])))],
+        &[edit(Some(&RowSlice::range(1..shape[0] + 1)))],
         &dev,
     )
     .unwrap_err();
     assert_eq!(e.category(), Category::TargetShape, "{e}");
+    let one = RowSlice::range(0..1);
     let mut rows_layer = group[0].0.clone();
     rows_layer.side = oftool::model::Side::Output;
     let one_row = Edit {
         layer: &rows_layer,
-        rows: Some((0, 1)),
+        rows: Some(&one),
         blend: Blend::default(),
     };
     let e = rotate(&key, &bytes, dtype, &shape, &[one_row], &dev).unwrap_err();
@@ -450,6 +451,13 @@ fn device_choices_parse_and_cuda_fails_cleanly_without_it() {
         DeviceChoice::Cuda(3)
     );
     assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+    assert_eq!(
+        "candle-cpu".parse::<DeviceChoice>().unwrap(),
+        DeviceChoice::CandleCpu
+    );
+    for d in ["cpu", "candle-cpu", "cuda:2", "auto"] {
+        assert_eq!(d.parse::<DeviceChoice>().unwrap().to_string(), d);
+    }
     for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CUDA", ""] {
         let e = bad.parse::<DeviceChoice>().unwrap_err();
         assert_eq!(e.category(), Category::Usage, "{bad}: {e}");

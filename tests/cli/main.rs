@@ -13,6 +13,7 @@ mod candle;
 mod clients;
 mod common;
 mod convert;
+mod device;
 mod faults;
 mod fixtures;
 mod fuzz_corpus;
