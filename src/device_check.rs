@@ -9,6 +9,9 @@
 //! * `bench`: one synthetic tensor and layer resident on the device; the median time of the
 //!   tensor program (no transfers), upload and download times, the bytes and FLOP it stands
 //!   for, and the native CPU path's time and difference on the same tensor.
+//! * `compare A B`: two bakes of the same inputs (e.g. `merge --device cuda` and `--device
+//!   cpu`) tensor by tensor: same names, dtypes, shapes and metadata, and the elements that
+//!   differ with the largest difference in ulps of the stored dtype (≤ 1 passes).
 //! * `ceilings`: what the device does at best: a device-to-device copy (bandwidth) and one
 //!   large f32 matrix product (FP32 rate), through the same candle.
 
@@ -233,6 +236,53 @@ pub fn parity(base: &Path, adapter: &Path, merged: Option<&Path>, dev: &Device) 
         "device_s": device_s,
         "cpu_s": cpu_s,
         "ok": max_ulp <= 1.0 && worst <= 1.0,
+    }))
+}
+
+/// `device-check compare A B` (single safetensors files).
+pub fn compare_files(a: &Path, b: &Path) -> Result<Value> {
+    let fa = crate::tensors::MappedFile::open(a)?;
+    let fb = crate::tensors::MappedFile::open(b)?;
+    let (ta, tb) = (fa.tensors(), fb.tensors());
+    let mut names: Vec<String> = tb.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut names_a: Vec<String> = ta.names().into_iter().map(String::from).collect();
+    names_a.sort();
+    let same_layout = names == names_a && fa.metadata == fb.metadata;
+    let (mut elements, mut differing, mut max_ulp) = (0usize, 0usize, 0.0f64);
+    let mut mismatched = Vec::new();
+    for name in &names {
+        let y = tb
+            .tensor(name)
+            .map_err(|e| Error::new(Category::Tensor, e.to_string()).tensor(name))?;
+        let Ok(x) = ta.tensor(name) else {
+            mismatched.push(name.clone());
+            continue;
+        };
+        if x.dtype() != y.dtype() || x.shape() != y.shape() {
+            mismatched.push(name.clone());
+            continue;
+        }
+        if x.data() == y.data() {
+            elements += y.shape().iter().product::<usize>();
+            continue;
+        }
+        let (xv, yv) = (decode(x.data(), x.dtype()), decode(y.data(), y.dtype()));
+        let (n, m) = compare(&xv, &yv, y.dtype());
+        elements += yv.len();
+        differing += n;
+        max_ulp = max_ulp.max(m);
+    }
+    Ok(json!({
+        "mode": "compare",
+        "a": a.display().to_string(),
+        "b": b.display().to_string(),
+        "tensors": names.len(),
+        "elements": elements,
+        "differing": differing,
+        "max_ulp": max_ulp,
+        "mismatched": mismatched,
+        "ok": same_layout && mismatched.is_empty() && max_ulp <= 1.0,
     }))
 }
 

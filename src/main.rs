@@ -242,6 +242,8 @@ enum DeviceCheck {
     },
     /// `parity` for every fixture case under DIR (its case.json names base, adapter, merged).
     ParityCases { dir: PathBuf },
+    /// Two bakes of the same inputs, tensor by tensor (differences in ulps of the dtype).
+    Compare { a: PathBuf, b: PathBuf },
     /// The candle program on one synthetic tensor resident on the device.
     Bench {
         /// f16, bf16, f32 or f64.
@@ -586,6 +588,7 @@ fn device_check(check: DeviceCheck, device: &str) -> Result<Output, Error> {
             let ok = all.iter().all(|v| v["ok"] == serde_json::Value::Bool(true));
             serde_json::json!({ "mode": "parity-cases", "cases": all.len(), "ok": ok })
         }
+        DeviceCheck::Compare { a, b } => dc::compare_files(&a, &b)?,
         DeviceCheck::Bench {
             dtype,
             rows,
