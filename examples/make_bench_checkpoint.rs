@@ -341,7 +341,7 @@ fn write_oft(
         let mut rng = Rng::new(name);
         let stages = (0..stages)
             .map(|i| {
-                let n = blocks * oftool::rotation::tri_len(b);
+                let n = blocks * (b * (b - 1) / 2);
                 params += n;
                 Stage {
                     spec: StageSpec {

@@ -11,13 +11,13 @@
 //! prints the measured differences.
 
 use crate::common::*;
+use crate::spec_vectors::{floats, layer_from};
 use candle_core::Device;
 use oftool::apply::{Blend, apply_layer_blended};
 use oftool::base::RowSlice;
 use oftool::candle_rotate::{DeviceChoice, Edit, Rotated, rotate};
 use oftool::error::Category;
 use oftool::model::{Adapter, Layer};
-use oftool::tensors::MappedFile;
 use safetensors::tensor::Dtype;
 use std::path::Path;
 
@@ -34,7 +34,7 @@ fn raw(f: &MappedFile, key: &str) -> Raw {
     let v = st.tensor(key).expect("tensor present");
     Raw {
         bytes: v.data().to_vec(),
-        values: oftool::tensors::to_f64(&v, key).expect("float tensor"),
+        values: to_f64(&v),
         shape: v.shape().to_vec(),
         dtype: v.dtype(),
     }

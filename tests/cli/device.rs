@@ -56,7 +56,7 @@ fn bake(cmd: &str, input: &Path, adapter: &Path, out: &Path, device: &str) -> se
 /// the stored dtype; untouched tensors and the metadata must be identical.
 fn differences(label: &str, got: &Path, want: &Path) -> (usize, usize, f64) {
     if std::fs::read(got).unwrap() == std::fs::read(want).unwrap() {
-        let f = oftool::tensors::MappedFile::open(want).unwrap();
+        let f = MappedFile::open(want).unwrap();
         let n = f
             .tensors()
             .tensors()
@@ -65,8 +65,8 @@ fn differences(label: &str, got: &Path, want: &Path) -> (usize, usize, f64) {
             .sum();
         return (n, 0, 0.0);
     }
-    let g = oftool::tensors::MappedFile::open(got).unwrap();
-    let w = oftool::tensors::MappedFile::open(want).unwrap();
+    let g = MappedFile::open(got).unwrap();
+    let w = MappedFile::open(want).unwrap();
     assert_eq!(g.metadata, w.metadata, "{label}: metadata");
     let (gt, wt) = (g.tensors(), w.tensors());
     let mut names = wt.names();
@@ -82,8 +82,8 @@ fn differences(label: &str, got: &Path, want: &Path) -> (usize, usize, f64) {
             (b.dtype(), b.shape()),
             "{label} {name}"
         );
-        let av = oftool::tensors::to_f64(&a, name).unwrap();
-        let bv = oftool::tensors::to_f64(&b, name).unwrap();
+        let av = to_f64(&a);
+        let bv = to_f64(&b);
         n += av.len();
         for (&x, &y) in av.iter().zip(&bv) {
             if x.to_bits() != y.to_bits() {
@@ -128,16 +128,16 @@ fn merge_on_candle_cpu_equals_the_cpu_on_every_fixture() {
             "{label}: candle-cpu is {max_ulps} ulp from cpu"
         );
         // The library's merged weights, at the fixture tolerance (as merge.rs holds cpu).
-        let lib = oftool::tensors::MappedFile::open(&merged).unwrap();
-        let got = oftool::tensors::MappedFile::open(&dev).unwrap();
+        let lib = MappedFile::open(&merged).unwrap();
+        let got = MappedFile::open(&dev).unwrap();
         let dtype = {
             let (lt, gt) = (lib.tensors(), got.tensors());
             let mut dtype = None;
             for name in lt.names() {
                 let Ok(g) = gt.tensor(name) else { continue };
                 let l = lt.tensor(name).unwrap();
-                let gv = oftool::tensors::to_f64(&g, name).unwrap();
-                let lv = oftool::tensors::to_f64(&l, name).unwrap();
+                let gv = to_f64(&g);
+                let lv = to_f64(&l);
                 let (ratio, i) = worst(&gv, &lv, g.dtype());
                 assert!(
                     ratio <= 1.0,
@@ -296,7 +296,7 @@ fn device_failures_leave_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = cases_dir().join("peft-unet-f16");
     let (adapter, base, _) = case_paths(&dir);
-    let f = oftool::tensors::MappedFile::open(&base).unwrap();
+    let f = MappedFile::open(&base).unwrap();
     let st = f.tensors();
     let case = read_json(&dir.join("case.json"));
     let layers = case["layers"].as_array().unwrap();

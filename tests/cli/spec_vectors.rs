@@ -6,9 +6,63 @@
 use crate::common;
 
 use crate::common::*;
-use oftool::apply::{Matrix, apply_layer};
-use oftool::rotation::rotation_block;
-use oftool::wiring::gather;
+use oftool::apply::{Matrix, PreparedStage, apply_layer};
+use oftool::model::*;
+use serde_json::Value;
+
+pub(crate) fn floats(v: &Value) -> Vec<f64> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().expect("number")],
+        other => panic!("expected numbers, got {other}"),
+    }
+}
+
+pub(crate) fn layer_from(v: &Value) -> Layer {
+    let side: Side = serde_json::from_value(v["side"].clone()).expect("side");
+    let stages = v["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| Stage {
+            spec: StageSpec {
+                blocks: s["blocks"].as_u64(),
+                block_size: s["block_size"].as_u64().expect("block_size"),
+                shared: s["shared"].as_bool().unwrap_or(false),
+                wiring: serde_json::from_value(s["wiring"].clone()).expect("wiring"),
+                map: serde_json::from_value(s["map"].clone()).expect("map"),
+                q: String::new(),
+            },
+            q: floats(&s["q"]),
+            q_f64: true,
+            inverse: false,
+        })
+        .collect();
+    let row_scale = match &v["row_scale"] {
+        Value::Null => None,
+        rs => Some((
+            serde_json::from_value(rs["position"].clone()).expect("position"),
+            floats(&rs["values"]),
+        )),
+    };
+    Layer {
+        target: Target {
+            name: "vector".into(),
+            convention: "unknown".into(),
+            component: None,
+            module: ModuleKind::Unknown,
+            shape: None,
+            rotated_dim: None,
+            rows: None,
+        },
+        side,
+        stages,
+        row_scale,
+        row_scale_f64: true,
+        constraint: None,
+        base_binding: None,
+    }
+}
 
 #[test]
 fn spec_vectors_match() {
@@ -32,6 +86,11 @@ fn spec_vectors_match() {
         }
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         let layer = layer_from(&v);
+        let w_rows = v["w"].as_array().unwrap().len();
+        let axis = match layer.side {
+            Side::Output => w_rows,
+            Side::Input => floats(&v["w"]).len() / w_rows,
+        };
         for (j, (stage, sv)) in layer
             .stages
             .iter()
@@ -50,8 +109,10 @@ fn spec_vectors_match() {
                 stage.stored_blocks(),
                 "{name} stage {j}"
             );
+            let prepared = PreparedStage::<f64>::new(stage, axis).unwrap();
             for (k, rb) in want_r.iter().enumerate() {
-                let got = rotation_block(stage.q_row(k), b, &stage.spec.map);
+                let got = &prepared.blocks()[k];
+                assert_eq!(got.len(), b * b, "{name} stage {j} block {k}: size");
                 let want = floats(rb);
                 let err = got
                     .iter()
@@ -65,12 +126,10 @@ fn spec_vectors_match() {
             }
             if let Some(sigma) = sv.get("sigma").filter(|s| !s.is_null()) {
                 let want: Vec<usize> = floats(sigma).iter().map(|&x| x as usize).collect();
-                let blocks = want.len() / b;
-                assert_eq!(
-                    gather(&stage.spec.wiring, blocks, b).unwrap(),
-                    want,
-                    "{name} stage {j}: σ"
-                );
+                let got = prepared
+                    .gather_list()
+                    .map_or_else(|| (0..want.len()).collect(), <[usize]>::to_vec);
+                assert_eq!(got, want, "{name} stage {j}: σ");
             }
         }
         let w = floats(&v["w"]);
@@ -147,7 +206,7 @@ fn container_vector_reads_and_merges() {
             );
         }
         let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), &bytes).unwrap();
-        let w = oftool::tensors::to_f64(&view, "base").unwrap();
+        let w = crate::common::to_f64(&view);
         let mut mat = Matrix::from_shape(&shape, w).unwrap();
         apply_layer(layer, &mut mat).unwrap();
         let want = floats(&m["expected_f64"]);
