@@ -114,14 +114,14 @@ mod tests {
             side,
             stages: vec![Stage {
                 spec: StageSpec {
-                    blocks: None,
+                    blocks: Some(2),
                     block_size: b,
                     shared: false,
                     wiring: Wiring::Identity,
                     map: RotationMap::Cayley,
                     q: String::new(),
                 },
-                q: (0..64).map(|i| 0.01 * (i as f64 + 1.0)).collect(),
+                q: vec![0.3, -0.2],
                 q_f64: true,
                 inverse: false,
             }],
