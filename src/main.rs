@@ -82,18 +82,23 @@ struct BakeFlags {
     /// No progress bar and no summary line.
     #[arg(short, long)]
     quiet: bool,
-    /// Print a JSON summary (layers baked, bytes, seconds, peak memory).
+    /// Print a JSON summary (layers baked, bytes, seconds, peak memory, device).
     #[arg(long)]
     json: bool,
+    /// Where the rotation runs: cpu (default), cuda or cuda:N (an NVIDIA GPU; needs the cuda
+    /// build, see docs/gpu.md), or auto (the GPU if there is one, else the CPU, with a note).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
 }
 
 impl BakeFlags {
-    fn options(&self) -> bake::MergeOptions {
-        bake::MergeOptions {
+    fn options(&self) -> Result<bake::MergeOptions, Error> {
+        Ok(bake::MergeOptions {
             threads: self.threads,
             skip_missing: self.skip_missing,
             force: self.force,
-        }
+            device: self.device.parse()?,
+        })
     }
 
     /// A progress bar on stderr when it is a terminal and no `--quiet`/`--json`.
@@ -252,6 +257,63 @@ enum Command {
         #[command(flatten)]
         lora: LoraFlags,
     },
+    /// Developer checks of the candle compute path (scripts/gpu-check.sh, docs/gpu.md).
+    #[command(hide = true)]
+    DeviceCheck {
+        #[command(subcommand)]
+        check: DeviceCheck,
+        /// Where the candle program runs: cpu (candle's CPU device), cuda, cuda:N or auto.
+        #[arg(long, default_value = "cuda", global = true)]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCheck {
+    /// Every adapted tensor of BASE through the candle program and the native CPU path.
+    Parity {
+        base: PathBuf,
+        adapter: PathBuf,
+        /// The library's merged weights, compared at the fixture tolerance.
+        #[arg(long)]
+        merged: Option<PathBuf>,
+    },
+    /// `parity` for every fixture case under DIR (its case.json names base, adapter, merged).
+    ParityCases { dir: PathBuf },
+    /// Two bakes of the same inputs, tensor by tensor (differences in ulps of the dtype).
+    Compare { a: PathBuf, b: PathBuf },
+    /// The candle program on one synthetic tensor resident on the device.
+    Bench {
+        /// f16, bf16, f32 or f64.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        #[arg(long)]
+        rows: usize,
+        #[arg(long)]
+        cols: usize,
+        #[arg(long, default_value_t = 32)]
+        block: usize,
+        /// Butterfly stages (1: plain OFT).
+        #[arg(long, default_value_t = 1)]
+        stages: usize,
+        /// input or output.
+        #[arg(long, default_value = "input")]
+        side: String,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also time the native CPU path on the same tensor and compare.
+        #[arg(long)]
+        cpu: bool,
+    },
+    /// Device copy bandwidth and f32 matrix-product rate through candle.
+    Ceilings {
+        #[arg(long, default_value_t = 4 << 30)]
+        copy_bytes: usize,
+        #[arg(long, default_value_t = 8192)]
+        n: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 /// `convert --to lora`: how many components to keep and which LoRA layout to write.
@@ -331,6 +393,7 @@ impl Command {
             | Command::Extract { json, .. }
             | Command::Convert { json, .. } => *json,
             Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
+            Command::DeviceCheck { .. } => false,
         }
     }
 }
@@ -447,6 +510,9 @@ fn report_export(r: &convert::ExportReport, as_json: bool) -> Output {
 }
 
 fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
+    if let Some(note) = s.device_note.as_ref().filter(|_| !flags.quiet) {
+        warn(&format!("oftool: note: {note}"));
+    }
     if flags.json {
         return Output::new(json(s), 0);
     }
@@ -460,8 +526,13 @@ fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
                 s.layers_skipped.join(", ")
             )
         };
+        let on = if s.device == "cpu" {
+            String::new()
+        } else {
+            format!(" on {}", s.device)
+        };
         warn(&format!(
-            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){skipped}",
+            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s{on}){skipped}",
             s.layers_baked,
             s.tensors_rotated,
             s.base,
@@ -605,32 +676,22 @@ fn run(command: Command) -> Result<Output, Error> {
             blend,
             flags,
         } => {
+            let opts = flags.options()?;
             let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into())?;
             let progress = flags.progress();
-            bake::merge(
-                &base,
-                inputs,
-                &flags.output,
-                &flags.options(),
-                progress.as_ref(),
-            )
-            .map(|s| report_bake(&s, &flags))
+            bake::merge(&base, inputs, &flags.output, &opts, progress.as_ref())
+                .map(|s| report_bake(&s, &flags))
         }
         Command::Unmerge {
             merged,
             adapters,
             flags,
         } => {
+            let opts = flags.options()?;
             let args = adapter_args(&adapters)?;
             let progress = flags.progress();
-            bake::unmerge(
-                &merged,
-                &args,
-                &flags.output,
-                &flags.options(),
-                progress.as_ref(),
-            )
-            .map(|s| report_bake(&s, &flags))
+            bake::unmerge(&merged, &args, &flags.output, &opts, progress.as_ref())
+                .map(|s| report_bake(&s, &flags))
         }
         Command::Compose {
             adapters,
@@ -694,7 +755,72 @@ fn run(command: Command) -> Result<Output, Error> {
             j,
             &lora,
         ),
+        Command::DeviceCheck { check, device } => device_check(check, &device),
     }
+}
+
+fn device_check(check: DeviceCheck, device: &str) -> Result<Output, Error> {
+    use oftool::device_check as dc;
+    let dev = dc::device(device.parse()?)?;
+    let mut lines = String::new();
+    let v = match check {
+        DeviceCheck::Parity {
+            base,
+            adapter,
+            merged,
+        } => dc::parity(&base, &adapter, merged.as_deref(), &dev)?,
+        DeviceCheck::ParityCases { dir } => {
+            let all = dc::parity_cases(&dir, &dev)?;
+            for v in &all {
+                lines.push_str(&format!("{v}\n"));
+            }
+            let ok = all.iter().all(|v| v["ok"] == serde_json::Value::Bool(true));
+            serde_json::json!({ "mode": "parity-cases", "cases": all.len(), "ok": ok })
+        }
+        DeviceCheck::Compare { a, b } => dc::compare_files(&a, &b)?,
+        DeviceCheck::Bench {
+            dtype,
+            rows,
+            cols,
+            block,
+            stages,
+            side,
+            runs,
+            cpu,
+        } => {
+            let dtype = match dtype.as_str() {
+                "f16" => safetensors::Dtype::F16,
+                "bf16" => safetensors::Dtype::BF16,
+                "f32" => safetensors::Dtype::F32,
+                "f64" => safetensors::Dtype::F64,
+                _ => return Err(Error::usage(format!("unknown dtype `{dtype}`"))),
+            };
+            let side = match side.as_str() {
+                "input" => oftool::model::Side::Input,
+                "output" => oftool::model::Side::Output,
+                _ => return Err(Error::usage(format!("unknown side `{side}`"))),
+            };
+            let spec = dc::BenchSpec {
+                dtype,
+                rows,
+                cols,
+                block,
+                stages,
+                side,
+                runs,
+                cpu,
+            };
+            dc::bench(&spec, &dev)?
+        }
+        DeviceCheck::Ceilings {
+            copy_bytes,
+            n,
+            runs,
+        } => dc::ceilings(&dev, copy_bytes, n, runs)?,
+    };
+    lines.push_str(&format!("{v}\n"));
+    let failed = v["ok"] == serde_json::Value::Bool(false);
+    Ok(Output::new(lines, u8::from(failed)))
 }
 
 /// Process setup: a file-size limit (`ulimit -f`) must surface as an ordinary write error

@@ -174,6 +174,8 @@ pub fn run(
         threads: opts.threads,
         skip_missing: false,
         force: true,
+        // The LoRA is computed on the host from the exact bake's formula, not by a backend.
+        device: Default::default(),
     };
     let planned = plan(&base, &inputs, &merge_opts)?;
     let pool = super::pool(opts.threads)?;
