@@ -102,6 +102,18 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
     for layer in &mut adapter.layers {
         let loc = match base.lookup(layer) {
             Lookup::Found(loc) => loc,
+            Lookup::Split(locs) => {
+                problems.push(format!(
+                    "`{}` spans several tensors ({}): a binding names one",
+                    layer.target.name,
+                    locs.iter().map(|l| l.key.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+                continue;
+            }
+            Lookup::Unfit(m) => {
+                problems.push(m);
+                continue;
+            }
             Lookup::Missing => {
                 problems.push(format!("`{}` has no tensor in the base", layer.target.name));
                 continue;

@@ -8,7 +8,9 @@ use crate::apply::Blend;
 use crate::base::{Base, Located, Lookup, check_shape};
 use crate::error::{Category, Error, Result};
 use crate::model::Layer;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 /// One base file and the edits of its tensors, each tensor's in the order they apply.
 pub(crate) struct FileJob<'a> {
@@ -26,11 +28,13 @@ pub(crate) struct Plan<'a> {
     pub skipped: Vec<String>,
 }
 
-/// A layer and where it lands.
+/// A layer (or the part of it that lands on one tensor) and where it lands.
 struct Placement<'a> {
     loc: Located,
-    layer: &'a Layer,
+    layer: Cow<'a, Layer>,
     blend: Blend,
+    /// The first (or only) placement of its layer.
+    first: bool,
 }
 
 /// Plan the bake of `inputs` (in order) into `base`; refuse with every problem at once.
@@ -49,7 +53,7 @@ pub(crate) fn plan<'a>(
             edits: BTreeMap::new(),
         })
         .collect();
-    let layers_baked = placements.len();
+    let layers_baked = placements.iter().filter(|p| p.first).count();
     for p in placements {
         if let Some(job) = jobs.get_mut(p.loc.file) {
             let edit = Edit {
@@ -80,8 +84,13 @@ fn place<'a>(
         let label = &input.label;
         for layer in &input.adapter.layers {
             let name = &layer.target.name;
-            let loc = match base.lookup(layer) {
-                Lookup::Found(loc) => loc,
+            let locs = match base.lookup(layer) {
+                Lookup::Found(loc) => vec![loc],
+                Lookup::Split(locs) => locs,
+                Lookup::Unfit(m) => {
+                    problems.push((Category::TargetShape, format!("{m} ({label})")));
+                    continue;
+                }
                 Lookup::Missing => {
                     missing.push(format!("{name} ({label})"));
                     continue;
@@ -97,16 +106,27 @@ fn place<'a>(
                     continue;
                 }
             };
-            let unfit = check_shape(layer, &loc);
-            if !unfit.is_empty() {
-                problems.extend(unfit.iter().map(|e| (e.category(), e.to_string())));
-                continue;
+            for (n, loc) in locs.into_iter().enumerate() {
+                let layer = match &loc.part {
+                    None => Cow::Borrowed(layer),
+                    Some(part) => Cow::Owned(part_of(layer, part)),
+                };
+                let unfit = check_shape(&layer, &loc);
+                if !unfit.is_empty() {
+                    problems.extend(unfit.iter().map(|e| (e.category(), e.to_string())));
+                    continue;
+                }
+                let blend = match input.runtime_strength {
+                    Some(s) => input.mode.layer_blend(&layer, s),
+                    None => Blend::default(),
+                };
+                placements.push(Placement {
+                    loc,
+                    layer,
+                    blend,
+                    first: n == 0,
+                });
             }
-            let blend = match input.runtime_strength {
-                Some(s) => input.mode.layer_blend(layer, s),
-                None => Blend::default(),
-            };
-            placements.push(Placement { loc, layer, blend });
         }
     }
     if !missing.is_empty() && !opts.skip_missing {
@@ -126,11 +146,24 @@ fn place<'a>(
     Ok((placements, missing))
 }
 
+/// The part of an input-side `layer` that lands on one tensor: the same rotation, its row
+/// scale (if any) cut to the layer rows `part` (ranges of row indices, in order).
+fn part_of(layer: &Layer, part: &[Range<usize>]) -> Layer {
+    let mut l = layer.clone();
+    if let Some((_, scale)) = &mut l.row_scale {
+        *scale = part
+            .iter()
+            .flat_map(|r| scale.get(r.clone()).unwrap_or_default().iter().copied())
+            .collect();
+    }
+    l
+}
+
 /// Check the base-binding hash of every bound layer.
 fn check_bindings(base: &Base, placements: &[Placement<'_>]) -> Result<()> {
     let mut bad = Vec::new();
     for p in placements {
-        if base.check_binding(p.layer, &p.loc)?.is_some() {
+        if base.check_binding(&p.layer, &p.loc)?.is_some() {
             bad.push(p.layer.target.name.clone());
         }
     }

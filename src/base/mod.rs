@@ -20,7 +20,7 @@ pub(crate) use files::list_dir;
 use crate::apply::Matrix;
 use crate::error::{Category, Error, Result};
 use crate::model::{BaseBinding, Layer, Side};
-use crate::resolve::{AliasTable, Resolved};
+use crate::resolve::{AliasTable, Piece};
 use crate::tensors::MappedFile;
 use safetensors::tensor::Dtype;
 use std::collections::HashMap;
@@ -115,6 +115,9 @@ pub struct Located {
     pub shape: Vec<usize>,
     pub dtype: Dtype,
     pub rows: RowSlice,
+    /// Which of the layer's rows (ranges of its row indices, in order) land here, when the
+    /// layer spans several tensors (a fused module on a split base); `None`: all of them.
+    pub part: Option<Vec<Range<usize>>>,
     group: usize,
     /// Absolute byte offset and length of the tensor's data in its file.
     data: (u64, u64),
@@ -163,9 +166,15 @@ struct Group {
 /// What a layer's name resolves to, before it becomes an error.
 pub(crate) enum Lookup {
     Found(Located),
+    /// Input-side rows of several tensors (a fused module on a split base): one location each,
+    /// with the layer rows it takes (`Located::part`).
+    Split(Vec<Located>),
     Missing,
     /// The keys it could mean.
     Ambiguous(Vec<String>),
+    /// It names tensors it cannot be applied to as named (`target-shape`): rows outside the
+    /// named weight, or an output-side layer across tensors.
+    Unfit(String),
 }
 
 /// A base checkpoint with every header read.
@@ -254,12 +263,36 @@ impl Base {
         }
     }
 
+    /// The diffusion-transformer family, layout and key root of a one-model base.
+    pub fn dit(&self) -> Option<crate::resolve::dit::Detected> {
+        self.groups.iter().find_map(|g| g.table.dit())
+    }
+
+    /// Every tensor `layer` lands on: one, or (an input-side fused module on a split base)
+    /// several, each with the layer rows it takes. Errors as [`Base::locate`].
+    pub fn locate_all(&self, layer: &Layer) -> Result<Vec<Located>> {
+        match self.lookup(layer) {
+            Lookup::Split(locs) => Ok(locs),
+            _ => self.locate(layer).map(|l| vec![l]),
+        }
+    }
+
     /// Find the tensor `layer` targets: `target-missing` when nothing matches, `target-ambiguous`
-    /// when several tensors do.
+    /// when several tensors do; a layer that spans several tensors is `unsupported` here
+    /// ([`Base::locate_all`] gives each).
     pub fn locate(&self, layer: &Layer) -> Result<Located> {
         let name = &layer.target.name;
         match self.lookup(layer) {
             Lookup::Found(loc) => Ok(loc),
+            Lookup::Split(locs) => Err(Error::new(
+                Category::Unsupported,
+                format!(
+                    "`{name}` spans several tensors ({}); this command takes one per layer",
+                    locs.iter().map(|l| l.key.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .tensor(name)),
+            Lookup::Unfit(m) => Err(Error::new(Category::TargetShape, m).tensor(name)),
             Lookup::Missing => Err(Error::new(
                 Category::TargetMissing,
                 format!("no tensor in {} matches `{name}`", self.path.display()),
@@ -284,38 +317,127 @@ impl Base {
                 _ => true,
             }
         });
-        let mut hits: Vec<(usize, Resolved)> = Vec::new();
+        let mut hits: Vec<(usize, Vec<Piece>)> = Vec::new();
         let mut ambiguous = Vec::new();
         for g in candidates {
-            match self.groups[g].table.resolve(&layer.target) {
+            match self.groups[g].table.resolve_pieces(&layer.target) {
                 Ok(r) => hits.push((g, r)),
                 Err(c) => ambiguous.extend(c),
             }
         }
         if !ambiguous.is_empty() || hits.len() > 1 {
-            let mut keys: Vec<String> = hits.into_iter().map(|(_, r)| r.key).collect();
+            let mut keys: Vec<String> = hits
+                .into_iter()
+                .flat_map(|(_, r)| r.into_iter().map(|p| p.key))
+                .collect();
             keys.extend(ambiguous);
             return Lookup::Ambiguous(keys);
         }
-        let Some((g, r)) = hits.pop() else {
+        let Some((g, pieces)) = hits.pop() else {
             return Lookup::Missing;
         };
-        let Some(meta) = self.groups[g].tensors.get(&r.key) else {
-            return Lookup::Missing;
+        let group = &self.groups[g];
+        // The named weight's rows as (key, rows of it) segments, laid end to end.
+        let mut segments: Vec<(&str, Range<usize>)> = Vec::new();
+        for p in &pieces {
+            let Some(meta) = group.tensors.get(&p.key) else {
+                return Lookup::Missing;
+            };
+            match &p.rows {
+                None => segments.push((&p.key, 0..meta.shape.first().copied().unwrap_or(0))),
+                Some(v) => segments.extend(v.iter().map(|r| (p.key.as_str(), r.clone()))),
+            }
+        }
+        let name = &layer.target.name;
+        let total: usize = segments.iter().map(|(_, r)| r.len()).sum();
+        let wanted: Vec<Range<usize>> = match &layer.target.rows {
+            None => vec![0..total],
+            Some(rows) => {
+                let mut v = Vec::new();
+                for r in rows {
+                    let end = r.start.checked_add(r.len).and_then(|e| usize::try_from(e).ok());
+                    match (usize::try_from(r.start), end) {
+                        (Ok(a), Some(b)) if b <= total => v.push(a..b),
+                        _ => {
+                            return Lookup::Unfit(format!(
+                                "`{name}` covers rows {}..{} of a weight of {total} rows",
+                                r.start,
+                                r.start.saturating_add(r.len)
+                            ));
+                        }
+                    }
+                }
+                v
+            }
         };
-        let rows = match r.rows {
-            Some((start, len)) => RowSlice::range(start..start.saturating_add(len)),
-            None => RowSlice::whole(meta.shape.first().copied().unwrap_or(0)),
-        };
-        Lookup::Found(Located {
-            file: meta.file,
-            key: r.key,
-            shape: meta.shape.clone(),
-            dtype: meta.dtype,
-            rows,
-            group: g,
-            data: meta.data,
-        })
+        // The covered rows as (key, rows) in the layer's order, adjacent runs merged.
+        let mut covered: Vec<(&str, Range<usize>)> = Vec::new();
+        for w in &wanted {
+            let mut offset = 0;
+            for (key, seg) in &segments {
+                let (lo, hi) = (w.start.max(offset), w.end.min(offset + seg.len()));
+                if lo < hi {
+                    let r = seg.start + (lo - offset)..seg.start + (hi - offset);
+                    match covered.last_mut() {
+                        Some((k, last)) if k == key && last.end == r.start => last.end = r.end,
+                        _ => covered.push((key, r)),
+                    }
+                }
+                offset += seg.len();
+            }
+        }
+        // One location per tensor, in order of first appearance, with the layer rows it takes.
+        let mut per: Vec<(&str, Vec<Range<usize>>, Vec<Range<usize>>)> = Vec::new();
+        let mut at = 0;
+        for (key, r) in covered {
+            let part = at..at + r.len();
+            at += r.len();
+            match per.iter_mut().find(|(k, _, _)| *k == key) {
+                Some((_, rows, parts)) => {
+                    rows.push(r);
+                    parts.push(part);
+                }
+                None => per.push((key, vec![r], vec![part])),
+            }
+        }
+        if per.len() > 1 && layer.side == Side::Output {
+            let keys: Vec<&str> = per.iter().map(|(k, _, _)| *k).collect();
+            return Lookup::Unfit(format!(
+                "`{name}` rotates output rows that lie in several tensors ({}): its blocks mix \
+                 rows of different tensors, which a tensor-by-tensor bake cannot apply; bake it \
+                 into a base with the fused layout",
+                keys.join(", ")
+            ));
+        }
+        if per.is_empty()
+            && let Some((key, r)) = segments.first()
+            && layer.target.rows.is_none()
+        {
+            // A tensor without rows (0-dim or empty): located, for `check` to say why it fails.
+            per.push((key, vec![r.clone()], vec![0..0]));
+        }
+        let single = per.len() == 1;
+        let mut locs = Vec::new();
+        for (key, rows, parts) in per {
+            let Some(meta) = group.tensors.get(key) else {
+                return Lookup::Missing;
+            };
+            locs.push(Located {
+                file: meta.file,
+                key: key.to_string(),
+                shape: meta.shape.clone(),
+                dtype: meta.dtype,
+                rows: RowSlice::new(rows),
+                part: (!single).then_some(parts),
+                group: g,
+                data: meta.data,
+            });
+        }
+        match locs.len() {
+            0 => Lookup::Unfit(format!("`{name}` covers no rows")),
+            1 => Lookup::Found(locs.remove(0)),
+            _ => Lookup::Split(locs),
+        }
     }
 
     /// Every way `layer` does not fit the tensor it was located at (`target-shape`), and whether
