@@ -528,8 +528,9 @@ pub fn fill(template: &str, index: &str) -> String {
     template.replace("{i}", index)
 }
 
-/// Detect the family, layout and root from weight module names (keys without `.weight`). A
-/// family needs at least one block-level match; the most matched modules win.
+/// Detect the family, layout and root from weight module names (keys without `.weight`): a
+/// family's marker (a diffusers module only it has) decides; else the family and layout whose
+/// templates match the most modules, with at least one block-level match.
 pub fn detect<'a>(modules: impl Iterator<Item = &'a str>) -> Option<Detected> {
     let tops: Vec<&str> = FAMILIES
         .iter()
@@ -549,6 +550,22 @@ pub fn detect<'a>(modules: impl Iterator<Item = &'a str>) -> Option<Detected> {
             })
         })
         .collect();
+    // A module only one family has decides (diffusers names: the families share most).
+    for family in FAMILIES {
+        for root in ROOTS {
+            let marked = modules.iter().any(|m| {
+                m.strip_prefix(root)
+                    .is_some_and(|rest| family.markers.iter().any(|t| matches(t, rest).is_some()))
+            });
+            if marked {
+                return Some(Detected {
+                    family,
+                    layout: BaseLayout::Diffusers,
+                    root,
+                });
+            }
+        }
+    }
     let mut best: Option<(usize, Detected)> = None;
     for family in FAMILIES {
         for root in ROOTS {

@@ -12,6 +12,7 @@ mod bridge_math;
 mod clients;
 mod common;
 mod convert;
+mod dit;
 mod faults;
 mod fixtures;
 mod fuzz_corpus;
