@@ -45,6 +45,10 @@ pub struct LayerReport {
     pub module: String,
     pub side: String,
     pub rotated_dim: Option<u64>,
+    /// The rows of the named weight the layer covers (`[start, len]` ranges, in order), when
+    /// not all of them (a split of a fused weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<crate::model::RowRange>>,
     pub stages: Vec<StageReport>,
     pub parameters: u64,
     /// Largest rotation angle of any block, radians (Cayley angle of Q for Neumann stages).
@@ -54,6 +58,28 @@ pub struct LayerReport {
     pub constraint: Option<ConstraintReport>,
     pub row_scale: Option<RowScaleReport>,
     pub base_binding: bool,
+}
+
+/// What an adapter's names say about the model it was trained on.
+#[derive(Debug, Serialize)]
+pub struct ModelReport {
+    /// Family ids (`flux1`, `sd3`, `hunyuan-video`, `qwen-image`): several when the names are
+    /// common to them.
+    pub families: Vec<String>,
+    /// `diffusers` (split q, k, v) or `original` (the single-file layout, fused qkv).
+    pub names: String,
+}
+
+impl ModelReport {
+    fn of(adapter: &Adapter) -> Option<Self> {
+        let e = crate::resolve::dit::expected(
+            adapter.layers.iter().map(|l| l.target.name.as_str()),
+        )?;
+        Some(ModelReport {
+            families: e.families.iter().map(|f| f.id.to_string()).collect(),
+            names: e.layout.as_str().to_string(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -75,6 +101,9 @@ pub struct Report {
     /// The finer kind of file within the layout (`diag-oft`), when it has several.
     pub variant: Option<String>,
     pub provenance: Provenance,
+    /// The diffusion-transformer family and base layout its names are in, when they are one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelReport>,
     pub totals: Totals,
     /// Things a user should know about how runtimes treat this adapter (README "Where each
     /// runtime computes something else").
@@ -138,6 +167,7 @@ pub fn layer_report(layer: &Layer) -> LayerReport {
         module: module_name(layer),
         side: layer.side.as_str().into(),
         rotated_dim: layer.target.rotated_dim,
+        rows: layer.target.rows.clone(),
         stages: layer
             .stages
             .iter()
@@ -178,6 +208,7 @@ pub fn report(file: &Path, layout: &str, variant: Option<&str>, adapter: &Adapte
         layout: layout.into(),
         variant: variant.map(str::to_string),
         provenance: adapter.provenance.clone(),
+        model: ModelReport::of(adapter),
         totals,
         notes,
         layers,
@@ -263,6 +294,20 @@ pub fn run(path: &Path) -> Result<Report> {
     Ok(report(path, found.id(), found.variant(), &adapter))
 }
 
+/// A layer's target as the table shows it: with its rows when it covers some of the weight.
+fn label(l: &LayerReport) -> String {
+    match &l.rows {
+        None => l.target.clone(),
+        Some(rows) => {
+            let r: Vec<String> = rows
+                .iter()
+                .map(|r| format!("{}..{}", r.start, r.start.saturating_add(r.len)))
+                .collect();
+            format!("{} [rows {}]", l.target, r.join(", "))
+        }
+    }
+}
+
 /// The human-readable table.
 pub fn render(r: &Report) -> String {
     use std::fmt::Write;
@@ -294,6 +339,14 @@ pub fn render(r: &Report) -> String {
         r.totals.constrained_layers,
         r.totals.row_scaled_layers
     );
+    if let Some(m) = &r.model {
+        let _ = writeln!(
+            s,
+            "  model {}   {} names (bakes into a diffusers or an original single-file base)",
+            m.families.join(" / "),
+            m.names
+        );
+    }
     for n in &r.notes {
         let _ = writeln!(s, "  note: {n}");
     }
@@ -301,7 +354,7 @@ pub fn render(r: &Report) -> String {
     let width = r
         .layers
         .iter()
-        .map(|l| l.target.len())
+        .map(|l| label(l).chars().count())
         .max()
         .unwrap_or(6)
         .clamp(6, 80);
@@ -339,7 +392,7 @@ pub fn render(r: &Report) -> String {
             .as_ref()
             .map(|rs| format!("{:.4}..{:.4} {}", rs.min, rs.max, rs.position))
             .unwrap_or_else(|| "-".into());
-        let mut target = l.target.clone();
+        let mut target = label(l);
         if target.chars().count() > width {
             let tail: String = target
                 .chars()

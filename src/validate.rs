@@ -183,7 +183,14 @@ pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
     let base = Base::open(base)?;
     let mut out = Vec::new();
     for layer in &adapter.layers {
-        let found = base.locate(layer).and_then(|loc| base.check(layer, &loc));
+        // A fused module on a split base lands on several tensors: each part must fit.
+        let found = base.locate_all(layer).and_then(|locs| {
+            let mut problems = Vec::new();
+            for loc in &locs {
+                problems.extend(base.check(&crate::base::part_layer(layer, loc), loc)?);
+            }
+            Ok(problems)
+        });
         match found {
             Ok(problems) => out.extend(problems.iter().map(|e| as_problem(layer, e))),
             Err(e) if e.exit_code() == 2 => return Err(e),

@@ -5,12 +5,11 @@
 use super::backend::Edit;
 use super::{BakeInput, MergeOptions};
 use crate::apply::Blend;
-use crate::base::{Base, Located, Lookup, check_shape};
+use crate::base::{Base, Located, Lookup, check_shape, part_layer};
 use crate::error::{Category, Error, Result};
 use crate::model::Layer;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::ops::Range;
 
 /// One base file and the edits of its tensors, each tensor's in the order they apply.
 pub(crate) struct FileJob<'a> {
@@ -107,10 +106,7 @@ fn place<'a>(
                 }
             };
             for (n, loc) in locs.into_iter().enumerate() {
-                let layer = match &loc.part {
-                    None => Cow::Borrowed(layer),
-                    Some(part) => Cow::Owned(part_of(layer, part)),
-                };
+                let layer = part_layer(layer, &loc);
                 let unfit = check_shape(&layer, &loc);
                 if !unfit.is_empty() {
                     problems.extend(unfit.iter().map(|e| (e.category(), e.to_string())));
@@ -144,19 +140,6 @@ fn place<'a>(
         ));
     }
     Ok((placements, missing))
-}
-
-/// The part of an input-side `layer` that lands on one tensor: the same rotation, its row
-/// scale (if any) cut to the layer rows `part` (ranges of row indices, in order).
-fn part_of(layer: &Layer, part: &[Range<usize>]) -> Layer {
-    let mut l = layer.clone();
-    if let Some((_, scale)) = &mut l.row_scale {
-        *scale = part
-            .iter()
-            .flat_map(|r| scale.get(r.clone()).unwrap_or_default().iter().copied())
-            .collect();
-    }
-    l
 }
 
 /// Check the base-binding hash of every bound layer.

@@ -555,6 +555,23 @@ impl Base {
 /// Bytes hashed per read when computing a binding.
 const HASH_PIECE: u64 = 4 << 20;
 
+/// `layer` as it applies at `loc`: itself, or, where it spans several tensors (an input-side
+/// fused module on a split base), the same rotation with its row scale cut to the layer rows
+/// this tensor takes ([`Located::part`]).
+pub fn part_layer<'a>(layer: &'a Layer, loc: &Located) -> std::borrow::Cow<'a, Layer> {
+    let Some(part) = &loc.part else {
+        return std::borrow::Cow::Borrowed(layer);
+    };
+    let mut l = layer.clone();
+    if let Some((_, scale)) = &mut l.row_scale {
+        *scale = part
+            .iter()
+            .flat_map(|r| scale.get(r.clone()).unwrap_or_default().iter().copied())
+            .collect();
+    }
+    std::borrow::Cow::Owned(l)
+}
+
 /// Every way `layer` does not fit the tensor at `loc` (`target-shape`): a dtype that cannot be
 /// rotated, fewer than two axes, rows outside the tensor, a stage partition or row scale that
 /// does not match the covered rows.
@@ -733,6 +750,66 @@ mod tests {
         );
         loc.rows = RowSlice::range(2..6);
         assert!(check_shape(&l, &loc)[0].message().contains("outside"));
+    }
+
+    /// A split (diffusers) FLUX.1 attention: `to_q`, `to_k`, `to_v`, 4 × 2 each.
+    fn split_qkv(dir: &Path) -> PathBuf {
+        let w: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let keys: Vec<String> = ["to_q", "to_k", "to_v"]
+            .iter()
+            .map(|p| format!("transformer_blocks.0.attn.{p}.weight"))
+            .collect();
+        let tensors: Vec<(&str, Dtype, &[usize], &[u8])> = keys
+            .iter()
+            .map(|k| (k.as_str(), Dtype::F32, &[4usize, 2][..], w.as_slice()))
+            .collect();
+        let path = dir.join("split.safetensors");
+        let mut f = File::create(&path).unwrap();
+        crate::tensors::write_safetensors(&mut f, &tensors, HashMap::new()).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_fused_module_on_a_split_base() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = Base::open(&split_qkv(tmp.path())).unwrap();
+        // Input side: one location per tensor, each with its layer rows and row-scale part.
+        let mut l = layer("diffusion_model.double_blocks.0.img_attn.qkv", Side::Input);
+        l.row_scale = Some((
+            crate::model::ScalePosition::After,
+            (0..12).map(f64::from).collect(),
+        ));
+        let locs = base.locate_all(&l).unwrap();
+        let keys: Vec<&str> = locs.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "transformer_blocks.0.attn.to_q.weight",
+                "transformer_blocks.0.attn.to_k.weight",
+                "transformer_blocks.0.attn.to_v.weight"
+            ]
+        );
+        assert_eq!(locs[1].part, Some(vec![4..8]));
+        assert!(locs[1].rows.is_whole(4));
+        let part = part_layer(&l, &locs[1]);
+        assert_eq!(part.row_scale.as_ref().unwrap().1, [4.0, 5.0, 6.0, 7.0]);
+        assert!(check_shape(&part, &locs[1]).is_empty());
+        assert_eq!(base.locate(&l).unwrap_err().category(), Category::Unsupported);
+        // Rows of the fused name (kohya's splits) land on one tensor.
+        l.target.rows = Some(vec![crate::model::RowRange { start: 6, len: 2 }]);
+        l.row_scale = None;
+        let loc = base.locate(&l).unwrap();
+        assert_eq!(loc.key, "transformer_blocks.0.attn.to_k.weight");
+        assert_eq!(loc.rows, RowSlice::range(2..4));
+        // Rows past the fused weight, and output-side blocks across tensors: refused.
+        l.target.rows = Some(vec![crate::model::RowRange { start: 10, len: 4 }]);
+        let e = base.locate(&l).unwrap_err();
+        assert_eq!(e.category(), Category::TargetShape);
+        assert!(e.message().contains("rows 10..14 of a weight of 12 rows"));
+        let mut out = layer("double_blocks.0.img_attn.qkv", Side::Output);
+        out.target.rows = Some(vec![crate::model::RowRange { start: 2, len: 4 }]);
+        let e = base.locate_all(&out).unwrap_err();
+        assert!(e.message().contains("several tensors"), "{e}");
     }
 
     #[test]

@@ -603,6 +603,89 @@ pub fn detect<'a>(modules: impl Iterator<Item = &'a str>) -> Option<Detected> {
     best.map(|(_, d)| d)
 }
 
+/// What an adapter's module names say: the families (several when the names are common to
+/// them, as diffusers attention names are) and which layout's names it uses.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub families: Vec<&'static Family>,
+    pub layout: BaseLayout,
+}
+
+/// Name prefixes adapters put before a transformer module (dotted or flattened).
+const ADAPTER_PREFIXES: [&str; 9] = [
+    "transformer.",
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "lycoris_",
+    "oft_unet_",
+    "lora_unet_",
+    "lora_transformer_",
+    "unet.",
+    "lora_",
+];
+
+/// The family and layout an adapter's module names belong to (flattened names compared
+/// flattened); `None` when no block-level name of any family matches.
+pub fn expected<'a>(names: impl Iterator<Item = &'a str>) -> Option<Expected> {
+    let flat = |s: &str| s.replace('.', "_");
+    let modules: Vec<String> = names
+        .map(|n| {
+            let n = n.strip_prefix("base_model.model.").unwrap_or(n);
+            let n = ADAPTER_PREFIXES
+                .iter()
+                .find_map(|p| n.strip_prefix(p))
+                .unwrap_or(n);
+            flat(n)
+        })
+        .collect();
+    let score = |family: &'static Family, layout: BaseLayout| {
+        let ts: Vec<String> = templates(family, layout).map(flat).collect();
+        let mut n = 0;
+        let mut block = false;
+        for m in &modules {
+            if let Some(b) = ts
+                .iter()
+                .filter_map(|t| matches(t, m).map(|i| !i.is_empty()))
+                .max()
+            {
+                n += 1;
+                block |= b;
+            }
+        }
+        if block { n } else { 0 }
+    };
+    for family in FAMILIES {
+        let marks: Vec<String> = family.markers.iter().map(|t| flat(t)).collect();
+        if modules
+            .iter()
+            .any(|m| marks.iter().any(|t| matches(t, m).is_some()))
+        {
+            return Some(Expected {
+                families: vec![family],
+                layout: BaseLayout::Diffusers,
+            });
+        }
+    }
+    let mut scored: Vec<(usize, &'static Family, BaseLayout)> = Vec::new();
+    for family in FAMILIES {
+        for layout in [BaseLayout::Original, BaseLayout::Diffusers] {
+            scored.push((score(family, layout), family, layout));
+        }
+    }
+    let best = scored.iter().map(|s| s.0).max().filter(|&n| n > 0)?;
+    let top: Vec<&(usize, &'static Family, BaseLayout)> =
+        scored.iter().filter(|s| s.0 == best).collect();
+    let layout = top.first()?.2;
+    Some(Expected {
+        families: top
+            .iter()
+            .filter(|s| s.2 == layout)
+            .map(|s| s.1)
+            .collect(),
+        layout,
+    })
+}
+
 /// The module templates of a family in one layout (markers count for the diffusers layout, and
 /// for both when a family keeps the diffusers names).
 fn templates(family: &'static Family, layout: BaseLayout) -> impl Iterator<Item = &'static str> {
@@ -741,5 +824,11 @@ mod tests {
         let d = detect(hy.iter().copied()).unwrap();
         assert_eq!((d.family.id, d.layout), ("hunyuan-video", BaseLayout::Diffusers));
         assert!(detect(["proj_out", "lm_head"].iter().copied()).is_none());
+        let e = expected(["oft_unet_double_blocks_0_img_attn_qkv"].into_iter()).unwrap();
+        assert_eq!(e.families[0].id, "flux1");
+        assert_eq!(e.layout, BaseLayout::Original);
+        let e = expected(["lycoris_transformer_blocks_0_attn_to_q"].into_iter()).unwrap();
+        assert_eq!(e.layout, BaseLayout::Diffusers);
+        assert!(e.families.len() > 1, "common to several families");
     }
 }
