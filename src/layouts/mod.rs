@@ -428,6 +428,27 @@ fn not_found(path: &Path) -> Error {
 
 /// Write `adapter` in `layout`: the files and the per-layer verdicts (nothing on disk yet).
 pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<Written> {
+    if let Writes::Writer(_) = layout.writes
+        && let Some(l) = adapter.layers.iter().find(|l| l.target.rows.is_some())
+    {
+        return Err(Error::new(
+            crate::error::Category::Unsupported,
+            format!(
+                "covers rows {} of its weight (one split of a fused layer); writing row slices \
+                 to {} is not implemented yet",
+                l.target
+                    .rows
+                    .iter()
+                    .flatten()
+                    .map(|r| format!("{}..{}", r.start, r.start.saturating_add(r.len)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                layout.id
+            ),
+        )
+        .tensor(&l.target.name)
+        .hint("bake it with `oftool merge`, or keep it as .oft (`oftool convert IN -o OUT.oft`)"));
+    }
     match layout.writes {
         Writes::Writer(write) => write(adapter, ctx),
         Writes::Canonical => Err(Error::usage(format!(

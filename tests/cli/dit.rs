@@ -88,6 +88,62 @@ fn every_dit_case_bakes_to_its_reference_through_the_cli() {
     );
 }
 
+/// Adapters whose layers cover rows of a fused weight or land on several tensors keep that
+/// through `.oft` and `compose` (kohya's splits share one name: they must not be stacked).
+#[test]
+fn row_slices_survive_oft_and_compose() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in [
+        "flux1-kohya-diffusers",
+        "flux1-kohya-original",
+        "flux1-onetrainer-comfy-diffusers",
+        "flux1-lyco-oft-full-rescaled-original",
+    ] {
+        let dir = repo().join("fixtures/dit").join(case);
+        let json = read_json(&dir.join("case.json"));
+        let adapter = dir.join(json["adapter"].as_str().unwrap());
+        let base = dir.join("base.safetensors");
+        let oft = tmp.path().join(format!("{case}.oft"));
+        let run = |args: &[&std::ffi::OsStr]| {
+            let o = Command::cargo_bin("oftool").unwrap().args(args).output().unwrap();
+            assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(&["convert".as_ref(), adapter.as_os_str(), "-o".as_ref(), oft.as_os_str()]);
+        let twice = tmp.path().join(format!("{case}.twice.oft"));
+        run(&[
+            "compose".as_ref(),
+            oft.as_os_str(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            twice.as_os_str(),
+        ]);
+        let [a, b, c] = ["a", "b", "c"].map(|x| tmp.path().join(format!("{case}.{x}.safetensors")));
+        run(&["merge".as_ref(), base.as_os_str(), oft.as_os_str(), "-o".as_ref(), a.as_os_str()]);
+        run(&[
+            "merge".as_ref(),
+            base.as_os_str(),
+            adapter.as_os_str(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            b.as_os_str(),
+        ]);
+        run(&["merge".as_ref(), base.as_os_str(), twice.as_os_str(), "-o".as_ref(), c.as_os_str()]);
+        let merged = dir.join("merged.safetensors");
+        let names = oftool::tensors::MappedFile::open(&merged).unwrap();
+        for key in names.tensors().names() {
+            let (want, _, dtype) = tensor(&merged, key);
+            let (got, _, _) = tensor(&a, key);
+            assert!(worst(&got, &want, dtype).0 <= 1.0, "{case} {key}: .oft bake");
+            let (twice_seq, _, _) = tensor(&b, key);
+            let (twice_composed, _, _) = tensor(&c, key);
+            assert!(
+                worst(&twice_composed, &twice_seq, dtype).0 <= 1.0,
+                "{case} {key}: composed ≠ applied twice"
+            );
+        }
+    }
+}
+
 /// `name<TAB>[d0, d1, …]` lines.
 fn keys(file: &str) -> Vec<(String, Vec<usize>)> {
     let text = std::fs::read_to_string(repo().join("tests/data/keys").join(file)).unwrap();
