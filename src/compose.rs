@@ -71,7 +71,10 @@ fn rows_key(layer: &Layer) -> String {
     match &layer.target.rows {
         None => String::new(),
         Some(rows) => {
-            let r: Vec<String> = rows.iter().map(|r| format!("{}+{}", r.start, r.len)).collect();
+            let r: Vec<String> = rows
+                .iter()
+                .map(|r| format!("{}+{}", r.start, r.len))
+                .collect();
             format!("[{}]", r.join(","))
         }
     }

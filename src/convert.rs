@@ -106,7 +106,10 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
                 problems.push(format!(
                     "`{}` spans several tensors ({}): a binding names one",
                     layer.target.name,
-                    locs.iter().map(|l| l.key.as_str()).collect::<Vec<_>>().join(", ")
+                    locs.iter()
+                        .map(|l| l.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
                 continue;
             }

@@ -72,9 +72,8 @@ pub struct ModelReport {
 
 impl ModelReport {
     fn of(adapter: &Adapter) -> Option<Self> {
-        let e = crate::resolve::dit::expected(
-            adapter.layers.iter().map(|l| l.target.name.as_str()),
-        )?;
+        let e =
+            crate::resolve::dit::expected(adapter.layers.iter().map(|l| l.target.name.as_str()))?;
         Some(ModelReport {
             families: e.families.iter().map(|f| f.id.to_string()).collect(),
             names: e.layout.as_str().to_string(),

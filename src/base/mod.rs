@@ -288,7 +288,10 @@ impl Base {
                 Category::Unsupported,
                 format!(
                     "`{name}` spans several tensors ({}); this command takes one per layer",
-                    locs.iter().map(|l| l.key.as_str()).collect::<Vec<_>>().join(", ")
+                    locs.iter()
+                        .map(|l| l.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
             .tensor(name)),
@@ -355,7 +358,10 @@ impl Base {
             Some(rows) => {
                 let mut v = Vec::new();
                 for r in rows {
-                    let end = r.start.checked_add(r.len).and_then(|e| usize::try_from(e).ok());
+                    let end = r
+                        .start
+                        .checked_add(r.len)
+                        .and_then(|e| usize::try_from(e).ok());
                     match (usize::try_from(r.start), end) {
                         (Ok(a), Some(b)) if b <= total => v.push(a..b),
                         _ => {
@@ -794,7 +800,10 @@ mod tests {
         let part = part_layer(&l, &locs[1]);
         assert_eq!(part.row_scale.as_ref().unwrap().1, [4.0, 5.0, 6.0, 7.0]);
         assert!(check_shape(&part, &locs[1]).is_empty());
-        assert_eq!(base.locate(&l).unwrap_err().category(), Category::Unsupported);
+        assert_eq!(
+            base.locate(&l).unwrap_err().category(),
+            Category::Unsupported
+        );
         // Rows of the fused name (kohya's splits) land on one tensor.
         l.target.rows = Some(vec![crate::model::RowRange { start: 6, len: 2 }]);
         l.row_scale = None;

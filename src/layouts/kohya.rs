@@ -156,8 +156,13 @@ fn import_flux(src: &Source<'_>) -> Result<Adapter> {
         let single = splits.len() == 1;
         let mut start = 0u64;
         for i in splits {
-            let (mut layer, _) =
-                blocks::read_blocks(src, &st, &module, &format!("oft_blocks.{i}"), Family::KohyaLegacy)?;
+            let (mut layer, _) = blocks::read_blocks(
+                src,
+                &st,
+                &module,
+                &format!("oft_blocks.{i}"),
+                Family::KohyaLegacy,
+            )?;
             let len = layer.target.rotated_dim.unwrap_or(0);
             // One split covers the whole weight (kohya splits only qkv and linear1).
             if !single {

@@ -284,8 +284,6 @@ pub static SD3: Family = Family {
     ],
 };
 
-const REFINER: &str = "context_embedder.token_refiner.refiner_blocks.{i}";
-
 pub static HUNYUAN_VIDEO: Family = Family {
     id: "hunyuan-video",
     name: "HunyuanVideo",
@@ -471,11 +469,44 @@ pub static QWEN_IMAGE: Family = Family {
     maps: &[],
 };
 
+impl Kind {
+    /// Its name in the spec's tables (`spec/names/*.tsv`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rename => "rename",
+            Thirds => "thirds",
+            Linear1 => "qkv+mlp",
+            Swap => "swap-halves",
+            SwapIfTwo => "swap-halves-if-2-chunks",
+        }
+    }
+}
+
+impl Family {
+    /// The family's name table as `spec/names/<id>.tsv` holds it.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "# {} ({}): original single-file module\trows\tdiffusers modules, in row order\n\
+             # generated from src/resolve/dit.rs (tests/cli/dit.rs checks it; OFTOOL_BLESS=1 rewrites)\n",
+            self.name, self.id
+        );
+        for m in self.maps {
+            s.push_str(&format!(
+                "{}\t{}\t{}\n",
+                m.original,
+                m.kind.as_str(),
+                m.diffusers.join(" ")
+            ));
+        }
+        for t in self.markers {
+            s.push_str(&format!("# marker (diffusers, this family only): {t}\n"));
+        }
+        s
+    }
+}
+
 /// Every family, in detection order (a tie goes to the earlier one).
 pub static FAMILIES: [&Family; 4] = [&FLUX1, &HUNYUAN_VIDEO, &SD3, &QWEN_IMAGE];
-
-/// `HunyuanVideo`'s refiner blocks as a template (kept for the table's tests).
-pub const HUNYUAN_REFINER: &str = REFINER;
 
 /// Roots a transformer's keys may sit under, longest first.
 pub const ROOTS: [&str; 5] = [
@@ -677,11 +708,7 @@ pub fn expected<'a>(names: impl Iterator<Item = &'a str>) -> Option<Expected> {
         scored.iter().filter(|s| s.0 == best).collect();
     let layout = top.first()?.2;
     Some(Expected {
-        families: top
-            .iter()
-            .filter(|s| s.2 == layout)
-            .map(|s| s.1)
-            .collect(),
+        families: top.iter().filter(|s| s.2 == layout).map(|s| s.1).collect(),
         layout,
     })
 }
@@ -781,12 +808,30 @@ mod tests {
     #[test]
     fn templates_match_block_indices() {
         assert_eq!(
-            matches("double_blocks.{i}.img_attn.qkv", "double_blocks.12.img_attn.qkv"),
+            matches(
+                "double_blocks.{i}.img_attn.qkv",
+                "double_blocks.12.img_attn.qkv"
+            ),
             Some("12")
         );
-        assert_eq!(matches("double_blocks.{i}.img_attn.qkv", "double_blocks..img_attn.qkv"), None);
-        assert_eq!(matches("double_blocks.{i}.img_attn.qkv", "double_blocks.x.img_attn.qkv"), None);
-        assert_eq!(matches("final_layer.linear", "final_layer.linear"), Some(""));
+        assert_eq!(
+            matches(
+                "double_blocks.{i}.img_attn.qkv",
+                "double_blocks..img_attn.qkv"
+            ),
+            None
+        );
+        assert_eq!(
+            matches(
+                "double_blocks.{i}.img_attn.qkv",
+                "double_blocks.x.img_attn.qkv"
+            ),
+            None
+        );
+        assert_eq!(
+            matches("final_layer.linear", "final_layer.linear"),
+            Some("")
+        );
     }
 
     #[test]
@@ -799,7 +844,10 @@ mod tests {
         let swap = original_parts(&m("a", Swap, &["b"]), 32, 16).unwrap();
         assert_eq!(swap, vec![(0, 0..16, 16..32), (0, 16..32, 0..16)]);
         let two = m("a", SwapIfTwo, &["b"]);
-        assert_eq!(original_parts(&two, 96, 16).unwrap(), vec![(0, 0..96, 0..96)]);
+        assert_eq!(
+            original_parts(&two, 96, 16).unwrap(),
+            vec![(0, 0..96, 0..96)]
+        );
         assert_eq!(
             diffusers_parts(&two, &[Some((32, 16))]).unwrap(),
             vec![(0, 16..32), (0, 0..16)]
@@ -822,7 +870,10 @@ mod tests {
             "context_embedder.token_refiner.refiner_blocks.0.attn.to_q",
         ];
         let d = detect(hy.iter().copied()).unwrap();
-        assert_eq!((d.family.id, d.layout), ("hunyuan-video", BaseLayout::Diffusers));
+        assert_eq!(
+            (d.family.id, d.layout),
+            ("hunyuan-video", BaseLayout::Diffusers)
+        );
         assert!(detect(["proj_out", "lm_head"].iter().copied()).is_none());
         let e = expected(["oft_unet_double_blocks_0_img_attn_qkv"].into_iter()).unwrap();
         assert_eq!(e.families[0].id, "flux1");

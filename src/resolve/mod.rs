@@ -550,7 +550,9 @@ fn original_rows(map: &dit::Map, shape: Option<(usize, usize)>) -> Vec<(usize, R
     let Some((rows, cols)) = shape else {
         return match map.kind {
             dit::Kind::Rename => vec![(0, Rows::Whole)],
-            _ => (0..map.diffusers.len()).map(|j| (j, Rows::Unsized)).collect(),
+            _ => (0..map.diffusers.len())
+                .map(|j| (j, Rows::Unsized))
+                .collect(),
         };
     };
     let Some(parts) = dit::original_parts(map, rows, cols) else {

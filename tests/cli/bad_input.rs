@@ -411,7 +411,12 @@ fn mixed_layouts_in_one_file() {
         )],
         None,
     );
-    assert_fails(&["inspect"], &[&flux], 1, "kohya oft_flux writes `oft_blocks.0`");
+    assert_fails(
+        &["inspect"],
+        &[&flux],
+        1,
+        "kohya oft_flux writes `oft_blocks.0`",
+    );
 }
 
 #[test]

@@ -51,7 +51,12 @@ fn every_dit_case_bakes_to_its_reference_through_the_cli() {
             continue;
         }
         let want = oftool::tensors::MappedFile::open(&merged).unwrap();
-        let keys: Vec<String> = want.tensors().names().into_iter().map(str::to_string).collect();
+        let keys: Vec<String> = want
+            .tensors()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         let touched: std::collections::BTreeSet<&str> = case["layers"]
             .as_array()
             .unwrap()
@@ -70,7 +75,11 @@ fn every_dit_case_bakes_to_its_reference_through_the_cli() {
                         g[i], w[i]
                     ));
                 }
-            } else if g.iter().map(|x| x.to_bits()).ne(w.iter().map(|x| x.to_bits())) {
+            } else if g
+                .iter()
+                .map(|x| x.to_bits())
+                .ne(w.iter().map(|x| x.to_bits()))
+            {
                 failures.push(format!("{label} {key}: untouched tensor changed"));
             }
         }
@@ -105,10 +114,23 @@ fn row_slices_survive_oft_and_compose() {
         let base = dir.join("base.safetensors");
         let oft = tmp.path().join(format!("{case}.oft"));
         let run = |args: &[&std::ffi::OsStr]| {
-            let o = Command::cargo_bin("oftool").unwrap().args(args).output().unwrap();
-            assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+            let o = Command::cargo_bin("oftool")
+                .unwrap()
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{case}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         };
-        run(&["convert".as_ref(), adapter.as_os_str(), "-o".as_ref(), oft.as_os_str()]);
+        run(&[
+            "convert".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            oft.as_os_str(),
+        ]);
         let twice = tmp.path().join(format!("{case}.twice.oft"));
         run(&[
             "compose".as_ref(),
@@ -118,7 +140,13 @@ fn row_slices_survive_oft_and_compose() {
             twice.as_os_str(),
         ]);
         let [a, b, c] = ["a", "b", "c"].map(|x| tmp.path().join(format!("{case}.{x}.safetensors")));
-        run(&["merge".as_ref(), base.as_os_str(), oft.as_os_str(), "-o".as_ref(), a.as_os_str()]);
+        run(&[
+            "merge".as_ref(),
+            base.as_os_str(),
+            oft.as_os_str(),
+            "-o".as_ref(),
+            a.as_os_str(),
+        ]);
         run(&[
             "merge".as_ref(),
             base.as_os_str(),
@@ -127,13 +155,22 @@ fn row_slices_survive_oft_and_compose() {
             "-o".as_ref(),
             b.as_os_str(),
         ]);
-        run(&["merge".as_ref(), base.as_os_str(), twice.as_os_str(), "-o".as_ref(), c.as_os_str()]);
+        run(&[
+            "merge".as_ref(),
+            base.as_os_str(),
+            twice.as_os_str(),
+            "-o".as_ref(),
+            c.as_os_str(),
+        ]);
         let merged = dir.join("merged.safetensors");
         let names = oftool::tensors::MappedFile::open(&merged).unwrap();
         for key in names.tensors().names() {
             let (want, _, dtype) = tensor(&merged, key);
             let (got, _, _) = tensor(&a, key);
-            assert!(worst(&got, &want, dtype).0 <= 1.0, "{case} {key}: .oft bake");
+            assert!(
+                worst(&got, &want, dtype).0 <= 1.0,
+                "{case} {key}: .oft bake"
+            );
             let (twice_seq, _, _) = tensor(&b, key);
             let (twice_composed, _, _) = tensor(&c, key);
             assert!(
@@ -249,11 +286,17 @@ fn full_size_rows_of_fused_and_swapped_tensors() {
     };
     assert_eq!(
         rows("transformer_blocks.18.attn.to_k"),
-        ("double_blocks.18.img_attn.qkv.weight".into(), Some(vec![3072..6144]))
+        (
+            "double_blocks.18.img_attn.qkv.weight".into(),
+            Some(vec![3072..6144])
+        )
     );
     assert_eq!(
         rows("single_transformer_blocks.37.proj_mlp"),
-        ("single_blocks.37.linear1.weight".into(), Some(vec![9216..21504]))
+        (
+            "single_blocks.37.linear1.weight".into(),
+            Some(vec![9216..21504])
+        )
     );
     assert_eq!(
         rows("norm_out.linear"),
@@ -273,10 +316,22 @@ fn full_size_rows_of_fused_and_swapped_tensors() {
     assert_eq!(
         got,
         [
-            ("single_transformer_blocks.0.attn.to_q.weight", Some(vec![0..3072])),
-            ("single_transformer_blocks.0.attn.to_k.weight", Some(vec![0..3072])),
-            ("single_transformer_blocks.0.attn.to_v.weight", Some(vec![0..3072])),
-            ("single_transformer_blocks.0.proj_mlp.weight", Some(vec![0..12288])),
+            (
+                "single_transformer_blocks.0.attn.to_q.weight",
+                Some(vec![0..3072])
+            ),
+            (
+                "single_transformer_blocks.0.attn.to_k.weight",
+                Some(vec![0..3072])
+            ),
+            (
+                "single_transformer_blocks.0.attn.to_v.weight",
+                Some(vec![0..3072])
+            ),
+            (
+                "single_transformer_blocks.0.proj_mlp.weight",
+                Some(vec![0..12288])
+            ),
         ]
     );
     // SD3.5 Large: only the last block's context adaLN is swapped (two chunks).
@@ -291,4 +346,25 @@ fn full_size_rows_of_fused_and_swapped_tensors() {
         .unwrap();
     assert_eq!(p[0].rows, None);
     let _ = RowRange { start: 0, len: 0 };
+}
+
+/// `spec/names/<family>.tsv` is the name table the code uses.
+#[test]
+fn spec_name_tables_match_the_code() {
+    let dir = repo().join("spec/names");
+    for family in oftool::resolve::dit::FAMILIES {
+        let path = dir.join(format!("{}.tsv", family.id));
+        let want = family.table();
+        if std::env::var_os("OFTOOL_BLESS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            have,
+            want,
+            "{} differs from the code (OFTOOL_BLESS=1 rewrites)",
+            path.display()
+        );
+    }
 }
