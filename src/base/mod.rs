@@ -11,6 +11,9 @@
 //! Tensor data is read with plain positioned reads when needed (binding hashes, reports); no
 //! mapping is kept open, so a `Base` costs only its headers.
 
+// Row-range lists often hold one range: that is a list, not a range to expand.
+#![allow(clippy::single_range_in_vec_init)]
+
 mod files;
 
 pub use files::{COMPONENTS, Storage};
@@ -162,6 +165,9 @@ struct Group {
     table: AliasTable,
     tensors: HashMap<String, TensorMeta>,
 }
+
+/// A tensor a layer lands on: its key, its rows (in the layer's order) and the layer rows they are.
+type PerTensor<'a> = (&'a str, Vec<Range<usize>>, Vec<Range<usize>>);
 
 /// What a layer's name resolves to, before it becomes an error.
 pub(crate) enum Lookup {
@@ -354,7 +360,7 @@ impl Base {
         let name = &layer.target.name;
         let total: usize = segments.iter().map(|(_, r)| r.len()).sum();
         let wanted: Vec<Range<usize>> = match &layer.target.rows {
-            None => vec![0..total],
+            None => std::iter::once(0..total).collect(),
             Some(rows) => {
                 let mut v = Vec::new();
                 for r in rows {
@@ -393,7 +399,7 @@ impl Base {
             }
         }
         // One location per tensor, in order of first appearance, with the layer rows it takes.
-        let mut per: Vec<(&str, Vec<Range<usize>>, Vec<Range<usize>>)> = Vec::new();
+        let mut per: Vec<PerTensor<'_>> = Vec::new();
         let mut at = 0;
         for (key, r) in covered {
             let part = at..at + r.len();
@@ -420,7 +426,7 @@ impl Base {
             && layer.target.rows.is_none()
         {
             // A tensor without rows (0-dim or empty): located, for `check` to say why it fails.
-            per.push((key, vec![r.clone()], vec![0..0]));
+            per.push((key, vec![r.clone()], std::iter::once(0..0).collect()));
         }
         let single = per.len() == 1;
         let mut locs = Vec::new();

@@ -10,7 +10,7 @@
 //!   OneTrainer's marker is read as kohya's.
 //! * `networks.boft` (§4.3): `lora_*.boft_R` / `.boft_s` ([`super::codec::butterfly`]), read.
 //! * Legacy Flux `networks.oft_flux` (§4.2): `oft_unet_<BFL module>.oft_blocks.<i> [N, b_i, b_i]`
-//!   + one `.alpha`, one output-side rotation per split of a fused weight (`img_attn.qkv`: q, k,
+//!   and one `.alpha`, one output-side rotation per split of a fused weight (`img_attn.qkv`: q, k,
 //!   v; `linear1`: q, k, v and the MLP input, of different sizes), each clamped to radius
 //!   `alpha · rows of the split`. Each split is read as a layer of its own on its rows of the
 //!   named weight (`Target::rows`: the splits laid end to end, in index order). The reference is

@@ -15,8 +15,11 @@
 //!   shift and scale); [`Kind::SwapIfTwo`]: swapped only when it has two chunks (SD3's last
 //!   `context_block.adaLN_modulation.1`, whose block is `context_pre_only`), else a rename.
 //!
-//! Templates hold `{i}` for a block index. Qwen-Image and Wan keep the diffusers names in both
+//! Templates hold `{i}` for a block index. Qwen-Image keeps the diffusers names in both
 //! layouts (no maps: only the prefixes differ, which the generic aliases cover).
+
+// Row-range lists often hold one range: that is a list, not a range to expand.
+#![allow(clippy::single_range_in_vec_init)]
 
 use std::ops::Range;
 
@@ -728,18 +731,18 @@ fn templates(family: &'static Family, layout: BaseLayout) -> impl Iterator<Item 
     maps.chain(markers)
 }
 
+/// One part of an original-layout tensor: which diffusers module (index into the map's list),
+/// the rows of the original it is, and the rows of that diffusers tensor they hold.
+pub type Part = (usize, Range<usize>, Range<usize>);
+
 /// The rows of an original-layout tensor of `rows` × `cols` that each part of `map` covers, in
 /// the original's row order: `(index into map.diffusers, rows of the original, rows of that
 /// diffusers tensor)`. `None` when the shape does not divide as the map says.
-pub fn original_parts(
-    map: &Map,
-    rows: usize,
-    cols: usize,
-) -> Option<Vec<(usize, Range<usize>, Range<usize>)>> {
+pub fn original_parts(map: &Map, rows: usize, cols: usize) -> Option<Vec<Part>> {
     match map.kind {
         Rename => Some(vec![(0, 0..rows, 0..rows)]),
         Thirds => {
-            (rows % 3 == 0).then_some(())?;
+            rows.is_multiple_of(3).then_some(())?;
             let n = rows / 3;
             Some((0..3).map(|j| (j, j * n..(j + 1) * n, 0..n)).collect())
         }
@@ -762,8 +765,8 @@ pub fn original_parts(
     }
 }
 
-fn swapped(rows: usize) -> Option<Vec<(usize, Range<usize>, Range<usize>)>> {
-    (rows % 2 == 0).then_some(())?;
+fn swapped(rows: usize) -> Option<Vec<Part>> {
+    rows.is_multiple_of(2).then_some(())?;
     let h = rows / 2;
     Some(vec![(0, 0..h, h..rows), (0, h..rows, 0..h)])
 }

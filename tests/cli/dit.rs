@@ -3,6 +3,8 @@
 //! name tables map every weight of real FLUX.1-dev / SD3.5 Large / Qwen-Image checkpoints
 //! (`tests/data/keys/*.tsv`, from `../shared/keys/`) between the two layouts, full size.
 
+#![allow(clippy::single_range_in_vec_init)]
+
 #[allow(unused_imports)]
 use crate::common;
 
