@@ -1,4 +1,4 @@
-//! Diffusion transformers (FLUX.1, SD3/3.5, HunyuanVideo, Qwen-Image): the family and base
+//! Diffusion transformers (FLUX.1, SD3/3.5, HunyuanVideo, Qwen-Image, Wan): the family and base
 //! layout of a checkpoint, and the correspondence between the two layouts' module names.
 //!
 //! Each family is a table ([`FAMILIES`]): one [`Map`] per module of the original single-file
@@ -508,8 +508,95 @@ impl Family {
     }
 }
 
+/// Wan 2.x (names only: no fused tensors; no fixture yet). From diffusers'
+/// `convert_wan_transformer_to_diffusers` rename table (facts only).
+pub static WAN: Family = Family {
+    id: "wan",
+    name: "Wan 2.x",
+    markers: &["blocks.{i}.attn1.to_q", "blocks.{i}.ffn.net.0.proj"],
+    maps: &[
+        m("blocks.{i}.self_attn.q", Rename, &["blocks.{i}.attn1.to_q"]),
+        m("blocks.{i}.self_attn.k", Rename, &["blocks.{i}.attn1.to_k"]),
+        m("blocks.{i}.self_attn.v", Rename, &["blocks.{i}.attn1.to_v"]),
+        m(
+            "blocks.{i}.self_attn.o",
+            Rename,
+            &["blocks.{i}.attn1.to_out.0"],
+        ),
+        m(
+            "blocks.{i}.cross_attn.q",
+            Rename,
+            &["blocks.{i}.attn2.to_q"],
+        ),
+        m(
+            "blocks.{i}.cross_attn.k",
+            Rename,
+            &["blocks.{i}.attn2.to_k"],
+        ),
+        m(
+            "blocks.{i}.cross_attn.v",
+            Rename,
+            &["blocks.{i}.attn2.to_v"],
+        ),
+        m(
+            "blocks.{i}.cross_attn.o",
+            Rename,
+            &["blocks.{i}.attn2.to_out.0"],
+        ),
+        m(
+            "blocks.{i}.cross_attn.k_img",
+            Rename,
+            &["blocks.{i}.attn2.add_k_proj"],
+        ),
+        m(
+            "blocks.{i}.cross_attn.v_img",
+            Rename,
+            &["blocks.{i}.attn2.add_v_proj"],
+        ),
+        m("blocks.{i}.ffn.0", Rename, &["blocks.{i}.ffn.net.0.proj"]),
+        m("blocks.{i}.ffn.2", Rename, &["blocks.{i}.ffn.net.2"]),
+        m(
+            "time_embedding.0",
+            Rename,
+            &["condition_embedder.time_embedder.linear_1"],
+        ),
+        m(
+            "time_embedding.2",
+            Rename,
+            &["condition_embedder.time_embedder.linear_2"],
+        ),
+        m(
+            "text_embedding.0",
+            Rename,
+            &["condition_embedder.text_embedder.linear_1"],
+        ),
+        m(
+            "text_embedding.2",
+            Rename,
+            &["condition_embedder.text_embedder.linear_2"],
+        ),
+        m(
+            "time_projection.1",
+            Rename,
+            &["condition_embedder.time_proj"],
+        ),
+        m("head.head", Rename, &["proj_out"]),
+        m(
+            "img_emb.proj.1",
+            Rename,
+            &["condition_embedder.image_embedder.ff.net.0.proj"],
+        ),
+        m(
+            "img_emb.proj.3",
+            Rename,
+            &["condition_embedder.image_embedder.ff.net.2"],
+        ),
+        m("patch_embedding", Rename, &["patch_embedding"]),
+    ],
+};
+
 /// Every family, in detection order (a tie goes to the earlier one).
-pub static FAMILIES: [&Family; 4] = [&FLUX1, &HUNYUAN_VIDEO, &SD3, &QWEN_IMAGE];
+pub static FAMILIES: [&Family; 5] = [&FLUX1, &HUNYUAN_VIDEO, &SD3, &QWEN_IMAGE, &WAN];
 
 /// Roots a transformer's keys may sit under, longest first.
 pub const ROOTS: [&str; 5] = [
@@ -878,6 +965,9 @@ mod tests {
             ("hunyuan-video", BaseLayout::Diffusers)
         );
         assert!(detect(["proj_out", "lm_head"].iter().copied()).is_none());
+        let wan = ["blocks.0.self_attn.q", "blocks.0.ffn.0", "head.head"];
+        let d = detect(wan.iter().copied()).unwrap();
+        assert_eq!((d.family.id, d.layout), ("wan", BaseLayout::Original));
         let e = expected(["oft_unet_double_blocks_0_img_attn_qkv"].into_iter()).unwrap();
         assert_eq!(e.families[0].id, "flux1");
         assert_eq!(e.layout, BaseLayout::Original);

@@ -13,7 +13,22 @@ use assert_cmd::Command;
 use oftool::model::{ModuleKind, RowRange, Target};
 use oftool::resolve::AliasTable;
 use oftool::resolve::dit::BaseLayout;
+use safetensors::tensor::Dtype;
+use std::collections::HashMap;
 use std::path::PathBuf;
+
+/// Every tensor of a safetensors file as (values, shape, dtype), read once.
+fn all(path: &std::path::Path) -> HashMap<String, (Vec<f64>, Vec<usize>, Dtype)> {
+    let f = oftool::tensors::MappedFile::open(path).expect("opens");
+    f.tensors()
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let values = oftool::tensors::to_f64(&v, &k).expect("float tensor");
+            (k, (values, v.shape().to_vec(), v.dtype()))
+        })
+        .collect()
+}
 
 fn dit_cases() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("fixtures").join("dit"))
@@ -52,25 +67,21 @@ fn every_dit_case_bakes_to_its_reference_through_the_cli() {
             failures.push(format!("{label}: {}", String::from_utf8_lossy(&o.stderr)));
             continue;
         }
-        let want = oftool::tensors::MappedFile::open(&merged).unwrap();
-        let keys: Vec<String> = want
-            .tensors()
-            .names()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let (got_all, want_all, base_all) = (all(&out), all(&merged), all(&base));
+        let mut keys: Vec<&String> = want_all.keys().collect();
+        keys.sort();
         let touched: std::collections::BTreeSet<&str> = case["layers"]
             .as_array()
             .unwrap()
             .iter()
             .map(|l| l["base_key"].as_str().unwrap())
             .collect();
-        for key in &keys {
-            let (g, gs, gd) = tensor(&out, key);
-            let (w, ws, wd) = tensor(&merged, key);
+        for key in keys {
+            let (g, gs, gd) = &got_all[key];
+            let (w, ws, wd) = &want_all[key];
             assert_eq!((gs, gd), (ws, wd), "{label} {key}");
             if touched.contains(key.as_str()) {
-                let (ratio, i) = worst(&g, &w, wd);
+                let (ratio, i) = worst(g, w, *wd);
                 if ratio > 1.0 {
                     failures.push(format!(
                         "{label} {key}: element {i}: oftool {} vs reference {} ({ratio:.2}× tolerance)",
@@ -86,9 +97,10 @@ fn every_dit_case_bakes_to_its_reference_through_the_cli() {
             }
         }
         for key in &touched {
-            let (b, _, _) = tensor(&base, key);
-            let (w, _, _) = tensor(&merged, key);
-            assert!(b != w, "{label} {key}: the reference equals the base");
+            assert!(
+                base_all[*key].0 != want_all[*key].0,
+                "{label} {key}: the reference equals the base"
+            );
         }
     }
     assert!(
@@ -348,6 +360,40 @@ fn full_size_rows_of_fused_and_swapped_tensors() {
         .unwrap();
     assert_eq!(p[0].rows, None);
     let _ = RowRange { start: 0, len: 0 };
+}
+
+/// Wan 2.x (names only): SimpleTuner's diffusers names on a Wan-AI / ComfyUI checkpoint, and
+/// the original names on a diffusers one.
+#[test]
+fn wan_names_resolve_both_ways() {
+    let original = [
+        ("blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q"),
+        ("blocks.0.cross_attn.o.weight", "blocks.0.attn2.to_out.0"),
+        ("blocks.1.ffn.0.weight", "blocks.1.ffn.net.0.proj"),
+        ("head.head.weight", "proj_out"),
+        ("time_projection.1.weight", "condition_embedder.time_proj"),
+    ];
+    let shape = [8usize, 8];
+    let table = AliasTable::with_shapes(
+        original
+            .iter()
+            .map(|(k, _)| (format!("model.diffusion_model.{k}"), shape)),
+    );
+    assert_eq!(table.dit().unwrap().family.id, "wan");
+    let diffusers =
+        AliasTable::with_shapes(original.iter().map(|(_, d)| (format!("{d}.weight"), shape)));
+    assert_eq!(diffusers.dit().unwrap().layout, BaseLayout::Diffusers);
+    for (key, d) in original {
+        let p = table
+            .resolve_pieces(&target(&format!("lycoris_{}", d.replace('.', "_"))))
+            .unwrap();
+        assert_eq!(p[0].key, format!("model.diffusion_model.{key}"));
+        let o = key.strip_suffix(".weight").unwrap();
+        let p = diffusers
+            .resolve_pieces(&target(&format!("diffusion_model.{o}")))
+            .unwrap();
+        assert_eq!(p[0].key, format!("{d}.weight"));
+    }
 }
 
 /// `spec/names/<family>.tsv` is the name table the code uses.
