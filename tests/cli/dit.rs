@@ -67,6 +67,38 @@ fn every_dit_case_bakes_to_its_reference_through_the_cli() {
             failures.push(format!("{label}: {}", String::from_utf8_lossy(&o.stderr)));
             continue;
         }
+        // validate --base checks every slice; inspect names the family the names belong to.
+        let v = Command::cargo_bin("oftool")
+            .unwrap()
+            .args(["validate", "--json", "--base"])
+            .arg(&base)
+            .arg(&adapter)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+        if v["valid"] != true {
+            failures.push(format!("{label}: validate --base: {}", v["problems"]));
+        }
+        let i = Command::cargo_bin("oftool")
+            .unwrap()
+            .args(["inspect", "--json"])
+            .arg(&adapter)
+            .output()
+            .unwrap();
+        let i: serde_json::Value = serde_json::from_slice(&i.stdout).unwrap();
+        let family = match case["family"].as_str().unwrap() {
+            "sd35" => "sd3",
+            "qwen" => "qwen-image",
+            "hunyuan" => "hunyuan-video",
+            f => f,
+        };
+        let families = &i["model"]["families"];
+        if !families
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == family))
+        {
+            failures.push(format!("{label}: inspect names {families}, not {family}"));
+        }
         let (got_all, want_all, base_all) = (all(&out), all(&merged), all(&base));
         let mut keys: Vec<&String> = want_all.keys().collect();
         keys.sort();
@@ -109,6 +141,44 @@ fn every_dit_case_bakes_to_its_reference_through_the_cli() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// An adapter for another family: every layer is named as missing (validate and merge).
+#[test]
+fn another_familys_base_is_refused_naming_the_layers() {
+    let dit = repo().join("fixtures/dit");
+    let adapter = dit.join("flux1-kohya-original/adapter.safetensors");
+    let base = dit.join("sd35-onetrainer-comfy/base.safetensors");
+    let o = Command::cargo_bin("oftool")
+        .unwrap()
+        .args(["validate", "--json", "--base"])
+        .arg(&base)
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 40);
+    assert!(problems.iter().all(|p| p["check"] == "target-missing"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let o = Command::cargo_bin("oftool")
+        .unwrap()
+        .arg("merge")
+        .arg(&base)
+        .arg(&adapter)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("target-missing") && err.contains("oft_unet_single_blocks_1_linear1"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
 
 /// Adapters whose layers cover rows of a fused weight or land on several tensors keep that
