@@ -58,6 +58,7 @@ impl RowSlice {
         RowSlice { ranges }
     }
 
+    /// The row ranges, in the layer's order.
     pub fn ranges(&self) -> &[Range<usize>] {
         &self.ranges
     }
@@ -67,6 +68,7 @@ impl RowSlice {
         self.ranges.iter().map(|r| r.len()).sum()
     }
 
+    /// Whether no row is covered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -116,7 +118,9 @@ pub struct Located {
     pub key: String,
     /// The tensor's full shape and dtype, as stored.
     pub shape: Vec<usize>,
+    /// The tensor's dtype, as stored.
     pub dtype: Dtype,
+    /// The rows of the tensor the layer covers, in the layer's row order.
     pub rows: RowSlice,
     /// Which of the layer's rows (ranges of its row indices, in order) land here, when the
     /// layer spans several tensors (a fused module on a split base); `None`: all of them.
@@ -145,6 +149,7 @@ impl Located {
 /// One safetensors file of the base.
 #[derive(Debug, Clone)]
 pub struct BaseFile {
+    /// Where the file is.
     pub path: PathBuf,
     /// Its path relative to the output root (a bare file name for a single-file base).
     pub relative: PathBuf,
@@ -247,6 +252,7 @@ impl Base {
         &self.path
     }
 
+    /// What kind of checkpoint this is, and where its files are.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }
@@ -540,9 +546,15 @@ impl Base {
             }
         };
         if (rows * row_bytes) as u64 != loc.data.1 {
-            return Err(Error::format(
-                path,
-                format!("`{name}` holds {} bytes, not {rows} rows", loc.data.1),
+            return Err(Error::new(
+                Category::Container,
+                "the tensor's byte length does not hold its rows",
+            )
+            .at(path)
+            .tensor(name)
+            .expected_found(
+                format!("{} bytes", rows.saturating_mul(row_bytes)),
+                format!("{} bytes", loc.data.1),
             ));
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;

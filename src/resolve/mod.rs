@@ -32,6 +32,8 @@
 
 mod clip;
 pub mod dit;
+#[cfg(test)]
+mod dit_tests;
 mod unet;
 
 /// First path segments of SD U-Net modules, diffusers and ldm/sgm naming.
@@ -680,6 +682,11 @@ fn fits(owner: Owner, component: Option<&str>) -> bool {
         },
     }
 }
+
+/// Resolution against realistic key sets (moved from the integration tests when `resolve` became
+/// private).
+#[cfg(test)]
+mod keys_tests;
 
 #[cfg(test)]
 mod tests {
