@@ -5,7 +5,7 @@
 //! layout (BFL / SAI / Tencent names, what ComfyUI, Forge and most downloads use) saying which
 //! diffusers modules its rows are made of. Learnt from ComfyUI's `flux_to_diffusers` /
 //! `mmdit_to_diffusers` and OneTrainer's `diffusers_to_original` (facts only), and checked
-//! against the fixtures' `layout_map`s and `../shared/keys/*.tsv` (`tests/cli/resolve_dit.rs`).
+//! against the fixtures' `layout_map`s and `../shared/keys/*.tsv` (`dit_tests.rs`).
 //!
 //! * [`Kind::Rename`]: the same rows under another name.
 //! * [`Kind::Thirds`]: q, k, v stacked on rows, a third each (`img_attn.qkv`, `attn.qkv`).
@@ -490,7 +490,7 @@ impl Family {
     pub fn table(&self) -> String {
         let mut s = format!(
             "# {} ({}): original single-file module\trows\tdiffusers modules, in row order\n\
-             # generated from src/resolve/dit.rs (tests/cli/dit.rs checks it; OFTOOL_BLESS=1 rewrites)\n",
+             # generated from src/resolve/dit.rs (src/resolve/dit_tests.rs checks it; OFTOOL_BLESS=1 rewrites)\n",
             self.name, self.id
         );
         for m in self.maps {
