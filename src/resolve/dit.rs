@@ -472,42 +472,6 @@ pub static QWEN_IMAGE: Family = Family {
     maps: &[],
 };
 
-impl Kind {
-    /// Its name in the spec's tables (`spec/names/*.tsv`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rename => "rename",
-            Thirds => "thirds",
-            Linear1 => "qkv+mlp",
-            Swap => "swap-halves",
-            SwapIfTwo => "swap-halves-if-2-chunks",
-        }
-    }
-}
-
-impl Family {
-    /// The family's name table as `spec/names/<id>.tsv` holds it.
-    pub fn table(&self) -> String {
-        let mut s = format!(
-            "# {} ({}): original single-file module\trows\tdiffusers modules, in row order\n\
-             # generated from src/resolve/dit.rs (src/resolve/dit_tests.rs checks it; OFTOOL_BLESS=1 rewrites)\n",
-            self.name, self.id
-        );
-        for m in self.maps {
-            s.push_str(&format!(
-                "{}\t{}\t{}\n",
-                m.original,
-                m.kind.as_str(),
-                m.diffusers.join(" ")
-            ));
-        }
-        for t in self.markers {
-            s.push_str(&format!("# marker (diffusers, this family only): {t}\n"));
-        }
-        s
-    }
-}
-
 /// Wan 2.x (names only: no fused tensors; no fixture yet). From diffusers'
 /// `convert_wan_transformer_to_diffusers` rename table (facts only).
 pub static WAN: Family = Family {

@@ -34,6 +34,8 @@ mod clip;
 pub mod dit;
 #[cfg(test)]
 mod dit_tests;
+#[cfg(test)]
+mod tables;
 mod unet;
 
 /// First path segments of SD U-Net modules, diffusers and ldm/sgm naming.
