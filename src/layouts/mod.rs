@@ -18,8 +18,7 @@
 //! [`Evidence`]: a producer's own *marker* (metadata it writes, a tensor only it writes) or the
 //! tensor *names* alone. Exactly one layout and variant must claim a file: markers first, then
 //! names; two claims on one tier are "mixed layouts", none is "no OFT tensors found", with what
-//! was looked for taken from the registry. A `detect` may also refuse a file it recognises
-//! (kohya's legacy Flux OFT).
+//! was looked for taken from the registry. A `detect` may also refuse a file it recognises.
 //!
 //! Shared pieces, which no layout module reaches past: [`names`] (components and name
 //! prefixes), [`common`] (reading helpers), [`container`] (files, pickles, PEFT-style

@@ -14,6 +14,7 @@ mod clients;
 mod common;
 mod convert;
 mod device;
+mod dit;
 mod faults;
 mod fixtures;
 mod fuzz_corpus;

@@ -86,7 +86,7 @@ impl Backend for Candle {
 /// A bake edit as the tensor program takes it.
 fn edit<'a>(e: &'a Edit<'a>) -> program::Edit<'a> {
     program::Edit {
-        layer: e.layer,
+        layer: &e.layer,
         rows: Some(&e.rows),
         blend: e.blend,
     }
@@ -143,7 +143,7 @@ mod tests {
         for side in [Side::Input, Side::Output] {
             let l = layer(2, side);
             let edits = [Edit {
-                layer: &l,
+                layer: std::borrow::Cow::Borrowed(&l),
                 rows: RowSlice::new(vec![5..7, 0..2]),
                 blend: Blend::default(),
             }];
@@ -169,7 +169,7 @@ mod tests {
         }
         let l = layer(2, Side::Input);
         let edits = [Edit {
-            layer: &l,
+            layer: std::borrow::Cow::Borrowed(&l),
             rows: RowSlice::range(7..9),
             blend: Blend::default(),
         }];

@@ -54,7 +54,8 @@ pub(crate) use super::codec::TensorBytes;
 
 /// One adapter layer applied to some rows of one base tensor.
 pub(crate) struct Edit<'a> {
-    pub layer: &'a Layer,
+    /// The layer, or the part of it one tensor takes (a fused module on a split base).
+    pub layer: std::borrow::Cow<'a, Layer>,
     pub rows: RowSlice,
     pub blend: Blend,
 }
