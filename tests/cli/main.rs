@@ -11,6 +11,7 @@ mod basics;
 mod bridge_math;
 mod clients;
 mod common;
+mod conformance;
 mod convert;
 mod faults;
 mod fixtures;
