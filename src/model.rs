@@ -341,8 +341,24 @@ pub const FORMAT_NAME: &str = "oft";
 pub const FORMAT_VERSION: &str = "1.0";
 /// Format 1.1 feature: several layers may act on the same weight; they apply in file order.
 pub const FEATURE_STACKED_LAYERS: &str = "stacked-layers";
+/// Format 1.2 feature: a stage may have block size 1 (`q` of shape `[r, 0]`): each block is
+/// the 1 × 1 identity, so the stage leaves the weight unchanged and the layer's row scale, if
+/// any, is its whole effect (LyCORIS, PEFT, OneTrainer and kohya write such layers).
+pub const FEATURE_UNIT_BLOCKS: &str = "unit-blocks";
 /// Features this reader implements (a file whose `requires` lists anything else is refused).
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_STACKED_LAYERS];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_STACKED_LAYERS, FEATURE_UNIT_BLOCKS];
+
+/// The lowest format version that has every feature in `requires`: 1.0 without features, 1.1
+/// for `stacked-layers` alone, 1.2 for any later feature.
+pub fn version_for(requires: &[String]) -> &'static str {
+    if requires.iter().any(|f| f != FEATURE_STACKED_LAYERS) {
+        "1.2"
+    } else if requires.is_empty() {
+        FORMAT_VERSION
+    } else {
+        "1.1"
+    }
+}
 
 pub fn tool_name() -> String {
     format!("oftool {}", env!("CARGO_PKG_VERSION"))

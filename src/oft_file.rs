@@ -127,15 +127,19 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     {
         requires.push(FEATURE_STACKED_LAYERS.to_string());
     }
+    // Blocks of size 1 need the 1.2 `unit-blocks` feature.
+    if adapter
+        .layers
+        .iter()
+        .any(|l| l.stages.iter().any(|s| s.spec.block_size == 1))
+    {
+        requires.push(FEATURE_UNIT_BLOCKS.to_string());
+    }
     requires.sort();
     requires.dedup();
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
-        version: if requires.is_empty() {
-            FORMAT_VERSION.into()
-        } else {
-            "1.1".into()
-        },
+        version: version_for(&requires).into(),
         requires,
         provenance: adapter.provenance.clone(),
         layers,
@@ -313,12 +317,20 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
         }
         for (j, ss) in ls.stages.iter().enumerate() {
             let what = format!("layer {i} (`{lname}`) stage {j}");
-            if ss.block_size < 2 || ss.blocks == Some(0) {
+            if ss.block_size == 0 || ss.blocks == Some(0) {
                 return Err(Error::format(
                     path,
                     format!(
-                        "{what}: {:?} blocks of size {} is not a partition (need ≥ 1 block of size ≥ 2)",
+                        "{what}: {:?} blocks of size {} is not a partition (need ≥ 1 block of size ≥ 1)",
                         ss.blocks, ss.block_size
+                    ),
+                ));
+            }
+            if ss.block_size == 1 && !manifest.requires.iter().any(|f| f == FEATURE_UNIT_BLOCKS) {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "{what}: block size 1 needs the `{FEATURE_UNIT_BLOCKS}` feature in `requires` (format 1.2)"
                     ),
                 ));
             }

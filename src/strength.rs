@@ -91,7 +91,7 @@ fn stage_power(stage: &Stage, s: f64, layer: &str, j: usize) -> Result<Stage> {
     let b = stage.spec.block_size as usize;
     let n = stage.tri_len();
     let mut q = Vec::with_capacity(stage.q.len());
-    for row in stage.q.chunks_exact(n.max(1)) {
+    for row in (0..stage.stored_blocks() as usize).map(|k| &stage.q[k * n..(k + 1) * n]) {
         let p = cayley_power(row, b, s).map_err(|e| {
             Error::new(Category::Algebra, format!("layer `{layer}` stage {j}: {e}"))
         })?;

@@ -191,11 +191,13 @@ fn encode_stages(
     let mut lossy = Vec::new();
     let mut blocks = 0;
     for (i, stage) in layer.stages.iter().enumerate() {
-        let q =
+        let (q, n) =
             report::expanded_rows(stage, layer.target.rotated_dim).ok_or(report::UNKNOWN_REPEAT)?;
-        blocks = q.len() / stage.tri_len().max(1);
+        blocks = n;
+        let tri = stage.tri_len();
         let mut back = Vec::with_capacity(q.len());
-        for row in q.chunks_exact(stage.tri_len().max(1)) {
+        for k in 0..n {
+            let row = &q[k * tri..(k + 1) * tri];
             let neg: Vec<f64> = row.iter().map(|x| -(*x as f32 as f64)).collect();
             values.extend(crate::rotation::unpack_skew(&neg, bs));
             back.extend(neg.iter().map(|x| -x));

@@ -118,14 +118,14 @@ fn block_misfit(stage: &Stage, d: Option<u64>, set: Settings) -> Option<String> 
     }
 }
 
-/// The stored rows of a stage under the config's `block_share`.
+/// The stored rows of a stage under the config's `block_share`, and how many they are.
 fn shared_rows(
     stage: &Stage,
     d: Option<u64>,
     share: bool,
-) -> std::result::Result<Vec<f64>, String> {
+) -> std::result::Result<(Vec<f64>, usize), String> {
     if stage.spec.shared == share {
-        return Ok(stage.q.clone());
+        return Ok((stage.q.clone(), stage.stored_blocks() as usize));
     }
     if stage.spec.shared {
         return report::expanded_rows(stage, d).ok_or_else(|| report::UNKNOWN_REPEAT.into());
@@ -133,7 +133,7 @@ fn shared_rows(
     let first = stage.q_row(0);
     let n = stage.stored_blocks() as usize;
     if (0..n).all(|k| stage.q_row(k) == first) {
-        Ok(first.to_vec())
+        Ok((first.to_vec(), 1))
     } else {
         Err(
             "distinct blocks, but the PEFT config shares one block per layer (`block_share`) \
@@ -204,13 +204,12 @@ fn map_layer(layer: &Layer, module: &str, set: Settings) -> Mapped {
     if let Some(why) = block_misfit(stage, d, set) {
         return Err(why);
     }
-    let rows = shared_rows(stage, d, set.share)?;
+    let (rows, n_rows) = shared_rows(stage, d, set.share)?;
     let embedding = layer.target.module == ModuleKind::Embedding;
     let exact = set.map == RotationMap::Cayley;
     // Canonical Cay+(Q): PEFT exact = Cay+(−Q_p); Neumann ≈ Cay+(Q_p); Embedding transposes.
     let sign = if exact != embedding { -1.0 } else { 1.0 };
     let values: Vec<f64> = rows.iter().map(|x| sign * x).collect();
-    let n_rows = values.len() / stage.tri_len().max(1);
     let suffix = if embedding {
         super::oft::SUFFIX_EMBEDDING
     } else {
