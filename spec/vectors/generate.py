@@ -406,6 +406,21 @@ def vector_specs():
         "neumann peft-0.18 terms=5 (from PEFT oft_embedding_R with Q_c = -Q_p).",
         "input", [stage(rng, 2, 4, map_=nm(5, "peft-0.18"))], rng.normal(size=(6, 8)))
 
+    # unit-blocks (format 1.2, §8.5): stages of block size 1 are the identity; q is [r, 0].
+    rng = np.random.default_rng(2001)
+    add("unit_blocks_output_rescale",
+        "W (4, 3); output side; 4 blocks of 1 (unit-blocks: identity, q of shape [4, 0]); cayley; "
+        "row scale after, which is the whole effect (LyCORIS diag-oft with b = 1).",
+        "output", [stage(rng, 4, 1)], rng.normal(size=(4, 3)),
+        {"position": "after", "values": rng.uniform(0.5, 1.5, size=4)})
+
+    rng = np.random.default_rng(2002)
+    add("unit_blocks_input_mixed",
+        "W (3, 4); input side; stage 0: 4 blocks of 1, neumann peft-0.18 terms=5 (identity); "
+        "stage 1: 2 blocks of 2, cayley. The merged weight is stage 1's alone.",
+        "input", [stage(rng, 4, 1, map_=nm(5, "peft-0.18")), stage(rng, 2, 2, scale=0.4)],
+        rng.normal(size=(3, 4)))
+
     return specs
 
 

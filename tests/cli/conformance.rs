@@ -11,6 +11,7 @@ use crate::common::*;
 use assert_cmd::Command;
 use oftool::apply::{Matrix, apply_layer};
 use oftool::layouts;
+use serde_json::Value;
 
 /// The first error importing a case, or baking its layers onto its base in memory, gives.
 fn first_error(dir: &std::path::Path) -> Option<String> {
@@ -91,4 +92,69 @@ fn known_gaps_are_refused_with_their_reason() {
         assert!(stderr.contains(why), "{label}: {stderr}");
         assert!(!out.exists(), "{label}: refused but wrote its output");
     }
+}
+
+/// Rewrite the manifest of `.oft` `src` into `dst` through `edit` (the digest is left stale:
+/// the manifest rules are checked before it).
+fn with_manifest(src: &std::path::Path, dst: &std::path::Path, edit: impl FnOnce(&mut Value)) {
+    let file = oftool::tensors::MappedFile::open(src).unwrap();
+    let mut meta = file.metadata.clone();
+    let mut m: Value = serde_json::from_str(&meta["oft.manifest"]).unwrap();
+    edit(&mut m);
+    meta.insert("oft.manifest".into(), m.to_string());
+    let st = file.tensors();
+    let views = st.tensors();
+    std::fs::write(dst, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+#[test]
+fn unit_blocks_are_format_1_2_and_only_where_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    // LyCORIS with b = 1 on 39 layers: a 1.2 file requiring `unit-blocks`, q stored as [N, 0].
+    let src = conformance_dir().join("lyco-b1-unet/adapter.safetensors");
+    let adapter = layouts::load(&src).unwrap();
+    let out = tmp.path().join("b1.oft");
+    oftool::oft_file::write(&adapter, &out).unwrap();
+    let file = oftool::tensors::MappedFile::open(&out).unwrap();
+    assert_eq!(file.metadata["oft.version"], "1.2");
+    let m: Value = serde_json::from_str(&file.metadata["oft.manifest"]).unwrap();
+    assert_eq!(m["requires"], serde_json::json!(["unit-blocks"]));
+    let conv_out = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|l| l["target"]["name"] == "lora_unet_conv_out")
+        .expect("conv_out layer");
+    let q = file
+        .tensors()
+        .tensor(&format!("layers.{conv_out}.stages.0.q"))
+        .unwrap()
+        .shape()
+        .to_vec();
+    assert_eq!(q, vec![4, 0]);
+    // Without the feature the same file is refused, naming it.
+    let bad = tmp.path().join("no-feature.oft");
+    with_manifest(&out, &bad, |m| {
+        m["requires"] = serde_json::json!([]);
+    });
+    let e = oftool::oft_file::read_unverified(&bad)
+        .map(|_| ())
+        .expect_err("block size 1 without unit-blocks");
+    assert!(e.to_string().contains("unit-blocks"), "{e}");
+    // A block size of 0 is never a partition.
+    let zero = tmp.path().join("zero.oft");
+    with_manifest(&out, &zero, |m| {
+        m["layers"][conv_out]["stages"][0]["block_size"] = 0.into();
+    });
+    let e = oftool::oft_file::read_unverified(&zero)
+        .map(|_| ())
+        .expect_err("block size 0");
+    assert!(e.to_string().contains("not a partition"), "{e}");
+    // An adapter without b = 1 is still written as 1.0.
+    let plain =
+        layouts::load(&conformance_dir().join("peft-boft-blocknum-uniform/adapter")).unwrap();
+    let out2 = tmp.path().join("plain.oft");
+    oftool::oft_file::write(&plain, &out2).unwrap();
+    let file = oftool::tensors::MappedFile::open(&out2).unwrap();
+    assert_eq!(file.metadata["oft.version"], "1.0");
 }
