@@ -158,3 +158,92 @@ fn unit_blocks_are_format_1_2_and_only_where_used() {
     let file = oftool::tensors::MappedFile::open(&out2).unwrap();
     assert_eq!(file.metadata["oft.version"], "1.0");
 }
+
+#[test]
+fn peft_boft_round_trips_through_oft_with_its_sizing() {
+    // PEFT BOFT → .oft → PEFT (`--to diffusers`): the config keeps the factor count and says
+    // the block size (`boft_block_size`) or, where the layers differ in size but share a count,
+    // the block count (`boft_block_num`); the written directory merges to the library's result.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for dir in cases().into_iter().chain(conformance_cases()) {
+        let src = dir.join("adapter");
+        let cfg = src.join("adapter_config.json");
+        if !cfg.is_file() || read_json(&cfg)["peft_type"] != "BOFT" {
+            continue;
+        }
+        let label = dir.file_name().unwrap().to_string_lossy().to_string();
+        let oft = tmp.path().join(format!("{label}.oft"));
+        let out = tmp.path().join(&label);
+        let base = dir.join("base.safetensors");
+        Command::cargo_bin("oftool")
+            .unwrap()
+            .arg("convert")
+            .arg(&src)
+            .arg("-o")
+            .arg(&oft)
+            .assert()
+            .success();
+        Command::cargo_bin("oftool")
+            .unwrap()
+            .args(["convert", "--to", "diffusers", "--base"])
+            .arg(&base)
+            .arg("-o")
+            .arg(&out)
+            .arg(&oft)
+            .assert()
+            .success();
+        let (a, b) = (read_json(&cfg), read_json(&out.join("adapter_config.json")));
+        for k in [
+            "boft_block_size",
+            "boft_block_num",
+            "boft_n_butterfly_factor",
+        ] {
+            assert_eq!(a[k], b[k], "{label}: {k}");
+        }
+        let back = layouts::load(&out).unwrap();
+        crate::fixtures::check_case(&dir, &back, &format!("{label} (PEFT → .oft → PEFT)"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} BOFT cases");
+}
+
+#[test]
+fn peft_boft_without_one_size_or_count_is_refused_by_layer() {
+    // Two layers with different block sizes and block counts: neither setting says both.
+    let src = conformance_dir().join("peft-boft-blocknum/adapter");
+    let mut a = layouts::load(&src).unwrap();
+    let keep = |l: &oftool::model::Layer| l.stages[0].spec.block_size;
+    let (i, j) = (
+        a.layers.iter().position(|l| keep(l) == 1).unwrap(),
+        a.layers.iter().position(|l| keep(l) == 9).unwrap(),
+    );
+    // Re-partition layer j's axis (72) into 36 blocks of 2: neither size 1 nor count 8.
+    let l = &mut a.layers[j];
+    l.stages[0].spec.blocks = Some(36);
+    l.stages[0].spec.block_size = 2;
+    l.stages[0].q = vec![0.01; 36];
+    let tmp = tempfile::tempdir().unwrap();
+    let oft = tmp.path().join("mixed.oft");
+    oftool::oft_file::write(&a, &oft).unwrap();
+    let out = tmp.path().join("peft");
+    let o = Command::cargo_bin("oftool")
+        .unwrap()
+        .args(["convert", "--to", "diffusers", "--json", "--base"])
+        .arg(conformance_dir().join("peft-boft-blocknum/base.safetensors"))
+        .arg("-o")
+        .arg(&out)
+        .arg(&oft)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let reason = report["layers"][j]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("neither one block size nor one block count"),
+        "{report}"
+    );
+    assert_eq!(report["layers"][i]["status"], "exact", "{report}");
+    assert!(!out.exists());
+}

@@ -29,7 +29,7 @@ fn find_layer<'a>(adapter: &'a Adapter, name: &str) -> &'a oftool::model::Layer 
 }
 
 /// Check every layer of one case; returns the number of layers checked, or what is off.
-fn check_case(dir: &Path, adapter: &Adapter, label: &str) -> Result<usize, String> {
+pub fn check_case(dir: &Path, adapter: &Adapter, label: &str) -> Result<usize, String> {
     let case = read_json(&dir.join("case.json"));
     let base = dir.join(case["base"].as_str().expect("base"));
     let merged = dir.join(case["merged"].as_str().expect("merged"));
