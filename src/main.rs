@@ -456,7 +456,7 @@ fn run(command: Command) -> Result<Output, Error> {
             blend,
             flags,
         } => {
-            let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into())?;
+            let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into(), &base)?;
             let progress = flags.progress();
             bake::merge(
                 &base,

@@ -135,6 +135,14 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     {
         requires.push(FEATURE_UNIT_BLOCKS.to_string());
     }
+    // Blocks cut to the weight need the 1.2 `truncated-blocks` feature.
+    if adapter
+        .layers
+        .iter()
+        .any(|l| l.stages.iter().any(|s| s.spec.truncated))
+    {
+        requires.push(FEATURE_TRUNCATED_BLOCKS.to_string());
+    }
     requires.sort();
     requires.dedup();
     let manifest = Manifest {
@@ -333,6 +341,33 @@ pub fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestSta
                         "{what}: block size 1 needs the `{FEATURE_UNIT_BLOCKS}` feature in `requires` (format 1.2)"
                     ),
                 ));
+            }
+            if ss.truncated {
+                if !manifest
+                    .requires
+                    .iter()
+                    .any(|f| f == FEATURE_TRUNCATED_BLOCKS)
+                {
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "{what}: a truncated stage needs the `{FEATURE_TRUNCATED_BLOCKS}` feature in `requires` (format 1.2)"
+                        ),
+                    ));
+                }
+                let fits = match (ss.blocks, ls.target.rotated_dim) {
+                    (Some(r), Some(d)) => r.checked_mul(ss.block_size).is_some_and(|n| n >= d),
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if ss.wiring != Wiring::Identity || !fits {
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "{what}: a truncated stage needs a block count, r·b ≥ rotated_dim and the identity wiring"
+                        ),
+                    ));
+                }
             }
             if !dim_ok(ss.blocks, ss.block_size) {
                 return Err(Error::format(

@@ -88,6 +88,17 @@ impl std::fmt::Display for AdapterArg {
 }
 
 fn stage_power(stage: &Stage, s: f64, layer: &str, j: usize) -> Result<Stage> {
+    if stage.spec.truncated && s != 1.0 {
+        return Err(Error::new(
+            Category::Algebra,
+            format!(
+                "layer `{layer}` stage {j} is truncated (PEFT 0.7–0.13 cuts its block-diagonal \
+                 matrix to the weight inside a block): the cut matrix is no rotation, so it has \
+                 no strength {s} and no exact inverse; bake it at strength 1"
+            ),
+        )
+        .hint("oftool merge BASE ADAPTER (no :S); unmerge cannot undo it"));
+    }
     let b = stage.spec.block_size as usize;
     let n = stage.tri_len();
     let mut q = Vec::with_capacity(stage.q.len());

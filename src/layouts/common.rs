@@ -101,6 +101,7 @@ impl OneStage {
             side: self.side,
             stages: vec![Stage {
                 spec: StageSpec {
+                    truncated: false,
                     blocks: self.blocks,
                     block_size: b,
                     shared: self.shared,

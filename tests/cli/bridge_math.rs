@@ -37,6 +37,7 @@ fn values(n: usize, seed: u64) -> Vec<f64> {
 fn stage(q: Vec<f64>, blocks: usize, b: usize) -> Stage {
     Stage {
         spec: StageSpec {
+            truncated: false,
             blocks: Some(blocks as u64),
             block_size: b as u64,
             shared: false,

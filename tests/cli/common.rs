@@ -44,11 +44,7 @@ pub fn conformance_cases() -> Vec<PathBuf> {
 /// bake must give (`conformance::known_gaps_are_refused_with_their_reason` checks it). A case
 /// leaves this list when it imports and bakes to the library's result; every other case is
 /// checked like the `fixtures/cases/` ones.
-pub const KNOWN_GAPS: &[(&str, &str)] = &[
-    ("peft013-unet-r5", "output features"),
-    ("peft013-unet-uneven", "output features"),
-    ("peft013-unet-uneven-share", "output features"),
-];
+pub const KNOWN_GAPS: &[(&str, &str)] = &[];
 
 /// Why a conformance case is a known gap, if it is one.
 pub fn known_gap(dir: &Path) -> Option<&'static str> {

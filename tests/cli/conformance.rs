@@ -247,3 +247,153 @@ fn peft_boft_without_one_size_or_count_is_refused_by_layer() {
     assert_eq!(report["layers"][i]["status"], "exact", "{report}");
     assert!(!out.exists());
 }
+
+fn oftool() -> Command {
+    Command::cargo_bin("oftool").unwrap()
+}
+
+#[test]
+fn truncated_layers_are_reported_not_orthogonal_with_the_cut_error() {
+    // PEFT 0.13.2 with out % r != 0: bound to its base, each layer whose cut falls inside a
+    // block is `truncated`, and inspect reports the cut matrix's ‖DᵀD − I‖_F, which
+    // generate_conformance.py recorded from PEFT's own tensors.
+    let tmp = tempfile::tempdir().unwrap();
+    for label in [
+        "peft013-unet-uneven",
+        "peft013-unet-uneven-share",
+        "peft013-unet-r5",
+    ] {
+        let dir = conformance_dir().join(label);
+        let oft = tmp.path().join(format!("{label}.oft"));
+        oftool()
+            .arg("convert")
+            .arg(dir.join("adapter"))
+            .arg("--base")
+            .arg(dir.join("base.safetensors"))
+            .arg("-o")
+            .arg(&oft)
+            .assert()
+            .success();
+        let file = oftool::tensors::MappedFile::open(&oft).unwrap();
+        let o = oftool()
+            .args(["inspect", "--json"])
+            .arg(&oft)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let case = read_json(&dir.join("case.json"));
+        let mut cut = 0;
+        for l in case["layers"].as_array().unwrap() {
+            let name = l["adapter_name"].as_str().unwrap();
+            let name = name.strip_prefix("base_model.model.").unwrap();
+            let r = report["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["target"] == name)
+                .unwrap();
+            let inside = l["partial_block_size"].as_u64().unwrap() > 0;
+            assert_eq!(
+                r["stages"][0]["truncated"] == true,
+                inside,
+                "{label} {name}"
+            );
+            if inside {
+                cut += 1;
+                let want = l["cut_RtR_minus_I_fro"].as_f64().unwrap();
+                let got = r["orthogonality_error"].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-9, "{label} {name}: {got} vs {want}");
+                let why = r["not_orthogonal"].as_str().unwrap();
+                assert!(why.contains("truncated") && why.contains("corner"), "{why}");
+            } else {
+                assert!(r.get("not_orthogonal").is_none(), "{label} {name}");
+            }
+        }
+        assert!(cut > 0, "{label}: no layer cut inside a block");
+        // Only files that keep a cut need format 1.2 `truncated-blocks`.
+        assert_eq!(file.metadata["oft.version"], "1.2", "{label}");
+        let text = oftool().arg("inspect").arg(&oft).output().unwrap();
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains("cut") && text.contains("not orthogonal"),
+            "{text}"
+        );
+        // Without the base the cut is unknown; inspect says so.
+        let o = oftool()
+            .args(["inspect", "--json"])
+            .arg(dir.join("adapter"))
+            .output()
+            .unwrap();
+        let unbound: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(
+            unbound["layers"][0]["not_orthogonal"]
+                .as_str()
+                .is_some_and(|w| w.contains("does not record")),
+            "{unbound}"
+        );
+    }
+}
+
+#[test]
+fn truncated_layers_convert_only_to_oft_and_have_no_strength() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = conformance_dir().join("peft013-unet-uneven");
+    let base = dir.join("base.safetensors");
+    for to in ["lycoris", "kohya", "comfyui"] {
+        let out = tmp.path().join(format!("x.{to}.safetensors"));
+        let o = oftool()
+            .args(["convert", "--json", "--to", to, "--base"])
+            .arg(&base)
+            .arg("-o")
+            .arg(&out)
+            .arg(dir.join("adapter"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{to}");
+        let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let first = &report["layers"][0];
+        assert_eq!(first["status"], "impossible", "{to}: {report}");
+        assert!(
+            first["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("not orthogonal") && r.contains("inside a block")),
+            "{to}: {first}"
+        );
+        assert!(!out.exists());
+    }
+    // A strength other than 1 (and unmerge) would need a power of the cut matrix.
+    let out = tmp.path().join("half.safetensors");
+    let o = oftool()
+        .arg("merge")
+        .arg(&base)
+        .arg(format!("{}:0.5", dir.join("adapter").display()))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no strength 0.5"));
+    assert!(!out.exists());
+    // Where every cut falls on a block boundary, the layer is an ordinary one: r5's out-8 and
+    // out-16 layers merge at any strength once the base is known.
+    let r5 = conformance_dir().join("peft013-unet-r5");
+    let mut a = layouts::load(&r5.join("adapter")).unwrap();
+    let b = oftool::base::Base::open(&r5.join("base.safetensors")).unwrap();
+    oftool::bake::resolve_truncation(&mut a, &b);
+    let l = a
+        .layers
+        .iter()
+        .find(|l| l.target.name == "conv_in")
+        .unwrap();
+    assert!(!l.stages[0].spec.truncated);
+    assert_eq!(l.stages[0].spec.blocks, Some(4));
+    oftool::strength::adapter_power(
+        &oftool::model::Adapter {
+            layers: vec![l.clone()],
+            ..a.clone()
+        },
+        0.5,
+    )
+    .unwrap();
+}

@@ -242,6 +242,7 @@ mod tests {
             side,
             stages: vec![Stage {
                 spec: StageSpec {
+                    truncated: false,
                     blocks: Some(blocks as u64),
                     block_size: b as u64,
                     shared: false,

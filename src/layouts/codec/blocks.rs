@@ -181,6 +181,7 @@ fn stages(q: &[f64], m: usize, nb: usize, b: usize, family: Family) -> Vec<Stage
             };
             Stage {
                 spec: StageSpec {
+                    truncated: false,
                     blocks: Some(nb as u64),
                     block_size: b as u64,
                     shared: false,

@@ -108,6 +108,7 @@ fn read_layer(
     let stages = (0..m)
         .map(|i| Stage {
             spec: StageSpec {
+                truncated: false,
                 blocks: Some(n as u64),
                 block_size: b as u64,
                 shared: false,
