@@ -397,3 +397,57 @@ fn truncated_layers_convert_only_to_oft_and_have_no_strength() {
     )
     .unwrap();
 }
+
+#[test]
+fn truncated_stages_are_refused_where_the_spec_forbids_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = conformance_dir().join("peft013-unet-uneven");
+    let good = tmp.path().join("good.oft");
+    oftool()
+        .arg("convert")
+        .arg(dir.join("adapter"))
+        .arg("--base")
+        .arg(dir.join("base.safetensors"))
+        .arg("-o")
+        .arg(&good)
+        .assert()
+        .success();
+    oftool::oft_file::read(&good).unwrap();
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        (
+            "no feature",
+            |m| m["requires"] = serde_json::json!([]),
+            "`truncated-blocks` feature",
+        ),
+        (
+            "butterfly",
+            |m| {
+                m["layers"][0]["stages"][0]["wiring"] =
+                    serde_json::json!({"kind": "butterfly", "producer": "peft", "index": 0})
+            },
+            "identity wiring",
+        ),
+        (
+            "narrower than the axis",
+            |m| m["layers"][0]["target"]["rotated_dim"] = 10.into(),
+            "r·b ≥ rotated_dim",
+        ),
+        (
+            "no block count",
+            |m| {
+                m["layers"][0]["stages"][0]["blocks"] = Value::Null;
+                m["layers"][0]["stages"][0]["shared"] = true.into();
+            },
+            "needs a block count",
+        ),
+    ];
+    for (what, edit, needle) in cases {
+        let bad = tmp.path().join("bad.oft");
+        with_manifest(&good, &bad, edit);
+        let e = oftool::oft_file::read_unverified(&bad)
+            .map(|_| ())
+            .expect_err(what);
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+    }
+}
