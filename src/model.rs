@@ -378,6 +378,14 @@ pub const FEATURE_UNIT_BLOCKS: &str = "unit-blocks";
 /// Format 1.2 feature: a stage may be `truncated`: its block-diagonal matrix, `r·b` wide, is cut
 /// to the top-left `d × d` corner of the rotated axis (PEFT 0.7–0.13 with `d % r ≠ 0`).
 pub const FEATURE_TRUNCATED_BLOCKS: &str = "truncated-blocks";
+/// Every feature this reader implements, with the format version that defines it (a file whose
+/// `requires` lists anything else is refused; a writer writes the highest version its features
+/// need, `1.0` without any).
+pub const FEATURES: &[(&str, &str)] = &[
+    (FEATURE_STACKED_LAYERS, "1.1"),
+    (FEATURE_UNIT_BLOCKS, "1.2"),
+    (FEATURE_TRUNCATED_BLOCKS, "1.2"),
+];
 /// Features this reader implements (a file whose `requires` lists anything else is refused).
 pub const KNOWN_FEATURES: &[&str] = &[
     FEATURE_STACKED_LAYERS,
@@ -385,16 +393,13 @@ pub const KNOWN_FEATURES: &[&str] = &[
     FEATURE_TRUNCATED_BLOCKS,
 ];
 
-/// The lowest format version that has every feature in `requires`: 1.0 without features, 1.1
-/// for `stacked-layers` alone, 1.2 for any later feature.
+/// The lowest format version that defines every feature in `requires` (`1.0` for none).
 pub fn version_for(requires: &[String]) -> &'static str {
-    if requires.iter().any(|f| f != FEATURE_STACKED_LAYERS) {
-        "1.2"
-    } else if requires.is_empty() {
-        FORMAT_VERSION
-    } else {
-        "1.1"
-    }
+    requires
+        .iter()
+        .filter_map(|f| FEATURES.iter().find(|(n, _)| n == f).map(|(_, v)| *v))
+        .max_by_key(|v| v.split_once('.').and_then(|(_, m)| m.parse::<u32>().ok()))
+        .unwrap_or(FORMAT_VERSION)
 }
 
 pub fn tool_name() -> String {
