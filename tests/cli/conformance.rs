@@ -451,3 +451,55 @@ fn truncated_stages_are_refused_where_the_spec_forbids_them() {
         assert!(e.to_string().contains(needle), "{what}: {e}");
     }
 }
+
+#[test]
+fn conversion_verdicts_at_the_edges() {
+    // (case, --to, exact, lossy, impossible) with the base given. Blocks of size 1 convert
+    // wherever the side and map allow; a cut inside a block converts nowhere but `.oft`.
+    let table: &[(&str, &str, u64, u64, u64)] = &[
+        ("lyco-b1-unet", "lycoris", 61, 0, 0),
+        ("lyco-b1-unet", "comfyui", 0, 61, 0), // ComfyUI ignores diag-oft `rescale`
+        ("lyco-b1-unet", "peft", 0, 0, 61),    // output side
+        ("kohya-oft-unet-b1", "kohya", 36, 0, 0),
+        ("kohya-oft-unet-b1", "lycoris", 36, 0, 0),
+        ("kohya-oft-unet-b1", "comfyui", 36, 0, 0),
+        ("peft-unet-r8-b1", "peft", 46, 0, 0),
+        ("peft-unet-r8-b1", "onetrainer", 46, 0, 0),
+        ("peft-unet-r8-b1", "kohya", 46, 0, 0),
+        ("onetrainer-unet-b1", "peft", 44, 0, 0),
+        ("onetrainer-unet-b1", "onetrainer", 44, 0, 0),
+        ("peft-boft-blocknum", "peft", 44, 0, 0),
+        ("peft-boft-blocknum", "onetrainer", 0, 44, 0), // 5-term series
+        ("peft013-unet-r5", "lycoris", 43, 0, 3),       // 3 layers cut inside a block
+        ("peft013-unet-r5", "comfyui", 43, 0, 3),
+        ("peft013-unet-uneven", "lycoris", 1, 0, 45), // only conv_out's cut drops a whole block
+        ("peft013-unet-uneven", "peft", 0, 0, 46),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (case, to, exact, lossy, impossible) in table {
+        let dir = conformance_dir().join(case);
+        let adapter = [dir.join("adapter"), dir.join("adapter.safetensors")]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap();
+        let out = tmp.path().join(format!("{case}.{to}"));
+        let o = oftool()
+            .args(["convert", "--json", "--to", to, "--base"])
+            .arg(dir.join("base.safetensors"))
+            .arg("-o")
+            .arg(&out)
+            .arg(&adapter)
+            .output()
+            .unwrap();
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let got = (&r["exact"], &r["lossy"], &r["impossible"]);
+        assert_eq!(
+            got,
+            (&(*exact).into(), &(*lossy).into(), &(*impossible).into()),
+            "{case} → {to}: {}",
+            r["refused"]
+        );
+        assert_eq!(o.status.success(), lossy + impossible == 0, "{case} → {to}");
+        assert_eq!(out.exists(), lossy + impossible == 0, "{case} → {to}");
+    }
+}
