@@ -13,8 +13,17 @@ use rayon::prelude::*;
 /// Rows per unit of parallel work on the input side (fixed: results must not depend on threads).
 pub const INPUT_CHUNK_ROWS: usize = 256;
 
-/// The element types the rotation runs in.
-pub trait Real: Copy + Send + Sync + Default + std::ops::MulAssign + 'static {
+/// Keeps [`Real`] to the types this module implements it for (its kernels take raw pointers).
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// The element types the rotation runs in (`f32` and `f64`; sealed).
+pub trait Real:
+    sealed::Sealed + Copy + Send + Sync + Default + std::ops::MulAssign + 'static
+{
     /// A specialised kernel for `dst = src · Rᵀ` on `m` rows of one `b × b` block, if this type
     /// has one for `b` on this CPU (returns whether it ran).
     ///
@@ -30,7 +39,9 @@ pub trait Real: Copy + Send + Sync + Default + std::ops::MulAssign + 'static {
     ) -> bool {
         false
     }
+    /// The nearest value of this type to `x`.
     fn from_f64(x: f64) -> Self;
+    /// This value as f64 (exact).
     fn to_f64(self) -> f64;
     /// `C = A · B` for an `m × k` A and a `k × n` B with arbitrary strides.
     ///
@@ -170,8 +181,11 @@ impl Real for f64 {
 /// `(out, in·kh·kw)`, Embedding `(num_embeddings, dim)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix<T = f64> {
+    /// Rows (output features).
     pub rows: usize,
+    /// Columns (input features, times the kernel size for a convolution).
     pub cols: usize,
+    /// The `rows × cols` elements, row-major.
     pub data: Vec<T>,
 }
 
@@ -197,7 +211,9 @@ impl<T> Matrix<T> {
 
 /// The evaluated blocks of one stage with its gather list.
 pub struct PreparedStage<T> {
+    /// Block size.
     pub b: usize,
+    /// Blocks along the rotated axis (`blocks × b` features).
     pub blocks: usize,
     /// One `b × b` block per stored block (1 when shared), row-major.
     rotations: Vec<Vec<T>>,
@@ -216,8 +232,39 @@ impl<T: Real> PreparedStage<T> {
 
     /// Like [`PreparedStage::new`], with each block replaced by `s·R + (1 − s)·I` (the linear
     /// interpolation toward the identity that LyCORIS, kohya and ComfyUI use for strength).
+    /// A stage whose `q` does not hold its stored blocks, or whose block size is 0, is a
+    /// `tensor` or `partition` error (a [`Stage`] built by hand may be inconsistent).
     pub fn with_blend(stage: &Stage, axis: usize, interpolate: Option<f64>) -> Result<Self, Error> {
         let b = stage.spec.block_size as usize;
+        if b == 0 || b > crate::model::MAX_DIM as usize {
+            return Err(Error::new(
+                Category::Partition,
+                format!(
+                    "block size {b} is not between 1 and {}",
+                    crate::model::MAX_DIM
+                ),
+            ));
+        }
+        let want = (stage.stored_blocks() as usize).checked_mul(stage.tri_len());
+        if want != Some(stage.q.len()) {
+            return Err(Error::new(
+                Category::Tensor,
+                "the stage's parameters do not fill its stored blocks",
+            )
+            .expected_found(
+                want.map_or("more than fit in memory".into(), |n| n.to_string()),
+                stage.q.len(),
+            ));
+        }
+        if axis as u64 > crate::model::MAX_DIM {
+            return Err(Error::new(
+                Category::TargetShape,
+                format!(
+                    "an axis of {axis} features is larger than oftool accepts ({})",
+                    crate::model::MAX_DIM
+                ),
+            ));
+        }
         let blocks = stage.blocks_on(axis as u64) as usize;
         let sigma =
             gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::new(Category::Wiring, e.0))?;
@@ -607,7 +654,6 @@ pub fn apply_layer<T: Real>(layer: &Layer, w: &mut Matrix<T>) -> Result<(), Erro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RotationMap, StageSpec, Wiring};
 
     /// The f32 path (with the 32 × 32 FMA kernel where the CPU has it) against the f64 path.
     #[test]
@@ -618,20 +664,7 @@ mod tests {
         let q: Vec<f64> = (0..blocks * tri)
             .map(|i| ((i * 7919 % 997) as f64 / 997.0 - 0.5) * 0.02)
             .collect();
-        let stage = Stage {
-            spec: StageSpec {
-                truncated: false,
-                blocks: Some(blocks as u64),
-                block_size: b as u64,
-                shared: false,
-                wiring: Wiring::Identity,
-                map: RotationMap::Cayley,
-                q: String::new(),
-            },
-            q,
-            q_f64: true,
-            inverse: false,
-        };
+        let stage = Stage::cayley(blocks as u64, b as u64, q);
         let (rows, cols) = (301, blocks * b); // an odd row count exercises the single-row tail
         let w: Vec<f64> = (0..rows * cols)
             .map(|i| (i * 104729 % 1009) as f64 / 1009.0 - 0.5)

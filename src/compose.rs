@@ -16,11 +16,15 @@ use std::path::Path;
 
 /// One input of a composition.
 pub struct ComposeInput {
+    /// How the input is named in reports (its path as given).
     pub label: String,
+    /// The adapter.
     pub adapter: Adapter,
+    /// Its strength (`A:S`), if one was given.
     pub strength: Option<f64>,
 }
 
+/// What `--collapse` did.
 #[derive(Debug, Serialize, Default)]
 pub struct CollapseReport {
     /// Layers whose stages were multiplied into fewer stages.
@@ -31,13 +35,20 @@ pub struct CollapseReport {
     pub kept: Vec<String>,
 }
 
+/// What `compose` wrote (its `--json` report).
 #[derive(Debug, Serialize)]
 pub struct ComposeSummary {
+    /// The inputs, as given (`PATH` or `PATH:S`).
     pub inputs: Vec<String>,
+    /// The `.oft` file written.
     pub output: String,
+    /// Layers in the result.
     pub layers: usize,
+    /// Stages in the result, over all layers.
     pub stages: usize,
+    /// Targets that more than one layer of the result rotates (stacked layers, format 1.1).
     pub stacked_targets: usize,
+    /// What `--collapse` did, when asked.
     pub collapse: Option<CollapseReport>,
 }
 
@@ -263,23 +274,7 @@ fn collapse_pair(a: &Stage, b: &Stage, side: Side) -> std::result::Result<(Stage
         );
         q.extend(tri);
     }
-    Ok((
-        Stage {
-            spec: StageSpec {
-                truncated: false,
-                blocks: Some(blocks as u64),
-                block_size: big as u64,
-                shared: false,
-                wiring: Wiring::Identity,
-                map: RotationMap::Cayley,
-                q: String::new(),
-            },
-            q,
-            q_f64: true,
-            inverse: false,
-        },
-        change,
-    ))
+    Ok((Stage::cayley(blocks as u64, big as u64, q), change))
 }
 
 /// How many targets have more than one layer (stacked).

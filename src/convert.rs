@@ -10,14 +10,20 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
 
+/// What `convert` to `.oft` wrote (its `--json` report).
 #[derive(Debug, Serialize)]
 pub struct ConvertSummary {
+    /// The input, as given.
     pub input: String,
     /// The input's layout id and variant (as `inspect` reports them).
     pub layout: String,
+    /// The input layout's variant, when it has several.
     pub variant: Option<String>,
+    /// The `.oft` file written.
     pub output: String,
+    /// Layers written.
     pub layers: usize,
+    /// Parameters written (Q entries and row-scale values).
     pub parameters: u64,
 }
 
@@ -147,6 +153,7 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
     }
 }
 
+/// Convert any readable adapter at `input` to `.oft` at `output`, bound to `base` when given.
 pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSummary> {
     let mut inputs = vec![input];
     inputs.extend(base);
@@ -157,8 +164,8 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
-        return Err(Error::new(
-            Category::Malformed,
+        let e = Error::new(
+            p.category,
             format!(
                 "{} problem(s), first: {}: {}",
                 problems.len(),
@@ -166,7 +173,12 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
                 p.message
             ),
         )
-        .at(input));
+        .at(input)
+        .hint("`oftool validate` lists every problem");
+        return Err(match p.rule {
+            Some(r) => e.rule(r),
+            None => e,
+        });
     }
     if adapter.provenance.created.is_none() {
         adapter.provenance.created = Some(creation_time(&inputs));
@@ -185,33 +197,45 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
 /// What `convert --to <layout>` did (or would have done, when it refused).
 #[derive(Debug, Serialize)]
 pub struct ExportReport {
+    /// The input, as given.
     pub input: String,
     /// The input's layout id and variant (as `inspect` reports them).
     pub layout: String,
+    /// The input layout's variant, when it has several.
     pub variant: Option<String>,
     /// The layout written (its id, whichever alias `--to` named).
     pub to: String,
+    /// The file or folder written (or that would have been).
     pub output: String,
     /// Files written, relative to `output` for directories.
     pub files: Vec<String>,
+    /// Layers written exactly.
     pub exact: usize,
+    /// Layers written with a change (`--allow-lossy`).
     pub lossy: usize,
+    /// Layers the layout cannot express.
     pub impossible: usize,
     /// Largest change of any rotation entry over all layers.
     pub max_rotation_change: f64,
+    /// With `--base`: largest change of any merged weight entry.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_weight_change: Option<f64>,
+    /// What the user should know about the written files.
     pub warnings: Vec<String>,
     /// Why nothing was written, when the conversion was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Per layer: how it maps, or why it cannot.
     pub layers: Vec<report::LayerReport>,
 }
 
 /// Options of `convert --to <layout>`.
 pub struct ExportOptions<'a> {
+    /// A base checkpoint, to recover names and measure the weight change.
     pub base: Option<&'a Path>,
+    /// Write layers that would change.
     pub allow_lossy: bool,
+    /// Pack a directory layout into one zip file.
     pub zip: bool,
 }
 

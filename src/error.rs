@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Category {
-    /// Not a readable safetensors file, or its header is too large.
+    /// Not a readable container: a safetensors file (or a `torch.save` archive) that is cut
+    /// short, inconsistent or too large to hold.
     Container,
     /// A safetensors file that is not a `.oft` file.
     NotOft,
@@ -119,6 +120,7 @@ struct Inner {
     expected: Option<String>,
     found: Option<String>,
     hint: Option<String>,
+    rule: Option<u8>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -133,6 +135,7 @@ impl Error {
             expected: None,
             found: None,
             hint: None,
+            rule: None,
             source: None,
         }))
     }
@@ -193,6 +196,12 @@ impl Error {
         self
     }
 
+    /// The rule of `spec/oft-format.md` §9.1 the file breaks (a `.oft` file's problems).
+    pub fn rule(mut self, rule: u8) -> Self {
+        self.0.rule = Some(rule);
+        self
+    }
+
     /// Keep `source` as the cause (shown by `Display` after the message).
     pub fn caused_by(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.0.message = format!("{}: {source}", self.0.message);
@@ -206,32 +215,44 @@ impl Error {
         self
     }
 
+    /// What kind of problem this is.
     pub fn category(&self) -> Category {
         self.0.category
     }
 
+    /// The file the problem is in, if one is known.
     pub fn path(&self) -> Option<&Path> {
         self.0.path.as_deref()
     }
 
+    /// The tensor or layer the problem is about, if any.
     pub fn tensor_name(&self) -> Option<&str> {
         self.0.tensor.as_deref()
     }
 
+    /// The message alone (no file, tensor or figures).
     pub fn message(&self) -> &str {
         &self.0.message
     }
 
+    /// The expected value, when the problem compares two.
     pub fn expected(&self) -> Option<&str> {
         self.0.expected.as_deref()
     }
 
+    /// The value found, when the problem compares two.
     pub fn found(&self) -> Option<&str> {
         self.0.found.as_deref()
     }
 
+    /// What to do about it, if oftool knows.
     pub fn hint_text(&self) -> Option<&str> {
         self.0.hint.as_deref()
+    }
+
+    /// The spec §9.1 rule a `.oft` file breaks, where one applies.
+    pub fn spec_rule(&self) -> Option<u8> {
+        self.0.rule
     }
 
     /// Exit status for the command line (see [`Category::exit_code`]).
@@ -257,6 +278,9 @@ impl Error {
         m.insert("message".into(), self.to_string().into());
         if let Some(p) = &self.0.path {
             m.insert("path".into(), p.display().to_string().into());
+        }
+        if let Some(r) = self.0.rule {
+            m.insert("rule".into(), r.into());
         }
         for (k, v) in [
             ("tensor", &self.0.tensor),
@@ -297,6 +321,7 @@ impl std::error::Error for Error {
     }
 }
 
+/// `Result` with oftool's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]

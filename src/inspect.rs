@@ -10,22 +10,32 @@ use crate::rotation::{max_rotation_angle, orthogonality_error, rotation_block, s
 use serde::Serialize;
 use std::path::Path;
 
+/// One stage of a layer, as `inspect` reports it.
 #[derive(Debug, Serialize)]
 pub struct StageReport {
+    /// Blocks (`null`: a shared block tiling the axis).
     pub blocks: Option<u64>,
+    /// Block size.
     pub block_size: u64,
+    /// Whether one block is repeated.
     pub shared: bool,
+    /// The rotation map (`cayley`, `neumann(5, peft-0.18)`).
     pub map: String,
+    /// The wiring (`identity`, `butterfly(peft, 1)`).
     pub wiring: String,
     /// Cut to the rotated axis (format 1.2 `truncated-blocks`, PEFT 0.7–0.13).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
 }
 
+/// A layer's constraint and how much of it Q uses.
 #[derive(Debug, Serialize)]
 pub struct ConstraintReport {
+    /// Whose constraint (`lycoris`, `peft-coft`, …).
     pub kind: String,
+    /// `layer` or `block`.
     pub scope: String,
+    /// Radius of the Frobenius ball.
     pub radius: f64,
     /// ‖Q‖_F over the layer (scope `layer`) or the largest block norm (scope `block`).
     pub norm: f64,
@@ -33,22 +43,35 @@ pub struct ConstraintReport {
     pub usage: f64,
 }
 
+/// A layer's row scale.
 #[derive(Debug, Serialize)]
 pub struct RowScaleReport {
+    /// `before` or `after` the stages.
     pub position: String,
+    /// Smallest value.
     pub min: f64,
+    /// Largest value.
     pub max: f64,
 }
 
+/// One layer, as `inspect` reports it.
 #[derive(Debug, Serialize)]
 pub struct LayerReport {
+    /// The target module's name.
     pub target: String,
+    /// Its naming convention.
     pub convention: String,
+    /// Its pipeline component, when known.
     pub component: Option<String>,
+    /// Its module kind (`linear`, `conv`, …).
     pub module: String,
+    /// `input` or `output`.
     pub side: String,
+    /// Size of the rotated axis, when known.
     pub rotated_dim: Option<u64>,
+    /// Its stages, in order.
     pub stages: Vec<StageReport>,
+    /// Parameters (Q entries and row-scale values).
     pub parameters: u64,
     /// Largest rotation angle of any block, radians (Cayley angle of Q for Neumann stages).
     pub max_angle_rad: f64,
@@ -59,34 +82,50 @@ pub struct LayerReport {
     /// truncated stage whose cut falls inside a block (or whose cut the file does not record).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_orthogonal: Option<String>,
+    /// Its constraint, if recorded.
     pub constraint: Option<ConstraintReport>,
+    /// Its row scale, if any.
     pub row_scale: Option<RowScaleReport>,
+    /// Whether it is bound to a base tensor.
     pub base_binding: bool,
 }
 
+/// Figures over all layers.
 #[derive(Debug, Serialize)]
 pub struct Totals {
+    /// Layers.
     pub layers: usize,
+    /// Stages.
     pub stages: usize,
+    /// Parameters.
     pub parameters: u64,
+    /// Largest rotation angle of any block, radians.
     pub max_angle_rad: f64,
+    /// Largest ‖RᵀR − I‖_F of any block.
     pub orthogonality_error: f64,
+    /// Layers with a constraint.
     pub constrained_layers: usize,
+    /// Layers with a row scale.
     pub row_scaled_layers: usize,
 }
 
+/// What `inspect` reports (its `--json` output, stable).
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The file, as given.
     pub file: String,
     /// The layout's registry id: a `convert --to` value whenever oftool writes that layout.
     pub layout: String,
     /// The finer kind of file within the layout (`diag-oft`), when it has several.
     pub variant: Option<String>,
+    /// Where the adapter came from.
     pub provenance: Provenance,
+    /// Figures over all layers.
     pub totals: Totals,
     /// Things a user should know about how runtimes treat this adapter (README "Where each
     /// runtime computes something else").
     pub notes: Vec<String>,
+    /// Every layer.
     pub layers: Vec<LayerReport>,
 }
 
@@ -113,6 +152,7 @@ fn cut_error(s: &Stage, d: u64) -> Option<(f64, usize)> {
     Some((orthogonality_error(&corner, p), p))
 }
 
+/// The report of one layer.
 pub fn layer_report(layer: &Layer) -> LayerReport {
     let mut max_angle: f64 = 0.0;
     let mut orth: f64 = 0.0;
@@ -210,6 +250,7 @@ pub fn layer_report(layer: &Layer) -> LayerReport {
     }
 }
 
+/// The report of `adapter`, read from `file` in `layout` (and `variant`).
 pub fn report(file: &Path, layout: &str, variant: Option<&str>, adapter: &Adapter) -> Report {
     let layers: Vec<LayerReport> = adapter.layers.iter().map(layer_report).collect();
     let totals = Totals {

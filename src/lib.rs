@@ -7,6 +7,8 @@
 //! The library takes typed arguments and sets no process-wide state; parsing `PATH:S`,
 //! drawing progress and process setup are the binary's.
 
+#![warn(missing_docs)]
+
 pub mod apply;
 pub mod bake;
 pub mod base;
@@ -20,13 +22,13 @@ pub mod layouts;
 pub mod lowrank;
 pub mod model;
 pub mod oft_file;
-pub mod pickle;
+pub(crate) mod pickle;
 pub mod procrustes;
-pub mod resolve;
-pub mod rotation;
+pub(crate) mod resolve;
+pub(crate) mod rotation;
 pub mod strength;
-pub mod tensors;
+pub(crate) mod tensors;
 pub mod validate;
-pub mod wiring;
+pub(crate) mod wiring;
 
 pub use error::{Error, Result};

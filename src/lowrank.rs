@@ -34,7 +34,9 @@ pub enum RankRule {
     /// The smallest rank whose approximation keeps at least `fraction` of `‖ΔW‖²_F` (`0 ≤
     /// fraction ≤ 1`), at most `max_rank` when given (the cap wins over the fraction).
     Energy {
+        /// Share of `‖ΔW‖²_F` to keep, in `[0, 1]`.
         fraction: f64,
+        /// Largest rank to keep, whatever the fraction.
         max_rank: Option<usize>,
     },
 }
@@ -51,7 +53,9 @@ pub enum Method {
     /// Randomized range finder: sketch `k + oversample` columns, `power_iters` passes of `ΔWᵀ`
     /// and `ΔW`. Needs a bound on the rank: [`RankRule::Fixed`] or a capped energy rule.
     Randomized {
+        /// Extra sketch columns beyond the rank.
         oversample: usize,
+        /// Power iterations (passes of `ΔWᵀ` and `ΔW`).
         power_iters: usize,
     },
 }
@@ -71,9 +75,13 @@ pub const DEFAULT_POWER_ITERS: usize = 4;
 pub enum MethodUsed {
     /// ΔW was zero: no decomposition ran.
     Zero,
+    /// The thin SVD of the whole matrix.
     Full,
+    /// The randomized range finder, with this sketch.
     Randomized {
+        /// Extra sketch columns beyond the rank.
         oversample: usize,
+        /// Power iterations.
         power_iters: usize,
     },
 }
@@ -81,8 +89,11 @@ pub enum MethodUsed {
 /// A rank-`rank` factorisation `ΔW ≈ B·A`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LowRank {
+    /// Rows of ΔW (and of `b`).
     pub rows: usize,
+    /// Columns of ΔW (and of `a`).
     pub cols: usize,
+    /// The rank kept.
     pub rank: usize,
     /// `U_k·√Σ_k`, row-major `rows × rank` (`lora_B` / `lora_up`).
     pub b: Vec<f64>,
@@ -98,6 +109,7 @@ pub struct LowRank {
     /// Whether `rel_error` was measured directly (randomized) rather than derived from the tail
     /// singular values (full).
     pub error_measured: bool,
+    /// The decomposition that ran.
     pub method: MethodUsed,
 }
 

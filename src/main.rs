@@ -330,7 +330,10 @@ fn report_export(r: &convert::ExportReport, as_json: bool) -> Output {
     }
     match &r.refused {
         Some(why) => {
-            warn(&format!("oftool: error: {why}; nothing was written"));
+            warn(&format!(
+                "oftool: error[{}]: {why}; nothing was written",
+                oftool::error::Category::Conversion
+            ));
             Output::new(stdout, 1)
         }
         None => Output::new(stdout, 0),

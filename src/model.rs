@@ -17,6 +17,7 @@ pub enum Side {
 }
 
 impl Side {
+    /// `input` or `output`, as in the manifest.
     pub fn as_str(self) -> &'static str {
         match self {
             Side::Input => "input",
@@ -43,10 +44,16 @@ pub enum RotationMap {
     /// Exact Cayley transform `R = (I + Q)(I − Q)⁻¹`.
     Cayley,
     /// Truncated series approximating the Cayley transform (not orthogonal: reproduced as is).
-    Neumann { terms: u32, variant: NeumannVariant },
+    Neumann {
+        /// Number of terms n (1 ≤ n ≤ [`MAX_NEUMANN_TERMS`]).
+        terms: u32,
+        /// Which coefficients.
+        variant: NeumannVariant,
+    },
 }
 
 impl RotationMap {
+    /// `cayley` or `neumann(terms, variant)`, as `inspect` shows it.
     pub fn describe(&self) -> String {
         match self {
             RotationMap::Cayley => "cayley".to_string(),
@@ -65,7 +72,9 @@ impl RotationMap {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WiringProducer {
+    /// PEFT's `boft` wiring.
     Peft,
+    /// LyCORIS's `boft` wiring.
     Lycoris,
 }
 
@@ -77,12 +86,15 @@ pub enum Wiring {
     Identity,
     /// Stage `index` of a butterfly factorisation, as wired by `producer`.
     Butterfly {
+        /// Whose wiring.
         producer: WiringProducer,
+        /// The stage's place in the factorisation (0 first).
         index: u32,
     },
 }
 
 impl Wiring {
+    /// `identity` or `butterfly(producer, index)`, as `inspect` shows it.
     pub fn describe(&self) -> String {
         match self {
             Wiring::Identity => "identity".to_string(),
@@ -101,9 +113,13 @@ impl Wiring {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ModuleKind {
+    /// `nn.Linear` (weight `[out, in]`).
     Linear,
+    /// `nn.Conv2d` (weight `[out, in, kh, kw]`, rotated over `in·kh·kw`).
     Conv,
+    /// `nn.Embedding` (weight `[num_embeddings, dim]`).
     Embedding,
+    /// Not recorded.
     #[default]
     Unknown,
 }
@@ -118,6 +134,7 @@ pub struct Target {
     /// Pipeline component (unet, text_encoder, text_encoder_2, transformer), when known.
     #[serde(default)]
     pub component: Option<String>,
+    /// Kind of module, when known.
     #[serde(default)]
     pub module: ModuleKind,
     /// Full expected weight shape, when the source records it.
@@ -139,7 +156,9 @@ pub struct Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "[u64; 2]", into = "[u64; 2]")]
 pub struct RowRange {
+    /// First row.
     pub start: u64,
+    /// Number of rows.
     pub len: u64,
 }
 
@@ -161,9 +180,13 @@ pub struct StageSpec {
     /// Number of blocks r; `None` only for a shared stage whose source does not say how many
     /// times the block repeats: it then tiles the whole rotated axis (d / b blocks).
     pub blocks: Option<u64>,
+    /// Block size b.
     pub block_size: u64,
+    /// Whether one block is repeated along the axis (`block_share`).
     pub shared: bool,
+    /// Which features each block acts on.
     pub wiring: Wiring,
+    /// How Q becomes the block R.
     pub map: RotationMap,
     /// Name of the tensor holding the packed strict upper triangles.
     pub q: String,
@@ -178,13 +201,18 @@ pub struct StageSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScalePosition {
+    /// Scale the rows, then apply the stages.
     Before,
+    /// Apply the stages, then scale the rows.
     After,
 }
 
+/// Where a layer's row scale is stored and applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RowScaleSpec {
+    /// The tensor holding it.
     pub tensor: String,
+    /// Before or after the stages.
     pub position: ScalePosition,
 }
 
@@ -200,6 +228,7 @@ pub struct Constraint {
     /// The producer's raw parameter (alpha or eps) as recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
+    /// The producer's `eps` (PEFT COFT), as recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eps: Option<f64>,
 }
@@ -207,34 +236,51 @@ pub struct Constraint {
 /// Proof of which base tensor an adapter layer was made for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseBinding {
+    /// blake3 of the tensor's stored bytes, 64 lowercase hex digits.
     pub blake3: String,
+    /// The tensor's dtype (`F16`, `BF16`, …).
     pub dtype: String,
+    /// The tensor's full shape.
     pub shape: Vec<u64>,
 }
 
+/// One layer of the manifest (spec §3.3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerSpec {
+    /// The module it adapts.
     pub target: Target,
+    /// Which side of the weight it rotates.
     pub side: Side,
+    /// Its stages, applied in order.
     pub stages: Vec<StageSpec>,
+    /// Its row scale, if any.
     #[serde(default)]
     pub row_scale: Option<RowScaleSpec>,
+    /// The producer's constraint, if recorded.
     #[serde(default)]
     pub constraint: Option<Constraint>,
+    /// The base tensor it was made for, if bound.
     #[serde(default)]
     pub base_binding: Option<BaseBinding>,
 }
 
+/// Where an adapter came from (spec §3.2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Provenance {
+    /// The layout it was read from.
     pub source_format: String,
+    /// The producer's version, when known.
     #[serde(default)]
     pub source_version: Option<String>,
+    /// The tool that wrote the `.oft` (`oftool X.Y.Z`).
     pub tool: String,
+    /// When the `.oft` was written (RFC 3339 UTC).
     #[serde(default)]
     pub created: Option<String>,
+    /// blake3 of the source file, when known.
     #[serde(default)]
     pub source_digest: Option<String>,
+    /// The source's own metadata (training settings), kept as text.
     #[serde(default)]
     pub user_metadata: BTreeMap<String, String>,
 }
@@ -242,17 +288,23 @@ pub struct Provenance {
 /// The JSON manifest stored in `oft.manifest`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Always `oft`.
     pub format: String,
+    /// `MAJOR.MINOR`.
     pub version: String,
+    /// Features beyond 1.0 the file uses.
     #[serde(default)]
     pub requires: Vec<String>,
+    /// Where the adapter came from.
     pub provenance: Provenance,
+    /// Its layers.
     pub layers: Vec<LayerSpec>,
 }
 
 /// Values of one stage: packed triangles, one row per stored block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
+    /// Its structure.
     pub spec: StageSpec,
     /// Row-major `[stored_blocks, b(b−1)/2]`.
     pub q: Vec<f64>,
@@ -264,6 +316,26 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// A stage of `blocks` blocks of size `block_size`, not shared, identity wiring, Cayley
+    /// map, holding `q` (`blocks · b(b−1)/2` values; not checked here: whatever reads the stage
+    /// checks it) as f64.
+    pub fn cayley(blocks: u64, block_size: u64, q: Vec<f64>) -> Stage {
+        Stage {
+            spec: StageSpec {
+                blocks: Some(blocks),
+                block_size,
+                shared: false,
+                truncated: false,
+                wiring: Wiring::Identity,
+                map: RotationMap::Cayley,
+                q: String::new(),
+            },
+            q,
+            q_f64: true,
+            inverse: false,
+        }
+    }
+
     /// Number of stored Q rows (1 when shared).
     pub fn stored_blocks(&self) -> u64 {
         if self.spec.shared {
@@ -281,15 +353,18 @@ impl Stage {
             .unwrap_or(axis / self.spec.block_size.max(1))
     }
 
+    /// Length of one packed triangle, `b(b−1)/2`.
     pub fn tri_len(&self) -> usize {
         crate::rotation::tri_len(self.spec.block_size as usize)
     }
 
-    /// Packed triangle of stored block `k`.
+    /// Packed triangle of stored block `k` (empty when `q` holds no such block).
     pub fn q_row(&self, k: usize) -> &[f64] {
         let n = self.tri_len();
         let k = if self.spec.shared { 0 } else { k };
-        &self.q[k * n..(k + 1) * n]
+        k.checked_mul(n)
+            .and_then(|start| self.q.get(start..start.checked_add(n)?))
+            .unwrap_or(&[])
     }
 
     /// Rotated dimension r·b, when the block count is recorded (for a truncated stage, the
@@ -326,16 +401,24 @@ impl Stage {
 /// A layer with its values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layer {
+    /// The module it adapts.
     pub target: Target,
+    /// Which side of the weight it rotates.
     pub side: Side,
+    /// Its stages, applied in order.
     pub stages: Vec<Stage>,
+    /// Its row scale and where it applies, if any.
     pub row_scale: Option<(ScalePosition, Vec<f64>)>,
+    /// Whether the row scale must be written as f64.
     pub row_scale_f64: bool,
+    /// The producer's constraint, if recorded.
     pub constraint: Option<Constraint>,
+    /// The base tensor it was made for, if bound.
     pub base_binding: Option<BaseBinding>,
 }
 
 impl Layer {
+    /// Parameters: Q entries and row-scale values.
     pub fn parameter_count(&self) -> u64 {
         let q: u64 = self.stages.iter().map(|s| s.q.len() as u64).sum();
         q + self.row_scale.as_ref().map_or(0, |(_, v)| v.len() as u64)
@@ -345,7 +428,9 @@ impl Layer {
 /// A whole adapter in canonical form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Adapter {
+    /// Where it came from.
     pub provenance: Provenance,
+    /// Its layers.
     pub layers: Vec<Layer>,
     /// Features beyond format 1.0 that the adapter uses (written to `requires`).
     pub features: Vec<String>,
@@ -367,7 +452,9 @@ pub fn dim_ok(blocks: Option<u64>, block_size: u64) -> bool {
             .is_some_and(|d| d <= MAX_DIM)
 }
 
+/// The `format` value of a `.oft` file.
 pub const FORMAT_NAME: &str = "oft";
+/// The version this oftool writes when no feature needs more.
 pub const FORMAT_VERSION: &str = "1.0";
 /// Format 1.1 feature: several layers may act on the same weight; they apply in file order.
 pub const FEATURE_STACKED_LAYERS: &str = "stacked-layers";
@@ -402,6 +489,7 @@ pub fn version_for(requires: &[String]) -> &'static str {
         .unwrap_or(FORMAT_VERSION)
 }
 
+/// `oftool X.Y.Z`, as recorded in `provenance.tool`.
 pub fn tool_name() -> String {
     format!("oftool {}", env!("CARGO_PKG_VERSION"))
 }

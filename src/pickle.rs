@@ -14,7 +14,7 @@
 //! member's declared size, itself capped by the archive's size (stored members, as `torch.save`
 //! writes them, cannot be larger than the archive).
 
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
@@ -107,8 +107,9 @@ pub struct Tensor {
     pub bytes: Vec<u8>,
 }
 
+/// A `torch.save` archive that is cut short or inconsistent.
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
-    Error::format(path, detail)
+    Error::new(Category::Container, detail).at(path)
 }
 
 /// Whether `bytes` start like a zip archive (`torch.save` since PyTorch 1.6).
@@ -621,7 +622,7 @@ fn global(path: &Path, module: String, name: String) -> Result<Value> {
     if ALLOWED.iter().any(|(m, n)| *m == module && *n == name) {
         Ok(Value::Global(module, name))
     } else {
-        Err(Error::format(
+        Err(Error::unsupported(
             path,
             format!(
                 "the pickle asks for `{module}.{name}`, which a state dict never needs: refused \
@@ -632,7 +633,7 @@ fn global(path: &Path, module: String, name: String) -> Result<Value> {
 }
 
 fn persistent(path: &Path, pid: Value) -> Result<Value> {
-    let err = || Error::format(path, "pickle: a persistent id that is not a torch storage");
+    let err = || bad(path, "pickle: a persistent id that is not a torch storage");
     let Value::Tuple(t) = pid else {
         return Err(err());
     };
@@ -656,14 +657,14 @@ fn persistent(path: &Path, pid: Value) -> Result<Value> {
         "DoubleStorage" => StorageDtype::F64,
         "BoolStorage" => StorageDtype::Bool,
         other => {
-            return Err(Error::format(
+            return Err(Error::unsupported(
                 path,
                 format!("pickle: storage type `{other}` is not read"),
             ));
         }
     };
     if !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(Error::format(
+        return Err(bad(
             path,
             format!("pickle: storage key `{key}` is not a plain name"),
         ));
@@ -677,54 +678,45 @@ fn ints(path: &Path, v: &Value, what: &str) -> Result<Vec<u64>> {
             .iter()
             .map(|x| match x {
                 Value::Int(i) if *i >= 0 => Ok(*i as u64),
-                _ => Err(Error::format(
+                _ => Err(bad(
                     path,
                     format!("pickle: tensor {what} holds a non-integer"),
                 )),
             })
             .collect(),
-        _ => Err(Error::format(
-            path,
-            format!("pickle: tensor {what} is not a tuple"),
-        )),
+        _ => Err(bad(path, format!("pickle: tensor {what} is not a tuple"))),
     }
 }
 
 fn reduce(path: &Path, callable: Value, args: Value) -> Result<Value> {
     let Value::Global(module, name) = &callable else {
-        return Err(Error::format(
+        return Err(Error::unsupported(
             path,
             format!("pickle: calling {} is refused", kind(&callable)),
         ));
     };
     let Value::Tuple(args) = args else {
-        return Err(Error::format(
-            path,
-            "pickle: call arguments are not a tuple",
-        ));
+        return Err(bad(path, "pickle: call arguments are not a tuple"));
     };
     match (module.as_str(), name.as_str()) {
         ("collections", "OrderedDict") if args.is_empty() => Ok(Value::Dict(Rc::default())),
         ("torch._utils", "_rebuild_tensor_v2") if args.len() >= 4 => {
             let Value::Storage(key, dtype, len) = &args[0] else {
-                return Err(Error::format(path, "pickle: a tensor without a storage"));
+                return Err(bad(path, "pickle: a tensor without a storage"));
             };
             let Value::Int(offset) = args[1] else {
-                return Err(Error::format(
-                    path,
-                    "pickle: a tensor offset that is not an integer",
-                ));
+                return Err(bad(path, "pickle: a tensor offset that is not an integer"));
             };
             let shape = ints(path, &args[2], "shape")?;
             let stride = ints(path, &args[3], "stride")?;
             if offset < 0 || shape.len() > 8 {
-                return Err(Error::format(
+                return Err(bad(
                     path,
                     "pickle: a tensor with a negative offset or more than 8 dimensions",
                 ));
             }
             shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= *len).ok_or_else(|| {
-                Error::format(path, format!("pickle: a tensor of shape {shape:?} larger than its storage ({len} elements)"))
+                bad(path, format!("pickle: a tensor of shape {shape:?} larger than its storage ({len} elements)"))
             })?;
             Ok(Value::Tensor(Rc::new(TensorRef {
                 storage: key.clone(),
@@ -737,9 +729,9 @@ fn reduce(path: &Path, callable: Value, args: Value) -> Result<Value> {
         }
         ("torch._utils", "_rebuild_parameter") if !args.is_empty() => match &args[0] {
             Value::Tensor(t) => Ok(Value::Tensor(t.clone())),
-            _ => Err(Error::format(path, "pickle: a parameter without a tensor")),
+            _ => Err(bad(path, "pickle: a parameter without a tensor")),
         },
-        _ => Err(Error::format(
+        _ => Err(Error::unsupported(
             path,
             format!("pickle: `{module}.{name}` called with unexpected arguments: refused"),
         )),

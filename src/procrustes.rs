@@ -41,13 +41,16 @@ pub const DEFAULT_MAX_ANGLE: f64 = std::f64::consts::PI - 1e-3;
 /// What to extract.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExtractOptions {
+    /// Which side of the weight the rotation acts on.
     pub side: Side,
+    /// Block size of the extracted stage.
     pub block_size: usize,
     /// Largest rotation angle (radians, in `(0, π)`) of any plane of any block.
     pub max_angle: f64,
 }
 
 impl ExtractOptions {
+    /// Options for `side` and `block_size`, with [`DEFAULT_MAX_ANGLE`].
     pub fn new(side: Side, block_size: usize) -> Self {
         ExtractOptions {
             side,
@@ -78,14 +81,18 @@ pub struct BlockFit {
 /// The extracted stage of one layer and how well it explains the finetune.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Extraction {
+    /// Which side of the weight the rotation acts on.
     pub side: Side,
+    /// Block size.
     pub block_size: usize,
     /// Packed strict upper triangles of `Q_k`, row-major `[blocks, b(b−1)/2]`.
     pub q: Vec<f64>,
+    /// How well each block fits, one per block.
     pub fits: Vec<BlockFit>,
 }
 
 impl Extraction {
+    /// Number of blocks.
     pub fn blocks(&self) -> usize {
         self.fits.len()
     }
@@ -459,3 +466,9 @@ fn cap_angles(s: &mut [f64], b: usize, max_angle: f64) -> Result<usize, Error> {
     }
     Ok(planes.len())
 }
+
+/// Properties of the bridges' numerical core (`lowrank`, `procrustes`) against the rotation maps
+/// (moved from the integration tests when `rotation` became private).
+#[cfg(test)]
+#[path = "bridge_math_tests.rs"]
+mod bridge_math_tests;

@@ -251,6 +251,11 @@ pub fn invert_block(r: &[f64], b: usize) -> Option<Vec<f64>> {
     Some((0..b * b).map(|k| m[(k / b, k % b)]).collect())
 }
 
+/// Property tests of the maps (moved from the integration tests when `rotation` became private).
+#[cfg(test)]
+#[path = "rotation_props.rs"]
+mod props;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,7 +72,9 @@ impl BlendMode {
 /// the binary parses that form).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterArg {
+    /// The adapter file (any layout).
     pub path: PathBuf,
+    /// Its strength, if given (`None`: the adapter as stored).
     pub strength: Option<f64>,
 }
 

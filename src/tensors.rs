@@ -148,7 +148,7 @@ pub fn bytes_to_f64(d: &[u8], dtype: Dtype, what: &str) -> Result<Vec<f64>> {
         Dtype::BOOL | Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
         other => {
             return Err(Error::new(
-                Category::TargetShape,
+                Category::Tensor,
                 format!("dtype {other:?} is not a floating-point dtype"),
             )
             .tensor(what));
@@ -209,9 +209,13 @@ pub fn encode_header(
 /// A tensor ready to be written: name, dtype, shape, little-endian bytes.
 #[derive(Debug, Clone)]
 pub struct OwnedTensor {
+    /// Its name in the file.
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Its elements, little-endian, `∏shape · size(dtype)` bytes.
     pub bytes: Vec<u8>,
 }
 

@@ -2,7 +2,7 @@
 //! checked against the base checkpoint it is meant for (headers and bound tensors only).
 
 use crate::base::Base;
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::layouts;
 use crate::model::{Adapter, Layer, Side};
 use crate::oft_file::{self, DigestStatus};
@@ -11,6 +11,7 @@ use crate::wiring::gather;
 use serde::Serialize;
 use std::path::Path;
 
+/// One problem `validate` found.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Problem {
     /// Layer target name, or null for file-level problems.
@@ -18,25 +19,68 @@ pub struct Problem {
     /// Stable identifier: parse, digest, non-finite, partition, wiring, constraint, target-missing,
     /// target-ambiguous, target-shape, binding.
     pub check: String,
+    /// What kind of problem it is (the same categories as errors).
+    pub category: Category,
+    /// The rule of spec §9.1 the adapter breaks (as a `.oft` file), where one applies.
+    pub rule: Option<u8>,
+    /// What is wrong, in words.
     pub message: String,
 }
 
+impl Problem {
+    /// The same problem with another category and spec rule than its check's default.
+    fn kind(self, category: Category, rule: Option<u8>) -> Self {
+        Problem {
+            category,
+            rule,
+            ..self
+        }
+    }
+}
+
+/// What `validate` found (its `--json` report).
 #[derive(Debug, Serialize)]
 pub struct Validation {
+    /// The file validated, as given.
     pub file: String,
+    /// Its layout id, once detected.
     pub layout: Option<String>,
+    /// Whether no problem was found.
     pub valid: bool,
+    /// Layers read.
     pub layers: usize,
+    /// The base checked against, if any.
     pub base: Option<String>,
+    /// Every problem found.
     pub problems: Vec<Problem>,
 }
 
+/// A problem of `check`, with the category and spec §9.1 rule that check usually is.
 fn problem(layer: Option<&Layer>, check: &str, message: String) -> Problem {
+    let (category, rule) = match check {
+        "digest" => (Category::Digest, Some(8)),
+        "non-finite" => (Category::NonFinite, Some(23)),
+        "partition" => (Category::Partition, Some(17)),
+        "wiring" => (Category::Wiring, Some(18)),
+        "constraint" => (Category::Constraint, None),
+        "target-missing" => (Category::TargetMissing, None),
+        "target-ambiguous" => (Category::TargetAmbiguous, None),
+        "target-shape" => (Category::TargetShape, None),
+        "binding" => (Category::Binding, None),
+        _ => (Category::Malformed, None),
+    };
     Problem {
         layer: layer.map(|l| l.target.name.clone()),
         check: check.into(),
+        category,
+        rule,
         message,
     }
+}
+
+/// A problem from an error: its check is `check`, its category and rule the error's.
+fn from_error(layer: Option<&Layer>, check: &str, e: &Error, message: String) -> Problem {
+    problem(layer, check, message).kind(e.category(), e.spec_rule())
 }
 
 /// The checks that need only the adapter.
@@ -102,22 +146,28 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
             if let Some(shape) = &layer.target.shape
                 && shape.first() != Some(&(v.len() as u64))
             {
-                out.push(p(
-                    "partition",
-                    format!(
-                        "row scale has {} entries for a weight of shape {shape:?}",
-                        v.len()
-                    ),
-                ));
+                out.push(
+                    p(
+                        "partition",
+                        format!(
+                            "row scale has {} entries for a weight of shape {shape:?}",
+                            v.len()
+                        ),
+                    )
+                    .kind(Category::Tensor, Some(22)),
+                );
             }
         }
         if let (Some(shape), Some(d)) = (&layer.target.shape, layer.target.rotated_dim) {
             let axis = axis_len(layer.side, shape);
             if axis != d {
-                out.push(p(
-                    "partition",
-                    format!("rotated dimension {d} does not match the target shape {shape:?}"),
-                ));
+                out.push(
+                    p(
+                        "partition",
+                        format!("rotated dimension {d} does not match the target shape {shape:?}"),
+                    )
+                    .kind(Category::Manifest, Some(15)),
+                );
             }
         }
         let dims: Vec<u64> = layer
@@ -133,10 +183,13 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
             ));
         }
         if layer.target.rotated_dim.is_none() && !dims.is_empty() {
-            out.push(p(
-                "partition",
-                "`rotated_dim` is null although a stage records its block count".into(),
-            ));
+            out.push(
+                p(
+                    "partition",
+                    "`rotated_dim` is null although a stage records its block count".into(),
+                )
+                .kind(Category::Manifest, Some(14)),
+            );
         }
         if let Some(b) = &layer.base_binding
             && !(b.blake3.len() == 64
@@ -144,13 +197,16 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                     .bytes()
                     .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
         {
-            out.push(p(
-                "binding",
-                format!(
-                    "base_binding.blake3 `{}` is not 64 lowercase hex digits",
-                    b.blake3
-                ),
-            ));
+            out.push(
+                p(
+                    "binding",
+                    format!(
+                        "base_binding.blake3 `{}` is not 64 lowercase hex digits",
+                        b.blake3
+                    ),
+                )
+                .kind(Category::Manifest, Some(16)),
+            );
         }
         if let Some(c) = &layer.constraint {
             // Stored Q must already satisfy the constraint (allow rounding of the stored dtype).
@@ -217,7 +273,7 @@ pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
 }
 
 fn as_problem(layer: &Layer, e: &Error) -> Problem {
-    problem(Some(layer), e.category().id(), e.message().to_string())
+    from_error(Some(layer), e.category().id(), e, e.message().to_string())
 }
 
 /// Validate `path` (any importable layout); `Err` only for usage and I/O problems.
@@ -269,7 +325,8 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
         Ok(a) => a,
         Err(e) if e.is_io() => return Err(e),
         Err(e) => {
-            v.problems.push(problem(None, "parse", e.to_string()));
+            v.problems
+                .push(from_error(None, "parse", &e, e.to_string()));
             return Ok(v);
         }
     };
@@ -279,13 +336,14 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
         match check_base(&adapter, b) {
             Ok(p) => v.problems.extend(p),
             Err(e) if e.exit_code() == 2 => return Err(e),
-            Err(e) => v.problems.push(problem(None, "base", e.to_string())),
+            Err(e) => v.problems.push(from_error(None, "base", &e, e.to_string())),
         }
     }
     v.valid = v.problems.is_empty();
     Ok(v)
 }
 
+/// The report as text: one line when valid, else one line per problem.
 pub fn render(v: &Validation) -> String {
     use std::fmt::Write;
     let mut s = String::new();

@@ -35,6 +35,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Options of `merge` and `unmerge`.
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
     /// Worker threads for the rotation (default: all cores). Output does not depend on it.
@@ -45,18 +46,30 @@ pub struct MergeOptions {
     pub force: bool,
 }
 
+/// What a bake wrote (the `--json` summary of `merge` and `unmerge`).
 #[derive(Debug, Serialize)]
 pub struct MergeSummary {
+    /// The base, as given.
     pub base: String,
+    /// The output file or folder.
     pub output: String,
+    /// The adapters, as given (`PATH` or `PATH:S`).
     pub adapters: Vec<String>,
+    /// Files written (shards, or components of a pipeline).
     pub files_written: usize,
+    /// Tensors written.
     pub tensors: usize,
+    /// Tensors that at least one layer rotated.
     pub tensors_rotated: usize,
+    /// Adapter layers baked.
     pub layers_baked: usize,
+    /// Adapter layers skipped (`--skip-missing`), by name.
     pub layers_skipped: Vec<String>,
+    /// Bytes written.
     pub bytes_written: u64,
+    /// Wall-clock seconds.
     pub seconds: f64,
+    /// Peak resident memory, where the system reports it.
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -64,10 +77,13 @@ pub struct MergeSummary {
 pub struct BakeInput {
     /// How to name it in messages and metadata (its path as given).
     pub label: String,
+    /// The adapter file.
     pub path: PathBuf,
+    /// The adapter (strength already applied unless `runtime_strength` is set).
     pub adapter: Adapter,
     /// Parity strength rule, applied at bake time when `runtime_strength` is set.
     pub mode: BlendMode,
+    /// The strength to apply per layer at bake time with `mode` (tool rules other than geodesic).
     pub runtime_strength: Option<f64>,
     /// The strength the user asked for (recorded in the output's metadata).
     pub strength: Option<f64>,

@@ -110,18 +110,23 @@ fn place<'a>(
         }
     }
     if !missing.is_empty() && !opts.skip_missing {
-        problems.push((Category::TargetMissing, format!(
-            "{} adapter layer(s) have no target in the base (use --skip-missing to bake the rest): {}",
-            missing.len(),
-            missing.join(", ")
-        )));
+        problems.push((
+            Category::TargetMissing,
+            format!(
+                "{} adapter layer(s) have no target in the base: {}",
+                missing.len(),
+                missing.join(", ")
+            ),
+        ));
     }
     if let Some((category, _)) = problems.first() {
         let text: Vec<&str> = problems.iter().map(|(_, m)| m.as_str()).collect();
-        return Err(Error::new(
-            *category,
-            format!("cannot bake: {}", text.join("; ")),
-        ));
+        let e = Error::new(*category, format!("cannot bake: {}", text.join("; ")));
+        return Err(if missing.is_empty() || opts.skip_missing {
+            e
+        } else {
+            e.hint("--skip-missing bakes the layers that resolve and lists the others")
+        });
     }
     Ok((placements, missing))
 }

@@ -251,9 +251,11 @@ impl FileStream<'_, '_> {
     ) -> Result<()> {
         let mut pending: Option<(u64, u64)> = None;
         for key in order {
-            let info = header
-                .info(key)
-                .ok_or_else(|| Error::format(self.input, format!("no tensor `{key}`")))?;
+            let info = header.info(key).ok_or_else(|| {
+                Error::new(Category::Container, "the base no longer holds this tensor")
+                    .at(self.input)
+                    .tensor(key.as_str())
+            })?;
             let (begin, end) = info.data_offsets;
             let start = data_start + begin as u64;
             let len = (end - begin) as u64;
@@ -373,10 +375,11 @@ impl FileStream<'_, '_> {
                     let copied = std::io::copy(&mut (&mut source).take(len), w.get_mut())
                         .map_err(|e| Error::io(out, e))?;
                     if copied != len {
-                        return Err(Error::format(
-                            self.input,
+                        return Err(Error::new(
+                            Category::Container,
                             "the file became shorter while it was being read",
-                        ));
+                        )
+                        .at(self.input));
                     }
                     n += len;
                     self.progress.advance(len);
@@ -422,5 +425,5 @@ fn output_header(
             Some((k, info))
         })
         .collect();
-    crate::tensors::encode_header(meta, tensors).map_err(|e| Error::format(path, e.to_string()))
+    crate::tensors::encode_header(meta, tensors).map_err(|e| e.or_at(path))
 }

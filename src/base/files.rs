@@ -11,9 +11,15 @@ pub enum Storage {
     /// One safetensors file (given directly, or the only one in a folder).
     File(PathBuf),
     /// A sharded checkpoint: its index file; the shards and the rest of the folder are beside it.
-    Sharded { index: PathBuf },
+    Sharded {
+        /// The `*.safetensors.index.json` file.
+        index: PathBuf,
+    },
     /// A diffusers pipeline folder: its root; each component is a subfolder.
-    Pipeline { root: PathBuf },
+    Pipeline {
+        /// The pipeline folder.
+        root: PathBuf,
+    },
 }
 
 impl Storage {

@@ -55,6 +55,7 @@ impl RowSlice {
         RowSlice { ranges }
     }
 
+    /// The row ranges, in the layer's order.
     pub fn ranges(&self) -> &[Range<usize>] {
         &self.ranges
     }
@@ -64,6 +65,7 @@ impl RowSlice {
         self.ranges.iter().map(|r| r.len()).sum()
     }
 
+    /// Whether no row is covered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -113,7 +115,9 @@ pub struct Located {
     pub key: String,
     /// The tensor's full shape and dtype, as stored.
     pub shape: Vec<usize>,
+    /// The tensor's dtype, as stored.
     pub dtype: Dtype,
+    /// The rows of the tensor the layer covers, in the layer's row order.
     pub rows: RowSlice,
     group: usize,
     /// Absolute byte offset and length of the tensor's data in its file.
@@ -139,6 +143,7 @@ impl Located {
 /// One safetensors file of the base.
 #[derive(Debug, Clone)]
 pub struct BaseFile {
+    /// Where the file is.
     pub path: PathBuf,
     /// Its path relative to the output root (a bare file name for a single-file base).
     pub relative: PathBuf,
@@ -232,6 +237,7 @@ impl Base {
         &self.path
     }
 
+    /// What kind of checkpoint this is, and where its files are.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }
@@ -406,9 +412,15 @@ impl Base {
             }
         };
         if (rows * row_bytes) as u64 != loc.data.1 {
-            return Err(Error::format(
-                path,
-                format!("`{name}` holds {} bytes, not {rows} rows", loc.data.1),
+            return Err(Error::new(
+                Category::Container,
+                "the tensor's byte length does not hold its rows",
+            )
+            .at(path)
+            .tensor(name)
+            .expected_found(
+                format!("{} bytes", rows.saturating_mul(row_bytes)),
+                format!("{} bytes", loc.data.1),
             ));
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;

@@ -2,7 +2,7 @@
 //! the older producers, the shape of a one-stage layer, the provenance of an imported adapter,
 //! and what a file's metadata says about its base model.
 
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::model::*;
 use crate::rotation::pack_upper;
 use crate::tensors::{MappedFile, to_f64};
@@ -23,13 +23,12 @@ pub fn read(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<(Vec<f64>, 
 /// Refuse NaN or infinite parameters, naming the first.
 pub fn finite(path: &Path, name: &str, v: Vec<f64>) -> Result<Vec<f64>> {
     match v.iter().position(|x| !x.is_finite()) {
-        Some(i) => Err(Error::format(
-            path,
-            format!(
-                "`{name}` holds a non-finite value ({}) at element {i}",
-                v[i]
-            ),
-        )),
+        Some(i) => Err(Error::new(
+            Category::NonFinite,
+            format!("holds a non-finite value ({}) at element {i}", v[i]),
+        )
+        .at(path)
+        .tensor(name)),
         None => Ok(v),
     }
 }
@@ -131,7 +130,7 @@ pub fn adapter(
     layers: Vec<Layer>,
 ) -> Result<Adapter> {
     if layers.is_empty() {
-        return Err(Error::format(path, "the file holds no OFT tensors"));
+        return Err(Error::new(Category::UnknownLayout, "the file holds no OFT tensors").at(path));
     }
     let mut user_metadata: BTreeMap<String, String> = file.metadata.clone().into_iter().collect();
     user_metadata.extend(extra);

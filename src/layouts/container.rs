@@ -7,7 +7,7 @@
 
 use super::common::file_digest;
 use super::names::COMPONENTS;
-use crate::error::{Error, Result};
+use crate::error::{Category, Error, Result};
 use crate::model::Adapter;
 use crate::tensors::MappedFile;
 use std::path::{Path, PathBuf};
@@ -45,7 +45,7 @@ impl Located {
         self.0
             .into_iter()
             .next()
-            .ok_or_else(|| Error::format(Path::new(""), "holds no adapter"))
+            .ok_or_else(|| Error::new(Category::UnknownLayout, "holds no adapter"))
     }
 }
 
@@ -70,11 +70,12 @@ pub fn locate(path: &Path) -> Result<Located> {
         .map(|d| directory(&d))
         .collect::<Result<Vec<_>>>()?;
     if components.is_empty() {
-        return Err(Error::format(
-            path,
+        return Err(Error::new(
+            Category::UnknownLayout,
             "a directory adapter must hold `adapter_config.json` (a PEFT adapter directory) or \
              per-component PEFT folders (unet/, text_encoder/, …)",
-        ));
+        )
+        .at(path));
     }
     Ok(Located(components))
 }

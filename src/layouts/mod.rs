@@ -26,17 +26,17 @@
 //! directories), [`codec`] (storage formats several producers share), [`report`] (what writers
 //! return and the per-layer figures). `src/README.md` says how to add a layout.
 
-pub mod authors;
-pub mod codec;
-pub mod comfyui;
-pub mod common;
-pub mod container;
-pub mod kohya;
-pub mod lycoris;
-pub mod names;
-pub mod oft;
-pub mod onetrainer;
-pub mod peft;
+pub(crate) mod authors;
+pub(crate) mod codec;
+pub(crate) mod comfyui;
+pub(crate) mod common;
+pub(crate) mod container;
+pub(crate) mod kohya;
+pub(crate) mod lycoris;
+pub(crate) mod names;
+pub(crate) mod oft;
+pub(crate) mod onetrainer;
+pub(crate) mod peft;
 pub mod report;
 
 pub use codec::blocks::Semantics;
@@ -96,10 +96,12 @@ pub struct Reader {
 pub struct Variant {
     /// `""` when the layout has one kind of file.
     pub name: &'static str,
+    /// Reads a file of this variant into the canonical model.
     pub import: fn(&Source<'_>) -> Result<Adapter>,
 }
 
 impl Variant {
+    /// A variant named `name` (`""` for the only one) read by `import`.
     pub const fn new(name: &'static str, import: fn(&Source<'_>) -> Result<Adapter>) -> Self {
         Variant { name, import }
     }
@@ -126,11 +128,14 @@ pub enum Evidence {
 
 /// A layout's claim on a file.
 pub struct Claim {
+    /// The variant claimed.
     pub variant: &'static Variant,
+    /// How strong the evidence is.
     pub evidence: Evidence,
 }
 
 impl Claim {
+    /// A claim by a marker only this producer writes (metadata or a tensor).
     pub fn marker(variant: &'static Variant) -> Self {
         Claim {
             variant,
@@ -138,6 +143,7 @@ impl Claim {
         }
     }
 
+    /// A claim by tensor names alone.
     pub fn names(variant: &'static Variant) -> Self {
         Claim {
             variant,
@@ -150,8 +156,11 @@ impl Claim {
 pub struct Probe<'a> {
     /// The file the user named (for messages).
     pub path: &'a Path,
+    /// The safetensors file.
     pub file: &'a MappedFile,
+    /// Its tensors.
     pub tensors: &'a SafeTensors<'a>,
+    /// Its tensor names.
     pub names: &'a [&'a str],
     /// The directory and its `adapter_config.json`, when the adapter is a directory.
     pub directory: Option<(&'a Path, &'a Path)>,
@@ -183,6 +192,7 @@ impl Probe<'_> {
 pub struct Source<'a> {
     /// The safetensors file read: the user's, or a private converted copy of a pickle.
     pub path: &'a Path,
+    /// The safetensors file.
     pub file: &'a MappedFile,
     /// A PEFT `adapter_config.json`: the directory's, or one beside a bare weights file.
     pub config: Option<&'a Path>,
@@ -206,7 +216,9 @@ impl Source<'_> {
 /// The layout and variant of a file.
 #[derive(Clone, Copy)]
 pub struct Detected {
+    /// The layout.
     pub layout: &'static Layout,
+    /// The variant within it.
     pub variant: &'static Variant,
 }
 
@@ -323,7 +335,7 @@ pub fn read_with(path: &Path, semantics: Semantics) -> Result<(Detected, Adapter
             Some((_, a)) => a.layers.extend(adapter.layers),
         }
     }
-    read.ok_or_else(|| Error::format(path, "holds no adapter"))
+    read.ok_or_else(|| Error::new(Category::UnknownLayout, "holds no adapter").at(path))
 }
 
 fn detect_opened(input: &container::Input, opened: &container::Weights) -> Result<Detected> {

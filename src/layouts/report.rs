@@ -22,16 +22,29 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum Status {
+    /// Written as is.
     Exact,
-    Lossy { reason: String },
-    Impossible { reason: String },
+    /// Written with a change.
+    Lossy {
+        /// What changes.
+        reason: String,
+    },
+    /// Not expressible in the layout.
+    Impossible {
+        /// Why not.
+        reason: String,
+    },
 }
 
+/// One layer of a `convert --to` report.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerReport {
+    /// The source layer's target name.
     pub layer: String,
+    /// The name it was written under, if written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub written_as: Option<String>,
+    /// Exact, lossy or impossible.
     #[serde(flatten)]
     pub status: Status,
     /// Largest change of any rotation entry (0 when bit-exact).
@@ -47,13 +60,20 @@ pub struct LayerReport {
 
 /// One file of the output, relative to the output root.
 pub enum OutFile {
+    /// A safetensors file.
     Safetensors {
+        /// Its path relative to the output root.
         rel: PathBuf,
+        /// Its tensors.
         tensors: Vec<OwnedTensor>,
+        /// Its metadata.
         metadata: BTreeMap<String, String>,
     },
+    /// A text file (a JSON config).
     Text {
+        /// Its path relative to the output root.
         rel: PathBuf,
+        /// Its content.
         text: String,
     },
 }
@@ -64,6 +84,7 @@ pub use crate::tensors::OwnedTensor;
 pub struct Mapping {
     /// The module name it is written under.
     pub name: String,
+    /// Its tensors.
     pub tensors: Vec<OwnedTensor>,
     /// The canonical layer the target computes from what was written.
     pub denoted: Layer,
@@ -117,21 +138,28 @@ pub type LayerOutcome = (Option<String>, Option<Layer>, Status);
 
 /// Everything a writer produced.
 pub struct Written {
+    /// The files to write.
     pub files: Vec<OutFile>,
     /// Per source layer, in order.
     pub mapped: Vec<LayerOutcome>,
+    /// What the user should know about them.
     pub warnings: Vec<String>,
     /// Whether the output is a directory (PEFT) rather than one file.
     pub directory: bool,
 }
 
+/// What a writer may consult beyond the adapter.
 pub struct Context<'a> {
+    /// The base checkpoint, if given.
     pub base: Option<&'a Path>,
+    /// Its names, to recover dotted module paths from flattened ones.
     pub table: Option<(crate::resolve::AliasTable, crate::resolve::PipelineNames)>,
+    /// Whether the base model is SD 1.x (its `proj_in` is a 1×1 conv), when known.
     pub sd1: Option<bool>,
 }
 
 impl Context<'_> {
+    /// The base's names, when a base was given.
     pub fn names(&self) -> Option<(&crate::resolve::AliasTable, &crate::resolve::PipelineNames)> {
         self.table.as_ref().map(|(t, n)| (t, n))
     }
@@ -345,6 +373,7 @@ pub fn file_bytes(file: &OutFile) -> Result<Vec<u8>> {
     }
 }
 
+/// The path of `file` relative to the output root.
 pub fn rel_path(file: &OutFile) -> &Path {
     match file {
         OutFile::Safetensors { rel, .. } | OutFile::Text { rel, .. } => rel,

@@ -458,6 +458,11 @@ fn fits(owner: Owner, component: Option<&str>) -> bool {
     }
 }
 
+/// Resolution against realistic key sets (moved from the integration tests when `resolve` became
+/// private).
+#[cfg(test)]
+mod keys_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;

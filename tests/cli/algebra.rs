@@ -37,7 +37,7 @@ fn case(name: &str) -> (PathBuf, PathBuf, PathBuf) {
 
 /// Every tensor of `a` within `ulps` units of the dtype (f32 bases: within `f32_tol`) of `b`.
 fn assert_close(label: &str, a: &Path, b: &Path, ulps: f64, f32_tol: f64) {
-    let fa = oftool::tensors::MappedFile::open(a).unwrap();
+    let fa = crate::common::MappedFile::open(a).unwrap();
     let names: Vec<String> = fa
         .tensors()
         .names()
@@ -59,7 +59,7 @@ fn assert_close(label: &str, a: &Path, b: &Path, ulps: f64, f32_tol: f64) {
 
 /// `a` equals `b` within one rounding of the base dtype, measured at each row's largest element.
 fn assert_row_close(label: &str, a: &Path, b: &Path) {
-    let fa = oftool::tensors::MappedFile::open(a).unwrap();
+    let fa = crate::common::MappedFile::open(a).unwrap();
     let names: Vec<String> = fa
         .tensors()
         .names()
@@ -379,7 +379,7 @@ fn stacked_layers_need_format_1_1() {
         s["stacked_targets"].as_u64().unwrap() > 0,
         "rescale between rotations stacks layers: {s}"
     );
-    let f = oftool::tensors::MappedFile::open(&out).unwrap();
+    let f = crate::common::MappedFile::open(&out).unwrap();
     assert_eq!(f.metadata["oft.version"], "1.1");
     let m: serde_json::Value = serde_json::from_str(&f.metadata["oft.manifest"]).unwrap();
     assert_eq!(m["requires"], serde_json::json!(["stacked-layers"]));

@@ -74,7 +74,7 @@ fn oft_file(dir: &Path) -> PathBuf {
 
 /// Rewrite an .oft's manifest through `edit` (digest recomputed is NOT done: callers choose).
 fn with_manifest(src: &Path, dst: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let file = oftool::tensors::MappedFile::open(src).unwrap();
+    let file = crate::common::MappedFile::open(src).unwrap();
     let mut meta = file.metadata.clone();
     let mut m: serde_json::Value = serde_json::from_str(&meta["oft.manifest"]).unwrap();
     edit(&mut m);
@@ -281,7 +281,7 @@ fn unknown_required_feature_and_version_and_enum() {
     );
 
     let ver = d.path().join("ver.oft");
-    let file = oftool::tensors::MappedFile::open(&good).unwrap();
+    let file = crate::common::MappedFile::open(&good).unwrap();
     let mut meta = file.metadata.clone();
     meta.insert("oft.version".into(), "2.0".into());
     std::fs::write(

@@ -98,7 +98,7 @@ fn oft(dir: &Path) -> PathBuf {
 /// An `.oft` with its manifest edited (the digest is left as is).
 fn oft_edit(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let src = oft(dir);
-    let file = oftool::tensors::MappedFile::open(&src).unwrap();
+    let file = crate::common::MappedFile::open(&src).unwrap();
     let mut meta = file.metadata.clone();
     let mut m: serde_json::Value = serde_json::from_str(&meta["oft.manifest"]).unwrap();
     edit(&mut m);
@@ -576,7 +576,7 @@ fn cases() -> Vec<Case> {
             "the manifest is not valid JSON",
             |d| {
                 let src = oft(d);
-                let file = oftool::tensors::MappedFile::open(&src).unwrap();
+                let file = crate::common::MappedFile::open(&src).unwrap();
                 let mut meta = file.metadata.clone();
                 meta.insert("oft.manifest".into(), "{oops".into());
                 let st = file.tensors();
@@ -590,7 +590,7 @@ fn cases() -> Vec<Case> {
         ),
         case!(".oft major version 2", 1, "format version 2.0", |d| {
             let src = oft(d);
-            let file = oftool::tensors::MappedFile::open(&src).unwrap();
+            let file = crate::common::MappedFile::open(&src).unwrap();
             let mut meta = file.metadata.clone();
             meta.insert("oft.version".into(), "2.0".into());
             let st = file.tensors();
@@ -1197,11 +1197,55 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The category an output names: `error[category]` on stderr; `usage` for clap's own errors;
+/// else `validate`'s report.
+fn category_of(stderr: &str) -> &str {
+    match stderr.split_once("error[") {
+        Some((_, rest)) => rest.split_once(']').map_or("?", |(c, _)| c),
+        None if stderr.starts_with("error:") => "usage",
+        None => "validate",
+    }
+}
+
+/// What a user sees, with the case's temporary directory and content hashes redacted.
+fn redacted(text: &str, tmp: &Path) -> String {
+    redact_hashes(&text.replace(&s(tmp), "[TMP]"))
+        .trim_end()
+        .to_string()
+}
+
+/// Replace every run of 64 lowercase hex digits (blake3 hashes, which change with the
+/// `created` time a conversion records) by `[HASH]`.
+fn redact_hashes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() == 64 {
+            out.push_str("[HASH]");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for ch in text.chars() {
+        if ch.is_ascii_digit() || ('a'..='f').contains(&ch) {
+            run.push(ch);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 #[test]
 fn bad_input_corpus() {
     let cases = cases();
     assert!(cases.len() >= 50, "only {} cases", cases.len());
     let mut failures = Vec::new();
+    // category → what each of its cases shows the user (snapshot-tested below).
+    let mut shown: std::collections::BTreeMap<String, String> = Default::default();
     for c in &cases {
         let tmp = tempfile::tempdir().unwrap();
         let args = (c.setup)(tmp.path());
@@ -1210,6 +1254,15 @@ fn bad_input_corpus() {
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let after = listing(tmp.path());
+        let entry = shown.entry(category_of(&stderr).to_string()).or_default();
+        entry.push_str(&format!("## {} (exit {:?})\n", c.name, out.status.code()));
+        for text in [&stderr, &stdout] {
+            if !text.trim().is_empty() {
+                entry.push_str(&redacted(text, tmp.path()));
+                entry.push('\n');
+            }
+        }
+        entry.push('\n');
         if out.status.code() != Some(c.code) {
             failures.push(format!(
                 "{}: exit {:?}, expected {}: {stderr}",
@@ -1239,4 +1292,9 @@ fn bad_input_corpus() {
         cases.len(),
         failures.join("\n")
     );
+    // Every message, one snapshot per category: a changed message is a reviewable diff
+    // (`cargo insta review`); CI never accepts one (`INSTA_UPDATE=no` in .ci/run).
+    for (category, text) in &shown {
+        insta::assert_snapshot!(format!("corpus-{category}"), text.trim_end());
+    }
 }

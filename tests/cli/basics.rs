@@ -204,7 +204,7 @@ fn convert_can_bind_an_adapter_to_its_base() {
     assert_eq!(ok["valid"], true, "{ok}");
     // Another base (one element changed): validate reports the binding per layer.
     let other = tmp.path().join("other.safetensors");
-    let f = oftool::tensors::MappedFile::open(&base).unwrap();
+    let f = crate::common::MappedFile::open(&base).unwrap();
     let st = f.tensors();
     let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
         .tensors()
@@ -238,7 +238,7 @@ fn convert_can_bind_an_adapter_to_its_base() {
 /// A sharded copy of a fixture base: two shards, an index and a config file.
 fn sharded_base(dir: &std::path::Path, base: &std::path::Path) -> std::path::PathBuf {
     use safetensors::tensor::TensorView;
-    let f = oftool::tensors::MappedFile::open(base).unwrap();
+    let f = crate::common::MappedFile::open(base).unwrap();
     let st = f.tensors();
     let mut all = st.tensors();
     all.sort_by(|a, b| a.0.cmp(&b.0));

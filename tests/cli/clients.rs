@@ -118,7 +118,7 @@ fn converted_files_are_what_clients_loaded_and_merge_alike() {
             String::from_utf8_lossy(&merge.stderr)
         );
         let client = repo().join(record["merged"].as_str().unwrap());
-        let f = oftool::tensors::MappedFile::open(&client).unwrap();
+        let f = crate::common::MappedFile::open(&client).unwrap();
         for (key, _) in f.tensors().iter() {
             let (want, _, dtype) = tensor(&client, key);
             let (got, _, _) = tensor(&out, key);

@@ -1,8 +1,56 @@
 //! Helpers shared by the integration tests.
 
-use oftool::tensors::{MappedFile, to_f64};
-use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// A safetensors file read whole, through the `safetensors` crate (not oftool's reader): its
+/// metadata and its tensors.
+pub struct MappedFile {
+    bytes: Vec<u8>,
+    /// The header's `__metadata__` (empty when absent).
+    pub metadata: HashMap<String, String>,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (_, header) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| format!("{}: {e:?}", path.display()))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e:?}", path.display()))?;
+        Ok(MappedFile { bytes, metadata })
+    }
+
+    pub fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("checked in open")
+    }
+}
+
+/// A float tensor's elements as f64.
+pub fn to_f64(view: &TensorView<'_>) -> Vec<f64> {
+    let d = view.data();
+    match view.dtype() {
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        other => panic!("not a float tensor: {other:?}"),
+    }
+}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -75,11 +123,7 @@ pub fn tensor(path: &Path, key: &str) -> (Vec<f64>, Vec<usize>, Dtype) {
     let v = st
         .tensor(key)
         .unwrap_or_else(|_| panic!("{} has no tensor {key}", path.display()));
-    (
-        to_f64(&v, key).expect("float tensor"),
-        v.shape().to_vec(),
-        v.dtype(),
-    )
+    (to_f64(&v), v.shape().to_vec(), v.dtype())
 }
 
 /// Distance to the next representable value above |x| in `dtype`.

@@ -97,7 +97,7 @@ fn known_gaps_are_refused_with_their_reason() {
 /// Rewrite the manifest of `.oft` `src` into `dst` through `edit` (the digest is left stale:
 /// the manifest rules are checked before it).
 fn with_manifest(src: &std::path::Path, dst: &std::path::Path, edit: impl FnOnce(&mut Value)) {
-    let file = oftool::tensors::MappedFile::open(src).unwrap();
+    let file = crate::common::MappedFile::open(src).unwrap();
     let mut meta = file.metadata.clone();
     let mut m: Value = serde_json::from_str(&meta["oft.manifest"]).unwrap();
     edit(&mut m);
@@ -115,7 +115,7 @@ fn unit_blocks_are_format_1_2_and_only_where_used() {
     let adapter = layouts::load(&src).unwrap();
     let out = tmp.path().join("b1.oft");
     oftool::oft_file::write(&adapter, &out).unwrap();
-    let file = oftool::tensors::MappedFile::open(&out).unwrap();
+    let file = crate::common::MappedFile::open(&out).unwrap();
     assert_eq!(file.metadata["oft.version"], "1.2");
     let m: Value = serde_json::from_str(&file.metadata["oft.manifest"]).unwrap();
     assert_eq!(m["requires"], serde_json::json!(["unit-blocks"]));
@@ -155,7 +155,7 @@ fn unit_blocks_are_format_1_2_and_only_where_used() {
         layouts::load(&conformance_dir().join("peft-boft-blocknum-uniform/adapter")).unwrap();
     let out2 = tmp.path().join("plain.oft");
     oftool::oft_file::write(&plain, &out2).unwrap();
-    let file = oftool::tensors::MappedFile::open(&out2).unwrap();
+    let file = crate::common::MappedFile::open(&out2).unwrap();
     assert_eq!(file.metadata["oft.version"], "1.0");
 }
 
@@ -274,7 +274,7 @@ fn truncated_layers_are_reported_not_orthogonal_with_the_cut_error() {
             .arg(&oft)
             .assert()
             .success();
-        let file = oftool::tensors::MappedFile::open(&oft).unwrap();
+        let file = crate::common::MappedFile::open(&oft).unwrap();
         let o = oftool()
             .args(["inspect", "--json"])
             .arg(&oft)

@@ -16,7 +16,7 @@ fn oftool() -> Command {
 
 /// All tensors of a safetensors file as (dtype, shape, bytes).
 fn raw(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
-    let f = oftool::tensors::MappedFile::open(path).unwrap();
+    let f = crate::common::MappedFile::open(path).unwrap();
     f.tensors()
         .tensors()
         .into_iter()
@@ -125,7 +125,7 @@ fn merge_every_fixture_case_through_the_cli() {
             got["extra.untouched.weight"], t["extra.untouched.weight"],
             "{label}: untouched tensor changed"
         );
-        let f = oftool::tensors::MappedFile::open(&out).unwrap();
+        let f = crate::common::MappedFile::open(&out).unwrap();
         assert_eq!(
             f.metadata.get("format").map(String::as_str),
             Some("pt"),
@@ -499,11 +499,11 @@ fn binding_mismatch_is_refused_unless_forced() {
     let (adapter, base, _) = case_paths(&dir);
     // Bind the adapter to the base, then bake it onto a different base.
     let mut a = oftool::layouts::load(&adapter).unwrap();
-    let f = oftool::tensors::MappedFile::open(&base).unwrap();
+    let f = crate::common::MappedFile::open(&base).unwrap();
     let st = f.tensors();
-    let table = oftool::resolve::AliasTable::new(st.names());
+    let checkpoint = oftool::base::Base::open(&base).unwrap();
     for l in &mut a.layers {
-        let key = table.resolve(&l.target).unwrap().key;
+        let key = checkpoint.locate(l).unwrap().key;
         let v = st.tensor(&key).unwrap();
         l.base_binding = Some(oftool::model::BaseBinding {
             blake3: blake3::hash(v.data()).to_hex().to_string(),

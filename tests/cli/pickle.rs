@@ -45,7 +45,7 @@ fn peft_bin_reads_like_its_safetensors_twin() {
         .arg("-q")
         .assert()
         .success();
-    let f = oftool::tensors::MappedFile::open(&case.join("merged.safetensors")).unwrap();
+    let f = crate::common::MappedFile::open(&case.join("merged.safetensors")).unwrap();
     for (key, _) in f.tensors().iter() {
         let (want, _, dtype) = tensor(&case.join("merged.safetensors"), key);
         let (got, _, _) = tensor(&out, key);

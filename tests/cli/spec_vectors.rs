@@ -6,10 +6,8 @@
 use crate::common;
 
 use crate::common::*;
-use oftool::apply::{Matrix, apply_layer};
+use oftool::apply::{Matrix, PreparedStage, apply_layer};
 use oftool::model::*;
-use oftool::rotation::rotation_block;
-use oftool::wiring::gather;
 use serde_json::Value;
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -89,6 +87,11 @@ fn spec_vectors_match() {
         }
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         let layer = layer_from(&v);
+        let w_rows = v["w"].as_array().unwrap().len();
+        let axis = match layer.side {
+            Side::Output => w_rows,
+            Side::Input => floats(&v["w"]).len() / w_rows,
+        };
         for (j, (stage, sv)) in layer
             .stages
             .iter()
@@ -107,8 +110,10 @@ fn spec_vectors_match() {
                 stage.stored_blocks(),
                 "{name} stage {j}"
             );
+            let prepared = PreparedStage::<f64>::new(stage, axis).unwrap();
             for (k, rb) in want_r.iter().enumerate() {
-                let got = rotation_block(stage.q_row(k), b, &stage.spec.map);
+                let got = &prepared.blocks()[k];
+                assert_eq!(got.len(), b * b, "{name} stage {j} block {k}: size");
                 let want = floats(rb);
                 let err = got
                     .iter()
@@ -122,12 +127,10 @@ fn spec_vectors_match() {
             }
             if let Some(sigma) = sv.get("sigma").filter(|s| !s.is_null()) {
                 let want: Vec<usize> = floats(sigma).iter().map(|&x| x as usize).collect();
-                let blocks = want.len() / b;
-                assert_eq!(
-                    gather(&stage.spec.wiring, blocks, b).unwrap(),
-                    want,
-                    "{name} stage {j}: σ"
-                );
+                let got = prepared
+                    .gather_list()
+                    .map_or_else(|| (0..want.len()).collect(), <[usize]>::to_vec);
+                assert_eq!(got, want, "{name} stage {j}: σ");
             }
         }
         let w = floats(&v["w"]);
@@ -204,7 +207,7 @@ fn container_vector_reads_and_merges() {
             );
         }
         let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), &bytes).unwrap();
-        let w = oftool::tensors::to_f64(&view, "base").unwrap();
+        let w = crate::common::to_f64(&view);
         let mut mat = Matrix::from_shape(&shape, w).unwrap();
         apply_layer(layer, &mut mat).unwrap();
         let want = floats(&m["expected_f64"]);

@@ -222,7 +222,7 @@ mod tests {
     use super::*;
     use crate::apply::{Blend, Matrix, apply_layer};
     use crate::base::RowSlice;
-    use crate::model::{Layer, RotationMap, ScalePosition, Stage, StageSpec, Target, Wiring};
+    use crate::model::{Layer, ScalePosition, Stage, Target};
 
     /// An output-side layer on 4 rows (two 2 × 2 blocks) with a row scale: the order of the
     /// rows it is given matters.
@@ -240,20 +240,11 @@ mod tests {
                 rows: None,
             },
             side,
-            stages: vec![Stage {
-                spec: StageSpec {
-                    truncated: false,
-                    blocks: Some(blocks as u64),
-                    block_size: b as u64,
-                    shared: false,
-                    wiring: Wiring::Identity,
-                    map: RotationMap::Cayley,
-                    q: String::new(),
-                },
-                q: (0..blocks).map(|k| 0.1 + 0.2 * k as f64).collect(),
-                q_f64: true,
-                inverse: false,
-            }],
+            stages: vec![Stage::cayley(
+                blocks as u64,
+                b as u64,
+                (0..blocks).map(|k| 0.1 + 0.2 * k as f64).collect(),
+            )],
             row_scale: (side == Side::Output)
                 .then(|| (ScalePosition::After, vec![1.5, 0.5, 2.0, 0.25])),
             row_scale_f64: true,

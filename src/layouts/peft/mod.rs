@@ -145,7 +145,7 @@ fn peft_blocks(
     if dim_ok(blocks, b as u64) {
         return Ok((shared, blocks));
     }
-    Err(Error::format(
+    Err(Error::unsupported(
         path,
         format!(
             "`{module}`: {} blocks of size {b} (the config's `r`) exceed the largest dimension oftool accepts ({MAX_DIM})",

@@ -3,8 +3,10 @@
 //! from diffusers/transformers models built on the meta device; the ldm↔diffusers pairs there
 //! were checked against diffusers' own single-file converters).
 
-use oftool::model::{ModuleKind, Target};
-use oftool::resolve::{AliasTable, Resolved};
+#![allow(clippy::needless_range_loop)]
+
+use crate::model::{ModuleKind, Target};
+use crate::resolve::{AliasTable, Resolved};
 use std::path::PathBuf;
 
 fn data(name: &str) -> String {

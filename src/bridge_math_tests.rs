@@ -1,16 +1,18 @@
 //! The numerical core of the bridges (issue #15): truncated SVD of a weight change
-//! (`oftool::lowrank`) and block-wise Procrustes extraction of a rotation (`oftool::procrustes`),
+//! (`crate::lowrank`) and block-wise Procrustes extraction of a rotation (`crate::procrustes`),
 //! checked against the crate's own bake math, closed forms and brute force. Sizes stay small:
 //! these run in the debug profile.
 
+#![allow(clippy::needless_range_loop)]
+
 // Small dense matrices read best with explicit indices.
 
-use oftool::apply::PreparedStage;
-use oftool::error::Category;
-use oftool::lowrank::{Method, MethodUsed, RankRule, approximate};
-use oftool::model::{RotationMap, Side, Stage, StageSpec, Wiring};
-use oftool::procrustes::{DEFAULT_MAX_ANGLE, ExtractOptions, extract};
-use oftool::rotation::{cayley, tri_len, unpack_skew};
+use crate::apply::PreparedStage;
+use crate::error::Category;
+use crate::lowrank::{Method, MethodUsed, RankRule, approximate};
+use crate::model::{Side, Stage};
+use crate::procrustes::{DEFAULT_MAX_ANGLE, ExtractOptions, extract};
+use crate::rotation::{cayley, tri_len, unpack_skew};
 use proptest::prelude::*;
 
 fn max_diff(a: &[f64], c: &[f64]) -> f64 {
@@ -35,20 +37,7 @@ fn values(n: usize, seed: u64) -> Vec<f64> {
 }
 
 fn stage(q: Vec<f64>, blocks: usize, b: usize) -> Stage {
-    Stage {
-        spec: StageSpec {
-            truncated: false,
-            blocks: Some(blocks as u64),
-            block_size: b as u64,
-            shared: false,
-            wiring: Wiring::Identity,
-            map: RotationMap::Cayley,
-            q: "q".into(),
-        },
-        q,
-        q_f64: true,
-        inverse: false,
-    }
+    Stage::cayley(blocks as u64, b as u64, q)
 }
 
 /// `w` rotated by `st` on `side`, by the crate's bake code (spec §4.6).
@@ -139,9 +128,9 @@ proptest! {
                 let r = cayley(&unpack_skew(&ex.q[k * n..(k + 1) * n], b), b);
                 let dq: Vec<f64> = values(n, seed ^ ((trial + 1) * 991)).iter().map(|x| 1e-3 * x).collect();
                 let dr = cayley(&unpack_skew(&dq, b), b);
-                let r2 = oftool::rotation::matmul(&r, &dr, b);
-                let q2 = oftool::rotation::inverse_cayley(&r2, b).unwrap();
-                q.extend(oftool::rotation::pack_upper(&q2, b));
+                let r2 = crate::rotation::matmul(&r, &dr, b);
+                let q2 = crate::rotation::inverse_cayley(&r2, b).unwrap();
+                q.extend(crate::rotation::pack_upper(&q2, b));
             }
             let moved = rotate(&stage(q, 2, b), side, &w0, rows, cols);
             let res = fro(&moved.iter().zip(&w1).map(|(a, c)| c - a).collect::<Vec<_>>());
@@ -373,7 +362,7 @@ fn capping_leaves_other_planes_alone() {
     set(&mut core, 0, std::f64::consts::PI);
     set(&mut core, 2, 0.7);
     let pt: Vec<f64> = (0..16).map(|k| p[(k % 4) * 4 + k / 4]).collect();
-    let mm = oftool::rotation::matmul;
+    let mm = crate::rotation::matmul;
     let r = mm(&mm(&p, &core, b), &pt, b);
     // Output side with block = the whole axis: W₁ = Rᵀ·W₀.
     let (rows, cols) = (4, 12);
@@ -442,7 +431,7 @@ fn product(b: &[f64], a: &[f64], rows: usize, k: usize, cols: usize) -> Vec<f64>
     out
 }
 
-fn measured(delta: &[f64], lr: &oftool::lowrank::LowRank) -> f64 {
+fn measured(delta: &[f64], lr: &crate::lowrank::LowRank) -> f64 {
     let ba = product(&lr.b, &lr.a, lr.rows, lr.rank, lr.cols);
     fro(&delta
         .iter()

@@ -1,7 +1,9 @@
 //! Properties of the geodesic strength (issue: rotation algebra): R^S·R^T = R^(S+T), R^0 = I,
 //! R^1 = R, R^(−1) = Rᵀ, and every power orthogonal, for random Q and block sizes 2–128.
 
-use oftool::rotation::{cayley, cayley_power, matmul, orthogonality_error, tri_len, unpack_skew};
+#![allow(clippy::needless_range_loop)]
+
+use crate::rotation::{cayley, cayley_power, matmul, orthogonality_error, tri_len, unpack_skew};
 use proptest::prelude::*;
 
 fn rot(tri: &[f64], b: usize) -> Vec<f64> {
