@@ -219,7 +219,7 @@ pub struct PreparedStage<T> {
     rotations: Vec<Vec<T>>,
     /// Gather list; `None` for the identity wiring.
     sigma: Option<Vec<usize>>,
-    /// The block-diagonal matrix is cut to the axis it is applied to (spec §8.6).
+    /// The block-diagonal matrix is cut to the axis it is applied to (spec §8.7).
     truncated: bool,
 }
 

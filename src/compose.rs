@@ -73,6 +73,16 @@ fn match_key(layer: &Layer, base: Option<&Base>) -> String {
     format!("{}/{name}", layer.target.component.as_deref().unwrap_or(""))
 }
 
+/// How a layer's target is named, for telling whether two names can be compared without a
+/// base: its component, and its convention with whether the name is flattened (no dots).
+fn naming(layer: &Layer) -> (Option<String>, (String, bool)) {
+    let t = &layer.target;
+    (
+        t.component.clone(),
+        (t.convention.clone(), !t.name.contains('.')),
+    )
+}
+
 /// Append `next`'s stages to `prev` when one layer can express `prev` then `next`.
 fn try_extend(prev: &mut Layer, next: &Layer) -> bool {
     if prev.side != next.side {
@@ -124,6 +134,7 @@ pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Base>) -> Result<Adapter
     let mut layers: Vec<Layer> = Vec::new();
     let mut last: HashMap<String, usize> = HashMap::new();
     let mut stacked = false;
+    let mut namings = std::collections::BTreeSet::new();
     let mut record = Vec::new();
     for (order, input) in inputs.into_iter().enumerate() {
         record.push(serde_json::json!({
@@ -154,10 +165,21 @@ pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Base>) -> Result<Adapter
                 seen => {
                     stacked |= seen.is_some();
                     last.insert(key, layers.len());
+                    namings.insert((order, naming(&layer)));
                     layers.push(layer);
                 }
             }
         }
+    }
+    // Without a base, names of different conventions (kohya's `lora_unet_…` and PEFT's dotted
+    // diffusers paths) may be one tensor: the layers then apply in file order, which the file
+    // must say (spec §8.4).
+    if base.is_none() {
+        stacked |= namings.iter().any(|(i, (c, n))| {
+            namings
+                .iter()
+                .any(|(j, (d, m))| i != j && n != m && (c == d || c.is_none() || d.is_none()))
+        });
     }
     let mut user_metadata = std::collections::BTreeMap::new();
     user_metadata.insert(

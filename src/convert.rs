@@ -121,19 +121,47 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
                 continue;
             }
         };
-        let target_shape: Vec<u64> = loc.covered_shape().iter().map(|&d| d as u64).collect();
-        let axis = crate::validate::axis_len(layer.side, &target_shape);
+        if let Some((n, false)) = loc.named_rows {
+            problems.push(format!(
+                "`{}` lists rows past the {n} rows its name covers in `{}`",
+                layer.target.name, loc.key
+            ));
+            continue;
+        }
+        let covered: Vec<u64> = loc.covered_shape().iter().map(|&d| d as u64).collect();
+        let axis = crate::validate::axis_len(layer.side, &covered);
         if layer.target.rotated_dim.is_some_and(|d| d != axis) {
             problems.push(format!(
-                "`{}` rotates {} features but `{}` has {axis} on that side (shape {target_shape:?})",
+                "`{}` rotates {} features but `{}` has {axis} on that side (shape {covered:?})",
                 layer.target.name,
                 layer.target.rotated_dim.unwrap_or(0),
                 loc.key
             ));
             continue;
         }
+        // A layer on some rows of a fused tensor (OpenCLIP's `in_proj_weight`) is recorded in
+        // the base's terms: the whole tensor's name with the rows it covers, so that the
+        // target shape and the binding both describe the tensor as stored (spec §3.4, §3.8).
+        let whole_tensor = loc
+            .shape
+            .first()
+            .is_some_and(|&n| loc.rows.is_whole(n) && layer.target.rows.is_none());
+        if !whole_tensor {
+            let Some(name) = base.whole_name(&loc, layer.target.component.as_deref()) else {
+                problems.push(format!(
+                    "`{}` covers rows {} of `{}`, which has no name of its own in the base",
+                    layer.target.name, loc.rows, loc.key
+                ));
+                continue;
+            };
+            if name != layer.target.name {
+                layer.target.convention = base_convention(&loc.key).into();
+                layer.target.name = name;
+            }
+            layer.target.rows = Some(loc.rows.to_row_ranges());
+        }
         layer.target.rotated_dim = Some(axis);
-        layer.target.shape = Some(target_shape);
+        layer.target.shape = Some(loc.shape.iter().map(|&d| d as u64).collect());
         // A stage that may be cut (PEFT 0.7–0.13) and turns out exactly as wide as the weight
         // is an ordinary stage.
         layer.stages.iter_mut().for_each(|st| st.settle_cut(axis));
@@ -150,6 +178,17 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
                 problems.join("; ")
             ),
         ))
+    }
+}
+
+/// The naming convention of a base key used as a target name: ldm/sgm for the original
+/// checkpoints' prefixes, else unknown (resolved by name alone).
+fn base_convention(key: &str) -> &'static str {
+    const LDM: [&str; 3] = ["conditioner.", "cond_stage_model.", "model."];
+    if LDM.iter().any(|p| key.starts_with(p)) {
+        "ldm"
+    } else {
+        "unknown"
     }
 }
 

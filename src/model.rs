@@ -4,7 +4,7 @@
 //! `spec/oft-format.md`); every exporter and the bake path read only these types.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Which axis of the 2-D weight view a layer rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,8 +119,10 @@ pub enum ModuleKind {
     Conv,
     /// `nn.Embedding` (weight `[num_embeddings, dim]`).
     Embedding,
-    /// Not recorded.
+    /// Not recorded: `unknown`, and any value this reader does not know (spec §3.4: treated
+    /// as unknown).
     #[default]
+    #[serde(other)]
     Unknown,
 }
 
@@ -160,6 +162,58 @@ pub struct RowRange {
     pub start: u64,
     /// Number of rows.
     pub len: u64,
+}
+
+impl RowRange {
+    /// One past the last row (`None` on overflow).
+    pub fn end(&self) -> Option<u64> {
+        self.start.checked_add(self.len)
+    }
+}
+
+impl Target {
+    /// Rows of the layer's 2-D view: `Σ len` of `rows`, else the named weight's first axis
+    /// (when its shape is known).
+    pub fn view_rows(&self) -> Option<u64> {
+        match &self.rows {
+            Some(r) => Some(r.iter().fold(0u64, |a, r| a.saturating_add(r.len))),
+            None => self.shape.as_ref().and_then(|s| s.first().copied()),
+        }
+    }
+}
+
+/// Whether two targets act on common rows of one weight: the same name and component, and
+/// row sets that intersect (a target without `rows` covers every row). Disjoint row slices of
+/// one fused weight are independent layers; overlapping ones need `stacked-layers`.
+pub fn targets_overlap(a: &Target, b: &Target) -> bool {
+    if a.name != b.name || a.component != b.component {
+        return false;
+    }
+    let (Some(ra), Some(rb)) = (&a.rows, &b.rows) else {
+        return true;
+    };
+    ra.iter().any(|x| {
+        rb.iter().any(|y| {
+            let (xe, ye) = (x.start.saturating_add(x.len), y.start.saturating_add(y.len));
+            x.start < ye && y.start < xe
+        })
+    })
+}
+
+/// The first pair of targets (by index) that act on common rows of one weight.
+pub fn first_overlap<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Option<(usize, usize)> {
+    type Key<'k> = (&'k str, Option<&'k str>);
+    let mut by_name: HashMap<Key<'_>, Vec<(usize, &Target)>> = HashMap::new();
+    for (i, t) in targets.into_iter().enumerate() {
+        let seen = by_name
+            .entry((t.name.as_str(), t.component.as_deref()))
+            .or_default();
+        if let Some(&(j, _)) = seen.iter().find(|(_, u)| targets_overlap(t, u)) {
+            return Some((j, i));
+        }
+        seen.push((i, t));
+    }
+    None
 }
 
 impl From<[u64; 2]> for RowRange {
@@ -458,6 +512,8 @@ pub const FORMAT_NAME: &str = "oft";
 pub const FORMAT_VERSION: &str = "1.0";
 /// Format 1.1 feature: several layers may act on the same weight; they apply in file order.
 pub const FEATURE_STACKED_LAYERS: &str = "stacked-layers";
+/// Format 1.2 feature: a layer covers listed rows of the weight it names (`target.rows`).
+pub const FEATURE_ROW_SLICES: &str = "row-slices";
 /// Format 1.2 feature: a stage may have block size 1 (`q` of shape `[r, 0]`): each block is
 /// the 1 × 1 identity, so the stage leaves the weight unchanged and the layer's row scale, if
 /// any, is its whole effect (LyCORIS, PEFT, OneTrainer and kohya write such layers).
@@ -470,12 +526,14 @@ pub const FEATURE_TRUNCATED_BLOCKS: &str = "truncated-blocks";
 /// need, `1.0` without any).
 pub const FEATURES: &[(&str, &str)] = &[
     (FEATURE_STACKED_LAYERS, "1.1"),
+    (FEATURE_ROW_SLICES, "1.2"),
     (FEATURE_UNIT_BLOCKS, "1.2"),
     (FEATURE_TRUNCATED_BLOCKS, "1.2"),
 ];
 /// Features this reader implements (a file whose `requires` lists anything else is refused).
 pub const KNOWN_FEATURES: &[&str] = &[
     FEATURE_STACKED_LAYERS,
+    FEATURE_ROW_SLICES,
     FEATURE_UNIT_BLOCKS,
     FEATURE_TRUNCATED_BLOCKS,
 ];

@@ -120,14 +120,13 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     }
     // Duplicate targets need the 1.1 `stacked-layers` feature; write the lowest version.
     let mut requires = adapter.features.clone();
-    let mut seen = std::collections::HashSet::new();
-    if !adapter
-        .layers
-        .iter()
-        .all(|l| seen.insert((&l.target.name, &l.target.component)))
+    if first_overlap(adapter.layers.iter().map(|l| &l.target)).is_some()
         && !requires.iter().any(|f| f == FEATURE_STACKED_LAYERS)
     {
         requires.push(FEATURE_STACKED_LAYERS.to_string());
+    }
+    if adapter.layers.iter().any(|l| l.target.rows.is_some()) {
+        requires.push(FEATURE_ROW_SLICES.to_string());
     }
     // Blocks of size 1 need the 1.2 `unit-blocks` feature.
     if adapter
@@ -216,10 +215,118 @@ fn invalid(path: &Path, category: Category, rule: u8, message: impl Into<String>
     Error::new(category, message).at(path).rule(rule)
 }
 
-/// Parse the version string `MAJOR.MINOR`.
+/// Why a safetensors file that looks like a `.oft` file (its tensors are named
+/// `layers.<i>.…`, or its metadata has `oft.` keys) is not one: no `__metadata__` (rule 4) or no
+/// `format: oft` (rule 5). `None` for files that do not look like `.oft` files at all.
+pub fn not_oft_reason(path: &Path) -> Option<Error> {
+    let file = MappedFile::open(path).ok()?;
+    if is_oft(&file.metadata) {
+        return None;
+    }
+    let oft_keys = file.metadata.keys().any(|k| k.starts_with("oft."));
+    let st = file.tensors();
+    let oft_names = st.names().iter().any(|n| n.starts_with("layers."));
+    if !(oft_keys || oft_names) {
+        return None;
+    }
+    let has_metadata = file.header().metadata().is_some();
+    Some(if has_metadata {
+        invalid(
+            path,
+            Category::NotOft,
+            5,
+            "its tensors are named as in a .oft file, but its metadata has no `format: oft`",
+        )
+    } else {
+        invalid(
+            path,
+            Category::Container,
+            4,
+            "its tensors are named as in a .oft file, but it has no `__metadata__`",
+        )
+    })
+}
+
+/// Parse the version string `MAJOR.MINOR` (spec §8.1: decimal, no sign, no leading zeros).
 fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let number = |s: &str| {
+        let canonical = !s.is_empty()
+            && s.bytes().all(|c| c.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        canonical.then(|| s.parse().ok()).flatten()
+    };
     let (a, b) = v.split_once('.')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
+    Some((number(a)?, number(b)?))
+}
+
+/// A JSON value parsed with every object's member names checked for duplicates (spec §3: a
+/// manifest with two members of one name is invalid; `serde_json::Value` keeps the last).
+struct Strict(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(out.into())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("duplicate member `{k}`")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(k, v);
+        }
+        Ok(out.into())
+    }
+}
+
+/// Parse `json`, refusing duplicate member names in any object.
+fn parse_strict(json: &str) -> std::result::Result<serde_json::Value, serde_json::Error> {
+    serde_json::from_str::<Strict>(json).map(|s| s.0)
 }
 
 /// Read a `.oft` file; the digest is reported, not enforced (see [`read`]).
@@ -338,7 +445,7 @@ fn read_manifest<'m>(
             "missing `oft.manifest` in the metadata",
         )
     })?;
-    let value: serde_json::Value = serde_json::from_str(manifest_json).map_err(|e| {
+    let value = parse_strict(manifest_json).map_err(|e| {
         invalid(
             path,
             Category::Manifest,
@@ -364,6 +471,26 @@ fn read_manifest<'m>(
             )
             .hint("upgrade oftool"));
         }
+    }
+    if !value.is_object() {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            7,
+            "the manifest is not a JSON object",
+        ));
+    }
+    if let Some(um) = value
+        .pointer("/provenance/user_metadata")
+        .and_then(|m| m.as_object())
+        && let Some((k, _)) = um.iter().find(|(_, v)| !v.is_string())
+    {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            16,
+            format!("provenance.user_metadata `{k}` is not a string"),
+        ));
     }
     let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
         // §8.3: an unknown value of a closed enum is rule 12; anything else is rule 9.
@@ -391,11 +518,14 @@ fn read_manifest<'m>(
             ),
         ));
     }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = manifest
-        .layers
-        .iter()
-        .find(|l| !seen.insert((&l.target.name, &l.target.component)))
+    check_targets(path, &manifest)?;
+    Ok((manifest, manifest_json))
+}
+
+/// Spec §9.1 rules 13 and 15: the layers' targets — layers on common rows of one weight need
+/// `stacked-layers`, no target name is empty, and `rows` need `row-slices` and are well formed.
+fn check_targets(path: &Path, manifest: &Manifest) -> Result<()> {
+    if let Some((_, dup)) = first_overlap(manifest.layers.iter().map(|l| &l.target))
         && !manifest
             .requires
             .iter()
@@ -407,11 +537,48 @@ fn read_manifest<'m>(
             13,
             format!(
                 "two layers target `{}` but the file does not require `{FEATURE_STACKED_LAYERS}`",
-                dup.target.name
+                manifest.layers[dup].target.name
             ),
         ));
     }
-    Ok((manifest, manifest_json))
+    if let Some(i) = manifest
+        .layers
+        .iter()
+        .position(|l| l.target.name.is_empty())
+    {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            13,
+            format!("layer {i} has an empty target name"),
+        ));
+    }
+    if let Some(l) = manifest.layers.iter().find(|l| l.target.rows.is_some())
+        && !manifest.requires.iter().any(|f| f == FEATURE_ROW_SLICES)
+    {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            15,
+            format!(
+                "layer `{}` lists `rows` but the file does not require `{FEATURE_ROW_SLICES}`",
+                l.target.name
+            ),
+        ));
+    }
+    if let Some((l, why)) = manifest
+        .layers
+        .iter()
+        .find_map(|l| rows_problem(&l.target).map(|w| (l, w)))
+    {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            15,
+            format!("layer `{}`: {why}", l.target.name),
+        ));
+    }
+    Ok(())
 }
 
 /// The tensors of a `.oft` file, and which of them the manifest referenced so far.
@@ -641,6 +808,37 @@ fn read_layer(
     })
 }
 
+/// What is wrong with a target's `rows` on its own (spec §3.4): an empty list, an empty range,
+/// ranges that overlap, or (when the named weight's shape is known) a range past its rows.
+pub fn rows_problem(target: &Target) -> Option<String> {
+    let rows = target.rows.as_ref()?;
+    if rows.is_empty() {
+        return Some("`rows` is an empty list (null means every row)".into());
+    }
+    if let Some(r) = rows.iter().find(|r| r.len == 0) {
+        return Some(format!("`rows` has an empty range [{}, 0]", r.start));
+    }
+    let Some(ends) = rows.iter().map(|r| r.end()).collect::<Option<Vec<u64>>>() else {
+        return Some("a `rows` range ends past 2^64".into());
+    };
+    let mut sorted: Vec<(u64, u64)> = rows.iter().map(|r| r.start).zip(ends).collect();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0].1 > w[1].0) {
+        return Some(format!(
+            "`rows` ranges [{}, {}) and [{}, {}) overlap",
+            w[0].0, w[0].1, w[1].0, w[1].1
+        ));
+    }
+    if let Some(n) = target.shape.as_ref().and_then(|s| s.first())
+        && let Some(&(a, b)) = sorted.iter().find(|r| r.1 > *n)
+    {
+        return Some(format!(
+            "`rows` range [{a}, {b}) lies outside the {n} rows of the named weight"
+        ));
+    }
+    None
+}
+
 /// Read a `.oft` file and refuse it if its integrity digest is missing or wrong.
 pub fn read(path: &Path) -> Result<Adapter> {
     let (adapter, status) = read_unverified(path)?;
@@ -659,5 +857,97 @@ pub fn read(path: &Path) -> Result<Adapter> {
             "integrity digest mismatch: the file was modified or corrupted",
         )
         .expected_found(stored, computed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(rows: Option<Vec<RowRange>>) -> Adapter {
+        let q = vec![0.25; 2];
+        Adapter {
+            provenance: Provenance {
+                source_format: "oft".into(),
+                tool: tool_name(),
+                ..Provenance::default()
+            },
+            layers: vec![Layer {
+                target: Target {
+                    name: "final_layer.adaLN_modulation.1".into(),
+                    convention: "unknown".into(),
+                    component: None,
+                    module: ModuleKind::Linear,
+                    shape: Some(vec![8, 3]),
+                    rotated_dim: Some(4),
+                    rows,
+                },
+                side: Side::Output,
+                stages: vec![Stage {
+                    spec: StageSpec {
+                        blocks: Some(2),
+                        block_size: 2,
+                        shared: false,
+                        wiring: Wiring::Identity,
+                        map: RotationMap::Cayley,
+                        q: String::new(),
+                        truncated: false,
+                    },
+                    q,
+                    q_f64: false,
+                    inverse: false,
+                }],
+                row_scale: None,
+                row_scale_f64: false,
+                constraint: None,
+                base_binding: None,
+            }],
+            features: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rows_are_written_as_format_1_2_and_read_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.oft");
+        let rows = vec![RowRange { start: 6, len: 2 }, RowRange { start: 0, len: 2 }];
+        let a = adapter(Some(rows.clone()));
+        write(&a, &path).unwrap();
+        let f = MappedFile::open(&path).unwrap();
+        assert_eq!(f.metadata[META_VERSION], "1.2");
+        assert!(f.metadata[META_MANIFEST].contains(r#""rows":[[6,2],[0,2]]"#));
+        let back = read(&path).unwrap();
+        assert_eq!(back.layers[0].target.rows, Some(rows));
+        assert_eq!(back.features, [FEATURE_ROW_SLICES]);
+        // Without rows: 1.0, and no `rows` member.
+        write(&adapter(None), &path).unwrap();
+        let f = MappedFile::open(&path).unwrap();
+        assert_eq!(f.metadata[META_VERSION], "1.0");
+        assert!(!f.metadata[META_MANIFEST].contains("rows"));
+    }
+
+    #[test]
+    fn rows_problems() {
+        let mut t = adapter(None).layers[0].target.clone();
+        let r = |v: &[(u64, u64)]| {
+            Some(
+                v.iter()
+                    .map(|&(start, len)| RowRange { start, len })
+                    .collect(),
+            )
+        };
+        for (rows, want) in [
+            (r(&[]), "empty list"),
+            (r(&[(0, 0)]), "empty range"),
+            (r(&[(0, 4), (3, 2)]), "overlap"),
+            (r(&[(6, 4)]), "outside the 8 rows"),
+            (r(&[(u64::MAX, 2)]), "past 2^64"),
+        ] {
+            t.rows = rows;
+            let p = rows_problem(&t).unwrap_or_default();
+            assert!(p.contains(want), "{p}");
+        }
+        t.rows = r(&[(4, 4), (0, 4)]);
+        assert_eq!(rows_problem(&t), None);
     }
 }

@@ -22,14 +22,15 @@ impl MappedFile {
         // safetensors offset checks at parse time (later truncation is documented in SECURITY.md).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (_, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| container(path, describe_st_error(&e)))?;
+            .map_err(|e| container(path, describe_st_error(&e)).rule(st_error_rule(&e)))?;
         // Parse the whole file once so every offset is checked before anyone reads a tensor.
-        SafeTensors::deserialize(&mmap).map_err(|e| container(path, describe_st_error(&e)))?;
+        SafeTensors::deserialize(&mmap)
+            .map_err(|e| container(path, describe_st_error(&e)).rule(st_error_rule(&e)))?;
         // serde keeps the last of duplicated JSON keys silently; a header that names a tensor
         // twice is ambiguous (two readers may disagree on which one is meant).
         let n = u64::from_le_bytes(mmap[..8].try_into().unwrap_or([0; 8])) as usize;
         if let Some(dup) = duplicate_key(&mmap[8..8 + n]) {
-            return Err(container(path, format!("the header names `{dup}` twice")));
+            return Err(container(path, format!("the header names `{dup}` twice")).rule(2));
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(MappedFile { mmap, metadata })
@@ -67,6 +68,27 @@ fn container(path: &Path, detail: String) -> Error {
         format!("not a valid safetensors file: {detail}"),
     )
     .at(path)
+}
+
+/// The rule of spec §9.1 a safetensors error breaks: 1 (not a header), 2 (tensor entries and
+/// data), 3 (header too large), 4 (`__metadata__` values not strings).
+fn st_error_rule(e: &safetensors::SafeTensorError) -> u8 {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall | E::InvalidHeaderLength | E::InvalidHeader(_) => 1,
+        E::HeaderTooLarge => 3,
+        E::InvalidHeaderDeserialization(m) => {
+            let m = m.to_string();
+            if m.contains("missing field") || m.contains("unknown variant") {
+                2
+            } else if m.contains("expected a string") {
+                4
+            } else {
+                1
+            }
+        }
+        _ => 2,
+    }
 }
 
 fn describe_st_error(e: &safetensors::SafeTensorError) -> String {

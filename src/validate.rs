@@ -4,7 +4,7 @@
 use crate::base::Base;
 use crate::error::{Category, Error, Result};
 use crate::layouts;
-use crate::model::{Adapter, Layer, Side};
+use crate::model::{Adapter, Layer, ModuleKind, Side};
 use crate::oft_file::{self, DigestStatus};
 use crate::rotation::skew_norm;
 use crate::wiring::gather;
@@ -83,9 +83,162 @@ fn from_error(layer: Option<&Layer>, check: &str, e: &Error, message: String) ->
     problem(layer, check, message).kind(e.category(), e.spec_rule())
 }
 
+/// Whether `s` is 64 lowercase hexadecimal digits (a BLAKE3 hash as the spec writes it).
+fn is_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
+/// Whether `s` is an RFC 3339 date-time in UTC with the `Z` suffix
+/// (`YYYY-MM-DDTHH:MM:SS[.fraction]Z`, spec §3.2).
+pub fn is_rfc3339_utc(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = b.get(r)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0, |a, &c| a * 10 + u32::from(c - b'0')))
+    };
+    let (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(sec)) = (
+        digits(0..4),
+        digits(5..7),
+        digits(8..10),
+        digits(11..13),
+        digits(14..16),
+        digits(17..19),
+    ) else {
+        return false;
+    };
+    let seps = b.get(4) == Some(&b'-')
+        && b.get(7) == Some(&b'-')
+        && b.get(10) == Some(&b'T')
+        && b.get(13) == Some(&b':')
+        && b.get(16) == Some(&b':');
+    let tail = match b.get(19..) {
+        Some([b'Z']) => true,
+        Some([b'.', rest @ .., b'Z']) => !rest.is_empty() && rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    seps && tail
+        && (1..=12).contains(&mo)
+        && (1..=days).contains(&d)
+        && h < 24
+        && mi < 60
+        && sec <= 60
+}
+
+/// Manifest rules that need no tensor values (spec §9.1 rules 9, 15, 16), in rule order.
+fn check_manifest(adapter: &Adapter, out: &mut Vec<Problem>) {
+    let prov = &adapter.provenance;
+    let file =
+        |rule: u8, m: String| problem(None, "manifest", m).kind(Category::Manifest, Some(rule));
+    for layer in &adapter.layers {
+        let p = |rule: u8, m: String| {
+            problem(Some(layer), "manifest", m).kind(Category::Manifest, Some(rule))
+        };
+        if let Some(c) = &layer.constraint {
+            if !(c.radius.is_finite() && c.radius >= 0.0) {
+                out.push(p(
+                    9,
+                    format!("constraint radius {} is not a finite number ≥ 0", c.radius),
+                ));
+            }
+            let needs = match c.kind.as_str() {
+                "lycoris" | "kohya" | "comfyui-raw" => Some(("alpha", c.alpha.is_some())),
+                "peft-coft" => Some(("eps", c.eps.is_some())),
+                _ => None,
+            };
+            if let Some((member, false)) = needs {
+                out.push(p(9, format!("a `{}` constraint needs `{member}`", c.kind)));
+            }
+        }
+        if let Some(shape) = &layer.target.shape {
+            if shape.contains(&0) {
+                out.push(p(9, format!("target shape {shape:?} has an entry 0")));
+            }
+            let need = match layer.target.module {
+                ModuleKind::Linear | ModuleKind::Embedding => Some(("exactly 2", shape.len() == 2)),
+                ModuleKind::Conv => Some(("at least 3", shape.len() >= 3)),
+                ModuleKind::Unknown => None,
+            };
+            if let Some((n, false)) = need {
+                out.push(p(
+                    15,
+                    format!(
+                        "a `{}` target has {n} axes, not shape {shape:?}",
+                        module_name(layer.target.module)
+                    ),
+                ));
+            }
+            if shape.len() < 2 {
+                out.push(p(
+                    15,
+                    format!("a target weight has 2 or more axes (spec §1.3), not shape {shape:?}"),
+                ));
+            }
+            if let Some(b) = &layer.base_binding
+                && &b.shape != shape
+            {
+                out.push(p(
+                    15,
+                    format!(
+                        "base_binding.shape {:?} differs from target.shape {shape:?}",
+                        b.shape
+                    ),
+                ));
+            }
+        }
+        if let Some(b) = &layer.base_binding
+            && !is_hash(&b.blake3)
+        {
+            out.push(p(
+                16,
+                format!(
+                    "base_binding.blake3 `{}` is not 64 lowercase hex digits",
+                    b.blake3
+                ),
+            ));
+        }
+    }
+    if let Some(c) = &prov.created
+        && !is_rfc3339_utc(c)
+    {
+        out.push(file(
+            16,
+            format!("provenance.created `{c}` is not an RFC 3339 UTC time (`…Z`)"),
+        ));
+    }
+    if let Some(d) = &prov.source_digest
+        && !is_hash(d)
+    {
+        out.push(file(
+            16,
+            format!("provenance.source_digest `{d}` is not 64 lowercase hex digits"),
+        ));
+    }
+}
+
+fn module_name(m: ModuleKind) -> &'static str {
+    match m {
+        ModuleKind::Linear => "linear",
+        ModuleKind::Conv => "conv",
+        ModuleKind::Embedding => "embedding",
+        ModuleKind::Unknown => "unknown",
+    }
+}
+
 /// The checks that need only the adapter.
 pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
     let mut out = Vec::new();
+    check_manifest(adapter, &mut out);
     for layer in &adapter.layers {
         let p = |check: &str, m: String| problem(Some(layer), check, m);
         for (j, s) in layer.stages.iter().enumerate() {
@@ -143,14 +296,14 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                     format!("row scale element {i} is {}", v[i]),
                 ));
             }
-            if let Some(shape) = &layer.target.shape
-                && shape.first() != Some(&(v.len() as u64))
+            if let Some(rows) = layer.target.view_rows()
+                && rows != v.len() as u64
             {
                 out.push(
                     p(
                         "partition",
                         format!(
-                            "row scale has {} entries for a weight of shape {shape:?}",
+                            "row scale has {} entries for a weight view of {rows} rows",
                             v.len()
                         ),
                     )
@@ -158,8 +311,14 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                 );
             }
         }
+        if let Some(why) = oft_file::rows_problem(&layer.target) {
+            out.push(p("manifest", why).kind(Category::Manifest, Some(15)));
+        }
         if let (Some(shape), Some(d)) = (&layer.target.shape, layer.target.rotated_dim) {
-            let axis = axis_len(layer.side, shape);
+            let axis = match (layer.side, layer.target.view_rows()) {
+                (Side::Output, Some(rows)) => rows,
+                _ => axis_len(layer.side, shape),
+            };
             if axis != d {
                 out.push(
                     p(
@@ -189,23 +348,6 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                     "`rotated_dim` is null although a stage records its block count".into(),
                 )
                 .kind(Category::Manifest, Some(14)),
-            );
-        }
-        if let Some(b) = &layer.base_binding
-            && !(b.blake3.len() == 64
-                && b.blake3
-                    .bytes()
-                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
-        {
-            out.push(
-                p(
-                    "binding",
-                    format!(
-                        "base_binding.blake3 `{}` is not 64 lowercase hex digits",
-                        b.blake3
-                    ),
-                )
-                .kind(Category::Manifest, Some(16)),
             );
         }
         if let Some(c) = &layer.constraint {
@@ -261,13 +403,34 @@ pub fn axis_len(side: Side, shape: &[u64]) -> u64 {
 pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
     let base = Base::open(base)?;
     let mut out = Vec::new();
+    let mut located = Vec::new();
     for layer in &adapter.layers {
-        let found = base.locate(layer).and_then(|loc| base.check(layer, &loc));
+        let found = base.locate(layer).and_then(|loc| {
+            let problems = base.check(layer, &loc)?;
+            located.push((layer, loc));
+            Ok(problems)
+        });
         match found {
             Ok(problems) => out.extend(problems.iter().map(|e| as_problem(layer, e))),
             Err(e) if e.exit_code() == 2 => return Err(e),
             Err(e) => out.push(as_problem(layer, &e)),
         }
+    }
+    let stacked = adapter
+        .features
+        .iter()
+        .any(|f| f == crate::model::FEATURE_STACKED_LAYERS);
+    let locs: Vec<&crate::base::Located> = located.iter().map(|(_, l)| l).collect();
+    if !stacked && let Some((a, b)) = crate::base::first_shared_rows(&locs) {
+        let (la, lb) = (&located[a], &located[b]);
+        out.push(problem(
+            Some(lb.0),
+            "target-ambiguous",
+            format!(
+                "`{}` and `{}` both act on `{}` rows {}, but the file does not require `stacked-layers`, so their order is not defined",
+                la.0.target.name, lb.0.target.name, lb.1.key, lb.1.rows
+            ),
+        ));
     }
     Ok(out)
 }
@@ -325,6 +488,11 @@ pub fn run(path: &Path, base: Option<&Path>) -> Result<Validation> {
         Ok(a) => a,
         Err(e) if e.is_io() => return Err(e),
         Err(e) => {
+            // A file named like a .oft file but not marked as one breaks rule 4 or 5.
+            let e = match e.category() {
+                Category::UnknownLayout => oft_file::not_oft_reason(path).unwrap_or(e),
+                _ => e,
+            };
             v.problems
                 .push(from_error(None, "parse", &e, e.to_string()));
             return Ok(v);

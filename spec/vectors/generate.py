@@ -165,7 +165,9 @@ def merge(w, side, stages, row_scale=None):
         w = w * np.asarray(row_scale["values"])[:, None]
     info = []
     for st in stages:
-        r, b = st["blocks"], st["block_size"]
+        b = st["block_size"]
+        # blocks = null (shared only): as many as tile the rotated axis (§3.5)
+        r = st["blocks"] if st["blocks"] is not None else (w.shape[0] if side == "output" else w.shape[1]) // b
         d = r * b
         axis = w.shape[0] if side == "output" else w.shape[1]
         sigma = sigma_for(st["wiring"], d, b)
@@ -174,7 +176,7 @@ def merge(w, side, stages, row_scale=None):
         assert len(stored) == (1 if st["shared"] else r)
         blocks = [stored[0] if st["shared"] else stored[k] for k in range(r)]
         if st.get("truncated"):
-            # truncated-blocks (section 8.6): the top-left axis x axis corner of E.
+            # truncated-blocks (section 8.7): the top-left axis x axis corner of E.
             assert st["wiring"]["kind"] == "identity" and d > axis
             e = effective_matrix(sigma, blocks, b)[:axis, :axis]
             w = e.T @ w if side == "output" else w @ e.T
@@ -413,7 +415,36 @@ def vector_specs():
         "neumann peft-0.18 terms=5 (from PEFT oft_embedding_R with Q_c = -Q_p).",
         "input", [stage(rng, 2, 4, map_=nm(5, "peft-0.18"))], rng.normal(size=(6, 8)))
 
-    # unit-blocks (format 1.2, §8.5): stages of block size 1 are the identity; q is [r, 0].
+    rng = np.random.default_rng(2101)
+    add("conv3x3_input_w4d",
+        "Conv2d weight (out=2, in=2, kh=3, kw=3) given in its stored 4-D shape (w_shape); the 2-D view is "
+        "(2, 18) with column c*9+i*3+j; input side; 3 blocks of 6; cayley.",
+        "input", [stage(rng, 3, 6, scale=0.2)], rng.normal(size=(2, 2, 3, 3)))
+
+    rng = np.random.default_rng(2102)
+    st = stage(rng, 4, 2, shared=True, scale=0.5)
+    st["blocks"] = None
+    add("shared_blocks_null_input",
+        "W (3, 8); input side; one shared stored block of 2 with blocks = null (r = d / b = 4 taken from "
+        "the weight, as for a PEFT block_share file without its dimension); cayley.",
+        "input", [st], rng.normal(size=(3, 8)))
+
+    rng = np.random.default_rng(2103)
+    add("bf16_rounding_output",
+        "W (8, 4) of BF16 values (w_bits: their bit patterns); output side; 2 blocks of 4; cayley. "
+        "expected_bits: the merged weight rounded once from f64 to BF16, round-to-nearest-even (§1.4).",
+        "output", [stage(rng, 2, 4, scale=0.3)], bf16_round(rng.normal(size=(8, 4))))
+
+    rng = np.random.default_rng(2104)
+    add("row_slices_fused_output",
+        "A fused weight (8, 3); the layer covers rows [4, 6) then [0, 2) (rows: [[4, 2], [0, 2]]), i.e. "
+        "its weight is the 4 x 3 matrix of fused rows 4, 5, 0, 1 in that order; output side; 2 blocks of "
+        "2; cayley; row scale after (4 entries). expected is the whole fused weight: the listed rows "
+        "merged and written back where they came from, rows 2, 3, 6, 7 unchanged (§3.4.1).",
+        "output", [stage(rng, 2, 2, scale=0.4)], rng.normal(size=(8, 3)),
+        {"position": "after", "values": rng.uniform(0.5, 1.5, size=4)})
+
+    # unit-blocks (format 1.2, §8.6): stages of block size 1 are the identity; q is [r, 0].
     rng = np.random.default_rng(2001)
     add("unit_blocks_output_rescale",
         "W (4, 3); output side; 4 blocks of 1 (unit-blocks: identity, q of shape [4, 0]); cayley; "
@@ -428,7 +459,7 @@ def vector_specs():
         "input", [stage(rng, 4, 1, map_=nm(5, "peft-0.18")), stage(rng, 2, 2, scale=0.4)],
         rng.normal(size=(3, 4)))
 
-    # truncated-blocks (format 1.2, section 8.6): PEFT 0.7-0.13 with out % r != 0.
+    # truncated-blocks (format 1.2, section 8.7): PEFT 0.7-0.13 with out % r != 0.
     rng = np.random.default_rng(2101)
     st = stage(rng, 3, 3, scale=0.4)
     st["truncated"] = True
@@ -455,6 +486,31 @@ def vector_specs():
     return specs
 
 
+# Vectors with more than the plain schema: the rows a layer covers, and the base dtype.
+ROWS = {"row_slices_fused_output": [[4, 2], [0, 2]]}
+BASE_DTYPE = {"bf16_rounding_output": "BF16"}
+
+
+def bf16_round(x):
+    """Round each f64 once to the nearest BF16 value (ties to even), as f64."""
+    import math
+
+    out = np.empty_like(np.asarray(x, dtype=np.float64))
+    for idx, v in np.ndenumerate(np.asarray(x, dtype=np.float64)):
+        if v == 0.0 or not math.isfinite(v):
+            out[idx] = v
+            continue
+        m, e = math.frexp(v)  # v = m * 2^e, 0.5 <= |m| < 1
+        out[idx] = math.ldexp(round(m * 256.0), e - 8)  # round() is ties-to-even, exact here
+    return out
+
+
+def bf16_bits(x):
+    """BF16 bit patterns of values that are BF16 values."""
+    return [[struct.unpack("<I", struct.pack("<f", float(v)))[0] >> 16 for v in row]
+            for row in np.asarray(x, dtype=np.float64)]
+
+
 def to_list(a):
     return np.asarray(a, dtype=np.float64).tolist()
 
@@ -462,7 +518,16 @@ def to_list(a):
 def build_vectors():
     vectors = []
     for name, desc, side, stages, row_scale, w in vector_specs():
-        expected, info = merge(w, side, stages, row_scale)
+        w_stored = np.asarray(w, dtype=np.float64)
+        w = w_stored.reshape(w_stored.shape[0], -1)
+        rows = ROWS.get(name)
+        if rows is None:
+            expected, info = merge(w, side, stages, row_scale)
+        else:
+            order = [r for start, n in rows for r in range(start, start + n)]
+            part, info = merge(w[order], side, stages, row_scale)
+            expected = w.copy()
+            expected[order] = part
         jst = []
         for st, (sigma, stored) in zip(stages, info):
             js = {
@@ -477,10 +542,19 @@ def build_vectors():
         rs = None
         if row_scale is not None:
             rs = {"position": row_scale["position"], "values": to_list(row_scale["values"])}
-        vectors.append({
+        v = {
             "name": name, "description": desc, "side": side, "stages": jst, "row_scale": rs,
-            "w": to_list(w), "expected": to_list(expected),
-        })
+            "w": to_list(w_stored), "expected": to_list(expected),
+        }
+        if w_stored.ndim != 2:
+            v["w_shape"] = list(w_stored.shape)
+        if rows is not None:
+            v["rows"] = rows
+        if BASE_DTYPE.get(name) == "BF16":
+            v["base_dtype"] = "BF16"
+            v["w_bits"] = bf16_bits(w)
+            v["expected_bits"] = bf16_bits(bf16_round(expected))
+        vectors.append(v)
     return vectors
 
 

@@ -140,7 +140,7 @@ pub fn load_inputs(args: &[AdapterArg], mode: BlendMode, base: &Path) -> Result<
         .collect()
 }
 
-/// Give each truncated layer (spec §8.6) the rotated axis of its tensor in `base`, and make a
+/// Give each truncated layer (spec §8.7) the rotated axis of its tensor in `base`, and make a
 /// stage exactly as wide as that axis an ordinary one. Layers not found are left for the plan
 /// to report.
 pub fn resolve_truncation(adapter: &mut Adapter, base: &Base) {

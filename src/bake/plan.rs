@@ -5,9 +5,9 @@
 use super::backend::Edit;
 use super::{BakeInput, MergeOptions};
 use crate::apply::Blend;
-use crate::base::{Base, Located, Lookup, check_shape};
+use crate::base::{Base, Located, Lookup, check_shape, first_shared_rows};
 use crate::error::{Category, Error, Result};
-use crate::model::Layer;
+use crate::model::{FEATURE_STACKED_LAYERS, Layer};
 use std::collections::BTreeMap;
 
 /// One base file and the edits of its tensors, each tensor's in the order they apply.
@@ -78,6 +78,7 @@ fn place<'a>(
     let mut problems: Vec<(Category, String)> = Vec::new();
     for input in inputs {
         let label = &input.label;
+        let first = placements.len();
         for layer in &input.adapter.layers {
             let name = &layer.target.name;
             let loc = match base.lookup(layer) {
@@ -107,6 +108,24 @@ fn place<'a>(
                 None => Blend::default(),
             };
             placements.push(Placement { loc, layer, blend });
+        }
+        // Layers of one file on common rows of a tensor apply in file order, which the file
+        // must say by requiring `stacked-layers` (spec §8.4).
+        let stacked = input
+            .adapter
+            .features
+            .iter()
+            .any(|f| f == FEATURE_STACKED_LAYERS);
+        let mine: Vec<&Located> = placements[first..].iter().map(|p| &p.loc).collect();
+        if !stacked && let Some((a, b)) = first_shared_rows(&mine) {
+            let (la, lb) = (&placements[first + a], &placements[first + b]);
+            problems.push((
+                Category::TargetAmbiguous,
+                format!(
+                    "layers `{}` and `{}` of {label} both act on `{}` rows {}, but the file does not require `{FEATURE_STACKED_LAYERS}`, so their order is not defined (compose the inputs again with --base)",
+                    la.layer.target.name, lb.layer.target.name, lb.loc.key, lb.loc.rows
+                ),
+            ));
         }
     }
     if !missing.is_empty() && !opts.skip_missing {

@@ -19,7 +19,7 @@ pub(crate) use files::list_dir;
 
 use crate::apply::Matrix;
 use crate::error::{Category, Error, Result};
-use crate::model::{BaseBinding, Layer, Side};
+use crate::model::{BaseBinding, Layer, RowRange, Side};
 use crate::resolve::{AliasTable, Resolved};
 use crate::tensors::MappedFile;
 use safetensors::tensor::Dtype;
@@ -83,6 +83,53 @@ impl RowSlice {
         }
     }
 
+    /// The rows `ranges` of this slice (row `i` of the slice is row `i` of its ranges laid end
+    /// to end), as rows of the tensor; `None` when a range reaches past [`RowSlice::len`].
+    pub fn select(&self, ranges: &[RowRange]) -> Option<RowSlice> {
+        let mut out = Vec::new();
+        for r in ranges {
+            let mut start = usize::try_from(r.start).ok()?;
+            let mut left = usize::try_from(r.len).ok()?;
+            for piece in &self.ranges {
+                if left == 0 {
+                    break;
+                }
+                if start >= piece.len() {
+                    start -= piece.len();
+                    continue;
+                }
+                let take = left.min(piece.len() - start);
+                let begin = piece.start + start;
+                out.push(begin..begin + take);
+                left -= take;
+                start = 0;
+            }
+            if left > 0 {
+                return None;
+            }
+        }
+        // Neighbouring pieces that continue each other are one range.
+        let mut merged: Vec<Range<usize>> = Vec::with_capacity(out.len());
+        for r in out {
+            match merged.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => merged.push(r),
+            }
+        }
+        Some(RowSlice { ranges: merged })
+    }
+
+    /// The ranges as `[start, len]` pairs, as a manifest's `rows` lists them.
+    pub fn to_row_ranges(&self) -> Vec<RowRange> {
+        self.ranges
+            .iter()
+            .map(|r| RowRange {
+                start: r.start as u64,
+                len: r.len() as u64,
+            })
+            .collect()
+    }
+
     /// Whether every range lies within `rows` rows, none is reversed and no two overlap.
     pub fn fits(&self, rows: usize) -> bool {
         if self.ranges.iter().any(|r| r.start > r.end || r.end > rows) {
@@ -92,6 +139,36 @@ impl RowSlice {
         sorted.sort_by_key(|r| r.start);
         sorted.windows(2).all(|w| w[0].end <= w[1].start)
     }
+}
+
+impl RowSlice {
+    /// Whether the two slices share a row.
+    pub fn overlaps(&self, other: &RowSlice) -> bool {
+        self.ranges.iter().any(|a| {
+            other
+                .ranges
+                .iter()
+                .any(|b| a.start < b.end && b.start < a.end)
+        })
+    }
+}
+
+/// The first two layers (indices into `located`, in order) that act on common rows of one base
+/// tensor. A file may hold such layers only with `stacked-layers` (spec §8.4); they then apply
+/// in file order.
+pub fn first_shared_rows(located: &[&Located]) -> Option<(usize, usize)> {
+    let mut seen: HashMap<(usize, &str), Vec<usize>> = HashMap::new();
+    for (i, loc) in located.iter().enumerate() {
+        let earlier = seen.entry((loc.file, loc.key.as_str())).or_default();
+        if let Some(&j) = earlier
+            .iter()
+            .find(|&&j| located[j].rows.overlaps(&loc.rows))
+        {
+            return Some((j, i));
+        }
+        earlier.push(i);
+    }
+    None
 }
 
 impl std::fmt::Display for RowSlice {
@@ -119,6 +196,9 @@ pub struct Located {
     pub dtype: Dtype,
     /// The rows of the tensor the layer covers, in the layer's row order.
     pub rows: RowSlice,
+    /// When the layer lists `target.rows`: the rows of the weight its name resolved to (which
+    /// the listed ranges must lie within), and whether they fit.
+    pub named_rows: Option<(usize, bool)>,
     group: usize,
     /// Absolute byte offset and length of the tensor's data in its file.
     data: (u64, u64),
@@ -309,9 +389,17 @@ impl Base {
         let Some(meta) = self.groups[g].tensors.get(&r.key) else {
             return Lookup::Missing;
         };
-        let rows = match r.rows {
+        let named = match r.rows {
             Some((start, len)) => RowSlice::range(start..start.saturating_add(len)),
             None => RowSlice::whole(meta.shape.first().copied().unwrap_or(0)),
+        };
+        // The layer's own rows are rows of the weight its name resolved to.
+        let (rows, named_rows) = match &layer.target.rows {
+            None => (named, None),
+            Some(listed) => match named.select(listed) {
+                Some(rows) => (rows, Some((named.len(), true))),
+                None => (named.clone(), Some((named.len(), false))),
+            },
         };
         Lookup::Found(Located {
             file: meta.file,
@@ -319,9 +407,34 @@ impl Base {
             shape: meta.shape.clone(),
             dtype: meta.dtype,
             rows,
+            named_rows,
             group: g,
             data: meta.data,
         })
+    }
+
+    /// A name of the whole tensor at `loc` in the base's own naming (its key without the
+    /// `.weight` / `_weight` suffix) that resolves to that tensor, every row in stored order,
+    /// for a layer of `component`.
+    pub fn whole_name(&self, loc: &Located, component: Option<&str>) -> Option<String> {
+        let group = self.groups.get(loc.group)?;
+        let name = loc
+            .key
+            .strip_suffix(".weight")
+            .or_else(|| loc.key.strip_suffix("_weight"))?;
+        let target = crate::model::Target {
+            name: name.to_string(),
+            convention: "unknown".into(),
+            component: component.map(str::to_string),
+            module: crate::model::ModuleKind::Unknown,
+            shape: None,
+            rotated_dim: None,
+            rows: None,
+        };
+        match group.table.resolve(&target) {
+            Ok(r) if r.key == loc.key && r.rows.is_none() => Some(name.to_string()),
+            _ => None,
+        }
     }
 
     /// Every way `layer` does not fit the tensor it was located at (`target-shape`), and whether
@@ -465,6 +578,18 @@ pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
     if shape.len() < 2 {
         out.push(problem(format!(
             "`{key}` has shape {shape:?}, not a weight matrix"
+        )));
+        return out;
+    }
+    if let (Some((n, false)), Some(listed)) = (loc.named_rows, &layer.target.rows) {
+        let listed: Vec<String> = listed
+            .iter()
+            .map(|r| format!("[{}, {}]", r.start, r.len))
+            .collect();
+        out.push(problem(format!(
+            "rows {} reach past the {n} rows `{}` names in `{key}`",
+            listed.join(", "),
+            layer.target.name
         )));
         return out;
     }
@@ -623,6 +748,49 @@ mod tests {
         );
         loc.rows = RowSlice::range(2..6);
         assert!(check_shape(&l, &loc)[0].message().contains("outside"));
+    }
+
+    #[test]
+    fn listed_rows_compose_with_the_resolved_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = Base::open(&base_file(tmp.path())).unwrap();
+        // Rows listed out of order are taken in the listed order.
+        let mut l = layer("w", Side::Output);
+        l.target.rows = Some(vec![
+            RowRange { start: 2, len: 2 },
+            RowRange { start: 0, len: 2 },
+        ]);
+        let loc = base.locate(&l).unwrap();
+        assert_eq!(loc.rows, RowSlice::new(vec![2..4, 0..2]));
+        assert!(check_shape(&l, &loc).is_empty());
+        let m = base.read_f64(&loc).unwrap();
+        assert_eq!(m.data, [2.0, 2.5, 3.0, 3.5, 0.0, 0.5, 1.0, 1.5]);
+        // Past the named weight's rows: a target-shape problem naming them.
+        l.target.rows = Some(vec![RowRange { start: 3, len: 2 }]);
+        let loc = base.locate(&l).unwrap();
+        let p = check_shape(&l, &loc);
+        assert_eq!(p[0].category(), Category::TargetShape);
+        assert!(p[0].message().contains("reach past the 4 rows"), "{}", p[0]);
+        // Rows of a slice are rows within it.
+        let s = RowSlice::new(vec![10..14, 0..4]);
+        let pick = |v: &[(u64, u64)]| {
+            s.select(
+                &v.iter()
+                    .map(|&(start, len)| RowRange { start, len })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(pick(&[(2, 4)]), Some(RowSlice::new(vec![12..14, 0..2])));
+        assert_eq!(
+            pick(&[(4, 4), (0, 4)]),
+            Some(RowSlice::new(vec![0..4, 10..14]))
+        );
+        assert_eq!(pick(&[(0, 8)]), Some(RowSlice::new(vec![10..14, 0..4])));
+        assert_eq!(pick(&[(6, 3)]), None);
+        assert_eq!(
+            RowSlice::range(4..8).select(&[RowRange { start: 1, len: 2 }]),
+            Some(RowSlice::range(5..7))
+        );
     }
 
     #[test]

@@ -442,12 +442,99 @@ fn not_found(path: &Path) -> Error {
 /// Write `adapter` in `layout`: the files and the per-layer verdicts (nothing on disk yet).
 pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<Written> {
     match layout.writes {
-        Writes::Writer(write) => write(adapter, ctx),
+        Writes::Writer(write) => match split_row_layers(adapter, ctx)? {
+            Some(split) => write(&split, ctx),
+            None => write(adapter, ctx),
+        },
         Writes::Canonical => Err(Error::usage(format!(
             "`{}` is written by `oftool convert IN -o OUT.oft`",
             layout.id
         ))),
         Writes::No(why) => Err(not_writable(layout, why)),
+    }
+}
+
+/// Other layouts name whole modules: a layer on rows of a fused tensor (`target.rows`, e.g. q
+/// of OpenCLIP's `in_proj_weight`) is renamed to the split module those rows are in the
+/// diffusers pipeline (`text_encoder_2` `…self_attn.q_proj`), found through the base. `None`
+/// when no layer lists rows; an error when the base is missing or names no such module.
+fn split_row_layers(adapter: &Adapter, ctx: &Context<'_>) -> Result<Option<Adapter>> {
+    if adapter.layers.iter().all(|l| l.target.rows.is_none()) {
+        return Ok(None);
+    }
+    let mut out = adapter.clone();
+    let mut problems = Vec::new();
+    for layer in out.layers.iter_mut().filter(|l| l.target.rows.is_some()) {
+        let t = &layer.target;
+        let listed = t.rows.as_deref().unwrap_or_default();
+        let shown: Vec<String> = listed
+            .iter()
+            .map(|r| format!("[{}, {}]", r.start, r.len))
+            .collect();
+        let split = ctx.names().and_then(|(table, names)| {
+            let [only] = listed else { return None };
+            let whole = crate::model::Target {
+                rows: None,
+                ..t.clone()
+            };
+            let r = table.resolve(&whole).ok()?;
+            let (start, len) = match r.rows {
+                None => (
+                    usize::try_from(only.start).ok()?,
+                    usize::try_from(only.len).ok()?,
+                ),
+                Some((s0, l0)) => {
+                    let (s, l) = (
+                        usize::try_from(only.start).ok()?,
+                        usize::try_from(only.len).ok()?,
+                    );
+                    (s.checked_add(l)? <= l0).then_some((s0 + s, l))?
+                }
+            };
+            let at = crate::resolve::Resolved {
+                key: r.key,
+                rows: Some((start, len)),
+            };
+            names.of(&at).cloned()
+        });
+        let Some((component, module)) = split else {
+            problems.push(format!(
+                "`{}` covers rows {} of a fused weight, which {} names by no module of its own",
+                t.name,
+                shown.join(", "),
+                if ctx.names().is_some() {
+                    "the base"
+                } else {
+                    "without --base nothing"
+                }
+            ));
+            continue;
+        };
+        // The split module's shape: the fused one with its rows replaced.
+        let rows = t.view_rows();
+        if let (Some(shape), Some(rows)) = (layer.target.shape.as_mut(), rows)
+            && let Some(first) = shape.first_mut()
+        {
+            *first = rows;
+        }
+        layer.target.name = module;
+        layer.target.component = Some(component);
+        layer.target.convention = "diffusers".into();
+        layer.target.rows = None;
+        layer.base_binding = None;
+    }
+    if problems.is_empty() {
+        Ok(Some(out))
+    } else {
+        Err(Error::new(
+            Category::Conversion,
+            format!(
+                "{} layer(s) cover rows of a fused weight, which other layouts cannot say: {}",
+                problems.len(),
+                problems.join("; ")
+            ),
+        )
+        .hint("pass --base with the checkpoint the layers are bound to, or keep them in .oft and bake them with oftool merge"))
     }
 }
 

@@ -21,6 +21,8 @@
 //! SDXL checkpoint is ambiguous until the component says which encoder.
 
 mod clip;
+#[cfg(test)]
+mod tables;
 mod unet;
 
 /// First path segments of SD U-Net modules, diffusers and ldm/sgm naming.

@@ -153,6 +153,54 @@ impl UnetMap {
     }
 }
 
+#[cfg(test)]
+impl UnetMap {
+    /// The block-level correspondence as rows `(ldm prefix, diffusers prefix, below)`, where
+    /// `below` says how the names under the prefix carry over: `exact` (the prefix is the whole
+    /// module), `same` (unchanged) or `resnet` (renamed by [`resnet_children`]).
+    pub fn rows(&self) -> Vec<(String, String, &'static str)> {
+        let mut out: Vec<(String, String, &'static str)> = self
+            .ldm_to_diffusers
+            .iter()
+            .flat_map(|(l, ds)| {
+                ds.iter().map(move |(d, inner)| {
+                    let below = match inner {
+                        Inner::Exact => "exact",
+                        Inner::Same => "same",
+                        Inner::Resnet => "resnet",
+                    };
+                    (l.clone(), d.clone(), below)
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| natural(&a.0).cmp(&natural(&b.0)).then(a.1.cmp(&b.1)));
+        out
+    }
+}
+
+/// A sort key that orders numbered path segments by value (`input_blocks.2` before `.10`).
+#[cfg(test)]
+fn natural(name: &str) -> Vec<(u64, String)> {
+    name.split('.')
+        .map(|p| match p.parse::<u64>() {
+            Ok(n) => (n, String::new()),
+            Err(_) => (u64::MAX, p.to_string()),
+        })
+        .collect()
+}
+
+/// Resnet children: (ldm, diffusers).
+#[cfg(test)]
+pub fn resnet_children() -> &'static [(&'static str, &'static str)] {
+    &RESNET_CHILDREN
+}
+
+/// Whole modules outside the blocks: (ldm, diffusers).
+#[cfg(test)]
+pub fn basic_modules() -> &'static [(&'static str, &'static str)] {
+    &BASIC
+}
+
 /// `other` (the mapped prefix) extended by `rest` under the rule `inner`.
 fn carry(from: Naming, other: &str, inner: Inner, rest: &str) -> Option<String> {
     match (inner, rest.is_empty()) {

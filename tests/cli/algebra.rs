@@ -438,3 +438,85 @@ fn blend_modes_match_each_tool() {
         failures.join("\n")
     );
 }
+
+/// A kohya-named and a PEFT-named adapter on one U-Net composed without `--base`: the names
+/// cannot be compared, so the layers stay separate, apply in file order and the file requires
+/// `stacked-layers` (format 1.1). Baking it equals baking the two one after the other; the same
+/// layers in a file that does not require `stacked-layers` are refused (their order would not
+/// be defined), by `merge` and by `validate --base`.
+#[test]
+fn layers_on_one_tensor_apply_in_file_order_and_need_stacked_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n);
+    let (ad_a, base, _) = case("lyco-unet-plain");
+    let (ad_b, _, _) = case("peft-unet-neumann3");
+    let composed = t("ab.oft");
+    run(&[os("compose"), os(&ad_a), os(&ad_b), os("-o"), os(&composed)]);
+    let f = crate::common::MappedFile::open(&composed).unwrap();
+    assert_eq!(f.metadata["oft.version"], "1.1");
+    let m: serde_json::Value = serde_json::from_str(&f.metadata["oft.manifest"]).unwrap();
+    assert_eq!(m["requires"], serde_json::json!(["stacked-layers"]));
+    let one = t("one.safetensors");
+    run(&[
+        os("merge"),
+        os(&base),
+        os(&composed),
+        os("-o"),
+        os(&one),
+        os("--skip-missing"),
+        os("-q"),
+    ]);
+    let two = t("two.safetensors");
+    run(&[
+        os("merge"),
+        os(&base),
+        os(&ad_a),
+        os(&ad_b),
+        os("-o"),
+        os(&two),
+        os("--skip-missing"),
+        os("-q"),
+    ]);
+    assert_close("file order", &one, &two, 0.0, 0.0);
+
+    // The same layers without `stacked-layers`: refused.
+    let mut a = oftool::oft_file::read(&composed).unwrap();
+    a.features.clear();
+    let flat = t("flat.oft");
+    oftool::oft_file::write(&a, &flat).unwrap();
+    let f = crate::common::MappedFile::open(&flat).unwrap();
+    assert_eq!(f.metadata["oft.version"], "1.0");
+    let o = oftool()
+        .arg("merge")
+        .arg(&base)
+        .arg(&flat)
+        .args(["-o"])
+        .arg(t("x.safetensors"))
+        .arg("-q")
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("stacked-layers") && err.contains("target-ambiguous"),
+        "{err}"
+    );
+    let o = oftool()
+        .args(["validate", "--json", "--base"])
+        .arg(&base)
+        .arg(&flat)
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["category"] == "target-ambiguous"),
+        "{v}"
+    );
+}

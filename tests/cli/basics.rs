@@ -355,8 +355,10 @@ fn every_command_takes_a_sharded_or_pipeline_base() {
     }
 }
 
-/// `validate --base` checks a binding the way `merge` does, also for a layer on a row slice of
-/// a fused tensor (SDXL's OpenCLIP `in_proj_weight`): the full tensor's shape and hash.
+/// `convert --base` records a layer on a row slice of a fused tensor (SDXL's OpenCLIP
+/// `in_proj_weight`) in the base's terms: the fused tensor's name, the rows it covers, its full
+/// shape, a binding of the whole tensor (format 1.2, `row-slices`); `validate --base` accepts
+/// it and `merge` bakes it to the same bytes as the unbound adapter.
 #[test]
 fn validate_accepts_a_binding_to_a_fused_tensor() {
     let tmp = tempfile::tempdir().unwrap();
@@ -377,6 +379,100 @@ fn validate_accepts_a_binding_to_a_fused_tensor() {
         &oft,
     );
     assert_eq!(v["valid"], true, "{v}");
+    let v = json_of(&["validate", "--json"], &oft);
+    assert_eq!(v["valid"], true, "{v}");
+
+    let f = crate::common::MappedFile::open(&oft).unwrap();
+    assert_eq!(f.metadata["oft.version"], "1.2");
+    let m: Value = serde_json::from_str(&f.metadata["oft.manifest"]).unwrap();
+    assert_eq!(m["requires"], serde_json::json!(["row-slices"]));
+    let fused = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj";
+    let mut seen = Vec::new();
+    for l in m["layers"].as_array().unwrap() {
+        let t = &l["target"];
+        assert_eq!(t["shape"], l["base_binding"]["shape"], "{l}");
+        if t["name"].as_str().unwrap().ends_with(".attn.in_proj") {
+            assert_eq!(t["shape"], serde_json::json!([72, 24]), "{l}");
+            assert_eq!(t["component"], "text_encoder_2", "{l}");
+            if t["name"] == fused {
+                seen.push(t["rows"].clone());
+            }
+        } else {
+            assert!(t.get("rows").is_none(), "{l}");
+        }
+    }
+    seen.sort_by_key(|r| r[0][0].as_u64());
+    assert_eq!(
+        seen,
+        [
+            serde_json::json!([[0, 24]]),
+            serde_json::json!([[24, 24]]),
+            serde_json::json!([[48, 24]])
+        ]
+    );
+
+    // Baking the bound file gives the bytes baking the adapter as imported gives.
+    let a = tmp.path().join("a.safetensors");
+    let b = tmp.path().join("b.safetensors");
+    for (adapter, out) in [(dir.join("adapter.safetensors"), &a), (oft.clone(), &b)] {
+        oftool()
+            .arg("merge")
+            .arg(&base)
+            .arg(adapter)
+            .arg("-o")
+            .arg(out)
+            .arg("--quiet")
+            .assert()
+            .success();
+    }
+    let (fa, fb) = (
+        crate::common::MappedFile::open(&a).unwrap(),
+        crate::common::MappedFile::open(&b).unwrap(),
+    );
+    let (ta, tb) = (fa.tensors(), fb.tensors());
+    for name in ta.names() {
+        assert_eq!(
+            ta.tensor(name).unwrap().data(),
+            tb.tensor(name).unwrap().data(),
+            "{name}"
+        );
+    }
+
+    // Other layouts name split modules: through the base, the rows become q/k/v again; without
+    // it the conversion says why it cannot name them.
+    let la = tmp.path().join("la.safetensors");
+    let lb = tmp.path().join("lb.safetensors");
+    for (adapter, out) in [(dir.join("adapter.safetensors"), &la), (oft.clone(), &lb)] {
+        oftool()
+            .arg("convert")
+            .arg(adapter)
+            .args(["--to", "lycoris", "--base"])
+            .arg(&base)
+            .arg("-o")
+            .arg(out)
+            .assert()
+            .success();
+    }
+    let (fa, fb) = (
+        crate::common::MappedFile::open(&la).unwrap(),
+        crate::common::MappedFile::open(&lb).unwrap(),
+    );
+    let (sa, sb) = (fa.tensors(), fb.tensors());
+    let (mut na, mut nb) = (sa.names(), sb.names());
+    na.sort();
+    nb.sort();
+    assert_eq!(na, nb);
+    let o = oftool()
+        .arg("convert")
+        .arg(&oft)
+        .args(["--to", "lycoris", "-o"])
+        .arg(tmp.path().join("lc.safetensors"))
+        .assert()
+        .failure()
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cover rows of a fused weight"), "{err}");
 }
 
 /// A reader that goes away (`oftool inspect --json X | head -1`) ends the command quietly with

@@ -165,6 +165,13 @@ pub fn worst(got: &[f64], want: &[f64], dtype: Dtype) -> (f64, usize) {
     worst
 }
 
+/// f64 values as BF16 bytes (round to nearest even, once), little-endian.
+pub fn bf16_bytes(v: &[f64]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| half::bf16::from_f64(x).to_le_bytes())
+        .collect()
+}
+
 /// Round f64 values through `dtype` (round to nearest even), back to f64.
 pub fn round_to(v: &[f64], dtype: Dtype) -> Vec<f64> {
     v.iter()

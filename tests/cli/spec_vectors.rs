@@ -133,10 +133,55 @@ fn spec_vectors_match() {
                 assert_eq!(got, want, "{name} stage {j}: σ");
             }
         }
+        // `w` in its stored shape (a conv's 4-D one with `w_shape`): the 2-D view flattens
+        // every axis after the first.
         let w = floats(&v["w"]);
         let rows = v["w"].as_array().unwrap().len();
-        let mut m = Matrix::from_shape(&[rows, w.len() / rows], w).unwrap();
-        apply_layer(&layer, &mut m).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(shape) = v.get("w_shape") {
+            let shape: Vec<usize> = floats(shape).iter().map(|&x| x as usize).collect();
+            assert_eq!(shape.iter().product::<usize>(), w.len(), "{name}: w_shape");
+        }
+        let cols = w.len() / rows;
+        let mut m = Matrix::from_shape(&[rows, cols], w.clone()).unwrap();
+        if let Some(listed) = v.get("rows") {
+            // Gather the listed rows in order, apply, scatter back (spec §3.4.1).
+            let order: Vec<usize> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| {
+                    let (a, n) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+                    (a..a + n).map(|x| x as usize)
+                })
+                .collect();
+            let part: Vec<f64> = order
+                .iter()
+                .flat_map(|&r| w[r * cols..(r + 1) * cols].to_vec())
+                .collect();
+            let mut p = Matrix::from_shape(&[order.len(), cols], part).unwrap();
+            apply_layer(&layer, &mut p).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for (i, &r) in order.iter().enumerate() {
+                m.data[r * cols..(r + 1) * cols].copy_from_slice(&p.data[i * cols..(i + 1) * cols]);
+            }
+        } else {
+            apply_layer(&layer, &mut m).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        if v.get("base_dtype").and_then(Value::as_str) == Some("BF16") {
+            let bits = |x: &Value| -> Vec<u8> {
+                floats(x)
+                    .iter()
+                    .flat_map(|&b| (b as u16).to_le_bytes())
+                    .collect()
+            };
+            let base = common::bf16_bytes(&w);
+            assert_eq!(base, bits(&v["w_bits"]), "{name}: w is BF16");
+            let got = common::bf16_bytes(&m.data);
+            assert_eq!(
+                got,
+                bits(&v["expected_bits"]),
+                "{name}: rounded once to BF16"
+            );
+        }
         let want = floats(&v["expected"]);
         let err = m
             .data
@@ -218,5 +263,48 @@ fn container_vector_reads_and_merges() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
         assert!(err < 1e-12, "container layer {i}: W' differs by {err}");
+    }
+}
+
+/// Every file of `spec/vectors/invalid/` is refused by `validate` with the rule of §9.1 and the
+/// category `expected.json` gives it; every file of `spec/vectors/valid/` (and the container
+/// example) is accepted.
+#[test]
+fn invalid_vectors_are_refused_with_their_rule_and_category() {
+    let dir = repo().join("spec/vectors/invalid");
+    let expected = read_json(&dir.join("expected.json"));
+    let expected = expected.as_object().unwrap();
+    assert!(expected.len() >= 60, "{}", expected.len());
+    let mut wrong = Vec::new();
+    for (file, want) in expected {
+        let rule = want["rule"].as_u64().unwrap();
+        let category = want["category"].as_str().unwrap();
+        let v = oftool::validate::run(&dir.join(file), None).unwrap();
+        let hit = v
+            .problems
+            .iter()
+            .any(|p| p.category.id() == category && p.rule.map(u64::from) == Some(rule));
+        if v.valid || !hit {
+            let got: Vec<String> = v
+                .problems
+                .iter()
+                .map(|p| format!("{}/{:?}: {}", p.category.id(), p.rule, p.message))
+                .collect();
+            wrong.push(format!("{file} (want {category}/{rule}): {got:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let valid = repo().join("spec/vectors/valid");
+    let shown = read_json(&valid.join("expected.json"));
+    let mut files: Vec<std::path::PathBuf> = shown
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|f| valid.join(f))
+        .collect();
+    files.push(repo().join("spec/vectors/container_example.oft"));
+    for f in files {
+        let v = oftool::validate::run(&f, None).unwrap();
+        assert!(v.valid, "{}: {:?}", f.display(), v.problems);
     }
 }
