@@ -358,6 +358,7 @@ fn write_oft(
                         },
                         map: RotationMap::Cayley,
                         q: String::new(),
+                        truncated: false,
                     },
                     // Small angles (≈ N(0, 0.003)), as a trained adapter's.
                     q: (0..n).map(|_| rng.pair(0.003).0 as f64).collect(),

@@ -62,6 +62,7 @@ fn oft_delta(rows: usize, cols: usize) -> Vec<f64> {
         .collect();
     let stage = Stage {
         spec: StageSpec {
+            truncated: false,
             blocks: Some(blocks as u64),
             block_size: b as u64,
             shared: false,

@@ -247,6 +247,8 @@ pub struct PreparedStage<T> {
     rotations: Vec<Vec<T>>,
     /// Gather list; `None` for the identity wiring.
     sigma: Option<Vec<usize>>,
+    /// The block-diagonal matrix is cut to the axis it is applied to (spec §8.7).
+    truncated: bool,
 }
 
 impl<T: Real> PreparedStage<T> {
@@ -304,6 +306,7 @@ impl<T: Real> PreparedStage<T> {
             blocks,
             rotations,
             sigma: (!identity).then_some(sigma),
+            truncated: stage.spec.truncated,
         })
     }
 
@@ -458,11 +461,72 @@ impl<T: Real> PreparedStage<T> {
         }
     }
 
+    /// A truncated stage: `E[:d, :d]` applied to an axis of `d < full = r·b` features. The axis
+    /// is padded with zeros to `full`, the whole stage applied, and the first `d` kept: a zero
+    /// adds exactly nothing, so this is the cut matrix's product, entry for entry.
+    fn apply_cut(&self, side: Side, data: &mut [T], cols: usize, full: usize) -> Result<(), Error> {
+        let misfit = || {
+            Error::new(
+                Category::TargetShape,
+                format!(
+                    "a truncated stage of {} × {} blocks does not fit {} values of {cols} columns ({} side)",
+                    self.blocks,
+                    self.b,
+                    data.len(),
+                    side.as_str()
+                ),
+            )
+        };
+        if self.sigma.is_some() || cols == 0 || !data.len().is_multiple_of(cols) {
+            return Err(misfit());
+        }
+        let rows = data.len() / cols;
+        let d = match side {
+            Side::Input => cols,
+            Side::Output => rows,
+        };
+        if d == 0 || d > full {
+            return Err(misfit());
+        }
+        let whole = PreparedStage {
+            b: self.b,
+            blocks: self.blocks,
+            rotations: self.rotations.clone(),
+            sigma: None,
+            truncated: false,
+        };
+        match side {
+            _ if d == full => whole.apply(side, data, cols)?,
+            Side::Output => {
+                let mut padded = data.to_vec();
+                padded.resize(full * cols, T::default());
+                whole.apply(side, &mut padded, cols)?;
+                data.copy_from_slice(&padded[..rows * cols]);
+            }
+            Side::Input => {
+                let mut padded = vec![T::default(); rows * full];
+                for (p, row) in padded.chunks_exact_mut(full).zip(data.chunks_exact(cols)) {
+                    p[..cols].copy_from_slice(row);
+                }
+                whole.apply(side, &mut padded, full)?;
+                for (row, p) in data.chunks_exact_mut(cols).zip(padded.chunks_exact(full)) {
+                    row.copy_from_slice(&p[..cols]);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Rotate a row-major matrix of `cols` columns in place: its columns (input side), whose
     /// count must be this stage's `blocks × b`, or its rows (output side), whose count must be.
     /// Sizes that do not fit are a `target-shape` error, never a read out of bounds.
     pub fn apply(&self, side: Side, data: &mut [T], cols: usize) -> Result<(), Error> {
         let axis = self.blocks.checked_mul(self.b);
+        if self.truncated
+            && let Some(full) = axis
+        {
+            return self.apply_cut(side, data, cols, full);
+        }
         let fits = match side {
             Side::Input => axis == Some(cols) && cols > 0 && data.len().is_multiple_of(cols),
             Side::Output => cols == 0 || axis.and_then(|n| n.checked_mul(cols)) == Some(data.len()),
@@ -500,7 +564,7 @@ pub fn check_fits(layer: &Layer, rows: usize, cols: usize) -> Result<(), Error> 
     for (j, s) in layer.stages.iter().enumerate() {
         let b = s.spec.block_size as usize;
         let blocks = s.blocks_on(axis as u64) as usize;
-        if blocks.checked_mul(b) != Some(axis) {
+        if !s.fits_axis(axis as u64) {
             return Err(Error::new(
                 Category::TargetShape,
                 format!(

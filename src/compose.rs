@@ -275,6 +275,9 @@ fn collapse_pair(a: &Stage, b: &Stage, side: Side) -> std::result::Result<(Stage
     if a.spec.wiring != Wiring::Identity || b.spec.wiring != Wiring::Identity {
         return Err("butterfly stages do not share a block partition".into());
     }
+    if a.spec.truncated || b.spec.truncated {
+        return Err("a truncated stage is cut to the weight, which its product with another stage is not; kept as it is".into());
+    }
     if a.spec.map != RotationMap::Cayley || b.spec.map != RotationMap::Cayley {
         return Err("Cayley–Neumann stages are not rotations; kept as they are".into());
     }

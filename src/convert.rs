@@ -170,6 +170,9 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
         }
         layer.target.rotated_dim = Some(axis);
         layer.target.shape = Some(loc.shape.iter().map(|&d| d as u64).collect());
+        // A stage that may be cut (PEFT 0.7–0.13) and turns out exactly as wide as the weight
+        // is an ordinary stage.
+        layer.stages.iter_mut().for_each(|st| st.settle_cut(axis));
         layer.base_binding = Some(base.binding(&loc)?);
     }
     if problems.is_empty() {
@@ -332,7 +335,49 @@ pub fn run_to(
         table,
         sd1: layouts::common::sd1_from_metadata(&metadata),
     };
-    let written = layouts::export(&adapter, to, &ctx)?;
+    // No other layout cuts a block-diagonal matrix: a truncated layer is impossible there.
+    let truncated: Vec<usize> = (adapter.layers.iter().enumerate())
+        .filter(|(_, l)| l.stages.iter().any(|s| s.spec.truncated))
+        .map(|(i, _)| i)
+        .collect();
+    let mut written = if truncated.is_empty() {
+        layouts::export(&adapter, to, &ctx)?
+    } else {
+        let mut plain = adapter.clone();
+        for &i in &truncated {
+            plain.layers[i]
+                .stages
+                .iter_mut()
+                .for_each(|s| s.spec.truncated = false);
+        }
+        layouts::export(&plain, to, &ctx)?
+    };
+    for &i in &truncated {
+        let l = &adapter.layers[i];
+        let reason = match l.target.rotated_dim {
+            Some(d) => format!(
+                "its block-diagonal matrix ({} wide) is cut to the weight's {d} × {d} inside a \
+                 block, as PEFT 0.7–0.13 does, which leaves a matrix that is not orthogonal; {} \
+                 stores whole blocks only. Bake the adapter (oftool merge) or keep it as .oft",
+                l.stages
+                    .iter()
+                    .filter_map(|s| s.dim())
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                to.id
+            ),
+            None => format!(
+                "PEFT 0.7–0.13 cuts its block-diagonal matrix to the weight's size, which the file \
+                 does not record; {} stores whole blocks only. Pass --base: where the blocks fit \
+                 the weight exactly, the layer converts",
+                to.id
+            ),
+        };
+        if let Some(m) = written.mapped.get_mut(i) {
+            *m = (None, None, report::Status::Impossible { reason });
+        }
+    }
     let layers = report::reports(&adapter, &written, &ctx)?;
     let count = |f: fn(&report::Status) -> bool| layers.iter().filter(|l| f(&l.status)).count();
     let impossible: Vec<(String, String)> = layers

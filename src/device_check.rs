@@ -361,6 +361,7 @@ fn synthetic_layer(spec: &BenchSpec, rng: &mut Rng) -> Layer {
                 },
                 map: RotationMap::Cayley,
                 q: String::new(),
+                truncated: false,
             },
             q: (0..blocks * crate::rotation::tri_len(b))
                 .map(|_| 0.02 * rng.uniform())

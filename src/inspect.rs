@@ -5,7 +5,7 @@
 
 use crate::error::Result;
 use crate::layouts;
-use crate::model::{Adapter, Layer, Provenance, ScalePosition};
+use crate::model::{Adapter, Layer, Provenance, ScalePosition, Stage};
 use crate::rotation::{max_rotation_angle, orthogonality_error, rotation_block, skew_norm};
 use serde::Serialize;
 use std::path::Path;
@@ -23,6 +23,9 @@ pub struct StageReport {
     pub map: String,
     /// The wiring (`identity`, `butterfly(peft, 1)`).
     pub wiring: String,
+    /// Cut to the rotated axis (format 1.2 `truncated-blocks`, PEFT 0.7–0.13).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// A layer's constraint and how much of it Q uses.
@@ -76,8 +79,13 @@ pub struct LayerReport {
     pub parameters: u64,
     /// Largest rotation angle of any block, radians (Cayley angle of Q for Neumann stages).
     pub max_angle_rad: f64,
-    /// Largest ‖RᵀR − I‖_F of any block (non-zero for Neumann stages).
+    /// Largest ‖RᵀR − I‖_F of any block (non-zero for Neumann stages), and of a truncated
+    /// stage's cut block.
     pub orthogonality_error: f64,
+    /// Why the layer's matrix is not orthogonal although its map is exact, when it is not: a
+    /// truncated stage whose cut falls inside a block (or whose cut the file does not record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_orthogonal: Option<String>,
     /// Its constraint, if recorded.
     pub constraint: Option<ConstraintReport>,
     /// Its row scale, if any.
@@ -156,16 +164,58 @@ fn module_name(l: &Layer) -> String {
         .unwrap_or_default()
 }
 
+/// The orthogonality error of a truncated stage's cut block on an axis of `d` features, and
+/// the size `p` of the corner kept (`None`: the cut falls on a block boundary).
+fn cut_error(s: &Stage, d: u64) -> Option<(f64, usize)> {
+    let b = s.spec.block_size;
+    let (k, p) = (d / b, (d % b) as usize);
+    if p == 0 || s.spec.blocks.is_none_or(|r| k >= r) {
+        return None;
+    }
+    let bs = b as usize;
+    let r = rotation_block(s.q_row(k as usize), bs, &s.spec.map);
+    let corner: Vec<f64> = (0..p)
+        .flat_map(|i| r[i * bs..i * bs + p].to_vec())
+        .collect();
+    Some((orthogonality_error(&corner, p), p))
+}
+
 /// The report of one layer.
 pub fn layer_report(layer: &Layer) -> LayerReport {
     let mut max_angle: f64 = 0.0;
     let mut orth: f64 = 0.0;
+    let mut not_orthogonal = None;
     for s in &layer.stages {
         let b = s.spec.block_size as usize;
         for k in 0..s.stored_blocks() as usize {
             let tri = s.q_row(k);
             max_angle = max_angle.max(max_rotation_angle(tri, b));
             orth = orth.max(orthogonality_error(&rotation_block(tri, b, &s.spec.map), b));
+        }
+        if !s.spec.truncated {
+            continue;
+        }
+        let width = s.dim().unwrap_or(0);
+        match layer.target.rotated_dim {
+            Some(d) => {
+                if let Some((err, p)) = cut_error(s, d) {
+                    orth = orth.max(err);
+                    not_orthogonal = Some(format!(
+                        "truncated: the {width}-wide block-diagonal matrix is cut to {d} × {d} \
+                         (PEFT 0.7–0.13 with {d} not a multiple of its block size {b}); the cut \
+                         keeps the top-left {p} × {p} corner of block {}, which is no rotation \
+                         (‖DᵀD−I‖ {err:.2e})",
+                        d / b as u64
+                    ));
+                }
+            }
+            None => {
+                not_orthogonal = Some(format!(
+                    "truncated: PEFT 0.7–0.13 cuts the {width}-wide block-diagonal matrix to the \
+                     weight's size, which the file does not record; unless that is a multiple of \
+                     the block size {b}, the cut block is no rotation (convert --base resolves it)"
+                ));
+            }
         }
     }
     let constraint = layer.constraint.as_ref().map(|c| {
@@ -216,11 +266,13 @@ pub fn layer_report(layer: &Layer) -> LayerReport {
                 shared: s.spec.shared,
                 map: s.spec.map.describe(),
                 wiring: s.spec.wiring.describe(),
+                truncated: s.spec.truncated,
             })
             .collect(),
         parameters: layer.parameter_count(),
         max_angle_rad: max_angle,
         orthogonality_error: orth,
+        not_orthogonal,
         constraint,
         row_scale,
         base_binding: layer.base_binding.is_some(),
@@ -418,7 +470,8 @@ pub fn render(r: &Report) -> String {
                 } else {
                     format!(" {}", st.wiring)
                 };
-                format!("{r}×{} {}{share}{wiring}", st.block_size, st.map)
+                let cut = if st.truncated { " cut" } else { "" };
+                format!("{r}×{} {}{share}{wiring}{cut}", st.block_size, st.map)
             })
             .collect::<Vec<_>>()
             .join(" → ");
@@ -459,6 +512,9 @@ pub fn render(r: &Report) -> String {
             constraint,
             row_scale
         );
+        if let Some(why) = &l.not_orthogonal {
+            let _ = writeln!(s, "  {:<width$}  ↳ not orthogonal: {why}", "");
+        }
     }
     s
 }

@@ -677,7 +677,7 @@ fn run(command: Command) -> Result<Output, Error> {
             flags,
         } => {
             let opts = flags.options()?;
-            let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into())?;
+            let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into(), &base)?;
             let progress = flags.progress();
             bake::merge(&base, inputs, &flags.output, &opts, progress.as_ref())
                 .map(|s| report_bake(&s, &flags))

@@ -244,6 +244,11 @@ pub struct StageSpec {
     pub map: RotationMap,
     /// Name of the tensor holding the packed strict upper triangles.
     pub q: String,
+    /// Format 1.2 `truncated-blocks`: the block-diagonal matrix is `r·b` wide, more than the
+    /// rotated axis `d`, and is cut to its top-left `d × d` corner (PEFT 0.7–0.13 with
+    /// `d % r ≠ 0`); the cut matrix is in general not orthogonal. Identity wiring only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// Where the per-row scale is applied relative to the stages.
@@ -374,6 +379,7 @@ impl Stage {
                 blocks: Some(blocks),
                 block_size,
                 shared: false,
+                truncated: false,
                 wiring: Wiring::Identity,
                 map: RotationMap::Cayley,
                 q: String::new(),
@@ -415,9 +421,34 @@ impl Stage {
             .unwrap_or(&[])
     }
 
-    /// Rotated dimension r·b, when the block count is recorded.
+    /// Rotated dimension r·b, when the block count is recorded (for a truncated stage, the
+    /// width before the cut).
     pub fn dim(&self) -> Option<u64> {
         self.spec.blocks.map(|r| r * self.spec.block_size)
+    }
+
+    /// A truncated stage on an axis of `axis` features whose cut falls on a block boundary
+    /// (`axis` a multiple of `b`) is an ordinary stage of `axis / b` blocks: the blocks past the
+    /// cut have no effect and are dropped. Any other stage is left as it is.
+    pub fn settle_cut(&mut self, axis: u64) {
+        let b = self.spec.block_size;
+        let Some(r) = self.spec.blocks else { return };
+        if !self.spec.truncated || b == 0 || !axis.is_multiple_of(b) || axis / b > r || axis == 0 {
+            return;
+        }
+        let keep = axis / b;
+        if !self.spec.shared {
+            self.q.truncate(keep as usize * self.tri_len());
+        }
+        self.spec.blocks = Some(keep);
+        self.spec.truncated = false;
+    }
+
+    /// Whether the stage acts on an axis of `axis` features: `r·b = axis`, or for a truncated
+    /// stage `r·b ≥ axis ≥ 1` (the cut keeps the top-left `axis × axis` corner).
+    pub fn fits_axis(&self, axis: u64) -> bool {
+        let n = self.blocks_on(axis).checked_mul(self.spec.block_size);
+        n == Some(axis) || (self.spec.truncated && axis >= 1 && n.is_some_and(|n| n > axis))
     }
 }
 
@@ -483,13 +514,29 @@ pub const FORMAT_VERSION: &str = "1.0";
 pub const FEATURE_STACKED_LAYERS: &str = "stacked-layers";
 /// Format 1.2 feature: a layer covers listed rows of the weight it names (`target.rows`).
 pub const FEATURE_ROW_SLICES: &str = "row-slices";
+/// Format 1.2 feature: a stage may have block size 1 (`q` of shape `[r, 0]`): each block is
+/// the 1 × 1 identity, so the stage leaves the weight unchanged and the layer's row scale, if
+/// any, is its whole effect (LyCORIS, PEFT, OneTrainer and kohya write such layers).
+pub const FEATURE_UNIT_BLOCKS: &str = "unit-blocks";
+/// Format 1.2 feature: a stage may be `truncated`: its block-diagonal matrix, `r·b` wide, is cut
+/// to the top-left `d × d` corner of the rotated axis (PEFT 0.7–0.13 with `d % r ≠ 0`).
+pub const FEATURE_TRUNCATED_BLOCKS: &str = "truncated-blocks";
 /// Every feature this reader implements, with the format version that defines it (a file whose
 /// `requires` lists anything else is refused; a writer writes the highest version its features
 /// need, `1.0` without any).
-pub const FEATURES: &[(&str, &str)] =
-    &[(FEATURE_STACKED_LAYERS, "1.1"), (FEATURE_ROW_SLICES, "1.2")];
+pub const FEATURES: &[(&str, &str)] = &[
+    (FEATURE_STACKED_LAYERS, "1.1"),
+    (FEATURE_ROW_SLICES, "1.2"),
+    (FEATURE_UNIT_BLOCKS, "1.2"),
+    (FEATURE_TRUNCATED_BLOCKS, "1.2"),
+];
 /// Features this reader implements (a file whose `requires` lists anything else is refused).
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_STACKED_LAYERS, FEATURE_ROW_SLICES];
+pub const KNOWN_FEATURES: &[&str] = &[
+    FEATURE_STACKED_LAYERS,
+    FEATURE_ROW_SLICES,
+    FEATURE_UNIT_BLOCKS,
+    FEATURE_TRUNCATED_BLOCKS,
+];
 
 /// The lowest format version that defines every feature in `requires` (`1.0` for none).
 pub fn version_for(requires: &[String]) -> &'static str {

@@ -128,6 +128,22 @@ fn lay_out(adapter: &Adapter) -> Result<(Manifest, Vec<OwnedTensor>)> {
     if adapter.layers.iter().any(|l| l.target.rows.is_some()) {
         requires.push(FEATURE_ROW_SLICES.to_string());
     }
+    // Blocks of size 1 need the 1.2 `unit-blocks` feature.
+    if adapter
+        .layers
+        .iter()
+        .any(|l| l.stages.iter().any(|s| s.spec.block_size == 1))
+    {
+        requires.push(FEATURE_UNIT_BLOCKS.to_string());
+    }
+    // Blocks cut to the weight need the 1.2 `truncated-blocks` feature.
+    if adapter
+        .layers
+        .iter()
+        .any(|l| l.stages.iter().any(|s| s.spec.truncated))
+    {
+        requires.push(FEATURE_TRUNCATED_BLOCKS.to_string());
+    }
     requires.sort();
     requires.dedup();
     let manifest = Manifest {
@@ -328,7 +344,7 @@ pub(crate) fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, Di
         used: BTreeMap::new(),
     };
     let layers = (manifest.layers.iter().enumerate())
-        .map(|(i, ls)| read_layer(&mut tensors, i, ls))
+        .map(|(i, ls)| read_layer(&mut tensors, i, ls, &manifest.requires))
         .collect::<Result<Vec<_>>>()?;
     let used = tensors.used;
     let stray: Vec<String> = st
@@ -601,17 +617,61 @@ impl Referenced<'_> {
 }
 
 /// Spec §9.1 rules 9 and 14 for one stage, and oftool's limits (`unsupported`).
-fn check_stage_spec(path: &Path, what: &str, ss: &StageSpec) -> Result<()> {
-    if ss.block_size < 2 || ss.blocks == Some(0) {
+fn check_stage_spec(
+    path: &Path,
+    what: &str,
+    ss: &StageSpec,
+    requires: &[String],
+    rotated_dim: Option<u64>,
+) -> Result<()> {
+    let has = |f: &str| requires.iter().any(|r| r == f);
+    if ss.block_size == 0 || ss.blocks == Some(0) {
         return Err(invalid(
             path,
             Category::Manifest,
             9,
             format!(
-                "{what}: {:?} blocks of size {} is not a partition (need ≥ 1 block of size ≥ 2)",
+                "{what}: {:?} blocks of size {} is not a partition (need ≥ 1 block of size ≥ 1)",
                 ss.blocks, ss.block_size
             ),
         ));
+    }
+    if ss.block_size == 1 && !has(FEATURE_UNIT_BLOCKS) {
+        return Err(invalid(
+            path,
+            Category::Manifest,
+            9,
+            format!(
+                "{what}: block size 1 needs the `{FEATURE_UNIT_BLOCKS}` feature in `requires` (format 1.2)"
+            ),
+        ));
+    }
+    if ss.truncated {
+        if !has(FEATURE_TRUNCATED_BLOCKS) {
+            return Err(invalid(
+                path,
+                Category::Manifest,
+                14,
+                format!(
+                    "{what}: a truncated stage needs the `{FEATURE_TRUNCATED_BLOCKS}` feature in `requires` (format 1.2)"
+                ),
+            ));
+        }
+        let fits = match (ss.blocks, rotated_dim) {
+            (Some(r), Some(d)) => r.checked_mul(ss.block_size).is_some_and(|n| n >= d),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if ss.wiring != Wiring::Identity || !fits {
+            return Err(invalid(
+                path,
+                Category::Manifest,
+                14,
+                format!(
+                    "{what}: a truncated stage needs a block count, r·b ≥ rotated_dim and the identity wiring"
+                ),
+            ));
+        }
     }
     if !dim_ok(ss.blocks, ss.block_size) {
         return Err(Error::unsupported(
@@ -650,7 +710,12 @@ fn check_stage_spec(path: &Path, what: &str, ss: &StageSpec) -> Result<()> {
 }
 
 /// Spec §9.1 rules 13, 9, 14, 19 and 22 for layer `i`: its stages and row scale, read.
-fn read_layer(tensors: &mut Referenced<'_>, i: usize, ls: &LayerSpec) -> Result<Layer> {
+fn read_layer(
+    tensors: &mut Referenced<'_>,
+    i: usize,
+    ls: &LayerSpec,
+    requires: &[String],
+) -> Result<Layer> {
     let path = tensors.path;
     let lname = &ls.target.name;
     let mut stages = Vec::with_capacity(ls.stages.len());
@@ -664,7 +729,7 @@ fn read_layer(tensors: &mut Referenced<'_>, i: usize, ls: &LayerSpec) -> Result<
     }
     for (j, ss) in ls.stages.iter().enumerate() {
         let what = format!("layer {i} (`{lname}`) stage {j}");
-        check_stage_spec(path, &what, ss)?;
+        check_stage_spec(path, &what, ss, requires, ls.target.rotated_dim)?;
         let expected = format!("layers.{i}.stages.{j}.q");
         if ss.q != expected {
             return Err(invalid(
@@ -826,6 +891,7 @@ mod tests {
                         wiring: Wiring::Identity,
                         map: RotationMap::Cayley,
                         q: String::new(),
+                        truncated: false,
                     },
                     q,
                     q_f64: false,

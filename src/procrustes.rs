@@ -129,6 +129,7 @@ impl Extraction {
     pub fn stage(&self, q_tensor: &str) -> Stage {
         Stage {
             spec: StageSpec {
+                truncated: false,
                 blocks: Some(self.blocks() as u64),
                 block_size: self.block_size as u64,
                 shared: false,

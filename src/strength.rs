@@ -90,10 +90,21 @@ impl std::fmt::Display for AdapterArg {
 }
 
 fn stage_power(stage: &Stage, s: f64, layer: &str, j: usize) -> Result<Stage> {
+    if stage.spec.truncated && s != 1.0 {
+        return Err(Error::new(
+            Category::Algebra,
+            format!(
+                "layer `{layer}` stage {j} is truncated (PEFT 0.7–0.13 cuts its block-diagonal \
+                 matrix to the weight inside a block): the cut matrix is no rotation, so it has \
+                 no strength {s} and no exact inverse; bake it at strength 1"
+            ),
+        )
+        .hint("oftool merge BASE ADAPTER (no :S); unmerge cannot undo it"));
+    }
     let b = stage.spec.block_size as usize;
     let n = stage.tri_len();
     let mut q = Vec::with_capacity(stage.q.len());
-    for row in stage.q.chunks_exact(n.max(1)) {
+    for row in (0..stage.stored_blocks() as usize).map(|k| &stage.q[k * n..(k + 1) * n]) {
         let p = cayley_power(row, b, s).map_err(|e| {
             Error::new(Category::Algebra, format!("layer `{layer}` stage {j}: {e}"))
         })?;

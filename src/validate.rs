@@ -249,7 +249,25 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                 ));
             }
             let b = s.spec.block_size;
+            if s.spec.truncated
+                && (s.spec.blocks.is_none() || s.spec.wiring != crate::model::Wiring::Identity)
+            {
+                out.push(p(
+                    "partition",
+                    format!(
+                        "stage {j}: a truncated stage needs a block count and the identity wiring"
+                    ),
+                ));
+            }
             match (s.spec.blocks, layer.target.rotated_dim) {
+                (Some(r), Some(d)) if s.spec.truncated && r * b < d => out.push(p(
+                    "partition",
+                    format!(
+                        "stage {j}: {r} blocks × {b} = {} is less than the rotated dimension {d}, which a cut cannot make up",
+                        r * b
+                    ),
+                )),
+                (Some(_), Some(_)) if s.spec.truncated => {}
                 (Some(r), Some(d)) if r * b != d => out.push(p(
                     "partition",
                     format!(
@@ -311,7 +329,12 @@ pub fn check_adapter(adapter: &Adapter) -> Vec<Problem> {
                 );
             }
         }
-        let dims: Vec<u64> = layer.stages.iter().filter_map(|s| s.dim()).collect();
+        let dims: Vec<u64> = layer
+            .stages
+            .iter()
+            .filter(|s| !s.spec.truncated)
+            .filter_map(|s| s.dim())
+            .collect();
         if dims.windows(2).any(|w| w[0] != w[1]) {
             out.push(p(
                 "partition",

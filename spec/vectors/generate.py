@@ -169,13 +169,20 @@ def merge(w, side, stages, row_scale=None):
         # blocks = null (shared only): as many as tile the rotated axis (§3.5)
         r = st["blocks"] if st["blocks"] is not None else (w.shape[0] if side == "output" else w.shape[1]) // b
         d = r * b
-        assert d == (w.shape[0] if side == "output" else w.shape[1])
+        axis = w.shape[0] if side == "output" else w.shape[1]
         sigma = sigma_for(st["wiring"], d, b)
         assert sorted(sigma) == list(range(d))
         stored = [rotation(skew_from_packed(row, b), st["map"]) for row in st["q"]]
         assert len(stored) == (1 if st["shared"] else r)
         blocks = [stored[0] if st["shared"] else stored[k] for k in range(r)]
-        w = apply_stage(w, side, blocks, sigma, b)
+        if st.get("truncated"):
+            # truncated-blocks (section 8.7): the top-left axis x axis corner of E.
+            assert st["wiring"]["kind"] == "identity" and d > axis
+            e = effective_matrix(sigma, blocks, b)[:axis, :axis]
+            w = e.T @ w if side == "output" else w @ e.T
+        else:
+            assert d == axis
+            w = apply_stage(w, side, blocks, sigma, b)
         info.append((sigma, stored))
     if row_scale is not None and row_scale["position"] == "after":
         w = w * np.asarray(row_scale["values"])[:, None]
@@ -437,6 +444,45 @@ def vector_specs():
         "output", [stage(rng, 2, 2, scale=0.4)], rng.normal(size=(8, 3)),
         {"position": "after", "values": rng.uniform(0.5, 1.5, size=4)})
 
+    # unit-blocks (format 1.2, §8.6): stages of block size 1 are the identity; q is [r, 0].
+    rng = np.random.default_rng(2001)
+    add("unit_blocks_output_rescale",
+        "W (4, 3); output side; 4 blocks of 1 (unit-blocks: identity, q of shape [4, 0]); cayley; "
+        "row scale after, which is the whole effect (LyCORIS diag-oft with b = 1).",
+        "output", [stage(rng, 4, 1)], rng.normal(size=(4, 3)),
+        {"position": "after", "values": rng.uniform(0.5, 1.5, size=4)})
+
+    rng = np.random.default_rng(2002)
+    add("unit_blocks_input_mixed",
+        "W (3, 4); input side; stage 0: 4 blocks of 1, neumann peft-0.18 terms=5 (identity); "
+        "stage 1: 2 blocks of 2, cayley. The merged weight is stage 1's alone.",
+        "input", [stage(rng, 4, 1, map_=nm(5, "peft-0.18")), stage(rng, 2, 2, scale=0.4)],
+        rng.normal(size=(3, 4)))
+
+    # truncated-blocks (format 1.2, section 8.7): PEFT 0.7-0.13 with out % r != 0.
+    rng = np.random.default_rng(2101)
+    st = stage(rng, 3, 3, scale=0.4)
+    st["truncated"] = True
+    add("truncated_output_p13",
+        "W (8, 5); output side; 3 blocks of 3 (9 wide) cut to 8 x 8: blocks 0-1 whole, the top-left "
+        "2 x 2 corner of block 2 (PEFT 0.13 r=3 on out 8); cayley; not orthogonal.",
+        "output", [st], rng.normal(size=(8, 5)))
+
+    rng = np.random.default_rng(2102)
+    st = stage(rng, 5, 4, scale=0.4)
+    st["truncated"] = True
+    add("truncated_input_dropped_block",
+        "W (3, 14); input side; 5 blocks of 4 (20 wide) cut to 14 x 14: blocks 0-2 whole, the "
+        "top-left 2 x 2 corner of block 3, block 4 past the cut has no effect; cayley.",
+        "input", [st], rng.normal(size=(3, 14)))
+
+    rng = np.random.default_rng(2103)
+    st = stage(rng, 3, 2, scale=0.4, shared=True)
+    st["truncated"] = True
+    add("truncated_shared_output",
+        "W (5, 2); output side; one shared block of 2 repeated 3 times (6 wide) cut to 5 x 5; cayley.",
+        "output", [st], rng.normal(size=(5, 2)))
+
     return specs
 
 
@@ -484,12 +530,15 @@ def build_vectors():
             expected[order] = part
         jst = []
         for st, (sigma, stored) in zip(stages, info):
-            jst.append({
+            js = {
                 "blocks": st["blocks"], "block_size": st["block_size"], "shared": st["shared"],
                 "wiring": st["wiring"], "map": st["map"],
                 "q": to_list(st["q"]), "sigma": [int(x) for x in sigma],
                 "r_blocks": [to_list(r) for r in stored],
-            })
+            }
+            if st.get("truncated"):
+                js["truncated"] = True
+            jst.append(js)
         rs = None
         if row_scale is not None:
             rs = {"position": row_scale["position"], "values": to_list(row_scale["values"])}

@@ -3,8 +3,9 @@
 file can show, each breaking exactly that clause of an otherwise valid file, and
 invalid/expected.json giving, per file, the rule number and error category a validator reports.
 
-Also writes the valid files the rules are broken from (valid/): a plain 1.0 file, and a 1.2
-row-slice file (fused weight, ranges out of order). Deterministic: no randomness, no clock.
+Also writes the valid files the rules are broken from (valid/): a plain 1.0 file, and 1.2
+files with row slices (fused weight, ranges out of order), blocks of size 1 and a truncated
+stage. Deterministic: no randomness, no clock.
 Needs Python 3 and NumPy (it reuses generate.py's BLAKE3, digest and safetensors writer).
 
     python3 spec/vectors/generate_invalid.py [--out spec/vectors]
@@ -108,6 +109,34 @@ def edited(edit):
     m, t = base_manifest(), base_tensors()
     edit(m, t)
     return oft_bytes(m, t)
+
+
+def with_features(edit, *features):
+    """As edited, in a file that requires `features` (format 1.2, oft.version to match)."""
+    m, t = base_manifest(), base_tensors()
+    edit(m, t)
+    if features:
+        m["requires"] = sorted(features)
+        m["version"] = "1.2"
+    v = m["version"]
+    return oft_bytes(m, t, meta_edit=lambda meta: meta.update({"oft.version": v}))
+
+
+def unit_blocks(m, t):
+    """Layer 0 as 4 blocks of 1 (q of shape [4, 0]), which needs unit-blocks."""
+    m["layers"][0]["stages"][0].update(blocks=4, block_size=1)
+    t["layers.0.stages.0.q"] = ("F32", [4, 0], b"")
+
+
+def truncated(blocks=3, **stage):
+    """Layer 0's stage truncated: `blocks` blocks of 2 (r·b = 6 > rotated_dim 4 unless changed)."""
+    def f(m, t):
+        s = m["layers"][0]["stages"][0]
+        s.update(blocks=blocks, truncated=True, **stage)
+        rows = 1 if blocks is None else blocks
+        t["layers.0.stages.0.q"] = ("F32", [rows, 1],
+                                    tensor_bytes([[0.125 * (k + 1)] for k in range(rows)], "F32"))
+    return f
 
 
 def cases():
@@ -220,6 +249,14 @@ def cases():
     add("r09-negative-radius", 9, "manifest", "a constraint radius is negative",
         edited(lambda m, t: m["layers"][0]["constraint"].update(radius=-1.0)))
 
+    def block_size_0(m, t):
+        m["layers"][0]["stages"][0].update(block_size=0)
+        t["layers.0.stages.0.q"] = ("F32", [2, 0], b"")
+    add("r09-block-size-0", 9, "manifest", "an integer member is out of its range (block_size = 0)",
+        edited(block_size_0))
+    add("r09-block-size-1", 9, "manifest", "block_size = 1 while requires lacks unit-blocks",
+        edited(unit_blocks))
+
     # -- rule 10
     add("r10-format", 10, "manifest", "the manifest's format is not oft",
         edited(lambda m, t: m.update(format="oft2")))
@@ -257,6 +294,17 @@ def cases():
         edited(lambda m, t: m["layers"][0]["stages"][0].update(blocks=None)))
     add("r14-rotated-dim-null", 14, "manifest", "rotated_dim is null while a stage has blocks",
         edited(lambda m, t: m["layers"][0]["target"].update(rotated_dim=None)))
+    add("r14-truncated-without-feature", 14, "manifest",
+        "a stage is truncated while requires lacks truncated-blocks", with_features(truncated()))
+
+    def truncated_butterfly(m, t):
+        m["layers"][1]["stages"][0]["truncated"] = True
+    add("r14-truncated-butterfly", 14, "manifest", "a truncated stage has a butterfly wiring",
+        with_features(truncated_butterfly, "truncated-blocks"))
+    add("r14-truncated-blocks-null", 14, "manifest", "a truncated stage has blocks = null",
+        with_features(truncated(None, shared=True), "truncated-blocks"))
+    add("r14-truncated-narrow", 14, "manifest", "a truncated stage's r·b is less than rotated_dim",
+        with_features(truncated(1), "truncated-blocks"))
 
     # -- rule 15
     add("r15-conv-2d", 15, "manifest", "module conv with a 2-D shape",
@@ -383,8 +431,13 @@ def valid_files():
     m = base_manifest()
     m["layers"][0]["target"]["module"] = "attention"
     unknown = oft_bytes(m, base_tensors())
+    # Blocks of size 1 (§8.6) and a stage of 3 blocks of 2 cut to 4 (§8.7).
+    unit = with_features(unit_blocks, "unit-blocks")
+    cut = with_features(truncated(), "truncated-blocks")
     return [
         ("plain", "the file every invalid file breaks one clause of (format 1.0)", plain),
+        ("unit-blocks", "format 1.2: layer 0 has 4 blocks of size 1 (q of shape [4, 0])", unit),
+        ("truncated-blocks", "format 1.2: layer 0's stage of 3 blocks of 2 is cut to its 4 rows", cut),
         ("row-slices", "format 1.2: layer 0 covers rows [4, 6) then [0, 2) of an (8, 3) weight", rows),
         ("unknown-module", "module `attention`, which readers treat as unknown", unknown),
     ]

@@ -111,10 +111,25 @@ pub fn load_adapter_with(path: &Path, semantics: crate::layouts::Semantics) -> R
 
 /// Load adapters for `merge`: geodesic strengths are applied to the adapter here, parity
 /// strengths at bake time; `oft_blocks` files are read as the parity tool reads them.
-pub fn load_inputs(args: &[AdapterArg], mode: BlendMode) -> Result<Vec<BakeInput>> {
+pub fn load_inputs(args: &[AdapterArg], mode: BlendMode, base: &Path) -> Result<Vec<BakeInput>> {
+    // Only a truncated stage (PEFT 0.7–0.13) needs the base before the plan: whether it is cut
+    // decides whether a strength applies to it.
+    let mut checkpoint = None;
     args.iter()
         .map(|a| {
-            let adapter = load_adapter_with(&a.path, mode.semantics())?;
+            let mut adapter = load_adapter_with(&a.path, mode.semantics())?;
+            if adapter
+                .layers
+                .iter()
+                .any(|l| l.stages.iter().any(|s| s.spec.truncated))
+            {
+                if checkpoint.is_none() {
+                    checkpoint = Some(Base::open(base)?);
+                }
+                if let Some(b) = &checkpoint {
+                    resolve_truncation(&mut adapter, b);
+                }
+            }
             let (adapter, runtime_strength) = match (mode, a.strength) {
                 (_, None) => (adapter, None),
                 (BlendMode::Geodesic, Some(s)) => {
@@ -132,6 +147,26 @@ pub fn load_inputs(args: &[AdapterArg], mode: BlendMode) -> Result<Vec<BakeInput
             })
         })
         .collect()
+}
+
+/// Give each truncated layer (spec §8.7) the rotated axis of its tensor in `base`, and make a
+/// stage exactly as wide as that axis an ordinary one. Layers not found are left for the plan
+/// to report.
+pub fn resolve_truncation(adapter: &mut Adapter, base: &Base) {
+    for layer in &mut adapter.layers {
+        if !layer.stages.iter().any(|s| s.spec.truncated) {
+            continue;
+        }
+        let crate::base::Lookup::Found(loc) = base.lookup(layer) else {
+            continue;
+        };
+        let shape: Vec<u64> = loc.covered_shape().iter().map(|&d| d as u64).collect();
+        let axis = crate::validate::axis_len(layer.side, &shape);
+        if layer.target.rotated_dim.is_none() {
+            layer.target.rotated_dim = Some(axis);
+        }
+        layer.stages.iter_mut().for_each(|st| st.settle_cut(axis));
+    }
 }
 
 /// Bake `adapters`, in order, into the checkpoint at `base`, writing `out` (see the module
@@ -229,7 +264,7 @@ pub fn unmerge(
     opts: &MergeOptions,
     progress: &dyn Progress,
 ) -> Result<MergeSummary> {
-    let mut inputs = load_inputs(args, BlendMode::Geodesic)?;
+    let mut inputs = load_inputs(args, BlendMode::Geodesic, merged)?;
     for input in &mut inputs {
         input.adapter = crate::strength::adapter_inverse(&input.adapter)?;
     }

@@ -760,7 +760,7 @@ pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
     for (j, s) in layer.stages.iter().enumerate() {
         let (r, b) = (s.blocks_on(axis), s.spec.block_size);
         let n = r.checked_mul(b);
-        if n != Some(axis) {
+        if !s.fits_axis(axis) {
             out.push(problem(format!(
                 "shape mismatch: stage {j} rotates {r} × {b} = {} {} features, but `{key}` has shape {covered:?} ({axis} on that side)",
                 n.map_or("more than 2^64".to_string(), |n| n.to_string()),

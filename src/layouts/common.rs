@@ -33,10 +33,11 @@ pub fn finite(path: &Path, name: &str, v: Vec<f64>) -> Result<Vec<f64>> {
     }
 }
 
-/// `(N, b)` of a `[N, b, b]` shape with `N ≥ 1` and `b ≥ 2` (square blocks).
+/// `(N, b)` of a `[N, b, b]` shape with `N ≥ 1` and `b ≥ 1` (square blocks; a block of size 1
+/// is the identity rotation, which LyCORIS, kohya and PEFT ≤ 0.13 all write).
 pub fn square_blocks(shape: &[usize]) -> Option<(usize, usize)> {
     match *shape {
-        [n, b1, b2] if b1 == b2 && n >= 1 && b1 >= 2 => Some((n, b1)),
+        [n, b1, b2] if b1 == b2 && n >= 1 && b1 >= 1 => Some((n, b1)),
         _ => None,
     }
 }
@@ -99,6 +100,7 @@ impl OneStage {
             side: self.side,
             stages: vec![Stage {
                 spec: StageSpec {
+                    truncated: false,
                     blocks: self.blocks,
                     block_size: b,
                     shared: self.shared,

@@ -178,17 +178,19 @@ pub fn kept_metadata(adapter: &Adapter) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A stage's packed rows with a shared block repeated over the whole axis.
-pub fn expanded_rows(stage: &Stage, axis: Option<u64>) -> Option<Vec<f64>> {
+/// A stage's packed rows with a shared block repeated over the whole axis, and how many blocks
+/// they are (counted, not divided out: blocks of size 1 have empty rows).
+pub fn expanded_rows(stage: &Stage, axis: Option<u64>) -> Option<(Vec<f64>, usize)> {
     if !stage.spec.shared {
-        return Some(stage.q.clone());
+        return Some((stage.q.clone(), stage.stored_blocks() as usize));
     }
     let blocks = stage
         .spec
         .blocks
         .or_else(|| axis.map(|d| d / stage.spec.block_size.max(1)))?;
     // A count from a file is bounded before it sizes an allocation.
-    dim_ok(Some(blocks), stage.spec.block_size).then(|| stage.q.repeat(blocks as usize))
+    dim_ok(Some(blocks), stage.spec.block_size)
+        .then(|| (stage.q.repeat(blocks as usize), blocks as usize))
 }
 
 /// Whether a layer's module is a Conv2d: recorded kind, full shape, or (SD U-Nets) its name.

@@ -96,9 +96,12 @@ fn converted_files_are_what_clients_loaded_and_merge_alike() {
         }
 
         // 2. oftool's merge of the converted file equals the client's merge.
-        let case = repo()
-            .join("fixtures/cases")
-            .join(record["source_case"].as_str().unwrap());
+        let source = record["source_case"].as_str().unwrap();
+        let case = [cases_dir(), conformance_dir()]
+            .into_iter()
+            .map(|d| d.join(source))
+            .find(|d| d.is_dir())
+            .unwrap_or_else(|| panic!("no case {source}"));
         let out = tmp.path().join(format!("{name}.merged.safetensors"));
         let merge = oftool()
             .arg("merge")

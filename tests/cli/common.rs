@@ -71,6 +71,47 @@ pub fn cases() -> Vec<PathBuf> {
     v
 }
 
+/// The conformance cases (`fixtures/conformance/`, issue #12): adapters at the edges of what
+/// the producers write, each made and merged by the producing library itself.
+pub fn conformance_dir() -> PathBuf {
+    repo().join("fixtures").join("conformance")
+}
+
+/// Every conformance case directory, sorted (known gaps included).
+pub fn conformance_cases() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(conformance_dir())
+        .expect("fixtures/conformance exists")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Conformance cases oftool does not handle yet, each with a piece of the error its import or
+/// bake must give (`conformance::known_gaps_are_refused_with_their_reason` checks it). A case
+/// leaves this list when it imports and bakes to the library's result; every other case is
+/// checked like the `fixtures/cases/` ones.
+pub const KNOWN_GAPS: &[(&str, &str)] = &[];
+
+/// Why a conformance case is a known gap, if it is one.
+pub fn known_gap(dir: &Path) -> Option<&'static str> {
+    let name = dir.file_name()?.to_str()?;
+    KNOWN_GAPS.iter().find(|(c, _)| *c == name).map(|(_, w)| *w)
+}
+
+/// The cases every fixture test checks: `fixtures/cases/` and the conformance cases that are
+/// not known gaps.
+pub fn checked_cases() -> Vec<PathBuf> {
+    let mut v = cases();
+    v.extend(
+        conformance_cases()
+            .into_iter()
+            .filter(|d| known_gap(d).is_none()),
+    );
+    v
+}
+
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("readable")).expect("valid JSON")
 }

@@ -347,3 +347,44 @@ fn device_failures_leave_nothing_behind() {
         assert_eq!(errs[0], errs[1], "{what}: the devices word it alike");
     }
 }
+
+/// Stages cut to the weight (PEFT ≤ 0.13 with `out % r != 0`) are baked by the native kernels
+/// only: the device path refuses them by name, writes nothing, and the CPU bakes them.
+#[test]
+fn truncated_blocks_are_refused_on_the_device_and_baked_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = repo().join("fixtures/conformance/peft013-unet-uneven");
+    let (base, adapter) = (dir.join("base.safetensors"), dir.join("adapter"));
+    let out = tmp.path().join("o.safetensors");
+    let o = oftool()
+        .args([
+            "merge",
+            base.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&out)
+        .args(["--device", "candle-cpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error[unsupported]") && err.contains("truncated blocks"),
+        "{err}"
+    );
+    assert!(err.contains("--device cpu"), "{err}");
+    assert!(!out.exists());
+    let o = oftool()
+        .args([
+            "merge",
+            base.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&out)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -12,6 +12,7 @@ mod bridge;
 mod candle;
 mod clients;
 mod common;
+mod conformance;
 mod convert;
 mod device;
 mod dit;

@@ -26,6 +26,7 @@ pub(crate) fn layer_from(v: &Value) -> Layer {
         .iter()
         .map(|s| Stage {
             spec: StageSpec {
+                truncated: s["truncated"].as_bool().unwrap_or(false),
                 blocks: s["blocks"].as_u64(),
                 block_size: s["block_size"].as_u64().expect("block_size"),
                 shared: s["shared"].as_bool().unwrap_or(false),

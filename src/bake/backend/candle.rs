@@ -120,6 +120,7 @@ mod tests {
                     wiring: Wiring::Identity,
                     map: RotationMap::Cayley,
                     q: String::new(),
+                    truncated: false,
                 },
                 q: vec![0.3, -0.2],
                 q_f64: true,

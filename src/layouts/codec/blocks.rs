@@ -111,7 +111,7 @@ fn block_shape(
         Error::format(
             path,
             format!(
-                "`{module}.oft_blocks` has shape {shape:?}; expected [N, b, b] (diag-oft, kohya) or [m, N, b, b] (BOFT) with b ≥ 2"
+                "`{module}.oft_blocks` has shape {shape:?}; expected [N, b, b] (diag-oft, kohya) or [m, N, b, b] (BOFT) with N, b ≥ 1"
             ),
         )
     })
@@ -181,6 +181,7 @@ fn stages(q: &[f64], m: usize, nb: usize, b: usize, family: Family) -> Vec<Stage
             };
             Stage {
                 spec: StageSpec {
+                    truncated: false,
                     blocks: Some(nb as u64),
                     block_size: b as u64,
                     shared: false,
@@ -276,13 +277,13 @@ pub fn two_part(q: f64) -> (f64, f64) {
     (hi, lo)
 }
 
-/// Dense `b × b` blocks `B` with `B − Bᵀ` = the skew matrix of each packed row of `q`, and the
-/// packed rows `B − Bᵀ` gives back.
-pub fn blocks_from_packed(q: &[f64], b: usize) -> (Vec<f64>, Vec<f64>) {
+/// Dense `b × b` blocks `B` with `B − Bᵀ` = the skew matrix of each of the `n` packed rows of
+/// `q`, and the packed rows `B − Bᵀ` gives back (blocks of size 1 are a zero `[[0]]`).
+pub fn blocks_from_packed(q: &[f64], b: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
     let tri = b * (b - 1) / 2;
-    let mut dense = Vec::with_capacity(q.len() / tri.max(1) * b * b);
+    let mut dense = Vec::with_capacity(n * b * b);
     let mut denoted = Vec::with_capacity(q.len());
-    for row in q.chunks_exact(tri.max(1)) {
+    for row in (0..n).map(|k| &q[k * tri..(k + 1) * tri]) {
         let mut blk = vec![0.0; b * b];
         let mut k = 0;
         for i in 0..b {
@@ -392,12 +393,12 @@ pub fn encode(layer: &Layer, shape: Shape, tool: &str) -> std::result::Result<En
     let b = layer.stages[0].spec.block_size as usize;
     let mut blocks = 0;
     for (i, stage) in layer.stages.iter().enumerate() {
-        let mut q =
+        let (mut q, n) =
             report::expanded_rows(stage, layer.target.rotated_dim).ok_or(report::UNKNOWN_REPEAT)?;
-        blocks = q.len() / (b * (b - 1) / 2).max(1);
+        blocks = n;
         let sign = if shape == Shape::Boft { -1.0 } else { 1.0 };
         q.iter_mut().for_each(|x| *x *= sign);
-        let (dense, back) = blocks_from_packed(&q, b);
+        let (dense, back) = blocks_from_packed(&q, b, n);
         values.extend(dense);
         let back = back.iter().map(|x| sign * x).collect();
         report::cayley_stage(&mut denoted.stages[i], back, blocks, true, tool, &mut lossy);

@@ -108,6 +108,7 @@ fn read_layer(
     let stages = (0..m)
         .map(|i| Stage {
             spec: StageSpec {
+                truncated: false,
                 blocks: Some(n as u64),
                 block_size: b as u64,
                 shared: false,
@@ -152,14 +153,53 @@ fn read_layer(
     })
 }
 
-/// Why a layer's stages are not `m` factors of block size `b` on PEFT's wiring, if they are not.
-fn misfit(layer: &Layer, b: u64, m: usize) -> Option<String> {
-    if layer.stages.len() != m || layer.stages.iter().any(|s| s.spec.block_size != b) {
+/// How a PEFT BOFT config sizes every layer's blocks: one `boft_block_size` for the
+/// directory, or one `boft_block_num` (PEFT then gives each layer the block size `d / N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sizing {
+    /// `boft_block_size = b`, `boft_block_num = 0`.
+    BlockSize(u64),
+    /// `boft_block_num = N`, `boft_block_size = 0`.
+    BlockNum(u64),
+}
+
+impl Sizing {
+    /// Whether a stage has this config's size.
+    pub fn fits_layer(self, s: &Stage, d: Option<u64>) -> bool {
+        match self {
+            Sizing::BlockSize(b) => s.spec.block_size == b,
+            Sizing::BlockNum(n) => {
+                s.spec
+                    .blocks
+                    .or_else(|| d.map(|d| d / s.spec.block_size.max(1)))
+                    == Some(n)
+            }
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Sizing::BlockSize(b) => format!("one block size ({b})"),
+            Sizing::BlockNum(n) => format!("one block count ({n})"),
+        }
+    }
+}
+
+/// Why a layer's stages are not `m` factors sized by `size` on PEFT's wiring, if they are not.
+fn misfit(layer: &Layer, size: Sizing, m: usize) -> Option<String> {
+    let d = layer.target.rotated_dim;
+    if layer.stages.len() != m || layer.stages.iter().any(|s| !size.fits_layer(s, d)) {
+        let first = layer.stages.first();
         return Some(format!(
-            "{} stage(s) of block size {}, but PEFT's BOFT config holds one block size ({b}) and one \
-             butterfly-factor count ({m}) for the directory",
+            "{} stage(s) of {} block(s) of size {}, but PEFT's BOFT config holds {} and one \
+             butterfly-factor count ({m}) for the directory, and neither one block size nor one \
+             block count fits all its layers",
             layer.stages.len(),
-            layer.stages.first().map_or(0, |s| s.spec.block_size)
+            first
+                .and_then(|s| s.spec.blocks)
+                .map_or("a shared".to_string(), |n| n.to_string()),
+            first.map_or(0, |s| s.spec.block_size),
+            size.describe()
         ));
     }
     layer.stages.iter().enumerate().find_map(|(i, s)| {
@@ -191,11 +231,13 @@ fn encode_stages(
     let mut lossy = Vec::new();
     let mut blocks = 0;
     for (i, stage) in layer.stages.iter().enumerate() {
-        let q =
+        let (q, n) =
             report::expanded_rows(stage, layer.target.rotated_dim).ok_or(report::UNKNOWN_REPEAT)?;
-        blocks = q.len() / stage.tri_len().max(1);
+        blocks = n;
+        let tri = stage.tri_len();
         let mut back = Vec::with_capacity(q.len());
-        for row in q.chunks_exact(stage.tri_len().max(1)) {
+        for k in 0..n {
+            let row = &q[k * tri..(k + 1) * tri];
             let neg: Vec<f64> = row.iter().map(|x| -(*x as f32 as f64)).collect();
             values.extend(crate::rotation::unpack_skew(&neg, bs));
             back.extend(neg.iter().map(|x| -x));
@@ -206,8 +248,8 @@ fn encode_stages(
     Ok((values, blocks, denoted, lossy))
 }
 
-/// One input-side layer as PEFT BOFT tensors under `name`: `m` factors of block size `b`.
-pub fn encode(layer: &Layer, name: String, b: u64, m: usize, ctx: &Context<'_>) -> Mapped {
+/// One input-side layer as PEFT BOFT tensors under `name`: `m` factors sized by `size`.
+pub fn encode(layer: &Layer, name: String, size: Sizing, m: usize, ctx: &Context<'_>) -> Mapped {
     if layer.side != Side::Input {
         return Err(
             "it rotates the output rows; PEFT ≥ 0.14 rotates input columns, and an output-side \
@@ -215,9 +257,10 @@ pub fn encode(layer: &Layer, name: String, b: u64, m: usize, ctx: &Context<'_>) 
                 .into(),
         );
     }
-    if let Some(why) = misfit(layer, b, m) {
+    if let Some(why) = misfit(layer, size, m) {
         return Err(why);
     }
+    let b = layer.stages[0].spec.block_size;
     let conv = report::is_conv(layer, ctx.sd1)?;
     let out = match (&layer.row_scale, &layer.target.shape) {
         (Some((_, s)), _) => Some(s.len()),

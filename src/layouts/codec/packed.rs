@@ -34,7 +34,8 @@ pub struct Packed {
 }
 
 /// Read `[rows ≥ 1, b(b−1)/2]` tensor `name` (finite); `expect` begins the shape complaint
-/// (`PEFT stores`, `expected`).
+/// (`PEFT stores`, `expected`). A row length of 0 is block size 1 (PEFT and OneTrainer store
+/// `[r, 0]`: identity blocks, a zero-size tensor).
 pub fn read_rows(path: &Path, st: &SafeTensors<'_>, name: &str, expect: &str) -> Result<Packed> {
     let (q, shape) = common::read(path, st, name)?;
     let (rows, tri) = match shape.as_slice() {
@@ -46,14 +47,12 @@ pub fn read_rows(path: &Path, st: &SafeTensors<'_>, name: &str, expect: &str) ->
             ));
         }
     };
-    let b = block_size_from_tri_len(tri)
-        .filter(|&b| b >= 2)
-        .ok_or_else(|| {
-            Error::format(
-                path,
-                format!("`{name}`: a row length of {tri} is not b(b−1)/2 for any block size b ≥ 2"),
-            )
-        })?;
+    let b = block_size_from_tri_len(tri).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("`{name}`: a row length of {tri} is not b(b−1)/2 for any block size b ≥ 1"),
+        )
+    })?;
     Ok(Packed { q, rows, tri, b })
 }
 
@@ -61,7 +60,8 @@ pub fn read_rows(path: &Path, st: &SafeTensors<'_>, name: &str, expect: &str) ->
 /// PEFT does at merge time, so the stored `Q` needs no further clamp; the constraint recorded.
 pub fn apply_coft(p: &mut Packed, eps: f64) -> Constraint {
     let radius = eps / (p.rows as f64).sqrt();
-    for row in p.q.chunks_exact_mut(p.tri) {
+    // Blocks of size 1 hold nothing to project.
+    for row in p.q.chunks_exact_mut(p.tri.max(1)) {
         let norm = skew_norm(row);
         if norm > radius {
             let f = radius / norm;

@@ -172,6 +172,15 @@ fn read_layer(
         constraint,
     }
     .into_layer())
+    .map(|mut layer| {
+        // PEFT 0.7–0.13 builds blocks of ceil(out/r) and cuts BD(R) to out × out: the stored
+        // blocks may be wider than the weight, which the file cannot say (formats.md §3.1).
+        if !with_scale && layer.stages[0].spec.blocks.is_some() {
+            layer.stages[0].spec.truncated = true;
+            layer.target.rotated_dim = None;
+        }
+        layer
+    })
 }
 
 /// Project each `b × b` block of the raw parameter onto the Frobenius ball of `radius` (the

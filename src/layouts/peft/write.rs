@@ -9,7 +9,7 @@
 
 use super::major_minor;
 use crate::error::{Category, Error, Result};
-use crate::layouts::codec::butterfly;
+use crate::layouts::codec::butterfly::{self, Sizing};
 use crate::layouts::names;
 use crate::layouts::report::{
     self, Context, LayerOutcome, Mapped, Mapping, OutFile, OwnedTensor, Status, Written, f32_tensor,
@@ -118,14 +118,14 @@ fn block_misfit(stage: &Stage, d: Option<u64>, set: Settings) -> Option<String> 
     }
 }
 
-/// The stored rows of a stage under the config's `block_share`.
+/// The stored rows of a stage under the config's `block_share`, and how many they are.
 fn shared_rows(
     stage: &Stage,
     d: Option<u64>,
     share: bool,
-) -> std::result::Result<Vec<f64>, String> {
+) -> std::result::Result<(Vec<f64>, usize), String> {
     if stage.spec.shared == share {
-        return Ok(stage.q.clone());
+        return Ok((stage.q.clone(), stage.stored_blocks() as usize));
     }
     if stage.spec.shared {
         return report::expanded_rows(stage, d).ok_or_else(|| report::UNKNOWN_REPEAT.into());
@@ -133,7 +133,7 @@ fn shared_rows(
     let first = stage.q_row(0);
     let n = stage.stored_blocks() as usize;
     if (0..n).all(|k| stage.q_row(k) == first) {
-        Ok(first.to_vec())
+        Ok((first.to_vec(), 1))
     } else {
         Err(
             "distinct blocks, but the PEFT config shares one block per layer (`block_share`) \
@@ -204,13 +204,12 @@ fn map_layer(layer: &Layer, module: &str, set: Settings) -> Mapped {
     if let Some(why) = block_misfit(stage, d, set) {
         return Err(why);
     }
-    let rows = shared_rows(stage, d, set.share)?;
+    let (rows, n_rows) = shared_rows(stage, d, set.share)?;
     let embedding = layer.target.module == ModuleKind::Embedding;
     let exact = set.map == RotationMap::Cayley;
     // Canonical Cay+(Q): PEFT exact = Cay+(−Q_p); Neumann ≈ Cay+(Q_p); Embedding transposes.
     let sign = if exact != embedding { -1.0 } else { 1.0 };
     let values: Vec<f64> = rows.iter().map(|x| sign * x).collect();
-    let n_rows = values.len() / stage.tri_len().max(1);
     let suffix = if embedding {
         super::oft::SUFFIX_EMBEDDING
     } else {
@@ -456,8 +455,10 @@ fn write_oft(
 }
 
 /// PEFT BOFT (formats.md §3.4): `boft_R [m, N, b, b]` on PEFT's butterfly wiring, `boft_s`
-/// the row scale ([`butterfly::encode`]). One `boft_block_size` and one
-/// `boft_n_butterfly_factor` per directory.
+/// the row scale ([`butterfly::encode`]). One `boft_n_butterfly_factor` per directory, and
+/// one `boft_block_size` where every layer has that size, else one `boft_block_num` where every
+/// layer has that count (PEFT then sizes each layer's blocks `d / N`); else whichever of the
+/// two fits more layers, the others refused.
 fn write_boft(
     adapter: &Adapter,
     members: &[(usize, String)],
@@ -470,15 +471,56 @@ fn write_boft(
             .map(|(i, _)| &adapter.layers[*i])
             .filter(|l| l.side == Side::Input)
     };
+    let m = most_common(inputs().map(|l| l.stages.len())).unwrap_or(1);
     let b =
         most_common(inputs().filter_map(|l| Some(l.stages.first()?.spec.block_size))).unwrap_or(0);
-    let m = most_common(inputs().map(|l| l.stages.len())).unwrap_or(1);
+    let n = most_common(inputs().filter_map(|l| {
+        let s = l.stages.first()?;
+        s.spec
+            .blocks
+            .or_else(|| Some(l.target.rotated_dim? / s.spec.block_size.max(1)))
+    }));
+    let fitting = |size: Sizing| {
+        inputs()
+            .filter(|l| {
+                l.stages.len() == m
+                    && l.stages
+                        .iter()
+                        .all(|s| size.fits_layer(s, l.target.rotated_dim))
+            })
+            .count()
+    };
+    // Where both fit equally, a PEFT BOFT source's own choice is kept (PEFT computes the same
+    // tensors from either).
+    let source_by_num = adapter
+        .provenance
+        .user_metadata
+        .get("peft.adapter_config")
+        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+        .is_some_and(|c| {
+            c["peft_type"] == "BOFT" && c["boft_block_num"].as_u64().is_some_and(|n| n > 0)
+        });
+    let size = match n.map(Sizing::BlockNum) {
+        Some(by_num) => {
+            let (fn_, fs) = (fitting(by_num), fitting(Sizing::BlockSize(b)));
+            if fn_ > fs || (fn_ == fs && source_by_num) {
+                by_num
+            } else {
+                Sizing::BlockSize(b)
+            }
+        }
+        None => Sizing::BlockSize(b),
+    };
+    let (block_size, block_num) = match size {
+        Sizing::BlockSize(b) => (b, 0),
+        Sizing::BlockNum(n) => (0, n),
+    };
     let mut tensors = Vec::new();
     let mut modules = Vec::new();
     for (i, module) in members {
         let name = format!("{}{module}", names::PEFT_WRAPPER);
         let (n, d, st, t) =
-            report::outcome(butterfly::encode(&adapter.layers[*i], name, b, m, ctx));
+            report::outcome(butterfly::encode(&adapter.layers[*i], name, size, m, ctx));
         if n.is_some() {
             modules.push(module.clone());
         }
@@ -490,8 +532,8 @@ fn write_boft(
         "BOFT",
         &modules,
         serde_json::json!({
-            "boft_block_size": b,
-            "boft_block_num": 0,
+            "boft_block_size": block_size,
+            "boft_block_num": block_num,
             "boft_n_butterfly_factor": m,
             "boft_dropout": 0.0,
         }),
