@@ -22,6 +22,16 @@
 //! order), to `OUT_DIR/adapter-N/` (the few-layer variant bench/run.sh uses to measure oftool's
 //! streaming cost without the rotations).
 //!
+//! Options (scripts/gpu-check.sh uses them):
+//!
+//! * `--dtype bf16`: the base in BF16 instead of F16;
+//! * `--oft NAME --block B [--stages S]`: instead of the PEFT adapter, `OUT_DIR/NAME.oft`
+//!   written by oftool's own writer: one Cayley layer per targeted weight (the UNet targets
+//!   above and a Llama's `q/k/v/o_proj`, `gate/up/down_proj`) on the input side, with the
+//!   largest block size ≤ B that divides the input features (S > 1: a BOFT of S butterfly
+//!   stages in PEFT's wiring, even block size, 2^(S−1)·b dividing the input features);
+//! * `--no-base`: write only the adapter (another adapter for an existing base).
+//!
 //! Existing files are overwritten. Prints a one-line JSON summary on stdout.
 
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
@@ -40,6 +50,16 @@ const TARGETS: [&str; 8] = [
     "ff.net.2",
     "proj_in",
     "proj_out",
+];
+/// A Llama's projections (`--oft` targets them too).
+const LLM_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 /// OFT block size.
 const BLOCK: usize = 32;
@@ -122,7 +142,7 @@ fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
-fn write_base(keys: &[(String, Vec<usize>)], path: &Path) -> Result<u64, String> {
+fn write_base(keys: &[(String, Vec<usize>)], path: &Path, dtype: Dtype) -> Result<u64, String> {
     let mut offset = 0usize;
     let mut infos = Vec::with_capacity(keys.len());
     for (name, shape) in keys {
@@ -130,7 +150,7 @@ fn write_base(keys: &[(String, Vec<usize>)], path: &Path) -> Result<u64, String>
         infos.push((
             name.clone(),
             TensorInfo {
-                dtype: Dtype::F16,
+                dtype,
                 shape: shape.clone(),
                 data_offsets: (offset, offset + n),
             },
@@ -145,6 +165,7 @@ fn write_base(keys: &[(String, Vec<usize>)], path: &Path) -> Result<u64, String>
     w.write_all(&header).map_err(io)?;
     let mut f32s = vec![0f32; PIECE];
     let mut halves = vec![half::f16::ZERO; PIECE];
+    let mut brains = vec![half::bf16::ZERO; PIECE];
     for (name, shape) in keys {
         let mut rng = Rng::new(name);
         // Norm scales near 1 (as in real checkpoints), everything else ≈ N(0, 0.02).
@@ -163,9 +184,15 @@ fn write_base(keys: &[(String, Vec<usize>)], path: &Path) -> Result<u64, String>
                 f32s[..m].iter_mut().for_each(|x| *x += 1.0);
             }
             use half::slice::HalfFloatSliceExt;
-            halves[..m].convert_from_f32_slice(&f32s[..m]);
-            w.write_all(bytemuck::cast_slice(&halves[..m]))
-                .map_err(io)?;
+            if dtype == Dtype::BF16 {
+                brains[..m].convert_from_f32_slice(&f32s[..m]);
+                w.write_all(bytemuck::cast_slice(&brains[..m]))
+                    .map_err(io)?;
+            } else {
+                halves[..m].convert_from_f32_slice(&f32s[..m]);
+                w.write_all(bytemuck::cast_slice(&halves[..m]))
+                    .map_err(io)?;
+            }
             left -= m;
         }
     }
@@ -279,22 +306,175 @@ fn write_adapter(targets: &[(String, usize)], dir: &Path) -> Result<(u64, usize)
     Ok((bytes.len() as u64, params))
 }
 
+/// `--oft`: a canonical adapter of synthetic Cayley layers (see the module documentation).
+fn write_oft(
+    keys: &[(String, Vec<usize>)],
+    path: &Path,
+    max_block: usize,
+    stages: usize,
+) -> Result<(usize, usize), String> {
+    use oftool::model::*;
+    let split = 1usize << stages.saturating_sub(1);
+    let mut layers = Vec::new();
+    let mut params = 0;
+    for (name, shape) in keys {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let hit = |t: &&str| module == *t || module.ends_with(&format!(".{t}"));
+        let conv_1x1 = shape.len() == 4 && shape[2] == 1 && shape[3] == 1;
+        if !(TARGETS.iter().any(hit) || LLM_TARGETS.iter().any(hit))
+            || (shape.len() != 2 && !conv_1x1)
+        {
+            continue;
+        }
+        let cols: usize = shape.iter().skip(1).product();
+        let Some(b) = (2..=max_block)
+            .rev()
+            .find(|&b| (stages == 1 || b % 2 == 0) && cols.is_multiple_of(b * split))
+        else {
+            return Err(format!(
+                "`{name}`: no block size ≤ {max_block} fits {cols} features"
+            ));
+        };
+        let blocks = cols / b;
+        let mut rng = Rng::new(name);
+        let stages = (0..stages)
+            .map(|i| {
+                let n = blocks * (b * (b - 1) / 2);
+                params += n;
+                Stage {
+                    spec: StageSpec {
+                        blocks: Some(blocks as u64),
+                        block_size: b as u64,
+                        shared: false,
+                        wiring: if stages > 1 {
+                            Wiring::Butterfly {
+                                producer: WiringProducer::Peft,
+                                index: i as u32,
+                            }
+                        } else {
+                            Wiring::Identity
+                        },
+                        map: RotationMap::Cayley,
+                        q: String::new(),
+                        truncated: false,
+                    },
+                    // Small angles (≈ N(0, 0.003)), as a trained adapter's.
+                    q: (0..n).map(|_| rng.pair(0.003).0 as f64).collect(),
+                    q_f64: false,
+                    inverse: false,
+                }
+            })
+            .collect();
+        layers.push(Layer {
+            target: Target {
+                name: module.to_string(),
+                convention: "peft".into(),
+                component: None,
+                module: ModuleKind::Unknown,
+                shape: None,
+                rotated_dim: Some(cols as u64),
+                rows: None,
+            },
+            side: Side::Input,
+            stages,
+            row_scale: None,
+            row_scale_f64: false,
+            constraint: None,
+            base_binding: None,
+        });
+    }
+    let n = layers.len();
+    let adapter = Adapter {
+        provenance: Provenance {
+            source_format: "synthetic".into(),
+            source_version: None,
+            tool: tool_name(),
+            created: None,
+            source_digest: None,
+            user_metadata: Default::default(),
+        },
+        layers,
+        features: Vec::new(),
+    };
+    oftool::oft_file::write(&adapter, path).map_err(|e| e.to_string())?;
+    Ok((n, params))
+}
+
+/// Command-line options after KEYS.txt and OUT_DIR.
+struct Opts {
+    only: Option<usize>,
+    dtype: Dtype,
+    oft: Option<String>,
+    block: usize,
+    stages: usize,
+    base: bool,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage = || -> ! {
-        eprintln!("usage: make_bench_checkpoint KEYS.txt OUT_DIR [--adapter-layers N]");
+        eprintln!(
+            "usage: make_bench_checkpoint KEYS.txt OUT_DIR [--adapter-layers N] [--dtype f16|bf16] \
+             [--oft NAME --block B [--stages S]] [--no-base]"
+        );
         std::process::exit(2);
     };
-    let only: Option<usize> = match args.len() {
-        3 => None,
-        5 if args[3] == "--adapter-layers" => Some(args[4].parse().unwrap_or_else(|_| usage())),
-        _ => usage(),
+    if args.len() < 3 {
+        usage();
+    }
+    let mut o = Opts {
+        only: None,
+        dtype: Dtype::F16,
+        oft: None,
+        block: BLOCK,
+        stages: 1,
+        base: true,
     };
+    let mut it = args[3..].iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--adapter-layers" => o.only = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--dtype" => {
+                o.dtype = match val().as_str() {
+                    "f16" => Dtype::F16,
+                    "bf16" => Dtype::BF16,
+                    _ => usage(),
+                }
+            }
+            "--oft" => o.oft = Some(val()),
+            "--block" => o.block = val().parse().unwrap_or_else(|_| usage()),
+            "--stages" => o.stages = val().parse().unwrap_or_else(|_| usage()),
+            "--no-base" => o.base = false,
+            _ => usage(),
+        }
+    }
+    let only = o.only;
     let keys_path = PathBuf::from(&args[1]);
     let out = PathBuf::from(&args[2]);
     let run = || -> Result<serde_json::Value, String> {
         let keys = parse_keys(&keys_path)?;
         std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        if let Some(name) = &o.oft {
+            let start = std::time::Instant::now();
+            let base_bytes = if o.base {
+                write_base(&keys, &out.join("base.safetensors"), o.dtype)?
+            } else {
+                0
+            };
+            let path = out.join(format!("{name}.oft"));
+            let (layers, params) = write_oft(&keys, &path, o.block, o.stages.max(1))?;
+            return Ok(serde_json::json!({
+                "keys": keys_path.display().to_string(),
+                "base_bytes": base_bytes,
+                "adapter": path.display().to_string(),
+                "adapter_layers": layers,
+                "adapter_parameters": params,
+                "seconds": start.elapsed().as_secs_f64(),
+            }));
+        }
         let mut t = targets(&keys)?;
         let start = std::time::Instant::now();
         if let Some(n) = only {
@@ -310,7 +490,11 @@ fn main() {
                 "seconds": start.elapsed().as_secs_f64(),
             }));
         }
-        let base_bytes = write_base(&keys, &out.join("base.safetensors"))?;
+        let base_bytes = if o.base {
+            write_base(&keys, &out.join("base.safetensors"), o.dtype)?
+        } else {
+            0
+        };
         let (adapter_bytes, adapter_params) = write_adapter(&t, &out.join("adapter"))?;
         Ok(serde_json::json!({
             "keys": keys_path.display().to_string(),

@@ -209,6 +209,34 @@ impl<T> Matrix<T> {
     }
 }
 
+/// The `b × b` blocks of a stage in f64, row-major, one per stored block (1 when shared): R
+/// from Q under the stage's map, inverted for an `inverse` stage, and with `interpolate = s`
+/// replaced by `s·R + (1 − s)·I`. Every compute path (the CPU kernels here, the candle tensor
+/// program) rotates with exactly these blocks.
+pub fn stage_blocks(stage: &Stage, interpolate: Option<f64>) -> Result<Vec<Vec<f64>>, Error> {
+    let b = stage.spec.block_size as usize;
+    (0..stage.stored_blocks() as usize)
+        .into_par_iter()
+        .map(|k| {
+            let mut r = rotation_block(stage.q_row(k), b, &stage.spec.map);
+            if stage.inverse {
+                r = crate::rotation::invert_block(&r, b).ok_or_else(|| {
+                    Error::new(
+                        Category::Algebra,
+                        format!("stage block {k} is singular and cannot be inverted"),
+                    )
+                })?;
+            }
+            if let Some(s) = interpolate {
+                for (i, x) in r.iter_mut().enumerate() {
+                    *x = s * *x + if i / b == i % b { 1.0 - s } else { 0.0 };
+                }
+            }
+            Ok(r)
+        })
+        .collect()
+}
+
 /// The evaluated blocks of one stage with its gather list.
 pub struct PreparedStage<T> {
     /// Block size.
@@ -269,26 +297,10 @@ impl<T: Real> PreparedStage<T> {
         let sigma =
             gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::new(Category::Wiring, e.0))?;
         let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
-        let rotations = (0..stage.stored_blocks() as usize)
-            .into_par_iter()
-            .map(|k| {
-                let mut r = rotation_block(stage.q_row(k), b, &stage.spec.map);
-                if stage.inverse {
-                    r = crate::rotation::invert_block(&r, b).ok_or_else(|| {
-                        Error::new(
-                            Category::Algebra,
-                            format!("stage block {k} is singular and cannot be inverted"),
-                        )
-                    })?;
-                }
-                if let Some(s) = interpolate {
-                    for (i, x) in r.iter_mut().enumerate() {
-                        *x = s * *x + if i / b == i % b { 1.0 - s } else { 0.0 };
-                    }
-                }
-                Ok(r.into_iter().map(T::from_f64).collect())
-            })
-            .collect::<Result<Vec<Vec<T>>, Error>>()?;
+        let rotations = stage_blocks(stage, interpolate)?
+            .into_iter()
+            .map(|r| r.into_iter().map(T::from_f64).collect())
+            .collect();
         Ok(PreparedStage {
             b,
             blocks,

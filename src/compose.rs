@@ -70,7 +70,25 @@ fn match_key(layer: &Layer, base: Option<&Base>) -> String {
         .name
         .strip_prefix("base_model.model.")
         .unwrap_or(&layer.target.name);
-    format!("{}/{name}", layer.target.component.as_deref().unwrap_or(""))
+    format!(
+        "{}/{name}{}",
+        layer.target.component.as_deref().unwrap_or(""),
+        rows_key(layer)
+    )
+}
+
+/// The rows a layer covers of its named weight, as part of a matching key (`""`: all).
+fn rows_key(layer: &Layer) -> String {
+    match &layer.target.rows {
+        None => String::new(),
+        Some(rows) => {
+            let r: Vec<String> = rows
+                .iter()
+                .map(|r| format!("{}+{}", r.start, r.len))
+                .collect();
+            format!("[{}]", r.join(","))
+        }
+    }
 }
 
 /// How a layer's target is named, for telling whether two names can be compared without a
@@ -304,7 +322,10 @@ pub fn stacked_targets(adapter: &Adapter) -> usize {
     let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
     for l in &adapter.layers {
         *seen
-            .entry((l.target.name.clone(), l.target.component.clone()))
+            .entry((
+                format!("{}{}", l.target.name, rows_key(l)),
+                l.target.component.clone(),
+            ))
             .or_default() += 1;
     }
     seen.values().filter(|&&n| n > 1).count()

@@ -108,6 +108,21 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
     for layer in &mut adapter.layers {
         let loc = match base.lookup(layer) {
             Lookup::Found(loc) => loc,
+            Lookup::Split(locs) => {
+                problems.push(format!(
+                    "`{}` spans several tensors ({}): a binding names one",
+                    layer.target.name,
+                    locs.iter()
+                        .map(|l| l.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                continue;
+            }
+            Lookup::Unfit(m) => {
+                problems.push(m);
+                continue;
+            }
             Lookup::Missing => {
                 problems.push(format!("`{}` has no tensor in the base", layer.target.name));
                 continue;
@@ -121,13 +136,6 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
                 continue;
             }
         };
-        if let Some((n, false)) = loc.named_rows {
-            problems.push(format!(
-                "`{}` lists rows past the {n} rows its name covers in `{}`",
-                layer.target.name, loc.key
-            ));
-            continue;
-        }
         let covered: Vec<u64> = loc.covered_shape().iter().map(|&d| d as u64).collect();
         let axis = crate::validate::axis_len(layer.side, &covered);
         if layer.target.rotated_dim.is_some_and(|d| d != axis) {
@@ -432,7 +440,7 @@ pub fn run_to(
 
 /// Write the files: one file atomically; a directory built beside the target and renamed into
 /// place (the target must not exist yet, or be an empty directory); or one zip archive.
-fn write_output(output: &Path, written: &report::Written, zip: bool) -> Result<()> {
+pub(crate) fn write_output(output: &Path, written: &report::Written, zip: bool) -> Result<()> {
     use std::io::Write;
     if !written.directory {
         let bytes = match written.files.first() {

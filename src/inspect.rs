@@ -69,6 +69,10 @@ pub struct LayerReport {
     pub side: String,
     /// Size of the rotated axis, when known.
     pub rotated_dim: Option<u64>,
+    /// The rows of the named weight the layer covers (`[start, len]` ranges, in order), when
+    /// not all of them (a split of a fused weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<crate::model::RowRange>>,
     /// Its stages, in order.
     pub stages: Vec<StageReport>,
     /// Parameters (Q entries and row-scale values).
@@ -88,6 +92,27 @@ pub struct LayerReport {
     pub row_scale: Option<RowScaleReport>,
     /// Whether it is bound to a base tensor.
     pub base_binding: bool,
+}
+
+/// What an adapter's names say about the model it was trained on.
+#[derive(Debug, Serialize)]
+pub struct ModelReport {
+    /// Family ids (`flux1`, `sd3`, `hunyuan-video`, `qwen-image`): several when the names are
+    /// common to them.
+    pub families: Vec<String>,
+    /// `diffusers` (split q, k, v) or `original` (the single-file layout, fused qkv).
+    pub names: String,
+}
+
+impl ModelReport {
+    fn of(adapter: &Adapter) -> Option<Self> {
+        let e =
+            crate::resolve::dit::expected(adapter.layers.iter().map(|l| l.target.name.as_str()))?;
+        Some(ModelReport {
+            families: e.families.iter().map(|f| f.id.to_string()).collect(),
+            names: e.layout.as_str().to_string(),
+        })
+    }
 }
 
 /// Figures over all layers.
@@ -120,6 +145,9 @@ pub struct Report {
     pub variant: Option<String>,
     /// Where the adapter came from.
     pub provenance: Provenance,
+    /// The diffusion-transformer family and base layout its names are in, when they are one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelReport>,
     /// Figures over all layers.
     pub totals: Totals,
     /// Things a user should know about how runtimes treat this adapter (README "Where each
@@ -228,6 +256,7 @@ pub fn layer_report(layer: &Layer) -> LayerReport {
         module: module_name(layer),
         side: layer.side.as_str().into(),
         rotated_dim: layer.target.rotated_dim,
+        rows: layer.target.rows.clone(),
         stages: layer
             .stages
             .iter()
@@ -271,6 +300,7 @@ pub fn report(file: &Path, layout: &str, variant: Option<&str>, adapter: &Adapte
         layout: layout.into(),
         variant: variant.map(str::to_string),
         provenance: adapter.provenance.clone(),
+        model: ModelReport::of(adapter),
         totals,
         notes,
         layers,
@@ -356,6 +386,20 @@ pub fn run(path: &Path) -> Result<Report> {
     Ok(report(path, found.id(), found.variant(), &adapter))
 }
 
+/// A layer's target as the table shows it: with its rows when it covers some of the weight.
+fn label(l: &LayerReport) -> String {
+    match &l.rows {
+        None => l.target.clone(),
+        Some(rows) => {
+            let r: Vec<String> = rows
+                .iter()
+                .map(|r| format!("{}..{}", r.start, r.start.saturating_add(r.len)))
+                .collect();
+            format!("{} [rows {}]", l.target, r.join(", "))
+        }
+    }
+}
+
 /// The human-readable table.
 pub fn render(r: &Report) -> String {
     use std::fmt::Write;
@@ -387,6 +431,14 @@ pub fn render(r: &Report) -> String {
         r.totals.constrained_layers,
         r.totals.row_scaled_layers
     );
+    if let Some(m) = &r.model {
+        let _ = writeln!(
+            s,
+            "  model {}   {} names (bakes into a diffusers or an original single-file base)",
+            m.families.join(" / "),
+            m.names
+        );
+    }
     for n in &r.notes {
         let _ = writeln!(s, "  note: {n}");
     }
@@ -394,7 +446,7 @@ pub fn render(r: &Report) -> String {
     let width = r
         .layers
         .iter()
-        .map(|l| l.target.len())
+        .map(|l| label(l).chars().count())
         .max()
         .unwrap_or(6)
         .clamp(6, 80);
@@ -433,7 +485,7 @@ pub fn render(r: &Report) -> String {
             .as_ref()
             .map(|rs| format!("{:.4}..{:.4} {}", rs.min, rs.max, rs.position))
             .unwrap_or_else(|| "-".into());
-        let mut target = l.target.clone();
+        let mut target = label(l);
         if target.chars().count() > width {
             let tail: String = target
                 .chars()

@@ -12,8 +12,13 @@
 pub mod apply;
 pub mod bake;
 pub mod base;
+pub mod bridge;
+#[doc(hidden)]
+pub mod candle_rotate;
 pub mod compose;
 pub mod convert;
+#[doc(hidden)]
+pub mod device_check;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use oftool::bake::AdapterArg;
 use oftool::error::Error;
 use oftool::layouts::{self, LAYOUTS, Layout, Writes};
+use oftool::lowrank::RankRule;
 use oftool::strength::BlendMode;
-use oftool::{bake, compose, convert, inspect, validate};
+use oftool::{bake, bridge, compose, convert, inspect, validate};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -81,27 +82,37 @@ struct BakeFlags {
     /// No progress bar and no summary line.
     #[arg(short, long)]
     quiet: bool,
-    /// Print a JSON summary (layers baked, bytes, seconds, peak memory).
+    /// Print a JSON summary (layers baked, bytes, seconds, peak memory, device).
     #[arg(long)]
     json: bool,
+    /// Where the rotation runs: cpu (default), cuda or cuda:N (an NVIDIA GPU; needs the cuda
+    /// build, see docs/gpu.md), or auto (the GPU if there is one, else the CPU, with a note).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
 }
 
 impl BakeFlags {
-    fn options(&self) -> bake::MergeOptions {
-        bake::MergeOptions {
+    fn options(&self) -> Result<bake::MergeOptions, Error> {
+        Ok(bake::MergeOptions {
             threads: self.threads,
             skip_missing: self.skip_missing,
             force: self.force,
-        }
+            device: self.device.parse()?,
+        })
     }
 
     /// A progress bar on stderr when it is a terminal and no `--quiet`/`--json`.
     fn progress(&self) -> Box<dyn bake::Progress> {
-        if !self.quiet && !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            Box::new(Bar(indicatif::ProgressBar::new(0)))
-        } else {
-            Box::new(bake::NoProgress)
-        }
+        progress_bar(self.quiet || self.json)
+    }
+}
+
+/// A progress bar on stderr when it is a terminal and `quiet` is not set.
+fn progress_bar(quiet: bool) -> Box<dyn bake::Progress> {
+    if !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        Box::new(Bar(indicatif::ProgressBar::new(0)))
+    } else {
+        Box::new(bake::NoProgress)
     }
 }
 
@@ -189,6 +200,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A full finetune as an OFT adapter: per weight the block-diagonal rotation that best maps
+    /// the base onto the finetune (orthogonal Procrustes per block), with how much it explains.
+    Extract {
+        /// Base checkpoint: a .safetensors file, a sharded folder or its *.safetensors.index.json, or a diffusers folder.
+        base: PathBuf,
+        /// The finetuned checkpoint, in the same layout (same tensor names, shapes and dtypes).
+        finetuned: PathBuf,
+        /// Output `.oft` file (bound to BASE).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Features per rotation block; must divide the rotated dimension of each weight.
+        #[arg(long, value_name = "B")]
+        block_size: usize,
+        /// Which side the rotation acts on: input (columns; PEFT ≥ 0.14, kohya oft_v2) or output
+        /// (rows; LyCORIS, kohya legacy).
+        #[arg(long, value_enum, default_value = "input")]
+        side: SideArg,
+        /// Tensor names to extract, as globs (default: every weight of two or more axes that differs).
+        #[arg(long, value_name = "GLOB", num_args = 1..)]
+        targets: Vec<String>,
+        /// Worker threads (default: all cores); the output is the same for any value.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print the per-layer report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Import any supported adapter layout and write it in another layout.
     Convert {
         input: PathBuf,
@@ -213,7 +254,133 @@ enum Command {
         /// Print the per-layer report as JSON: exact / lossy (with figures) / impossible.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        lora: LoraFlags,
     },
+    /// Developer checks of the candle compute path (scripts/gpu-check.sh, docs/gpu.md).
+    #[command(hide = true)]
+    DeviceCheck {
+        #[command(subcommand)]
+        check: DeviceCheck,
+        /// Where the candle program runs: cpu (candle's CPU device), cuda, cuda:N or auto.
+        #[arg(long, default_value = "cuda", global = true)]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCheck {
+    /// Every adapted tensor of BASE through the candle program and the native CPU path.
+    Parity {
+        base: PathBuf,
+        adapter: PathBuf,
+        /// The library's merged weights, compared at the fixture tolerance.
+        #[arg(long)]
+        merged: Option<PathBuf>,
+    },
+    /// `parity` for every fixture case under DIR (its case.json names base, adapter, merged).
+    ParityCases { dir: PathBuf },
+    /// Two bakes of the same inputs, tensor by tensor (differences in ulps of the dtype).
+    Compare { a: PathBuf, b: PathBuf },
+    /// The candle program on one synthetic tensor resident on the device.
+    Bench {
+        /// f16, bf16, f32 or f64.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        #[arg(long)]
+        rows: usize,
+        #[arg(long)]
+        cols: usize,
+        #[arg(long, default_value_t = 32)]
+        block: usize,
+        /// Butterfly stages (1: plain OFT).
+        #[arg(long, default_value_t = 1)]
+        stages: usize,
+        /// input or output.
+        #[arg(long, default_value = "input")]
+        side: String,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also time the native CPU path on the same tensor and compare.
+        #[arg(long)]
+        cpu: bool,
+    },
+    /// Device copy bandwidth and f32 matrix-product rate through candle.
+    Ceilings {
+        #[arg(long, default_value_t = 4 << 30)]
+        copy_bytes: usize,
+        #[arg(long, default_value_t = 8192)]
+        n: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+/// `convert --to lora`: how many components to keep and which LoRA layout to write.
+#[derive(clap::Args)]
+struct LoraFlags {
+    /// --to lora: keep K components per layer (default 32 when --energy is not given).
+    #[arg(long, value_name = "K", conflicts_with = "energy")]
+    rank: Option<usize>,
+    /// --to lora: keep the smallest rank that holds a fraction E (0–1) of ‖ΔW‖²_F per layer.
+    #[arg(long, value_name = "E")]
+    energy: Option<f64>,
+    /// --to lora with --energy: at most K components per layer.
+    #[arg(long, value_name = "K", requires = "energy")]
+    max_rank: Option<usize>,
+    /// --to lora: the LoRA layout: a PEFT directory per component, or one kohya file.
+    #[arg(long, value_enum)]
+    layout: Option<LoraLayoutArg>,
+    /// --to lora: worker threads (default: all cores); the output is the same for any value.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl LoraFlags {
+    fn given(&self) -> Option<&'static str> {
+        if self.rank.is_some() {
+            Some("--rank")
+        } else if self.energy.is_some() {
+            Some("--energy")
+        } else if self.layout.is_some() {
+            Some("--layout")
+        } else if self.threads.is_some() {
+            Some("--threads")
+        } else {
+            None
+        }
+    }
+
+    fn rule(&self) -> Result<RankRule, Error> {
+        match (self.rank, self.energy) {
+            (Some(k), _) => Ok(RankRule::Fixed(k)),
+            (None, Some(e)) if (0.0..=1.0).contains(&e) => Ok(RankRule::Energy {
+                fraction: e,
+                max_rank: self.max_rank,
+            }),
+            (None, Some(e)) => Err(Error::usage(format!(
+                "--energy {e} is outside [0, 1] (the fraction of ‖ΔW‖² to keep, e.g. 0.9)"
+            ))),
+            (None, None) => Ok(RankRule::Fixed(DEFAULT_LORA_RANK)),
+        }
+    }
+}
+
+/// The rank `--to lora` keeps when neither `--rank` nor `--energy` is given.
+const DEFAULT_LORA_RANK: usize = 32;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SideArg {
+    Input,
+    Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LoraLayoutArg {
+    /// PEFT LoRA directories (PeftModel.from_pretrained; diffusers), one per component.
+    Peft,
+    /// A kohya `lora_unet_…` safetensors file (ComfyUI, A1111/Forge).
+    Kohya,
 }
 
 impl Command {
@@ -223,8 +390,10 @@ impl Command {
             Command::Inspect { json, .. }
             | Command::Validate { json, .. }
             | Command::Compose { json, .. }
+            | Command::Extract { json, .. }
             | Command::Convert { json, .. } => *json,
             Command::Merge { flags, .. } | Command::Unmerge { flags, .. } => flags.json,
+            Command::DeviceCheck { .. } => false,
         }
     }
 }
@@ -341,6 +510,9 @@ fn report_export(r: &convert::ExportReport, as_json: bool) -> Output {
 }
 
 fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
+    if let Some(note) = s.device_note.as_ref().filter(|_| !flags.quiet) {
+        warn(&format!("oftool: note: {note}"));
+    }
     if flags.json {
         return Output::new(json(s), 0);
     }
@@ -354,8 +526,13 @@ fn report_bake(s: &bake::MergeSummary, flags: &BakeFlags) -> Output {
                 s.layers_skipped.join(", ")
             )
         };
+        let on = if s.device == "cpu" {
+            String::new()
+        } else {
+            format!(" on {}", s.device)
+        };
         warn(&format!(
-            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s){skipped}",
+            "baked {} layer(s) into {} tensor(s) of {} → {} ({:.1} MB in {:.2} s{on}){skipped}",
             s.layers_baked,
             s.tensors_rotated,
             s.base,
@@ -407,8 +584,48 @@ fn convert_command(
     allow_lossy: bool,
     zip: bool,
     as_json: bool,
+    lora: &LoraFlags,
 ) -> Result<Output, Error> {
+    if let Writes::LowRank = to.writes {
+        let Some(base) = base else {
+            return Err(Error::usage(
+                "--to lora needs --base BASE: a LoRA stores the weight change W′ − W, which \
+                 depends on the base",
+            ));
+        };
+        if allow_lossy {
+            return Err(Error::usage(
+                "--to lora needs no --allow-lossy: a LoRA is an approximation, and the report \
+                 says how far it is",
+            ));
+        }
+        let opts = bridge::lora::LoraOptions {
+            base,
+            rule: lora.rule()?,
+            layout: match lora.layout {
+                None | Some(LoraLayoutArg::Peft) => bridge::lora::LoraLayout::Peft,
+                Some(LoraLayoutArg::Kohya) => bridge::lora::LoraLayout::Kohya,
+            },
+            threads: lora.threads,
+            zip,
+        };
+        let progress = progress_bar(as_json);
+        let r = bridge::lora::run(input, output, &opts, progress.as_ref())?;
+        let text = if as_json {
+            json(&r)
+        } else {
+            bridge::lora::render(&r)
+        };
+        return Ok(Output::new(text, 0));
+    }
+    if let Some(flag) = lora.given() {
+        return Err(Error::usage(format!(
+            "{flag} applies to --to lora, not --to {}",
+            to.id
+        )));
+    }
     match to.writes {
+        Writes::LowRank => {}
         Writes::Canonical => {}
         Writes::No(why) => return Err(layouts::not_writable(to, why)),
         Writes::Writer(_) => {
@@ -459,32 +676,22 @@ fn run(command: Command) -> Result<Output, Error> {
             blend,
             flags,
         } => {
+            let opts = flags.options()?;
             let inputs = bake::load_inputs(&adapter_args(&adapters)?, blend.into(), &base)?;
             let progress = flags.progress();
-            bake::merge(
-                &base,
-                inputs,
-                &flags.output,
-                &flags.options(),
-                progress.as_ref(),
-            )
-            .map(|s| report_bake(&s, &flags))
+            bake::merge(&base, inputs, &flags.output, &opts, progress.as_ref())
+                .map(|s| report_bake(&s, &flags))
         }
         Command::Unmerge {
             merged,
             adapters,
             flags,
         } => {
+            let opts = flags.options()?;
             let args = adapter_args(&adapters)?;
             let progress = flags.progress();
-            bake::unmerge(
-                &merged,
-                &args,
-                &flags.output,
-                &flags.options(),
-                progress.as_ref(),
-            )
-            .map(|s| report_bake(&s, &flags))
+            bake::unmerge(&merged, &args, &flags.output, &opts, progress.as_ref())
+                .map(|s| report_bake(&s, &flags))
         }
         Command::Compose {
             adapters,
@@ -499,6 +706,36 @@ fn run(command: Command) -> Result<Output, Error> {
             collapse,
         )
         .map(|s| report_compose(&s, j)),
+        Command::Extract {
+            base,
+            finetuned,
+            output,
+            block_size,
+            side,
+            targets,
+            threads,
+            quiet,
+            json: j,
+        } => {
+            let opts = bridge::extract::Options {
+                block_size,
+                side: match side {
+                    SideArg::Input => oftool::model::Side::Input,
+                    SideArg::Output => oftool::model::Side::Output,
+                },
+                targets,
+                threads,
+            };
+            let progress = progress_bar(quiet || j);
+            bridge::extract::run(&base, &finetuned, &output, &opts, progress.as_ref()).map(|r| {
+                let text = if j {
+                    json(&r)
+                } else {
+                    bridge::extract::render(&r)
+                };
+                Output::new(text, 0)
+            })
+        }
         Command::Convert {
             input,
             output,
@@ -507,8 +744,83 @@ fn run(command: Command) -> Result<Output, Error> {
             allow_lossy,
             zip,
             json: j,
-        } => convert_command(&input, &output, to, base.as_deref(), allow_lossy, zip, j),
+            lora,
+        } => convert_command(
+            &input,
+            &output,
+            to,
+            base.as_deref(),
+            allow_lossy,
+            zip,
+            j,
+            &lora,
+        ),
+        Command::DeviceCheck { check, device } => device_check(check, &device),
     }
+}
+
+fn device_check(check: DeviceCheck, device: &str) -> Result<Output, Error> {
+    use oftool::device_check as dc;
+    let dev = dc::device(device.parse()?)?;
+    let mut lines = String::new();
+    let v = match check {
+        DeviceCheck::Parity {
+            base,
+            adapter,
+            merged,
+        } => dc::parity(&base, &adapter, merged.as_deref(), &dev)?,
+        DeviceCheck::ParityCases { dir } => {
+            let all = dc::parity_cases(&dir, &dev)?;
+            for v in &all {
+                lines.push_str(&format!("{v}\n"));
+            }
+            let ok = all.iter().all(|v| v["ok"] == serde_json::Value::Bool(true));
+            serde_json::json!({ "mode": "parity-cases", "cases": all.len(), "ok": ok })
+        }
+        DeviceCheck::Compare { a, b } => dc::compare_files(&a, &b)?,
+        DeviceCheck::Bench {
+            dtype,
+            rows,
+            cols,
+            block,
+            stages,
+            side,
+            runs,
+            cpu,
+        } => {
+            let dtype = match dtype.as_str() {
+                "f16" => safetensors::Dtype::F16,
+                "bf16" => safetensors::Dtype::BF16,
+                "f32" => safetensors::Dtype::F32,
+                "f64" => safetensors::Dtype::F64,
+                _ => return Err(Error::usage(format!("unknown dtype `{dtype}`"))),
+            };
+            let side = match side.as_str() {
+                "input" => oftool::model::Side::Input,
+                "output" => oftool::model::Side::Output,
+                _ => return Err(Error::usage(format!("unknown side `{side}`"))),
+            };
+            let spec = dc::BenchSpec {
+                dtype,
+                rows,
+                cols,
+                block,
+                stages,
+                side,
+                runs,
+                cpu,
+            };
+            dc::bench(&spec, &dev)?
+        }
+        DeviceCheck::Ceilings {
+            copy_bytes,
+            n,
+            runs,
+        } => dc::ceilings(&dev, copy_bytes, n, runs)?,
+    };
+    lines.push_str(&format!("{v}\n"));
+    let failed = v["ok"] == serde_json::Value::Bool(false);
+    Ok(Output::new(lines, u8::from(failed)))
 }
 
 /// Process setup: a file-size limit (`ulimit -f`) must surface as an ordinary write error
@@ -598,7 +910,7 @@ mod tests {
             let listed = help.contains(&format!("- {}: ", l.id));
             match l.writes {
                 Writes::No(_) => assert!(!listed, "{} is listed: {help}", l.id),
-                Writes::Canonical | Writes::Writer(_) => {
+                Writes::Canonical | Writes::Writer(_) | Writes::LowRank => {
                     assert!(listed, "{} missing: {help}", l.id);
                     assert!(help.contains(l.about), "{}'s help line: {help}", l.id);
                 }
@@ -619,7 +931,7 @@ mod tests {
             }
         }
         assert!(
-            Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", "lora"]).is_err()
+            Cli::try_parse_from(["oftool", "convert", "x", "-o", "y", "--to", "lokr"]).is_err()
         );
     }
 }

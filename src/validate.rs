@@ -405,9 +405,13 @@ pub fn check_base(adapter: &Adapter, base: &Path) -> Result<Vec<Problem>> {
     let mut out = Vec::new();
     let mut located = Vec::new();
     for layer in &adapter.layers {
-        let found = base.locate(layer).and_then(|loc| {
-            let problems = base.check(layer, &loc)?;
-            located.push((layer, loc));
+        // A fused module on a split base lands on several tensors: each part must fit.
+        let found = base.locate_all(layer).and_then(|locs| {
+            let mut problems = Vec::new();
+            for loc in &locs {
+                problems.extend(base.check(&crate::base::part_layer(layer, loc), loc)?);
+            }
+            located.extend(locs.into_iter().map(|loc| (layer, loc)));
             Ok(problems)
         });
         match found {

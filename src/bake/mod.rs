@@ -15,11 +15,12 @@
 //! The base is never held in memory: only the tensors in flight are. `src/README.md` draws the
 //! data flow and says how to add a compute backend.
 
-mod backend;
+pub(crate) mod backend;
 mod codec;
-mod plan;
+pub(crate) mod plan;
 mod stream;
 
+pub use crate::candle_rotate::DeviceChoice;
 pub use crate::strength::AdapterArg;
 pub use stream::{NoProgress, Progress};
 
@@ -44,6 +45,9 @@ pub struct MergeOptions {
     pub skip_missing: bool,
     /// Bake even where base-binding hashes do not match.
     pub force: bool,
+    /// Where the rotation runs: the native CPU kernels (default), or the candle backend on a
+    /// CUDA device or candle's CPU device. `Auto` falls back to the CPU with a note.
+    pub device: DeviceChoice,
 }
 
 /// What a bake wrote (the `--json` summary of `merge` and `unmerge`).
@@ -71,6 +75,11 @@ pub struct MergeSummary {
     pub seconds: f64,
     /// Peak resident memory, where the system reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// Where the rotation ran: `cpu`, `candle-cpu` or `cuda:N`.
+    pub device: String,
+    /// Why `--device auto` did not use a GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_note: Option<String>,
 }
 
 /// One adapter to bake, already loaded.
@@ -184,20 +193,27 @@ pub fn merge(
         )));
     }
     let plan = plan::plan(&checkpoint, &adapters, opts)?;
-    let cpu = backend::cpu::Cpu::new(opts.threads)?;
-    let stream_opts = stream::StreamOptions {
-        in_flight: cpu.in_flight(),
-    };
+    let (device, device_note) = crate::candle_rotate::resolve_device(opts.device)?;
     let metadata = output_metadata(&adapters);
-    let written = stream::write(
-        &checkpoint,
-        &plan.jobs,
-        out,
-        &metadata,
-        &cpu,
-        progress,
-        stream_opts,
-    )?;
+    let (written, device_name) = match device {
+        None => {
+            let cpu = backend::cpu::Cpu::new(opts.threads)?;
+            let w = stream_with(&checkpoint, &plan, out, &metadata, &cpu, progress)?;
+            (w, DeviceChoice::Cpu.to_string())
+        }
+        Some(device) => {
+            let name = match &device {
+                candle_core::Device::Cpu => DeviceChoice::CandleCpu.to_string(),
+                _ => match opts.device {
+                    DeviceChoice::Cuda(n) => DeviceChoice::Cuda(n).to_string(),
+                    _ => DeviceChoice::Cuda(0).to_string(),
+                },
+            };
+            let candle = backend::candle::Candle::new(device, opts.threads)?;
+            let w = stream_with(&checkpoint, &plan, out, &metadata, &candle, progress)?;
+            (w, name)
+        }
+    };
     Ok(MergeSummary {
         base: base.display().to_string(),
         output: out.display().to_string(),
@@ -210,7 +226,32 @@ pub fn merge(
         bytes_written: written.bytes,
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
+        device: device_name,
+        device_note,
     })
+}
+
+/// Stream the planned jobs through `backend` into `out`.
+fn stream_with<B: Backend>(
+    checkpoint: &Base,
+    plan: &plan::Plan<'_>,
+    out: &Path,
+    metadata: &BTreeMap<String, String>,
+    backend: &B,
+    progress: &dyn Progress,
+) -> Result<stream::Written> {
+    let stream_opts = stream::StreamOptions {
+        in_flight: backend.in_flight(),
+    };
+    stream::write(
+        checkpoint,
+        &plan.jobs,
+        out,
+        metadata,
+        backend,
+        progress,
+        stream_opts,
+    )
 }
 
 /// `oftool unmerge MERGED ADAPTER[:S]… -o BASE`: bake the exact inverse of each adapter, in

@@ -5,9 +5,10 @@
 use super::backend::Edit;
 use super::{BakeInput, MergeOptions};
 use crate::apply::Blend;
-use crate::base::{Base, Located, Lookup, check_shape, first_shared_rows};
+use crate::base::{Base, Located, Lookup, check_shape, first_shared_rows, part_layer};
 use crate::error::{Category, Error, Result};
 use crate::model::{FEATURE_STACKED_LAYERS, Layer};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// One base file and the edits of its tensors, each tensor's in the order they apply.
@@ -26,11 +27,13 @@ pub(crate) struct Plan<'a> {
     pub skipped: Vec<String>,
 }
 
-/// A layer and where it lands.
+/// A layer (or the part of it that lands on one tensor) and where it lands.
 struct Placement<'a> {
     loc: Located,
-    layer: &'a Layer,
+    layer: Cow<'a, Layer>,
     blend: Blend,
+    /// The first (or only) placement of its layer.
+    first: bool,
 }
 
 /// Plan the bake of `inputs` (in order) into `base`; refuse with every problem at once.
@@ -49,7 +52,7 @@ pub(crate) fn plan<'a>(
             edits: BTreeMap::new(),
         })
         .collect();
-    let layers_baked = placements.len();
+    let layers_baked = placements.iter().filter(|p| p.first).count();
     for p in placements {
         if let Some(job) = jobs.get_mut(p.loc.file) {
             let edit = Edit {
@@ -81,8 +84,13 @@ fn place<'a>(
         let first = placements.len();
         for layer in &input.adapter.layers {
             let name = &layer.target.name;
-            let loc = match base.lookup(layer) {
-                Lookup::Found(loc) => loc,
+            let locs = match base.lookup(layer) {
+                Lookup::Found(loc) => vec![loc],
+                Lookup::Split(locs) => locs,
+                Lookup::Unfit(m) => {
+                    problems.push((Category::TargetShape, format!("{m} ({label})")));
+                    continue;
+                }
                 Lookup::Missing => {
                     missing.push(format!("{name} ({label})"));
                     continue;
@@ -98,16 +106,24 @@ fn place<'a>(
                     continue;
                 }
             };
-            let unfit = check_shape(layer, &loc);
-            if !unfit.is_empty() {
-                problems.extend(unfit.iter().map(|e| (e.category(), e.to_string())));
-                continue;
+            for (n, loc) in locs.into_iter().enumerate() {
+                let layer = part_layer(layer, &loc);
+                let unfit = check_shape(&layer, &loc);
+                if !unfit.is_empty() {
+                    problems.extend(unfit.iter().map(|e| (e.category(), e.to_string())));
+                    continue;
+                }
+                let blend = match input.runtime_strength {
+                    Some(s) => input.mode.layer_blend(&layer, s),
+                    None => Blend::default(),
+                };
+                placements.push(Placement {
+                    loc,
+                    layer,
+                    blend,
+                    first: n == 0,
+                });
             }
-            let blend = match input.runtime_strength {
-                Some(s) => input.mode.layer_blend(layer, s),
-                None => Blend::default(),
-            };
-            placements.push(Placement { loc, layer, blend });
         }
         // Layers of one file on common rows of a tensor apply in file order, which the file
         // must say by requiring `stacked-layers` (spec §8.4).
@@ -154,7 +170,7 @@ fn place<'a>(
 fn check_bindings(base: &Base, placements: &[Placement<'_>]) -> Result<()> {
     let mut bad = Vec::new();
     for p in placements {
-        if base.check_binding(p.layer, &p.loc)?.is_some() {
+        if base.check_binding(&p.layer, &p.loc)?.is_some() {
             bad.push(p.layer.target.name.clone());
         }
     }

@@ -11,6 +11,9 @@
 //! Tensor data is read with plain positioned reads when needed (binding hashes, reports); no
 //! mapping is kept open, so a `Base` costs only its headers.
 
+// Row-range lists often hold one range: that is a list, not a range to expand.
+#![allow(clippy::single_range_in_vec_init)]
+
 mod files;
 
 pub use files::{COMPONENTS, Storage};
@@ -20,7 +23,7 @@ pub(crate) use files::list_dir;
 use crate::apply::Matrix;
 use crate::error::{Category, Error, Result};
 use crate::model::{BaseBinding, Layer, RowRange, Side};
-use crate::resolve::{AliasTable, Resolved};
+use crate::resolve::{AliasTable, Piece};
 use crate::tensors::MappedFile;
 use safetensors::tensor::Dtype;
 use std::collections::HashMap;
@@ -196,9 +199,9 @@ pub struct Located {
     pub dtype: Dtype,
     /// The rows of the tensor the layer covers, in the layer's row order.
     pub rows: RowSlice,
-    /// When the layer lists `target.rows`: the rows of the weight its name resolved to (which
-    /// the listed ranges must lie within), and whether they fit.
-    pub named_rows: Option<(usize, bool)>,
+    /// Which of the layer's rows (ranges of its row indices, in order) land here, when the
+    /// layer spans several tensors (a fused module on a split base); `None`: all of them.
+    pub part: Option<Vec<Range<usize>>>,
     group: usize,
     /// Absolute byte offset and length of the tensor's data in its file.
     data: (u64, u64),
@@ -245,12 +248,21 @@ struct Group {
     tensors: HashMap<String, TensorMeta>,
 }
 
+/// A tensor a layer lands on: its key, its rows (in the layer's order) and the layer rows they are.
+type PerTensor<'a> = (&'a str, Vec<Range<usize>>, Vec<Range<usize>>);
+
 /// What a layer's name resolves to, before it becomes an error.
 pub(crate) enum Lookup {
     Found(Located),
+    /// Input-side rows of several tensors (a fused module on a split base): one location each,
+    /// with the layer rows it takes (`Located::part`).
+    Split(Vec<Located>),
     Missing,
     /// The keys it could mean.
     Ambiguous(Vec<String>),
+    /// It names tensors it cannot be applied to as named (`target-shape`): rows outside the
+    /// named weight, or an output-side layer across tensors.
+    Unfit(String),
 }
 
 /// A base checkpoint with every header read.
@@ -340,12 +352,63 @@ impl Base {
         }
     }
 
+    /// Every tensor, whole (all rows): group by group, keys sorted within a group.
+    pub fn tensors(&self) -> Vec<Located> {
+        let mut out = Vec::new();
+        for (g, group) in self.groups.iter().enumerate() {
+            let mut keys: Vec<&String> = group.tensors.keys().collect();
+            keys.sort();
+            for key in keys {
+                if let Some(meta) = group.tensors.get(key) {
+                    out.push(Located {
+                        file: meta.file,
+                        key: key.clone(),
+                        shape: meta.shape.clone(),
+                        dtype: meta.dtype,
+                        rows: RowSlice::whole(meta.shape.first().copied().unwrap_or(0)),
+                        part: None,
+                        group: g,
+                        data: meta.data,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The diffusion-transformer family, layout and key root of a one-model base.
+    pub fn dit(&self) -> Option<crate::resolve::dit::Detected> {
+        self.groups.iter().find_map(|g| g.table.dit())
+    }
+
+    /// Every tensor `layer` lands on: one, or (an input-side fused module on a split base)
+    /// several, each with the layer rows it takes. Errors as [`Base::locate`].
+    pub fn locate_all(&self, layer: &Layer) -> Result<Vec<Located>> {
+        match self.lookup(layer) {
+            Lookup::Split(locs) => Ok(locs),
+            _ => self.locate(layer).map(|l| vec![l]),
+        }
+    }
+
     /// Find the tensor `layer` targets: `target-missing` when nothing matches, `target-ambiguous`
-    /// when several tensors do.
+    /// when several tensors do; a layer that spans several tensors is `unsupported` here
+    /// ([`Base::locate_all`] gives each).
     pub fn locate(&self, layer: &Layer) -> Result<Located> {
         let name = &layer.target.name;
         match self.lookup(layer) {
             Lookup::Found(loc) => Ok(loc),
+            Lookup::Split(locs) => Err(Error::new(
+                Category::Unsupported,
+                format!(
+                    "`{name}` spans several tensors ({}); this command takes one per layer",
+                    locs.iter()
+                        .map(|l| l.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+            .tensor(name)),
+            Lookup::Unfit(m) => Err(Error::new(Category::TargetShape, m).tensor(name)),
             Lookup::Missing => Err(Error::new(
                 Category::TargetMissing,
                 format!("no tensor in {} matches `{name}`", self.path.display()),
@@ -370,47 +433,130 @@ impl Base {
                 _ => true,
             }
         });
-        let mut hits: Vec<(usize, Resolved)> = Vec::new();
+        let mut hits: Vec<(usize, Vec<Piece>)> = Vec::new();
         let mut ambiguous = Vec::new();
         for g in candidates {
-            match self.groups[g].table.resolve(&layer.target) {
+            match self.groups[g].table.resolve_pieces(&layer.target) {
                 Ok(r) => hits.push((g, r)),
                 Err(c) => ambiguous.extend(c),
             }
         }
         if !ambiguous.is_empty() || hits.len() > 1 {
-            let mut keys: Vec<String> = hits.into_iter().map(|(_, r)| r.key).collect();
+            let mut keys: Vec<String> = hits
+                .into_iter()
+                .flat_map(|(_, r)| r.into_iter().map(|p| p.key))
+                .collect();
             keys.extend(ambiguous);
             return Lookup::Ambiguous(keys);
         }
-        let Some((g, r)) = hits.pop() else {
+        let Some((g, pieces)) = hits.pop() else {
             return Lookup::Missing;
         };
-        let Some(meta) = self.groups[g].tensors.get(&r.key) else {
-            return Lookup::Missing;
+        let group = &self.groups[g];
+        // The named weight's rows as (key, rows of it) segments, laid end to end.
+        let mut segments: Vec<(&str, Range<usize>)> = Vec::new();
+        for p in &pieces {
+            let Some(meta) = group.tensors.get(&p.key) else {
+                return Lookup::Missing;
+            };
+            match &p.rows {
+                None => segments.push((&p.key, 0..meta.shape.first().copied().unwrap_or(0))),
+                Some(v) => segments.extend(v.iter().map(|r| (p.key.as_str(), r.clone()))),
+            }
+        }
+        let name = &layer.target.name;
+        let total: usize = segments.iter().map(|(_, r)| r.len()).sum();
+        let wanted: Vec<Range<usize>> = match &layer.target.rows {
+            None => std::iter::once(0..total).collect(),
+            Some(rows) => {
+                let mut v = Vec::new();
+                for r in rows {
+                    let end = r
+                        .start
+                        .checked_add(r.len)
+                        .and_then(|e| usize::try_from(e).ok());
+                    match (usize::try_from(r.start), end) {
+                        (Ok(a), Some(b)) if b <= total => v.push(a..b),
+                        _ => {
+                            return Lookup::Unfit(format!(
+                                "`{name}` covers rows {}..{} of a weight of {total} rows",
+                                r.start,
+                                r.start.saturating_add(r.len)
+                            ));
+                        }
+                    }
+                }
+                v
+            }
         };
-        let named = match r.rows {
-            Some((start, len)) => RowSlice::range(start..start.saturating_add(len)),
-            None => RowSlice::whole(meta.shape.first().copied().unwrap_or(0)),
-        };
-        // The layer's own rows are rows of the weight its name resolved to.
-        let (rows, named_rows) = match &layer.target.rows {
-            None => (named, None),
-            Some(listed) => match named.select(listed) {
-                Some(rows) => (rows, Some((named.len(), true))),
-                None => (named.clone(), Some((named.len(), false))),
-            },
-        };
-        Lookup::Found(Located {
-            file: meta.file,
-            key: r.key,
-            shape: meta.shape.clone(),
-            dtype: meta.dtype,
-            rows,
-            named_rows,
-            group: g,
-            data: meta.data,
-        })
+        // The covered rows as (key, rows) in the layer's order, adjacent runs merged.
+        let mut covered: Vec<(&str, Range<usize>)> = Vec::new();
+        for w in &wanted {
+            let mut offset = 0;
+            for (key, seg) in &segments {
+                let (lo, hi) = (w.start.max(offset), w.end.min(offset + seg.len()));
+                if lo < hi {
+                    let r = seg.start + (lo - offset)..seg.start + (hi - offset);
+                    match covered.last_mut() {
+                        Some((k, last)) if k == key && last.end == r.start => last.end = r.end,
+                        _ => covered.push((key, r)),
+                    }
+                }
+                offset += seg.len();
+            }
+        }
+        // One location per tensor, in order of first appearance, with the layer rows it takes.
+        let mut per: Vec<PerTensor<'_>> = Vec::new();
+        let mut at = 0;
+        for (key, r) in covered {
+            let part = at..at + r.len();
+            at += r.len();
+            match per.iter_mut().find(|(k, _, _)| *k == key) {
+                Some((_, rows, parts)) => {
+                    rows.push(r);
+                    parts.push(part);
+                }
+                None => per.push((key, vec![r], vec![part])),
+            }
+        }
+        if per.len() > 1 && layer.side == Side::Output {
+            let keys: Vec<&str> = per.iter().map(|(k, _, _)| *k).collect();
+            return Lookup::Unfit(format!(
+                "`{name}` rotates output rows that lie in several tensors ({}): its blocks mix \
+                 rows of different tensors, which a tensor-by-tensor bake cannot apply; bake it \
+                 into a base with the fused layout",
+                keys.join(", ")
+            ));
+        }
+        if per.is_empty()
+            && let Some((key, r)) = segments.first()
+            && layer.target.rows.is_none()
+        {
+            // A tensor without rows (0-dim or empty): located, for `check` to say why it fails.
+            per.push((key, vec![r.clone()], std::iter::once(0..0).collect()));
+        }
+        let single = per.len() == 1;
+        let mut locs = Vec::new();
+        for (key, rows, parts) in per {
+            let Some(meta) = group.tensors.get(key) else {
+                return Lookup::Missing;
+            };
+            locs.push(Located {
+                file: meta.file,
+                key: key.to_string(),
+                shape: meta.shape.clone(),
+                dtype: meta.dtype,
+                rows: RowSlice::new(rows),
+                part: (!single).then_some(parts),
+                group: g,
+                data: meta.data,
+            });
+        }
+        match locs.len() {
+            0 => Lookup::Unfit(format!("`{name}` covers no rows")),
+            1 => Lookup::Found(locs.remove(0)),
+            _ => Lookup::Split(locs),
+        }
     }
 
     /// A name of the whole tensor at `loc` in the base's own naming (its key without the
@@ -558,6 +704,23 @@ impl Base {
 /// Bytes hashed per read when computing a binding.
 const HASH_PIECE: u64 = 4 << 20;
 
+/// `layer` as it applies at `loc`: itself, or, where it spans several tensors (an input-side
+/// fused module on a split base), the same rotation with its row scale cut to the layer rows
+/// this tensor takes ([`Located::part`]).
+pub fn part_layer<'a>(layer: &'a Layer, loc: &Located) -> std::borrow::Cow<'a, Layer> {
+    let Some(part) = &loc.part else {
+        return std::borrow::Cow::Borrowed(layer);
+    };
+    let mut l = layer.clone();
+    if let Some((_, scale)) = &mut l.row_scale {
+        *scale = part
+            .iter()
+            .flat_map(|r| scale.get(r.clone()).unwrap_or_default().iter().copied())
+            .collect();
+    }
+    std::borrow::Cow::Owned(l)
+}
+
 /// Every way `layer` does not fit the tensor at `loc` (`target-shape`): a dtype that cannot be
 /// rotated, fewer than two axes, rows outside the tensor, a stage partition or row scale that
 /// does not match the covered rows.
@@ -578,18 +741,6 @@ pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
     if shape.len() < 2 {
         out.push(problem(format!(
             "`{key}` has shape {shape:?}, not a weight matrix"
-        )));
-        return out;
-    }
-    if let (Some((n, false)), Some(listed)) = (loc.named_rows, &layer.target.rows) {
-        let listed: Vec<String> = listed
-            .iter()
-            .map(|r| format!("[{}, {}]", r.start, r.len))
-            .collect();
-        out.push(problem(format!(
-            "rows {} reach past the {n} rows `{}` names in `{key}`",
-            listed.join(", "),
-            layer.target.name
         )));
         return out;
     }
@@ -750,6 +901,69 @@ mod tests {
         assert!(check_shape(&l, &loc)[0].message().contains("outside"));
     }
 
+    /// A split (diffusers) FLUX.1 attention: `to_q`, `to_k`, `to_v`, 4 × 2 each.
+    fn split_qkv(dir: &Path) -> PathBuf {
+        let w: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let keys: Vec<String> = ["to_q", "to_k", "to_v"]
+            .iter()
+            .map(|p| format!("transformer_blocks.0.attn.{p}.weight"))
+            .collect();
+        let tensors: Vec<(&str, Dtype, &[usize], &[u8])> = keys
+            .iter()
+            .map(|k| (k.as_str(), Dtype::F32, &[4usize, 2][..], w.as_slice()))
+            .collect();
+        let path = dir.join("split.safetensors");
+        let mut f = File::create(&path).unwrap();
+        crate::tensors::write_safetensors(&mut f, &tensors, HashMap::new()).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_fused_module_on_a_split_base() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = Base::open(&split_qkv(tmp.path())).unwrap();
+        // Input side: one location per tensor, each with its layer rows and row-scale part.
+        let mut l = layer("diffusion_model.double_blocks.0.img_attn.qkv", Side::Input);
+        l.row_scale = Some((
+            crate::model::ScalePosition::After,
+            (0..12).map(f64::from).collect(),
+        ));
+        let locs = base.locate_all(&l).unwrap();
+        let keys: Vec<&str> = locs.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "transformer_blocks.0.attn.to_q.weight",
+                "transformer_blocks.0.attn.to_k.weight",
+                "transformer_blocks.0.attn.to_v.weight"
+            ]
+        );
+        assert_eq!(locs[1].part, Some(vec![4..8]));
+        assert!(locs[1].rows.is_whole(4));
+        let part = part_layer(&l, &locs[1]);
+        assert_eq!(part.row_scale.as_ref().unwrap().1, [4.0, 5.0, 6.0, 7.0]);
+        assert!(check_shape(&part, &locs[1]).is_empty());
+        assert_eq!(
+            base.locate(&l).unwrap_err().category(),
+            Category::Unsupported
+        );
+        // Rows of the fused name (kohya's splits) land on one tensor.
+        l.target.rows = Some(vec![crate::model::RowRange { start: 6, len: 2 }]);
+        l.row_scale = None;
+        let loc = base.locate(&l).unwrap();
+        assert_eq!(loc.key, "transformer_blocks.0.attn.to_k.weight");
+        assert_eq!(loc.rows, RowSlice::range(2..4));
+        // Rows past the fused weight, and output-side blocks across tensors: refused.
+        l.target.rows = Some(vec![crate::model::RowRange { start: 10, len: 4 }]);
+        let e = base.locate(&l).unwrap_err();
+        assert_eq!(e.category(), Category::TargetShape);
+        assert!(e.message().contains("rows 10..14 of a weight of 12 rows"));
+        let mut out = layer("double_blocks.0.img_attn.qkv", Side::Output);
+        out.target.rows = Some(vec![crate::model::RowRange { start: 2, len: 4 }]);
+        let e = base.locate_all(&out).unwrap_err();
+        assert!(e.message().contains("several tensors"), "{e}");
+    }
+
     #[test]
     fn listed_rows_compose_with_the_resolved_rows() {
         let tmp = tempfile::tempdir().unwrap();
@@ -767,10 +981,9 @@ mod tests {
         assert_eq!(m.data, [2.0, 2.5, 3.0, 3.5, 0.0, 0.5, 1.0, 1.5]);
         // Past the named weight's rows: a target-shape problem naming them.
         l.target.rows = Some(vec![RowRange { start: 3, len: 2 }]);
-        let loc = base.locate(&l).unwrap();
-        let p = check_shape(&l, &loc);
-        assert_eq!(p[0].category(), Category::TargetShape);
-        assert!(p[0].message().contains("reach past the 4 rows"), "{}", p[0]);
+        let e = base.locate(&l).unwrap_err();
+        assert_eq!(e.category(), Category::TargetShape);
+        assert!(e.message().contains("of a weight of 4 rows"), "{e}");
         // Rows of a slice are rows within it.
         let s = RowSlice::new(vec![10..14, 0..4]);
         let pick = |v: &[(u64, u64)]| {

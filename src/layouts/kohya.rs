@@ -9,7 +9,12 @@
 //!   the tensors ([`super::codec::packed`]). A trainer-prefixed `oft_R.weight` file without
 //!   OneTrainer's marker is read as kohya's.
 //! * `networks.boft` (§4.3): `lora_*.boft_R` / `.boft_s` ([`super::codec::butterfly`]), read.
-//! * Legacy Flux `networks.oft_flux` (§4.2, `oft_blocks.<i>`): refused with the reason.
+//! * Legacy Flux `networks.oft_flux` (§4.2): `oft_unet_<BFL module>.oft_blocks.<i> [N, b_i, b_i]`
+//!   and one `.alpha`, one output-side rotation per split of a fused weight (`img_attn.qkv`: q, k,
+//!   v; `linear1`: q, k, v and the MLP input, of different sizes), each clamped to radius
+//!   `alpha · rows of the split`. Each split is read as a layer of its own on its rows of the
+//!   named weight (`Target::rows`: the splits laid end to end, in index order). The reference is
+//!   the module's forward (its `merge_to` cannot merge, fixtures/README.md).
 //!
 //! `--to kohya` writes an adapter whose layers mostly rotate output rows as `networks.oft`,
 //! else as `networks.oft_v2`; SDXL U-Net modules get sd-scripts' sgm names when the base says
@@ -35,7 +40,7 @@ pub static LAYOUT: Layout = Layout {
         markers: &[],
         directories: false,
         detect,
-        variants: &[&OFT, &OFT_V2, &BOFT],
+        variants: &[&OFT, &OFT_FLUX, &OFT_V2, &BOFT],
     }),
     writes: Writes::Writer(write),
     metadata_keys: &[
@@ -55,19 +60,20 @@ static OFT: Variant = Variant::new("oft", import_legacy);
 
 static OFT_V2: Variant = Variant::new("oft-v2", import_v2);
 
+/// `networks.oft_flux`.
+static OFT_FLUX: Variant = Variant::new("oft-flux", import_flux);
+
 static BOFT: Variant = Variant::new("boft", import_boft);
 
 fn detect(probe: &Probe<'_>) -> Result<Vec<Claim>> {
-    if probe.any(|n| n.contains(".oft_blocks.")) {
-        return Err(Error::unsupported(
-            probe.path,
-            "kohya's legacy Flux OFT (`oft_blocks.<i>`, one rotation per split of the fused \
-             qkv/linear1 weights) is not imported: its splits of different sizes are no single \
-             block-diagonal rotation in format 1.0, and kohya's own merge of it is broken \
-             (formats.md §4.2); bake it with sd-scripts' training-time forward instead",
-        ));
-    }
     let mut claims = Vec::new();
+    if probe.any(|n| n.contains(".oft_blocks.")) {
+        if probe.metadata("ss_network_module") == Some("networks.oft_flux") {
+            claims.push(Claim::marker(&OFT_FLUX));
+        } else {
+            claims.push(Claim::names(&OFT_FLUX));
+        }
+    }
     if probe.any(|n| {
         n.ends_with(".oft_blocks") && n.starts_with(names::KOHYA_OFT_UNET) && probe.rank(n) != 4
     }) {
@@ -102,6 +108,74 @@ fn import_legacy(src: &Source<'_>) -> Result<Adapter> {
         src.path,
         src.file,
         "kohya-oft",
+        None,
+        BTreeMap::new(),
+        layers,
+    )
+}
+
+fn import_flux(src: &Source<'_>) -> Result<Adapter> {
+    if src.semantics == blocks::Semantics::ComfyUi {
+        return Err(Error::unsupported(
+            src.path,
+            "ComfyUI does not load kohya `networks.oft_flux` files (it reports \"lora key not loaded\")",
+        ));
+    }
+    let st = src.file.tensors();
+    // module → split indices present.
+    let mut modules: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for name in st.names() {
+        if let Some(m) = name.strip_suffix(".alpha") {
+            modules.entry(m.to_string()).or_default();
+            continue;
+        }
+        let split = name
+            .rsplit_once(".oft_blocks.")
+            .and_then(|(m, i)| Some((m, i.parse::<usize>().ok()?)));
+        let Some((m, i)) = split else {
+            return Err(Error::format(
+                src.path,
+                format!(
+                    "unexpected tensor `{name}` in a kohya oft_flux file (expected `*.oft_blocks.<i>`, `*.alpha`)"
+                ),
+            ));
+        };
+        modules.entry(m.to_string()).or_default().push(i);
+    }
+    let mut layers = Vec::new();
+    for (module, mut splits) in modules {
+        splits.sort_unstable();
+        if splits.is_empty() || splits.iter().enumerate().any(|(n, &i)| n != i) {
+            return Err(Error::format(
+                src.path,
+                format!(
+                    "`{module}` has splits {splits:?}; kohya oft_flux writes `oft_blocks.0` … `oft_blocks.<n−1>`"
+                ),
+            ));
+        }
+        let single = splits.len() == 1;
+        let mut start = 0u64;
+        for i in splits {
+            let (mut layer, _) = blocks::read_blocks(
+                src,
+                &st,
+                &module,
+                &format!("oft_blocks.{i}"),
+                Family::KohyaLegacy,
+            )?;
+            let len = layer.target.rotated_dim.unwrap_or(0);
+            // One split covers the whole weight (kohya splits only qkv and linear1).
+            if !single {
+                layer.target.rows = Some(vec![RowRange { start, len }]);
+            }
+            start += len;
+            layers.push(layer);
+        }
+    }
+    common::adapter(
+        src.path,
+        src.file,
+        "kohya-oft-flux",
         None,
         BTreeMap::new(),
         layers,

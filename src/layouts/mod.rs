@@ -18,8 +18,7 @@
 //! [`Evidence`]: a producer's own *marker* (metadata it writes, a tensor only it writes) or the
 //! tensor *names* alone. Exactly one layout and variant must claim a file: markers first, then
 //! names; two claims on one tier are "mixed layouts", none is "no OFT tensors found", with what
-//! was looked for taken from the registry. A `detect` may also refuse a file it recognises
-//! (kohya's legacy Flux OFT).
+//! was looked for taken from the registry. A `detect` may also refuse a file it recognises.
 //!
 //! Shared pieces, which no layout module reaches past: [`names`] (components and name
 //! prefixes), [`common`] (reading helpers), [`container`] (files, pickles, PEFT-style
@@ -32,6 +31,7 @@ pub(crate) mod comfyui;
 pub(crate) mod common;
 pub(crate) mod container;
 pub(crate) mod kohya;
+pub(crate) mod lora;
 pub(crate) mod lycoris;
 pub(crate) mod names;
 pub(crate) mod oft;
@@ -56,6 +56,7 @@ pub static LAYOUTS: &[&Layout] = &[
     &lycoris::LAYOUT,
     &kohya::LAYOUT,
     &onetrainer::LAYOUT,
+    &lora::LAYOUT,
     &authors::LAYOUT,
 ];
 
@@ -113,6 +114,9 @@ pub enum Writes {
     Canonical,
     /// A foreign layout: the files and per-layer verdicts, nothing on disk yet.
     Writer(fn(&Adapter, &Context<'_>) -> Result<Written>),
+    /// A LoRA approximating the bake: written from the adapter *and* the base, with a rank rule,
+    /// by [`crate::bridge::lora`] (`convert --to lora --base BASE`).
+    LowRank,
     /// Not written, because …
     No(&'static str),
 }
@@ -259,7 +263,7 @@ pub fn find(name: &str) -> Option<&'static Layout> {
 pub fn writers() -> impl Iterator<Item = (&'static Layout, WriteFn)> {
     LAYOUTS.iter().filter_map(|l| match l.writes {
         Writes::Writer(f) => Some((*l, f)),
-        Writes::Canonical | Writes::No(_) => None,
+        Writes::Canonical | Writes::LowRank | Writes::No(_) => None,
     })
 }
 
@@ -448,6 +452,10 @@ pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<W
         },
         Writes::Canonical => Err(Error::usage(format!(
             "`{}` is written by `oftool convert IN -o OUT.oft`",
+            layout.id
+        ))),
+        Writes::LowRank => Err(Error::usage(format!(
+            "`{}` is written by `oftool convert IN --to lora --base BASE -o OUT`",
             layout.id
         ))),
         Writes::No(why) => Err(not_writable(layout, why)),

@@ -13,14 +13,27 @@
 //!   `text_encoder_2.`, and flattened under `lora_te_`/`lora_te1_` (first encoder) or
 //!   `lora_te2_` (second). OpenCLIP's fused `attn.in_proj_weight` answers to q/k/v with a row
 //!   slice (which needs the tensor's shape: [`AliasTable::with_shapes`]).
-//! * Any other `X.weight` (Flux, VAE, …) answers to `X` with common component prefixes
+//! * Diffusion transformers ([`dit`]: FLUX.1, SD3/3.5, HunyuanVideo, Qwen-Image), diffusers or
+//!   original single-file layout under any of [`dit::ROOTS`]: each module answers to its own name
+//!   and to the other layout's, dotted under `transformer.` / `diffusion_model.` /
+//!   `model.diffusion_model.` and flattened. A diffusers name on an original base is rows of a
+//!   fused tensor (`to_k` → rows 16..32 of `img_attn.qkv`; `norm_out.linear` → both halves of
+//!   `final_layer.adaLN_modulation.1`, swapped); an original fused name on a diffusers base is
+//!   several tensors ([`AliasTable::resolve_pieces`]).
+//! * Any other `X.weight` (VAE, …) answers to `X` with common component prefixes
 //!   stripped, flattened under every known prefix, and with PEFT's `base_model.model.` wrapper.
 //!
 //! The target's component (`unet`, `text_encoder`, `text_encoder_2`, `transformer`) narrows
 //! the candidates: PEFT names carry no encoder index, so `text_model.encoder.layers.0…` in an
 //! SDXL checkpoint is ambiguous until the component says which encoder.
 
+// Row-range lists often hold one range: that is a list, not a range to expand.
+#![allow(clippy::single_range_in_vec_init)]
+
 mod clip;
+pub mod dit;
+#[cfg(test)]
+mod dit_tests;
 #[cfg(test)]
 mod tables;
 mod unet;
@@ -34,6 +47,7 @@ pub fn is_unet_module(name: &str) -> bool {
 use crate::layouts::names;
 use crate::model::Target;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use unet::{DIFFUSERS_TOP, LDM_TOP, Naming, UnetMap};
 
 /// Where a target lives in the base: a weight key, and for fused tensors (SDXL OpenCLIP
@@ -62,12 +76,25 @@ enum Slot {
     Extra,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Rows {
     Whole,
     Slice(usize, usize),
     /// A row slice whose bounds need the tensor's shape, which the table was not given.
     Unsized,
+    /// These rows of the key, in this order (a diffusers module on a fused or swapped tensor).
+    Ranges(Vec<Range<usize>>),
+    /// Rows of several keys laid end to end (a fused module on a split base); the entry's key
+    /// is the first.
+    Split(Vec<(String, Range<usize>)>),
+}
+
+/// One tensor of what a name resolves to: its key and the rows of it, in the name's row order
+/// (`None`: every row in stored order). A name's rows are its pieces' rows laid end to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub key: String,
+    pub rows: Option<Vec<Range<usize>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,10 +108,13 @@ struct Entry {
 #[derive(Clone)]
 pub struct AliasTable {
     map: HashMap<String, Vec<Entry>>,
+    /// The diffusion-transformer family and layout the keys are in, when they are one.
+    dit: Option<dit::Detected>,
 }
 
 /// Flattened prefixes of generic keys (old kohya/LyCORIS/ComfyUI conventions).
-const FLAT_PREFIXES: [&str; 6] = [
+const FLAT_PREFIXES: [&str; 7] = [
+    names::KOHYA_OFT_UNET,
     names::LORA_UNET,
     names::LORA_TE,
     names::LORA_TE1,
@@ -125,10 +155,12 @@ impl AliasTable {
     fn build(keys: Vec<(String, Option<Vec<usize>>)>) -> Self {
         let mut table = AliasTable {
             map: HashMap::new(),
+            dit: None,
         };
         let mut claimed: HashSet<usize> = HashSet::new();
         table.add_unets(&keys, &mut claimed);
         table.add_text_encoders(&keys, &mut claimed);
+        table.add_dit(&keys, &mut claimed);
         for (i, (key, _)) in keys.iter().enumerate() {
             if !claimed.contains(&i) {
                 table.add_generic(key);
@@ -286,12 +318,12 @@ impl AliasTable {
             }
             for n in names {
                 for c in components {
-                    self.add(format!("{c}{n}"), key, rows, owner);
+                    self.add(format!("{c}{n}"), key, rows.clone(), owner);
                 }
                 for p in flats {
-                    self.add(format!("{p}{}", flat(&n)), key, rows, owner);
+                    self.add(format!("{p}{}", flat(&n)), key, rows.clone(), owner);
                 }
-                self.add(n, key, rows, owner);
+                self.add(n, key, rows.clone(), owner);
             }
         }
     }
@@ -316,6 +348,7 @@ impl AliasTable {
         let flat_name = flat(stripped);
         aliases.extend(FLAT_PREFIXES.iter().map(|p| format!("{p}{flat_name}")));
         aliases.push(format!("diffusion_model.{stripped}"));
+        aliases.push(format!("transformer.{stripped}"));
         aliases.push(stripped.to_string());
         for a in aliases {
             self.add(a, key, Rows::Whole, Owner::Other);
@@ -338,16 +371,21 @@ impl AliasTable {
             .unwrap_or_default();
         match found[..] {
             [] => Err(Vec::new()),
-            [e] => match e.rows {
+            [e] => match &e.rows {
                 Rows::Whole => Ok(Resolved {
                     key: e.key.clone(),
                     rows: None,
                 }),
-                Rows::Slice(start, len) => Ok(Resolved {
+                &Rows::Slice(start, len) => Ok(Resolved {
                     key: e.key.clone(),
                     rows: Some((start, len)),
                 }),
-                Rows::Unsized => Err(vec![e.key.clone()]),
+                Rows::Ranges(r) if r.len() == 1 => Ok(Resolved {
+                    key: e.key.clone(),
+                    rows: Some((r[0].start, r[0].len())),
+                }),
+                Rows::Unsized | Rows::Ranges(_) => Err(vec![e.key.clone()]),
+                Rows::Split(parts) => Err(parts.iter().map(|(k, _)| k.clone()).collect()),
             },
             _ => {
                 let mut keys: Vec<String> = found.iter().map(|e| e.key.clone()).collect();
@@ -357,6 +395,192 @@ impl AliasTable {
             }
         }
     }
+}
+
+impl AliasTable {
+    /// The diffusion-transformer family, base layout and key root of the table's keys.
+    pub fn dit(&self) -> Option<dit::Detected> {
+        self.dit
+    }
+
+    /// Where a target resolves to, as the tensors its rows lie in (in its row order): one piece
+    /// for a tensor or rows of one; several for a fused module on a split base. `Err` as
+    /// [`AliasTable::resolve`].
+    pub fn resolve_pieces(&self, target: &Target) -> Result<Vec<Piece>, Vec<String>> {
+        let name = target
+            .name
+            .strip_prefix(PEFT_WRAPPER)
+            .unwrap_or(&target.name);
+        let component = target.component.as_deref();
+        let found: Vec<&Entry> = self
+            .map
+            .get(name)
+            .map(|v| v.iter().filter(|e| fits(e.owner, component)).collect())
+            .unwrap_or_default();
+        let e = match found[..] {
+            [] => return Err(Vec::new()),
+            [e] => e,
+            _ => {
+                let mut keys: Vec<String> = found.iter().map(|e| e.key.clone()).collect();
+                keys.sort();
+                keys.dedup();
+                return Err(keys);
+            }
+        };
+        let piece = |rows| Piece {
+            key: e.key.clone(),
+            rows,
+        };
+        Ok(match &e.rows {
+            Rows::Whole => vec![piece(None)],
+            &Rows::Slice(start, len) => vec![piece(Some(vec![start..start + len]))],
+            Rows::Ranges(r) => vec![piece(Some(r.clone()))],
+            Rows::Unsized => return Err(vec![e.key.clone()]),
+            Rows::Split(parts) => parts
+                .iter()
+                .map(|(k, r)| Piece {
+                    key: k.clone(),
+                    rows: Some(vec![r.clone()]),
+                })
+                .collect(),
+        })
+    }
+
+    /// The names a transformer module answers to: dotted as is, under the roots adapters use,
+    /// and flattened under every trainer prefix.
+    fn add_dit_module(&mut self, module: &str, key: &str, rows: &Rows) {
+        let mut aliases = vec![module.to_string()];
+        for root in ["transformer.", "diffusion_model.", "model.diffusion_model."] {
+            aliases.push(format!("{root}{module}"));
+        }
+        let flat_name = flat(module);
+        aliases.extend(FLAT_PREFIXES.iter().map(|p| format!("{p}{flat_name}")));
+        for a in aliases {
+            self.add(a, key, rows.clone(), Owner::Other);
+        }
+    }
+
+    /// Diffusion-transformer keys: detect the family and layout, then give every module its
+    /// own names and the other layout's (rows of fused tensors, pieces of split ones).
+    fn add_dit(&mut self, keys: &[(String, Option<Vec<usize>>)], claimed: &mut HashSet<usize>) {
+        let weights: Vec<(usize, &str)> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !claimed.contains(i))
+            .filter_map(|(i, (k, _))| k.strip_suffix(".weight").map(|m| (i, m)))
+            .collect();
+        let Some(d) = dit::detect(weights.iter().map(|&(_, m)| m)) else {
+            return;
+        };
+        self.dit = Some(d);
+        // Module below the root → key index.
+        let under: BTreeMap<&str, usize> = weights
+            .iter()
+            .filter_map(|&(i, m)| m.strip_prefix(d.root).map(|rest| (rest, i)))
+            .collect();
+        let shape = |i: usize| -> Option<(usize, usize)> {
+            let s = keys[i].1.as_ref()?;
+            Some((*s.first()?, s.iter().skip(1).product()))
+        };
+        for (&module, &i) in &under {
+            claimed.insert(i);
+            let key = keys[i].0.clone();
+            self.add(
+                key.strip_suffix(".weight").unwrap_or(&key).to_string(),
+                &key,
+                Rows::Whole,
+                Owner::Other,
+            );
+            self.add_dit_module(module, &key, &Rows::Whole);
+        }
+        for map in d.family.maps {
+            match d.layout {
+                dit::BaseLayout::Original => {
+                    for (&module, &i) in &under {
+                        let Some(index) = dit::matches(map.original, module) else {
+                            continue;
+                        };
+                        let key = keys[i].0.clone();
+                        for (j, rows) in original_rows(map, shape(i)) {
+                            let name = dit::fill(map.diffusers[j], index);
+                            self.add_dit_module(&name, &key, &rows);
+                        }
+                    }
+                }
+                dit::BaseLayout::Diffusers => {
+                    let Some(first) = map.diffusers.first() else {
+                        continue;
+                    };
+                    for &module in under.keys() {
+                        let Some(index) = dit::matches(first, module) else {
+                            continue;
+                        };
+                        let parts: Vec<Option<usize>> = map
+                            .diffusers
+                            .iter()
+                            .map(|t| under.get(dit::fill(t, index).as_str()).copied())
+                            .collect();
+                        let shapes: Vec<Option<(usize, usize)>> =
+                            parts.iter().map(|p| p.and_then(shape)).collect();
+                        let Some(found) = dit::diffusers_parts(map, &shapes) else {
+                            continue;
+                        };
+                        let pieces: Vec<(String, Range<usize>)> = found
+                            .into_iter()
+                            .filter_map(|(j, r)| Some((keys[parts[j]?].0.clone(), r)))
+                            .collect();
+                        let Some((key, _)) = pieces.first().cloned() else {
+                            continue;
+                        };
+                        let rows = if pieces.iter().all(|(k, _)| *k == key) {
+                            let ranges: Vec<Range<usize>> =
+                                pieces.into_iter().map(|(_, r)| r).collect();
+                            match shape(parts[0].unwrap_or(0)) {
+                                Some((n, _)) if ranges == [0..n] => Rows::Whole,
+                                _ => Rows::Ranges(ranges),
+                            }
+                        } else {
+                            Rows::Split(pieces)
+                        };
+                        let name = dit::fill(map.original, index);
+                        self.add_dit_module(&name, &key, &rows);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The rows of an original-layout tensor (of `shape`, when known) that each diffusers module
+/// of `map` covers, in the diffusers module's row order: `(index into map.diffusers, rows)`.
+fn original_rows(map: &dit::Map, shape: Option<(usize, usize)>) -> Vec<(usize, Rows)> {
+    let Some((rows, cols)) = shape else {
+        return match map.kind {
+            dit::Kind::Rename => vec![(0, Rows::Whole)],
+            _ => (0..map.diffusers.len())
+                .map(|j| (j, Rows::Unsized))
+                .collect(),
+        };
+    };
+    let Some(parts) = dit::original_parts(map, rows, cols) else {
+        return Vec::new();
+    };
+    let mut per: BTreeMap<usize, Vec<(usize, Range<usize>)>> = BTreeMap::new();
+    for (j, original, diffusers) in parts {
+        per.entry(j).or_default().push((diffusers.start, original));
+    }
+    per.into_iter()
+        .map(|(j, mut v)| {
+            v.sort_by_key(|(start, _)| *start);
+            let ranges: Vec<Range<usize>> = v.into_iter().map(|(_, r)| r).collect();
+            let r = if ranges == [0..rows] {
+                Rows::Whole
+            } else {
+                Rows::Ranges(ranges)
+            };
+            (j, r)
+        })
+        .collect()
 }
 
 /// Diffusers-pipeline names of base locations: for each weight (and row slice), the pipeline
@@ -415,10 +639,11 @@ impl AliasTable {
                 continue;
             };
             for e in entries {
-                let rows = match e.rows {
+                let rows = match &e.rows {
                     Rows::Whole => None,
-                    Rows::Slice(a, b) => Some((a, b)),
-                    Rows::Unsized => continue,
+                    &Rows::Slice(a, b) => Some((a, b)),
+                    Rows::Ranges(r) if r.len() == 1 => Some((r[0].start, r[0].len())),
+                    Rows::Unsized | Rows::Ranges(_) | Rows::Split(_) => continue,
                 };
                 let slot = names
                     .entry((e.key.clone(), rows))

@@ -4,9 +4,11 @@
 //! resolver itself never needs the tables as text.
 //!
 //! Architectures of the canonical SD U-Nets are given here by their diffusers module names
-//! (one weight per module is enough: [`UnetMap::derive`] reads the architecture from names).
+//! (one weight per module is enough: [`UnetMap::derive`] reads the architecture from names);
+//! the diffusion-transformer tables are [`dit::FAMILIES`]' own.
 
 use super::clip::{self, Layout};
+use super::dit::{self, Family, Kind};
 use super::unet::{Naming, UnetMap, basic_modules, resnet_children};
 use crate::layouts::names;
 
@@ -68,8 +70,39 @@ fn unet_table(what: &str, down: &[&[bool]]) -> String {
     )
 }
 
+/// A diffusion-transformer family's table (spec Annex D.7): per original-layout module, how its
+/// rows are made of diffusers tensors and those tensors in row order; then its markers.
+fn dit_table(f: &Family) -> String {
+    let kind = |k: Kind| match k {
+        Kind::Rename => "rename",
+        Kind::Thirds => "thirds",
+        Kind::Linear1 => "qkv+mlp",
+        Kind::Swap => "swap-halves",
+        Kind::SwapIfTwo => "swap-halves-if-2-chunks",
+    };
+    let mut s = tsv(
+        &format!(
+            "{} ({}): original single-file module (`{{i}}` a block index), how its rows are made of diffusers tensors, those diffusers modules in row order",
+            f.name, f.id
+        ),
+        "original\trows\tdiffusers",
+        f.maps.iter().map(|m| {
+            format!(
+                "{}\t{}\t{}",
+                m.original,
+                kind(m.kind),
+                m.diffusers.join(" ")
+            )
+        }),
+    );
+    for t in f.markers {
+        s.push_str(&format!("# marker (diffusers, this family only): {t}\n"));
+    }
+    s
+}
+
 /// Every table of `spec/names/`: (file name, contents).
-pub(crate) fn spec_tables() -> Vec<(&'static str, String)> {
+pub(crate) fn spec_tables() -> Vec<(String, String)> {
     let sd1: [&[bool]; 4] = [&[true, true], &[true, true], &[true, true], &[false, false]];
     let sdxl: [&[bool]; 3] = [&[false, false], &[true, true], &[true, true]];
     let children = tsv(
@@ -213,14 +246,22 @@ pub(crate) fn spec_tables() -> Vec<(&'static str, String)> {
         .iter()
         .map(|(p, c, n)| format!("{p}\t{c}\t{n}")),
     );
-    vec![
+    let sd = [
         ("unet-sd1.tsv", unet_table("SD 1.x / 2.x", &sd1)),
         ("unet-sdxl.tsv", unet_table("SDXL", &sdxl)),
         ("unet-modules.tsv", children),
         ("openclip.tsv", open_clip),
         ("checkpoint-prefixes.tsv", prefixes),
         ("adapter-prefixes.tsv", adapter),
-    ]
+    ];
+    sd.into_iter()
+        .map(|(file, text)| (file.to_string(), text))
+        .chain(
+            dit::FAMILIES
+                .iter()
+                .map(|f| (format!("{}.tsv", f.id), dit_table(f))),
+        )
+        .collect()
 }
 
 #[cfg(test)]
@@ -233,7 +274,7 @@ mod tests {
         let bless = std::env::var_os("OFTOOL_BLESS").is_some();
         let mut stale = Vec::new();
         for (file, text) in super::spec_tables() {
-            let path = dir.join(file);
+            let path = dir.join(&file);
             if bless {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&path, &text).unwrap();

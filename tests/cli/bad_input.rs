@@ -405,13 +405,18 @@ fn mixed_layouts_in_one_file() {
     write_st(
         &flux,
         &[(
-            "oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.0",
+            "oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.1",
             vec![2, 2, 2],
             vec![0.01; 8],
         )],
         None,
     );
-    assert_fails(&["inspect"], &[&flux], 1, "legacy Flux OFT");
+    assert_fails(
+        &["inspect"],
+        &[&flux],
+        1,
+        "kohya oft_flux writes `oft_blocks.0`",
+    );
 }
 
 #[test]

@@ -530,18 +530,23 @@ fn cases() -> Vec<Case> {
                 &[],
             ))
         }),
-        case!("kohya Flux legacy", 1, "legacy Flux OFT", |d| {
-            inspect(st(
-                &d.join("x.safetensors"),
-                &[(
-                    "oft_unet_single_blocks_0_linear1.oft_blocks.0",
-                    F,
-                    vec![2, 2, 2],
-                    small(8),
-                )],
-                &[],
-            ))
-        }),
+        case!(
+            "kohya Flux split missing",
+            1,
+            "kohya oft_flux writes `oft_blocks.0`",
+            |d| {
+                inspect(st(
+                    &d.join("x.safetensors"),
+                    &[(
+                        "oft_unet_single_blocks_0_linear1.oft_blocks.1",
+                        F,
+                        vec![2, 2, 2],
+                        small(8),
+                    )],
+                    &[],
+                ))
+            }
+        ),
         case!(
             "a LoRA, not an OFT adapter",
             1,

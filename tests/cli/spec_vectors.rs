@@ -10,7 +10,7 @@ use oftool::apply::{Matrix, PreparedStage, apply_layer};
 use oftool::model::*;
 use serde_json::Value;
 
-fn floats(v: &Value) -> Vec<f64> {
+pub(crate) fn floats(v: &Value) -> Vec<f64> {
     match v {
         Value::Array(a) => a.iter().flat_map(floats).collect(),
         Value::Number(n) => vec![n.as_f64().expect("number")],
@@ -18,7 +18,7 @@ fn floats(v: &Value) -> Vec<f64> {
     }
 }
 
-fn layer_from(v: &Value) -> Layer {
+pub(crate) fn layer_from(v: &Value) -> Layer {
     let side: Side = serde_json::from_value(v["side"].clone()).expect("side");
     let stages = v["stages"]
         .as_array()

@@ -153,13 +153,13 @@ fn apply_edit<T: Real>(e: &Edit<'_>, data: &mut [T], cols: usize) -> Result<()> 
     let n = e.rows.len();
     if let Some(r) = e.rows.contiguous() {
         let slice = &mut data[r.start * cols..r.end * cols];
-        return apply_layer_blended(e.layer, slice, n, cols, e.blend);
+        return apply_layer_blended(&e.layer, slice, n, cols, e.blend);
     }
     let mut gathered = Vec::with_capacity(n * cols);
     for r in e.rows.ranges() {
         gathered.extend_from_slice(&data[r.start * cols..r.end * cols]);
     }
-    apply_layer_blended(e.layer, &mut gathered, n, cols, e.blend)?;
+    apply_layer_blended(&e.layer, &mut gathered, n, cols, e.blend)?;
     let mut from = 0;
     for r in e.rows.ranges() {
         let len = r.len() * cols;
@@ -177,7 +177,7 @@ fn fused_input<H: Half>(t: &TensorJob<'_>, bytes: &[u8]) -> Result<TensorBytes> 
     let (rows, cols) = t.view();
     let mut prepared = Vec::with_capacity(t.edits.len());
     for e in t.edits {
-        check_fits(e.layer, rows, cols).map_err(|err| err.tensor(t.key))?;
+        check_fits(&e.layer, rows, cols).map_err(|err| err.tensor(t.key))?;
         let stages = e
             .layer
             .stages
@@ -279,7 +279,7 @@ mod tests {
         let w: Vec<f64> = (0..rows * cols).map(|i| (i as f64 * 0.37).sin()).collect();
         let l = layer(Side::Output, 4);
         let edit = Edit {
-            layer: &l,
+            layer: std::borrow::Cow::Borrowed(&l),
             rows: RowSlice::new(vec![4..6, 0..2]),
             blend: Blend::default(),
         };
@@ -313,12 +313,12 @@ mod tests {
         for side in [Side::Output, Side::Input] {
             let l = layer(side, 4);
             let one = Edit {
-                layer: &l,
+                layer: std::borrow::Cow::Borrowed(&l),
                 rows: RowSlice::range(1..5),
                 blend: Blend::default(),
             };
             let two = Edit {
-                layer: &l,
+                layer: std::borrow::Cow::Borrowed(&l),
                 rows: RowSlice::new(vec![1..3, 3..5]),
                 blend: Blend::default(),
             };
@@ -333,7 +333,7 @@ mod tests {
     fn rows_outside_the_tensor_are_an_error() {
         let l = layer(Side::Output, 4);
         let edit = Edit {
-            layer: &l,
+            layer: std::borrow::Cow::Borrowed(&l),
             rows: RowSlice::range(4..8),
             blend: Blend::default(),
         };

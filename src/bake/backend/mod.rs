@@ -4,7 +4,9 @@
 //! [`Backend::load`] on the reader thread, then to [`Backend::compute`] on the compute thread
 //! (in file order, one tensor at a time), and writes what comes back. Everything else (which
 //! tensors, which rows, in which order, I/O, atomic output, progress) is the bake's; a backend
-//! only turns bytes into bytes. Today there is one backend, [`cpu::Cpu`].
+//! only turns bytes into bytes. Two backends: [`cpu::Cpu`] (the native kernels, the default) and
+//! [`candle::Candle`] (the tensor program of [`crate::candle_rotate`] on a CUDA device or on
+//! candle's CPU device; `--device`).
 //!
 //! # Contract
 //!
@@ -39,6 +41,7 @@
 //! may hold between the reader and the writer (the reader reads ahead that many tensors while
 //! one computes). Run the fixture bakes (`tests/merge.rs`) with it.
 
+pub(crate) mod candle;
 pub(crate) mod cpu;
 
 use crate::apply::Blend;
@@ -51,7 +54,8 @@ pub(crate) use super::codec::TensorBytes;
 
 /// One adapter layer applied to some rows of one base tensor.
 pub(crate) struct Edit<'a> {
-    pub layer: &'a Layer,
+    /// The layer, or the part of it one tensor takes (a fused module on a split base).
+    pub layer: std::borrow::Cow<'a, Layer>,
     pub rows: RowSlice,
     pub blend: Blend,
 }

@@ -205,19 +205,31 @@ pub fn read_layer(
     module: &str,
     family: Family,
 ) -> Result<(Layer, bool)> {
+    read_blocks(src, st, module, "oft_blocks", family)
+}
+
+/// [`read_layer`] with the blocks under `module.<blocks>` (kohya's Flux splits:
+/// `oft_blocks.<i>`, each read as a layer of its own).
+pub fn read_blocks(
+    src: &Source<'_>,
+    st: &SafeTensors<'_>,
+    module: &str,
+    blocks: &str,
+    family: Family,
+) -> Result<(Layer, bool)> {
     let path = src.path;
     let get = |s: &str| st.tensor(&format!("{module}.{s}")).ok();
-    let blocks_view = get("oft_blocks").ok_or_else(|| {
+    let blocks_view = get(blocks).ok_or_else(|| {
         Error::format(
             path,
-            format!("`{module}` has `alpha`/`rescale` but no `oft_blocks`"),
+            format!("`{module}` has `alpha`/`rescale` but no `{blocks}`"),
         )
     })?;
     let (m, nb, b) = block_shape(path, module, family, blocks_view.shape())?;
     let out = nb * b;
     let raw = finite(
         path,
-        &format!("{module}.oft_blocks"),
+        &format!("{module}.{blocks}"),
         to_f64(&blocks_view, module)?,
     )?;
     // LyCORIS 2.1 wrote no `alpha`: it clamped with the training-time `constraint`, which
