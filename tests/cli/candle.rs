@@ -343,9 +343,17 @@ fn spec_vectors_match_in_f64() {
         let w = floats(&v["w"]);
         let rows = v["w"].as_array().unwrap().len();
         let shape = [rows, w.len() / rows];
+        // A row-slice vector lists the rows of the fused weight the layer covers, in order.
+        let listed = v.get("rows").map(|listed| {
+            let ranges = listed.as_array().unwrap().iter().map(|r| {
+                let (a, n) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+                a as usize..(a + n) as usize
+            });
+            RowSlice::new(ranges.collect())
+        });
         let edits = [Edit {
             layer: &layer,
-            rows: None,
+            rows: listed.as_ref(),
             blend: Blend::default(),
         }];
         let got = rotate(
