@@ -302,6 +302,18 @@ pub fn prepare(key: &str, w: &Resident, edits: &[Edit<'_>]) -> Result<Prepared> 
         for stage in &layer.stages {
             let b = stage.spec.block_size as usize;
             let blocks = stage.blocks_on(axis as u64) as usize;
+            if blocks.saturating_mul(b) != axis {
+                // A truncated stage (spec §8.7) whose blocks overhang the axis: only the CPU
+                // kernels cut the block-diagonal matrix.
+                return Err(Error::new(
+                    Category::Unsupported,
+                    format!(
+                        "a truncated stage of {blocks} × {b} blocks cut to {axis} features runs on the CPU backend only"
+                    ),
+                )
+                .tensor(key)
+                .hint("bake this adapter with `--device cpu`"));
+            }
             let sigma = gather(&stage.spec.wiring, blocks, b)
                 .map_err(|err| Error::new(Category::Wiring, err.0).tensor(key))?;
             let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);

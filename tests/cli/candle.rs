@@ -363,8 +363,22 @@ fn spec_vectors_match_in_f64() {
             &shape,
             &edits,
             &Device::Cpu,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        );
+        // Truncated stages (spec §8.7) are cut by the CPU kernels only: the candle program
+        // refuses them rather than rotating the wrong rows.
+        if v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["truncated"] == true)
+        {
+            let e = got
+                .err()
+                .unwrap_or_else(|| panic!("{name}: a truncated stage ran"));
+            assert_eq!(e.category().id(), "unsupported", "{name}: {e}");
+            continue;
+        }
+        let got = got.unwrap_or_else(|e| panic!("{name}: {e}"));
         let want = floats(&v["expected"]);
         let err = values(&got)
             .iter()
