@@ -283,16 +283,6 @@ pub fn prepare(key: &str, w: &Resident, edits: &[Edit<'_>]) -> Result<Prepared> 
             None => rows,
         };
         let layer = e.layer;
-        // A stage cut to fewer rows than r·b (PEFT ≤ 0.13, `truncated-blocks`) is only in the
-        // native kernels, which pad and drop the padding.
-        if layer.stages.iter().any(|s| s.spec.truncated) {
-            return Err(Error::new(
-                Category::Unsupported,
-                "the device program does not bake stages cut to the weight (truncated blocks)",
-            )
-            .tensor(key)
-            .hint("bake this adapter with --device cpu"));
-        }
         check_fits(layer, len, cols).map_err(|err| err.tensor(key))?;
         let axis = match layer.side {
             Side::Input => cols,
