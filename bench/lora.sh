@@ -4,14 +4,14 @@
 #
 #   bench/lora.sh [RANK ...]          (default: 32 64 128)
 #
-# Environment: BENCH_DATA (default /work/benchdata: base.safetensors + adapter/ from
+# Environment: BENCH_DATA (default ../benchdata beside the checkout: base.safetensors + adapter/ from
 # examples/make_bench_checkpoint, generated when missing), RUNS (default 1), LAYOUT (kohya).
 # Per run it prints the wall and CPU seconds, the load average before the run and the share of
 # the machine's CPU time other processes took during it (busy_other %, from /proc/stat).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DATA=${BENCH_DATA:-/work/benchdata}
+DATA=${BENCH_DATA:-$ROOT/../benchdata}
 RUNS=${RUNS:-1}
 LAYOUT=${LAYOUT:-kohya}
 RANKS=("$@")

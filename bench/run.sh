@@ -4,7 +4,7 @@
 #
 #   bench/run.sh [--sdxl] [--sdxl-only] [--runs N] [--sdxl-runs N] [--peft-runs N] [--diag] [--profile] [--regen] [--against BIN]
 #
-# Environment: BENCH_DATA (default /work/benchdata; needs ~3× the base size free: 5 GB for
+# Environment: BENCH_DATA (default ../benchdata beside the checkout; needs ~3× the base size free: 5 GB for
 # SD1.5, 16 GB with --sdxl), RUNS (5), SDXL_RUNS (default RUNS), PEFT_RUNS (3),
 # PEFT_PYTHON (a python with torch, diffusers and peft: enables the PEFT comparison, SD1.5 only),
 # IDLE_PCT (15) / IDLE_WAIT (120): before each timed run wait up to IDLE_WAIT s for other
@@ -19,7 +19,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DATA=${BENCH_DATA:-/work/benchdata}
+DATA=${BENCH_DATA:-$ROOT/../benchdata}
 RUNS=${RUNS:-5}
 SDXL_RUNS=${SDXL_RUNS:-$RUNS}
 PEFT_RUNS=${PEFT_RUNS:-3}
