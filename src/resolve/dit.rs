@@ -1,5 +1,6 @@
-//! Diffusion transformers (FLUX.1, SD3/3.5, HunyuanVideo, Qwen-Image, Wan): the family and base
-//! layout of a checkpoint, and the correspondence between the two layouts' module names.
+//! Diffusion transformers (FLUX.1, FLUX.2, Chroma, SD3/3.5, HunyuanVideo, Qwen-Image, Wan, Z-Image):
+//! the family and base layout of a checkpoint, and the correspondence between the two layouts'
+//! module names.
 //!
 //! Each family is a table ([`FAMILIES`]): one [`Map`] per module of the original single-file
 //! layout (BFL / SAI / Tencent names, what ComfyUI, Forge and most downloads use) saying which
@@ -44,12 +45,13 @@ pub struct Map {
 /// A family of diffusion transformers and its name table.
 #[derive(Debug)]
 pub struct Family {
-    /// `flux1`, `sd3`, `hunyuan-video`, `qwen-image`.
+    /// `flux1`, `flux2`, `chroma`, `sd3`, `hunyuan-video`, `qwen-image`, `wan`, `z-image`.
     pub id: &'static str,
     /// The family's name in messages.
     pub name: &'static str,
     pub maps: &'static [Map],
-    /// Diffusers-named modules only this family has (detection when no map tells).
+    /// Modules (in either layout) only this family has: one in a checkpoint or adapter decides
+    /// the family; the layout is then the one whose templates match more.
     pub markers: &'static [&'static str],
 }
 
@@ -559,8 +561,296 @@ pub static WAN: Family = Family {
     ],
 };
 
+/// FLUX.2 (`Flux2Transformer2DModel`): FLUX.1's double and single blocks, but the modulation is
+/// shared (one `double_stream_modulation_img/txt` and `single_stream_modulation` Linear for all
+/// blocks, none per block), the MLPs are SwiGLU (`ff.linear_in` / `linear_out`, gate and up stacked
+/// alike in both layouts), and the single block's fused `linear1` / `linear2` are one module each in
+/// diffusers too (`attn.to_qkv_mlp_proj`, `attn.to_out`). From diffusers'
+/// `convert_flux2_transformer_checkpoint_to_diffusers` and OneTrainer's `Flux2Model`
+/// `diffusers_to_original` (facts only), checked on the fixtures' `layout_map`s.
+pub static FLUX2: Family = Family {
+    id: "flux2",
+    name: "FLUX.2",
+    markers: &[
+        "double_stream_modulation_img.linear",
+        "double_stream_modulation_img.lin",
+        "single_stream_modulation.linear",
+        "single_stream_modulation.lin",
+        "single_transformer_blocks.{i}.attn.to_qkv_mlp_proj",
+        "transformer_blocks.{i}.ff.linear_in",
+    ],
+    maps: &[
+        m(
+            "double_blocks.{i}.img_attn.qkv",
+            Thirds,
+            &[
+                "transformer_blocks.{i}.attn.to_q",
+                "transformer_blocks.{i}.attn.to_k",
+                "transformer_blocks.{i}.attn.to_v",
+            ],
+        ),
+        m(
+            "double_blocks.{i}.txt_attn.qkv",
+            Thirds,
+            &[
+                "transformer_blocks.{i}.attn.add_q_proj",
+                "transformer_blocks.{i}.attn.add_k_proj",
+                "transformer_blocks.{i}.attn.add_v_proj",
+            ],
+        ),
+        m(
+            "double_blocks.{i}.img_attn.proj",
+            Rename,
+            &["transformer_blocks.{i}.attn.to_out.0"],
+        ),
+        m(
+            "double_blocks.{i}.txt_attn.proj",
+            Rename,
+            &["transformer_blocks.{i}.attn.to_add_out"],
+        ),
+        m(
+            "double_blocks.{i}.img_mlp.0",
+            Rename,
+            &["transformer_blocks.{i}.ff.linear_in"],
+        ),
+        m(
+            "double_blocks.{i}.img_mlp.2",
+            Rename,
+            &["transformer_blocks.{i}.ff.linear_out"],
+        ),
+        m(
+            "double_blocks.{i}.txt_mlp.0",
+            Rename,
+            &["transformer_blocks.{i}.ff_context.linear_in"],
+        ),
+        m(
+            "double_blocks.{i}.txt_mlp.2",
+            Rename,
+            &["transformer_blocks.{i}.ff_context.linear_out"],
+        ),
+        m(
+            "single_blocks.{i}.linear1",
+            Rename,
+            &["single_transformer_blocks.{i}.attn.to_qkv_mlp_proj"],
+        ),
+        m(
+            "single_blocks.{i}.linear2",
+            Rename,
+            &["single_transformer_blocks.{i}.attn.to_out"],
+        ),
+        m(
+            "double_stream_modulation_img.lin",
+            Rename,
+            &["double_stream_modulation_img.linear"],
+        ),
+        m(
+            "double_stream_modulation_txt.lin",
+            Rename,
+            &["double_stream_modulation_txt.linear"],
+        ),
+        m(
+            "single_stream_modulation.lin",
+            Rename,
+            &["single_stream_modulation.linear"],
+        ),
+        m("final_layer.adaLN_modulation.1", Swap, &["norm_out.linear"]),
+        m("final_layer.linear", Rename, &["proj_out"]),
+        m("img_in", Rename, &["x_embedder"]),
+        m("txt_in", Rename, &["context_embedder"]),
+        m(
+            "time_in.in_layer",
+            Rename,
+            &["time_guidance_embed.timestep_embedder.linear_1"],
+        ),
+        m(
+            "time_in.out_layer",
+            Rename,
+            &["time_guidance_embed.timestep_embedder.linear_2"],
+        ),
+        m(
+            "guidance_in.in_layer",
+            Rename,
+            &["time_guidance_embed.guidance_embedder.linear_1"],
+        ),
+        m(
+            "guidance_in.out_layer",
+            Rename,
+            &["time_guidance_embed.guidance_embedder.linear_2"],
+        ),
+    ],
+};
+
+/// Chroma (`ChromaTransformer2DModel`): FLUX.1's blocks without any modulation Linear (no
+/// `img_mod` / `txt_mod` / `modulation.lin`, no `norm_out.linear`: the modulations come from the
+/// `distilled_guidance_layer` approximator), no `time_in` / `vector_in` / `guidance_in`. From
+/// diffusers' `convert_chroma_transformer_checkpoint_to_diffusers` and OneTrainer's `ChromaModel`
+/// `diffusers_to_original` (facts only), checked on the fixtures' `layout_map`s.
+pub static CHROMA: Family = Family {
+    id: "chroma",
+    name: "Chroma",
+    markers: &[
+        "distilled_guidance_layer.layers.{i}.linear_1",
+        "distilled_guidance_layer.layers.{i}.in_layer",
+        "distilled_guidance_layer.in_proj",
+    ],
+    maps: &[
+        m(
+            "double_blocks.{i}.img_attn.qkv",
+            Thirds,
+            &[
+                "transformer_blocks.{i}.attn.to_q",
+                "transformer_blocks.{i}.attn.to_k",
+                "transformer_blocks.{i}.attn.to_v",
+            ],
+        ),
+        m(
+            "double_blocks.{i}.txt_attn.qkv",
+            Thirds,
+            &[
+                "transformer_blocks.{i}.attn.add_q_proj",
+                "transformer_blocks.{i}.attn.add_k_proj",
+                "transformer_blocks.{i}.attn.add_v_proj",
+            ],
+        ),
+        m(
+            "double_blocks.{i}.img_attn.proj",
+            Rename,
+            &["transformer_blocks.{i}.attn.to_out.0"],
+        ),
+        m(
+            "double_blocks.{i}.txt_attn.proj",
+            Rename,
+            &["transformer_blocks.{i}.attn.to_add_out"],
+        ),
+        m(
+            "double_blocks.{i}.img_mlp.0",
+            Rename,
+            &["transformer_blocks.{i}.ff.net.0.proj"],
+        ),
+        m(
+            "double_blocks.{i}.img_mlp.2",
+            Rename,
+            &["transformer_blocks.{i}.ff.net.2"],
+        ),
+        m(
+            "double_blocks.{i}.txt_mlp.0",
+            Rename,
+            &["transformer_blocks.{i}.ff_context.net.0.proj"],
+        ),
+        m(
+            "double_blocks.{i}.txt_mlp.2",
+            Rename,
+            &["transformer_blocks.{i}.ff_context.net.2"],
+        ),
+        m(
+            "single_blocks.{i}.linear1",
+            Linear1,
+            &[
+                "single_transformer_blocks.{i}.attn.to_q",
+                "single_transformer_blocks.{i}.attn.to_k",
+                "single_transformer_blocks.{i}.attn.to_v",
+                "single_transformer_blocks.{i}.proj_mlp",
+            ],
+        ),
+        m(
+            "single_blocks.{i}.linear2",
+            Rename,
+            &["single_transformer_blocks.{i}.proj_out"],
+        ),
+        m("final_layer.linear", Rename, &["proj_out"]),
+        m("img_in", Rename, &["x_embedder"]),
+        m("txt_in", Rename, &["context_embedder"]),
+        m(
+            "distilled_guidance_layer.layers.{i}.in_layer",
+            Rename,
+            &["distilled_guidance_layer.layers.{i}.linear_1"],
+        ),
+        m(
+            "distilled_guidance_layer.layers.{i}.out_layer",
+            Rename,
+            &["distilled_guidance_layer.layers.{i}.linear_2"],
+        ),
+    ],
+};
+
+/// Z-Image (`ZImageTransformer2DModel`): fused `attention.qkv` in the main layers and both
+/// refiners (bias-free), `attention.out`, and the patch embedder / final layer outside the
+/// diffusers `all_*.2-1` module dicts; every other module keeps its name (`feed_forward.w1/2/3`,
+/// `adaLN_modulation.0`, `t_embedder`, `cap_embedder`). The final adaLN is not swapped. From
+/// diffusers' `convert_z_image_transformer_checkpoint_to_diffusers` and OneTrainer's `ZImageModel`
+/// `checkpoint_diffusers_to_comfy` (facts only), checked on the fixtures' `layout_map`s.
+pub static Z_IMAGE: Family = Family {
+    id: "z-image",
+    name: "Z-Image",
+    markers: &["all_x_embedder.2-1", "all_final_layer.2-1.linear"],
+    maps: &[
+        m(
+            "layers.{i}.attention.qkv",
+            Thirds,
+            &[
+                "layers.{i}.attention.to_q",
+                "layers.{i}.attention.to_k",
+                "layers.{i}.attention.to_v",
+            ],
+        ),
+        m(
+            "layers.{i}.attention.out",
+            Rename,
+            &["layers.{i}.attention.to_out.0"],
+        ),
+        m(
+            "noise_refiner.{i}.attention.qkv",
+            Thirds,
+            &[
+                "noise_refiner.{i}.attention.to_q",
+                "noise_refiner.{i}.attention.to_k",
+                "noise_refiner.{i}.attention.to_v",
+            ],
+        ),
+        m(
+            "noise_refiner.{i}.attention.out",
+            Rename,
+            &["noise_refiner.{i}.attention.to_out.0"],
+        ),
+        m(
+            "context_refiner.{i}.attention.qkv",
+            Thirds,
+            &[
+                "context_refiner.{i}.attention.to_q",
+                "context_refiner.{i}.attention.to_k",
+                "context_refiner.{i}.attention.to_v",
+            ],
+        ),
+        m(
+            "context_refiner.{i}.attention.out",
+            Rename,
+            &["context_refiner.{i}.attention.to_out.0"],
+        ),
+        m("x_embedder", Rename, &["all_x_embedder.2-1"]),
+        m(
+            "final_layer.linear",
+            Rename,
+            &["all_final_layer.2-1.linear"],
+        ),
+        m(
+            "final_layer.adaLN_modulation.1",
+            Rename,
+            &["all_final_layer.2-1.adaLN_modulation.1"],
+        ),
+    ],
+};
+
 /// Every family, in detection order (a tie goes to the earlier one).
-pub static FAMILIES: [&Family; 5] = [&FLUX1, &HUNYUAN_VIDEO, &SD3, &QWEN_IMAGE, &WAN];
+pub static FAMILIES: [&Family; 8] = [
+    &FLUX1,
+    &FLUX2,
+    &CHROMA,
+    &HUNYUAN_VIDEO,
+    &SD3,
+    &QWEN_IMAGE,
+    &WAN,
+    &Z_IMAGE,
+];
 
 /// Roots a transformer's keys may sit under, longest first.
 pub const ROOTS: [&str; 5] = [
@@ -635,7 +925,25 @@ pub fn detect<'a>(modules: impl Iterator<Item = &'a str>) -> Option<Detected> {
             })
         })
         .collect();
-    // A module only one family has decides (diffusers names: the families share most).
+    let score = |family: &'static Family, root: &str, layout: BaseLayout| {
+        let mut score = 0;
+        let mut block = false;
+        for &module in &modules {
+            let Some(rest) = module.strip_prefix(root) else {
+                continue;
+            };
+            let hit = templates(family, layout)
+                .filter_map(|t| matches(t, rest).map(|i| !i.is_empty()))
+                .max();
+            if let Some(b) = hit {
+                score += 1;
+                block |= b;
+            }
+        }
+        (score, block)
+    };
+    // A module only one family has decides the family (the families share most names); its
+    // table's better-matching layout is the layout (a tie: diffusers, as for names both share).
     for family in FAMILIES {
         for root in ROOTS {
             let marked = modules.iter().any(|m| {
@@ -643,9 +951,16 @@ pub fn detect<'a>(modules: impl Iterator<Item = &'a str>) -> Option<Detected> {
                     .is_some_and(|rest| family.markers.iter().any(|t| matches(t, rest).is_some()))
             });
             if marked {
+                let original = score(family, root, BaseLayout::Original).0;
+                let diffusers = score(family, root, BaseLayout::Diffusers).0;
+                let layout = if original > diffusers {
+                    BaseLayout::Original
+                } else {
+                    BaseLayout::Diffusers
+                };
                 return Some(Detected {
                     family,
-                    layout: BaseLayout::Diffusers,
+                    layout,
                     root,
                 });
             }
@@ -655,20 +970,7 @@ pub fn detect<'a>(modules: impl Iterator<Item = &'a str>) -> Option<Detected> {
     for family in FAMILIES {
         for root in ROOTS {
             for layout in [BaseLayout::Original, BaseLayout::Diffusers] {
-                let mut score = 0;
-                let mut block = false;
-                for &module in &modules {
-                    let Some(rest) = module.strip_prefix(root) else {
-                        continue;
-                    };
-                    let hit = templates(family, layout)
-                        .filter_map(|t| matches(t, rest).map(|i| !i.is_empty()))
-                        .max();
-                    if let Some(b) = hit {
-                        score += 1;
-                        block |= b;
-                    }
-                }
+                let (score, block) = score(family, root, layout);
                 if !block {
                     continue;
                 }
@@ -745,9 +1047,15 @@ pub fn expected<'a>(names: impl Iterator<Item = &'a str>) -> Option<Expected> {
             .iter()
             .any(|m| marks.iter().any(|t| matches(t, m).is_some()))
         {
+            let layout =
+                if score(family, BaseLayout::Original) > score(family, BaseLayout::Diffusers) {
+                    BaseLayout::Original
+                } else {
+                    BaseLayout::Diffusers
+                };
             return Some(Expected {
                 families: vec![family],
-                layout: BaseLayout::Diffusers,
+                layout,
             });
         }
     }
@@ -767,8 +1075,8 @@ pub fn expected<'a>(names: impl Iterator<Item = &'a str>) -> Option<Expected> {
     })
 }
 
-/// The module templates of a family in one layout (markers count for the diffusers layout, and
-/// for both when a family keeps the diffusers names).
+/// The module templates of a family in one layout (markers count for both layouts when a family
+/// keeps the diffusers names; other families' markers are among their maps' templates).
 fn templates(family: &'static Family, layout: BaseLayout) -> impl Iterator<Item = &'static str> {
     let maps = family.maps.iter().flat_map(move |m| match layout {
         BaseLayout::Original => std::slice::from_ref(&m.original).iter().copied(),
@@ -778,7 +1086,7 @@ fn templates(family: &'static Family, layout: BaseLayout) -> impl Iterator<Item 
         .markers
         .iter()
         .copied()
-        .filter(move |_| layout == BaseLayout::Diffusers || family.maps.is_empty());
+        .filter(move |_| family.maps.is_empty());
     maps.chain(markers)
 }
 

@@ -96,7 +96,7 @@ fn dit_table(f: &Family) -> String {
         }),
     );
     for t in f.markers {
-        s.push_str(&format!("# marker (diffusers, this family only): {t}\n"));
+        s.push_str(&format!("# marker (this family only): {t}\n"));
     }
     s
 }
