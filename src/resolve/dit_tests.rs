@@ -1,6 +1,7 @@
 //! The diffusion-transformer name tables on real key sets: every weight of FLUX.1-dev, SD3.5
-//! Large and Qwen-Image (`tests/data/keys/*.tsv`, from `../shared/keys/`) resolves in the other
-//! layout, full size; Wan on synthetic keys. (`spec/names/*.tsv`, these tables among them, are
+//! Large and Qwen-Image (`tests/data/keys/*.tsv`, from `../shared/keys/`), FLUX.2-dev, Chroma1 and
+//! Z-Image (from the libraries' default configs: `tests/data/keys/dit_families.py`) resolves in
+//! the other layout, full size; Wan on synthetic keys. (`spec/names/*.tsv`, these tables among them, are
 //! tested in `tables.rs`.)
 
 #![allow(clippy::single_range_in_vec_init)]
@@ -212,4 +213,112 @@ fn wan_names_resolve_both_ways() {
             .unwrap();
         assert_eq!(p[0].key, format!("{d}.weight"));
     }
+}
+
+/// FLUX.2-dev, Chroma1 and Z-Image at full size (the diffusers classes' default configs; original
+/// layouts by OneTrainer's conversion, checked by diffusers' converters: `tests/data/keys/dit_families.py`):
+/// every weight resolves in the other layout, under the roots checkpoints use.
+#[test]
+fn full_size_flux2_chroma_z_image_names_resolve_in_the_other_layout() {
+    use BaseLayout::*;
+    for (name, family) in [
+        ("flux2-dev", "flux2"),
+        ("chroma1", "chroma"),
+        ("z-image", "z-image"),
+    ] {
+        let d = format!("{name}.diffusers.tsv");
+        let o = format!("{name}.original.tsv");
+        resolves_across(&d, &o, "", family, Original);
+        resolves_across(&d, &o, "model.diffusion_model.", family, Original);
+        resolves_across(&o, &d, "", family, Diffusers);
+        resolves_across(&o, &d, "transformer.", family, Diffusers);
+    }
+}
+
+/// The detector on every family's full key set, both layouts: FLUX.1, FLUX.2 and Chroma share
+/// most block names; only the modules one of them has may decide.
+#[test]
+fn each_familys_key_set_is_detected_as_that_family() {
+    use BaseLayout::*;
+    for (file, family, layout) in [
+        ("flux1-dev.diffusers.tsv", "flux1", Diffusers),
+        ("flux1-dev.original.tsv", "flux1", Original),
+        ("flux2-dev.diffusers.tsv", "flux2", Diffusers),
+        ("flux2-dev.original.tsv", "flux2", Original),
+        ("chroma1.diffusers.tsv", "chroma", Diffusers),
+        ("chroma1.original.tsv", "chroma", Original),
+        ("z-image.diffusers.tsv", "z-image", Diffusers),
+        ("z-image.original.tsv", "z-image", Original),
+        ("sd3.5-large.diffusers.tsv", "sd3", Diffusers),
+        ("sd3.5-large.original.tsv", "sd3", Original),
+        ("qwen-image.diffusers.tsv", "qwen-image", Diffusers),
+    ] {
+        let k = keys(file);
+        for root in ["", "model.diffusion_model."] {
+            let table = AliasTable::with_shapes(
+                k.iter().map(|(n, s)| (format!("{root}{n}"), s.as_slice())),
+            );
+            let d = table.dit().expect("a diffusion transformer");
+            assert_eq!(
+                (d.family.id, d.layout, d.root),
+                (family, layout, root),
+                "{file} under `{root}`"
+            );
+        }
+        // An adapter on every module of the family, in the base's own names, says the family.
+        let modules: Vec<&str> = k
+            .iter()
+            .filter_map(|(n, s)| n.strip_suffix(".weight").filter(|_| s.len() == 2))
+            .collect();
+        let e = super::dit::expected(modules.iter().copied()).unwrap();
+        assert!(
+            e.families.iter().any(|f| f.id == family) && e.layout == layout,
+            "{file}: adapter names say {:?} {:?}",
+            e.families.iter().map(|f| f.id).collect::<Vec<_>>(),
+            e.layout
+        );
+    }
+}
+
+/// FLUX.2's rows: the double blocks' fused qkv and the swapped final adaLN; the single block's
+/// `linear1` is one module in both layouts (no slices).
+#[test]
+fn full_size_flux2_rows() {
+    let orig = keys("flux2-dev.original.tsv");
+    let table = AliasTable::with_shapes(orig.iter().map(|(k, s)| (k.as_str(), s.as_slice())));
+    let rows = |name: &str| {
+        let p = table.resolve_pieces(&target(name)).unwrap();
+        assert_eq!(p.len(), 1, "{name}");
+        (p[0].key.clone(), p[0].rows.clone())
+    };
+    assert_eq!(
+        rows("transformer_blocks.7.attn.add_v_proj"),
+        (
+            "double_blocks.7.txt_attn.qkv.weight".into(),
+            Some(vec![12288..18432])
+        )
+    );
+    assert_eq!(
+        rows("single_transformer_blocks.47.attn.to_qkv_mlp_proj"),
+        ("single_blocks.47.linear1.weight".into(), None)
+    );
+    assert_eq!(
+        rows("norm_out.linear"),
+        (
+            "final_layer.adaLN_modulation.1.weight".into(),
+            Some(vec![6144..12288, 0..6144])
+        )
+    );
+    let z = keys("z-image.original.tsv");
+    let table = AliasTable::with_shapes(z.iter().map(|(k, s)| (k.as_str(), s.as_slice())));
+    let p = table
+        .resolve_pieces(&target("lycoris_context_refiner_1_attention_to_k"))
+        .unwrap();
+    assert_eq!(
+        (p[0].key.as_str(), p[0].rows.clone()),
+        (
+            "context_refiner.1.attention.qkv.weight",
+            Some(vec![3840..7680])
+        )
+    );
 }
