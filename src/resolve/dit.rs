@@ -1,6 +1,6 @@
-//! Diffusion transformers (FLUX.1, FLUX.2, Chroma, SD3/3.5, HunyuanVideo, Qwen-Image, Wan, Z-Image):
-//! the family and base layout of a checkpoint, and the correspondence between the two layouts'
-//! module names.
+//! Diffusion transformers (FLUX.1, FLUX.2, Chroma, SD3/3.5, HunyuanVideo, Qwen-Image, Wan, Z-Image,
+//! HiDream): the family and base layout of a checkpoint, and the correspondence between the two
+//! layouts' module names.
 //!
 //! Each family is a table ([`FAMILIES`]): one [`Map`] per module of the original single-file
 //! layout (BFL / SAI / Tencent names, what ComfyUI, Forge and most downloads use) saying which
@@ -16,7 +16,7 @@
 //!   shift and scale); [`Kind::SwapIfTwo`]: swapped only when it has two chunks (SD3's last
 //!   `context_block.adaLN_modulation.1`, whose block is `context_pre_only`), else a rename.
 //!
-//! Templates hold `{i}` for a block index. Qwen-Image keeps the diffusers names in both
+//! Templates hold `{i}` for a block index. Qwen-Image and HiDream keep the diffusers names in both
 //! layouts (no maps: only the prefixes differ, which the generic aliases cover).
 
 // Row-range lists often hold one range: that is a list, not a range to expand.
@@ -45,7 +45,8 @@ pub struct Map {
 /// A family of diffusion transformers and its name table.
 #[derive(Debug)]
 pub struct Family {
-    /// `flux1`, `flux2`, `chroma`, `sd3`, `hunyuan-video`, `qwen-image`, `wan`, `z-image`.
+    /// `flux1`, `flux2`, `chroma`, `sd3`, `hunyuan-video`, `qwen-image`, `wan`, `z-image`,
+    /// `hidream`.
     pub id: &'static str,
     /// The family's name in messages.
     pub name: &'static str,
@@ -840,8 +841,24 @@ pub static Z_IMAGE: Family = Family {
     ],
 };
 
+/// HiDream-I1 (`HiDreamImageTransformer2DModel`): the same module names in the diffusers and
+/// original / ComfyUI layouts (diffusers' `convert_hidream_transformer_to_diffusers` only strips
+/// `model.diffusion_model.`; ComfyUI's `comfy.ldm.hidream` model has these names): no maps.
+pub static HIDREAM: Family = Family {
+    id: "hidream",
+    name: "HiDream-I1",
+    markers: &[
+        "double_stream_blocks.{i}.block.attn1.to_q",
+        "double_stream_blocks.{i}.block.attn1.to_q_t",
+        "single_stream_blocks.{i}.block.attn1.to_q",
+        "double_stream_blocks.{i}.block.ff_i.shared_experts.w1",
+        "single_stream_blocks.{i}.block.ff_i.shared_experts.w1",
+    ],
+    maps: &[],
+};
+
 /// Every family, in detection order (a tie goes to the earlier one).
-pub static FAMILIES: [&Family; 8] = [
+pub static FAMILIES: [&Family; 9] = [
     &FLUX1,
     &FLUX2,
     &CHROMA,
@@ -850,6 +867,7 @@ pub static FAMILIES: [&Family; 8] = [
     &QWEN_IMAGE,
     &WAN,
     &Z_IMAGE,
+    &HIDREAM,
 ];
 
 /// Roots a transformer's keys may sit under, longest first.
