@@ -322,3 +322,33 @@ fn full_size_flux2_rows() {
         )
     );
 }
+
+/// HiDream-I1 (names only, like Qwen-Image): the diffusers names on the ComfyUI checkpoint.
+#[test]
+fn hidream_names_resolve_under_comfyui_roots() {
+    let modules = [
+        "double_stream_blocks.0.block.attn1.to_q",
+        "double_stream_blocks.0.block.attn1.to_k_t",
+        "double_stream_blocks.0.block.ff_i.experts.3.w1",
+        "single_stream_blocks.31.block.attn1.to_out",
+        "final_layer.linear",
+    ];
+    let shape = [8usize, 8];
+    let table = AliasTable::with_shapes(
+        modules
+            .iter()
+            .map(|m| (format!("model.diffusion_model.{m}.weight"), shape)),
+    );
+    let d = table.dit().unwrap();
+    assert_eq!((d.family.id, d.root), ("hidream", "model.diffusion_model."));
+    for m in modules {
+        for name in [
+            format!("transformer.{m}"),
+            format!("diffusion_model.{m}"),
+            format!("lycoris_{}", m.replace('.', "_")),
+        ] {
+            let p = table.resolve_pieces(&target(&name)).unwrap();
+            assert_eq!(p[0].key, format!("model.diffusion_model.{m}.weight"));
+        }
+    }
+}
