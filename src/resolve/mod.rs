@@ -13,8 +13,9 @@
 //!   `text_encoder_2.`, and flattened under `lora_te_`/`lora_te1_` (first encoder) or
 //!   `lora_te2_` (second). OpenCLIP's fused `attn.in_proj_weight` answers to q/k/v with a row
 //!   slice (which needs the tensor's shape: [`AliasTable::with_shapes`]).
-//! * Diffusion transformers ([`dit`]: FLUX.1, SD3/3.5, HunyuanVideo, Qwen-Image), diffusers or
-//!   original single-file layout under any of [`dit::ROOTS`]: each module answers to its own name
+//! * Diffusion transformers ([`dit`]: FLUX.1, FLUX.2, Chroma, SD3/3.5, HunyuanVideo, Qwen-Image,
+//!   Z-Image, HiDream, Wan), diffusers or original single-file layout under any of
+//!   [`dit::ROOTS`]: each module answers to its own name
 //!   and to the other layout's, dotted under `transformer.` / `diffusion_model.` /
 //!   `model.diffusion_model.` and flattened. A diffusers name on an original base is rows of a
 //!   fused tensor (`to_k` → rows 16..32 of `img_attn.qkv`; `norm_out.linear` → both halves of
