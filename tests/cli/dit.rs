@@ -260,3 +260,43 @@ fn row_slices_survive_oft_and_compose() {
         }
     }
 }
+
+/// FLUX.1, FLUX.2 and Chroma share most block names: an adapter of one is refused on another's
+/// base, naming the layers that do not fit (no silent partial bake).
+#[test]
+fn flux_family_adapters_do_not_fit_each_others_bases() {
+    let dit = repo().join("fixtures/dit");
+    for (adapter, base, missing) in [
+        (
+            "flux1-peft-oft-original/adapter",
+            "flux2-peft-oft-original/base.safetensors",
+            "transformer_blocks.1.norm1.linear",
+        ),
+        (
+            "flux2-onetrainer-comfy-original/adapter.safetensors",
+            "chroma-peft-oft-original/base.safetensors",
+            "diffusion_model.single_stream_modulation.lin",
+        ),
+        (
+            "chroma-onetrainer-comfy-original/adapter.safetensors",
+            "flux2-peft-oft-original/base.safetensors",
+            "diffusion_model.distilled_guidance_layer.layers.0.in_layer",
+        ),
+    ] {
+        let o = Command::cargo_bin("oftool")
+            .unwrap()
+            .args(["validate", "--json", "--base"])
+            .arg(dit.join(base))
+            .arg(dit.join(adapter))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{adapter} on {base}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let problems = v["problems"].as_array().unwrap();
+        assert!(
+            problems.iter().any(|p| p["check"] == "target-missing"
+                && p["message"].as_str().is_some_and(|m| m.contains(missing))),
+            "{adapter} on {base}: {problems:?}"
+        );
+    }
+}
