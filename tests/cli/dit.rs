@@ -40,7 +40,7 @@ fn dit_cases() -> Vec<PathBuf> {
 fn every_dit_case_bakes_to_its_reference_through_the_cli() {
     let tmp = tempfile::tempdir().unwrap();
     let cases = dit_cases();
-    assert!(cases.len() >= 73, "found {} cases", cases.len());
+    assert!(cases.len() >= 75, "found {} cases", cases.len());
     let mut failures = Vec::new();
     for dir in &cases {
         let label = dir.file_name().unwrap().to_string_lossy().to_string();
