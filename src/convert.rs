@@ -297,7 +297,18 @@ pub fn run_to(
     let mut inputs = vec![input];
     inputs.extend(opts.base);
     refuse_overwriting_input(output, &inputs)?;
-    let (found, mut adapter) = layouts::read(input)?;
+    let (found, source) = layouts::read(input)?;
+    // A diffusion transformer's layers in the names the target layout's tool loads (a fused
+    // input-side layer split into its q, k, v modules for PEFT): reported per source layer.
+    let retargeted = match to.id {
+        "peft" => layouts::fused::retarget(&source, crate::resolve::dit::BaseLayout::Diffusers),
+        _ => layouts::fused::Retargeted {
+            origin: (0..source.layers.len()).collect(),
+            adapter: source.clone(),
+        },
+    };
+    let origin = retargeted.origin;
+    let mut adapter = retargeted.adapter;
     let mut table = None;
     // The writers' name lookup and weight-change figures read one model: a file, or the one
     // group of a sharded base (figures then need a single file). A pipeline folder binds, but
@@ -378,7 +389,7 @@ pub fn run_to(
             *m = (None, None, report::Status::Impossible { reason });
         }
     }
-    let layers = report::reports(&adapter, &written, &ctx)?;
+    let layers = fold_reports(&source, &origin, report::reports(&adapter, &written, &ctx)?);
     let count = |f: fn(&report::Status) -> bool| layers.iter().filter(|l| f(&l.status)).count();
     let impossible: Vec<(String, String)> = layers
         .iter()
@@ -436,6 +447,43 @@ pub fn run_to(
         refused,
         layers,
     })
+}
+
+/// One report row per source layer: the rows of the layers it was split into (`origin[i]` is
+/// the source layer of row `i`) folded into one, its worst verdict, its largest changes and
+/// every name it was written under.
+fn fold_reports(
+    source: &crate::model::Adapter,
+    origin: &[usize],
+    rows: Vec<report::LayerReport>,
+) -> Vec<report::LayerReport> {
+    if origin.len() == source.layers.len() && origin.iter().enumerate().all(|(i, &o)| i == o) {
+        return rows;
+    }
+    let mut out: Vec<report::LayerReport> = Vec::new();
+    for (i, layer) in source.layers.iter().enumerate() {
+        let mine: Vec<&report::LayerReport> = origin
+            .iter()
+            .zip(&rows)
+            .filter(|(o, _)| **o == i)
+            .map(|(_, r)| r)
+            .collect();
+        let worst = |f: fn(&report::Status) -> bool| mine.iter().filter(|r| f(&r.status)).map(|r| r.status.clone()).next();
+        let status = worst(|s| matches!(s, report::Status::Impossible { .. }))
+            .or_else(|| worst(|s| matches!(s, report::Status::Lossy { .. })))
+            .unwrap_or(report::Status::Exact);
+        let names: Vec<&str> = mine.iter().filter_map(|r| r.written_as.as_deref()).collect();
+        let max = |f: fn(&report::LayerReport) -> Option<f64>| mine.iter().filter_map(|r| f(r)).reduce(f64::max);
+        out.push(report::LayerReport {
+            layer: layer.target.name.clone(),
+            written_as: (!names.is_empty()).then(|| names.join(", ")),
+            status,
+            max_rotation_change: max(|r| r.max_rotation_change),
+            max_scale_change: max(|r| r.max_scale_change),
+            max_weight_change: max(|r| r.max_weight_change),
+        });
+    }
+    out
 }
 
 /// Write the files: one file atomically; a directory built beside the target and renamed into

@@ -30,6 +30,7 @@ pub(crate) mod codec;
 pub(crate) mod comfyui;
 pub(crate) mod common;
 pub(crate) mod container;
+pub mod fused;
 pub(crate) mod kohya;
 pub(crate) mod lora;
 pub(crate) mod lycoris;
@@ -479,6 +480,22 @@ fn split_row_layers(adapter: &Adapter, ctx: &Context<'_>) -> Result<Option<Adapt
             .iter()
             .map(|r| format!("[{}, {}]", r.start, r.len))
             .collect();
+        if let Some((module, rows)) = dit_split(t) {
+            layer.target.name = module;
+            // A trainer's name said `unet` for want of a better word; PEFT's names say none.
+            if layer.target.component.is_some() {
+                layer.target.component = Some(names::TRANSFORMER.into());
+            }
+            layer.target.convention = "diffusers".into();
+            if let (Some(shape), Some(n)) = (layer.target.shape.as_mut(), rows)
+                && let Some(first) = shape.first_mut()
+            {
+                *first = n;
+            }
+            layer.target.rows = None;
+            layer.base_binding = None;
+            continue;
+        }
         let split = ctx.names().and_then(|(table, names)| {
             let [only] = listed else { return None };
             let whole = crate::model::Target {
@@ -544,6 +561,58 @@ fn split_row_layers(adapter: &Adapter, ctx: &Context<'_>) -> Result<Option<Adapt
         )
         .hint("pass --base with the checkpoint the layers are bound to, or keep them in .oft and bake them with oftool merge"))
     }
+}
+
+/// A diffusion-transformer layer on rows of a module (`target.rows`, with the module's shape)
+/// that are exactly one diffusers module, in that module's row order: its name and rows. The
+/// rows may be a whole diffusers tensor already (a kohya split bound to a diffusers base), one
+/// part of a fused original module (`img_attn.qkv` rows 16..32: `to_k`), or a reordered one
+/// (the final adaLN's swapped halves).
+fn dit_split(t: &crate::model::Target) -> Option<(String, Option<u64>)> {
+    use crate::resolve::dit;
+    let listed = t.rows.as_deref()?;
+    let shape = t.shape.as_ref()?;
+    let rows = usize::try_from(*shape.first()?).ok()?;
+    let cols: usize = shape
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
+    let place = dit::place(&t.name, &[])?;
+    let total: u64 = listed.iter().map(|r| r.len).sum();
+    let whole = matches!(listed, [r] if r.start == 0 && r.len == rows as u64);
+    if place.layout() == dit::BaseLayout::Diffusers {
+        return whole.then(|| (dit::counterparts(&place, dit::BaseLayout::Diffusers)[0].module.clone(), Some(total)));
+    }
+    // Each listed range as (part, rows of that part); together one part, in order, every row.
+    let parts = dit::original_parts(place.map, rows, cols)?;
+    let mut part = None;
+    let mut next = 0usize;
+    for r in listed {
+        let (start, len) = (usize::try_from(r.start).ok()?, usize::try_from(r.len).ok()?);
+        let (j, o, d) = parts
+            .iter()
+            .find(|(_, o, _)| o.start <= start && start + len <= o.end)?;
+        if part.is_some_and(|p| p != *j) {
+            return None;
+        }
+        part = Some(*j);
+        let from = d.start + (start - o.start);
+        if from != next {
+            return None;
+        }
+        next = from + len;
+    }
+    let j = part?;
+    let full = parts
+        .iter()
+        .filter(|(k, _, _)| *k == j)
+        .map(|(_, o, _)| o.len())
+        .sum::<usize>();
+    if next != full {
+        return None;
+    }
+    let names = dit::counterparts(&place, dit::BaseLayout::Diffusers);
+    names.get(j).map(|c| (c.module.clone(), Some(total)))
 }
 
 /// The error for `--to` a layout oftool only reads.
