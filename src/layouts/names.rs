@@ -213,6 +213,8 @@ pub fn kohya_name(layer: &Layer, te_count: usize) -> Result<String, String> {
         Some(c) => c,
         None if is_te_module => TEXT_ENCODER.to_string(),
         None if crate::resolve::is_unet_module(&module) => UNET.to_string(),
+        // A diffusion transformer's diffusers-named module (PEFT names say no component).
+        None if crate::resolve::dit::place(&module, &[]).is_some() => TRANSFORMER.to_string(),
         None => {
             return Err(format!(
                 "`{name}` is no Stable Diffusion U-Net or text-encoder module: the kohya-style \

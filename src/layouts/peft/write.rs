@@ -369,6 +369,17 @@ fn group(adapter: &Adapter, ctx: &Context<'_>, mapped: &mut [LayerOutcome]) -> R
             Err(e) => mapped[i].2 = Status::Impossible { reason: e },
         }
     }
+    // Layers naming no component beside one named component are that component's (a PEFT name
+    // beside a `transformer.`-prefixed one, a row slice renamed by the base).
+    if groups.len() == 2
+        && let Some(k) = groups.iter().position(|(c, _)| c.is_none())
+    {
+        let (_, loose) = groups.remove(k);
+        if let Some((_, v)) = groups.first_mut() {
+            v.extend(loose);
+            v.sort_by_key(|(i, _)| *i);
+        }
+    }
     if groups.len() > 1 && groups.iter().any(|(c, _)| c.is_none()) {
         return Err(Error::new(
             Category::Conversion,
