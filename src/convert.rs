@@ -346,6 +346,11 @@ pub fn run_to(
         table,
         sd1: layouts::common::sd1_from_metadata(&metadata),
     };
+    if matches!(to.writes, layouts::Writes::Writer(_))
+        && let Some(split) = layouts::split_rows(&adapter, to, &ctx)?
+    {
+        adapter = split;
+    }
     // No other layout cuts a block-diagonal matrix: a truncated layer is impossible there.
     let truncated: Vec<usize> = (adapter.layers.iter().enumerate())
         .filter(|(_, l)| l.stages.iter().any(|s| s.spec.truncated))
@@ -468,12 +473,22 @@ fn fold_reports(
             .filter(|(o, _)| **o == i)
             .map(|(_, r)| r)
             .collect();
-        let worst = |f: fn(&report::Status) -> bool| mine.iter().filter(|r| f(&r.status)).map(|r| r.status.clone()).next();
+        let worst = |f: fn(&report::Status) -> bool| {
+            mine.iter()
+                .filter(|r| f(&r.status))
+                .map(|r| r.status.clone())
+                .next()
+        };
         let status = worst(|s| matches!(s, report::Status::Impossible { .. }))
             .or_else(|| worst(|s| matches!(s, report::Status::Lossy { .. })))
             .unwrap_or(report::Status::Exact);
-        let names: Vec<&str> = mine.iter().filter_map(|r| r.written_as.as_deref()).collect();
-        let max = |f: fn(&report::LayerReport) -> Option<f64>| mine.iter().filter_map(|r| f(r)).reduce(f64::max);
+        let names: Vec<&str> = mine
+            .iter()
+            .filter_map(|r| r.written_as.as_deref())
+            .collect();
+        let max = |f: fn(&report::LayerReport) -> Option<f64>| {
+            mine.iter().filter_map(|r| f(r)).reduce(f64::max)
+        };
         out.push(report::LayerReport {
             layer: layer.target.name.clone(),
             written_as: (!names.is_empty()).then(|| names.join(", ")),

@@ -100,7 +100,8 @@ fn split_input(layer: &Layer, fams: &[&'static dit::Family]) -> Option<Vec<Layer
             .map(|(_, o, d)| (o.clone(), d.clone()))
             .collect();
         mine.sort_by_key(|(_, d)| d.start);
-        let part_rows: Option<usize> = (!mine.is_empty()).then(|| mine.iter().map(|(o, _)| o.len()).sum());
+        let part_rows: Option<usize> =
+            (!mine.is_empty()).then(|| mine.iter().map(|(o, _)| o.len()).sum());
         if let (Some(shape), Some(n)) = (l.target.shape.as_mut(), part_rows)
             && let Some(first) = shape.first_mut()
         {

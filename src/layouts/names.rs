@@ -213,14 +213,24 @@ pub fn kohya_name(layer: &Layer, te_count: usize) -> Result<String, String> {
         Some(c) => c,
         None if is_te_module => TEXT_ENCODER.to_string(),
         None if crate::resolve::is_unet_module(&module) => UNET.to_string(),
-        // A diffusion transformer's diffusers-named module (PEFT names say no component).
-        None if crate::resolve::dit::place(&module, &[]).is_some() => TRANSFORMER.to_string(),
-        None => {
-            return Err(format!(
-                "`{name}` is no Stable Diffusion U-Net or text-encoder module: the kohya-style \
-                 names these tools use exist only for diffusion pipelines"
-            ));
-        }
+        // A diffusion transformer's module: an original name is ComfyUI's own (`lora_unet_`
+        // and the module, as its key map names every model key), a diffusers one the
+        // transformer's (PEFT names say no component).
+        None => match crate::resolve::dit::place(&module, &[]).map(|p| p.layout()) {
+            Some(crate::resolve::dit::BaseLayout::Original) => {
+                let bare = (crate::resolve::dit::ROOTS.iter())
+                    .find_map(|r| module.strip_prefix(r))
+                    .unwrap_or(&module);
+                return Ok(format!("{LORA_UNET}{}", bare.replace('.', "_")));
+            }
+            Some(crate::resolve::dit::BaseLayout::Diffusers) => TRANSFORMER.to_string(),
+            None => {
+                return Err(format!(
+                    "`{name}` is no Stable Diffusion U-Net or text-encoder module: the \
+                     kohya-style names these tools use exist only for diffusion pipelines"
+                ));
+            }
+        },
     };
     let prefix = match comp.as_str() {
         UNET => return Ok(format!("{LORA_UNET}{flat}")),

@@ -954,7 +954,10 @@ pub fn counterparts(place: &Place, to: BaseLayout) -> Vec<Counterpart> {
             part: None,
         }],
         (Some(j), BaseLayout::Diffusers) => vec![Counterpart {
-            module: fill(map.diffusers[j.min(map.diffusers.len().saturating_sub(1))], &place.index),
+            module: fill(
+                map.diffusers[j.min(map.diffusers.len().saturating_sub(1))],
+                &place.index,
+            ),
             part: None,
         }],
         (None, BaseLayout::Diffusers) => {
