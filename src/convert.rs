@@ -298,14 +298,21 @@ pub fn run_to(
     inputs.extend(opts.base);
     refuse_overwriting_input(output, &inputs)?;
     let (found, source) = layouts::read(input)?;
-    // A diffusion transformer's layers in the names the target layout's tool loads (a fused
-    // input-side layer split into its q, k, v modules for PEFT): reported per source layer.
-    let retargeted = match to.id {
-        "peft" => layouts::fused::retarget(&source, crate::resolve::dit::BaseLayout::Diffusers),
-        _ => layouts::fused::Retargeted {
+    let opened = opts.base.map(Base::open).transpose()?;
+    // A diffusion transformer's layers in the names the target layout's tool loads: PEFT's
+    // are the diffusers transformer's, and a diffusers base's names are every layout's (a
+    // fused input-side layer split into its q, k, v modules): reported per source layer.
+    let diffusers_base = opened
+        .as_ref()
+        .and_then(Base::dit)
+        .is_some_and(|d| d.layout == crate::resolve::dit::BaseLayout::Diffusers);
+    let retargeted = if to.id == "peft" || diffusers_base {
+        layouts::fused::retarget(&source, crate::resolve::dit::BaseLayout::Diffusers)
+    } else {
+        layouts::fused::Retargeted {
             origin: (0..source.layers.len()).collect(),
             adapter: source.clone(),
-        },
+        }
     };
     let origin = retargeted.origin;
     let mut adapter = retargeted.adapter;
@@ -314,8 +321,7 @@ pub fn run_to(
     // group of a sharded base (figures then need a single file). A pipeline folder binds, but
     // its layers are named without it.
     let mut base_file = None;
-    if let Some(b) = opts.base {
-        let base = Base::open(b)?;
+    if let Some(base) = opened {
         bind(&mut adapter, &base)?;
         if let Some(t) = base.single_table() {
             let names = t.pipeline_names();
