@@ -1032,6 +1032,46 @@ mod tests {
     }
 
     #[test]
+    fn counterparts_in_either_layout() {
+        let names = |n: &str, to| {
+            let p = place(n, &[]).unwrap();
+            counterparts(&p, to)
+                .into_iter()
+                .map(|c| (c.module, c.part))
+                .collect::<Vec<_>>()
+        };
+        let fused = names(
+            "diffusion_model.single_blocks.3.linear1",
+            BaseLayout::Diffusers,
+        );
+        assert_eq!(fused.len(), 4);
+        assert_eq!(
+            fused[3],
+            ("single_transformer_blocks.3.proj_mlp".to_string(), Some(3))
+        );
+        assert_eq!(
+            names(
+                "lycoris_transformer_blocks_0_attn_to_k",
+                BaseLayout::Original
+            ),
+            vec![("double_blocks.0.img_attn.qkv".to_string(), Some(1))]
+        );
+        assert_eq!(
+            names(
+                "model.model.final_layer.adaLN_modulation.1",
+                BaseLayout::Diffusers
+            ),
+            vec![("norm_out.linear".to_string(), None)]
+        );
+        let p = place("transformer.transformer_blocks.2.attn.to_v", &[]).unwrap();
+        assert_eq!(
+            (p.layout(), p.part, p.index.as_str()),
+            (BaseLayout::Diffusers, Some(2), "2")
+        );
+        assert!(place("lm_head", &[]).is_none());
+    }
+
+    #[test]
     fn detection_by_score() {
         let flux = [
             "model.diffusion_model.double_blocks.0.img_attn.qkv",
