@@ -276,8 +276,20 @@ pub struct ExportReport {
     pub layers: Vec<report::LayerReport>,
 }
 
+/// Which of a diffusion transformer's base layouts `--to` names its modules in (`--names`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Names {
+    /// The diffusers transformer's (`transformer_blocks.0.attn.to_q`): fused layers split.
+    Diffusers,
+    /// The original single-file layout's (`double_blocks.0.img_attn.qkv`): split layers fused.
+    Original,
+}
+
 /// Options of `convert --to <layout>`.
 pub struct ExportOptions<'a> {
+    /// `--names`: a diffusion transformer's module names (default: the base's layout for
+    /// `onetrainer`, the adapter's own without `--base`).
+    pub names: Option<Names>,
     /// A base checkpoint, to recover names and measure the weight change.
     pub base: Option<&'a Path>,
     /// Write layers that would change.
@@ -302,19 +314,27 @@ pub fn run_to(
     // A diffusion transformer's layers in the names the target layout's tool loads: PEFT's
     // are the diffusers transformer's, and a diffusers base's names are every layout's (a
     // fused input-side layer split into its q, k, v modules): reported per source layer.
-    let diffusers_base = opened
-        .as_ref()
-        .and_then(Base::dit)
-        .is_some_and(|d| d.layout == crate::resolve::dit::BaseLayout::Diffusers);
-    let retargeted = if to.id == "peft" || diffusers_base {
-        layouts::fused::retarget(&source, crate::resolve::dit::BaseLayout::Diffusers)
-    } else {
-        layouts::fused::Retargeted {
-            origin: (0..source.layers.len()).collect(),
-            adapter: source.clone(),
-        }
+    use crate::resolve::dit::BaseLayout;
+    let base_layout = opened.as_ref().and_then(Base::dit).map(|d| d.layout);
+    let names = match (to.id, opts.names) {
+        ("peft", _) => Some(BaseLayout::Diffusers),
+        (_, Some(Names::Diffusers)) => Some(BaseLayout::Diffusers),
+        (_, Some(Names::Original)) => Some(BaseLayout::Original),
+        ("onetrainer", None) => base_layout,
+        (_, None) => base_layout.filter(|&l| l == BaseLayout::Diffusers),
     };
-    let origin = retargeted.origin;
+    // Either way the layers are bound in diffusers names first (a fused layer binds to no
+    // split base), then fused for the original names.
+    let retargeted = match names {
+        Some(_) => layouts::fused::retarget(&source, BaseLayout::Diffusers),
+        None => layouts::fused::Retargeted {
+            origin: (0..source.layers.len()).map(|i| vec![i]).collect(),
+            adapter: source.clone(),
+            refused: Vec::new(),
+        },
+    };
+    let mut origin = retargeted.origin;
+    let mut refused_layers = retargeted.refused;
     let mut adapter = retargeted.adapter;
     let mut table = None;
     // The writers' name lookup and weight-change figures read one model: a file, or the one
@@ -348,6 +368,7 @@ pub fn run_to(
         .into_iter()
         .collect();
     let ctx = report::Context {
+        dit_names: names.filter(|_| to.id == "onetrainer"),
         base: base_file.as_deref(),
         table,
         sd1: layouts::common::sd1_from_metadata(&metadata),
@@ -356,6 +377,29 @@ pub fn run_to(
         && let Some(split) = layouts::split_rows(&adapter, to, &ctx)?
     {
         adapter = split;
+    }
+    if names == Some(BaseLayout::Original) {
+        let fused = layouts::fused::fuse(&adapter);
+        let sources = |js: &[usize]| -> Vec<usize> {
+            let mut v: Vec<usize> = js
+                .iter()
+                .filter_map(|&j| origin.get(j))
+                .flatten()
+                .copied()
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        for (j, why) in &fused.refused {
+            for i in sources(&[*j]) {
+                if !refused_layers.iter().any(|(k, _)| *k == i) {
+                    refused_layers.push((i, why.clone()));
+                }
+            }
+        }
+        origin = fused.origin.iter().map(|js| sources(js)).collect();
+        adapter = fused.adapter;
     }
     // No other layout cuts a block-diagonal matrix: a truncated layer is impossible there.
     let truncated: Vec<usize> = (adapter.layers.iter().enumerate())
@@ -400,7 +444,12 @@ pub fn run_to(
             *m = (None, None, report::Status::Impossible { reason });
         }
     }
-    let layers = fold_reports(&source, &origin, report::reports(&adapter, &written, &ctx)?);
+    let layers = fold_reports(
+        &source,
+        &origin,
+        &refused_layers,
+        report::reports(&adapter, &written, &ctx)?,
+    );
     let count = |f: fn(&report::Status) -> bool| layers.iter().filter(|l| f(&l.status)).count();
     let impossible: Vec<(String, String)> = layers
         .iter()
@@ -465,18 +514,34 @@ pub fn run_to(
 /// every name it was written under.
 fn fold_reports(
     source: &crate::model::Adapter,
-    origin: &[usize],
+    origin: &[Vec<usize>],
+    refused: &[(usize, String)],
     rows: Vec<report::LayerReport>,
 ) -> Vec<report::LayerReport> {
-    if origin.len() == source.layers.len() && origin.iter().enumerate().all(|(i, &o)| i == o) {
+    let identity = origin.len() == source.layers.len()
+        && origin.iter().enumerate().all(|(i, o)| o.as_slice() == [i]);
+    if identity && refused.is_empty() {
         return rows;
     }
     let mut out: Vec<report::LayerReport> = Vec::new();
     for (i, layer) in source.layers.iter().enumerate() {
+        if let Some((_, reason)) = refused.iter().find(|(j, _)| *j == i) {
+            out.push(report::LayerReport {
+                layer: layer.target.name.clone(),
+                written_as: None,
+                status: report::Status::Impossible {
+                    reason: reason.clone(),
+                },
+                max_rotation_change: None,
+                max_scale_change: None,
+                max_weight_change: None,
+            });
+            continue;
+        }
         let mine: Vec<&report::LayerReport> = origin
             .iter()
             .zip(&rows)
-            .filter(|(o, _)| **o == i)
+            .filter(|(o, _)| o.contains(&i))
             .map(|(_, r)| r)
             .collect();
         let worst = |f: fn(&report::Status) -> bool| {

@@ -902,6 +902,13 @@ fn bare(name: &str) -> (String, bool) {
 /// match it, original names before diffusers ones. `None` for a name no map holds (a family
 /// without fused layers, such as Qwen-Image, keeps its names in both layouts).
 pub fn place(name: &str, families: &[&'static Family]) -> Option<Place> {
+    place_as(name, families, BaseLayout::Original)
+        .or_else(|| place_as(name, families, BaseLayout::Diffusers))
+}
+
+/// [`place`] among the names of one layout only (some modules have the same name in one
+/// family's original layout and another's diffusers one: SD3's `context_embedder`).
+pub fn place_as(name: &str, families: &[&'static Family], layout: BaseLayout) -> Option<Place> {
     let (module, flat) = bare(name);
     let families: Vec<&'static Family> = if families.is_empty() {
         FAMILIES.to_vec()
@@ -915,16 +922,19 @@ pub fn place(name: &str, families: &[&'static Family]) -> Option<Place> {
             matches(template, &module).map(str::to_string)
         }
     };
-    for family in &families {
-        for map in family.maps {
-            if let Some(index) = hit(map.original) {
-                return Some(Place {
-                    map,
-                    part: None,
-                    index,
-                });
+    if layout == BaseLayout::Original {
+        for family in &families {
+            for map in family.maps {
+                if let Some(index) = hit(map.original) {
+                    return Some(Place {
+                        map,
+                        part: None,
+                        index,
+                    });
+                }
             }
         }
+        return None;
     }
     for family in &families {
         for map in family.maps {

@@ -261,7 +261,7 @@ fn row_slices_survive_oft_and_compose() {
     }
 }
 
-/// Every `fixtures/dit` case × every `--to` layout that names transformer modules: the verdict
+/// Every `fixtures/dit` case × every `--to` layout (and OneTrainer's other key layout): the verdict
 /// (exact / lossy / impossible counts, or the refusal's category) is the recorded one, and
 /// every conversion that was written, read back and baked into the case's base, equals the
 /// case's reference (ComfyUI's files read as ComfyUI reads them). In process: 250 conversions
@@ -269,7 +269,7 @@ fn row_slices_survive_oft_and_compose() {
 #[test]
 fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
     use oftool::bake::{BakeInput, MergeOptions, NoProgress};
-    use oftool::convert::{ExportOptions, run_to};
+    use oftool::convert::{ExportOptions, Names, run_to};
     use oftool::layouts::{Semantics, find};
     let tmp = tempfile::tempdir().unwrap();
     let mut table = String::new();
@@ -281,9 +281,28 @@ fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
         let base = dir.join(case["base"].as_str().unwrap());
         let adapter = dir.join(case["adapter"].as_str().unwrap());
         let want_all = all(&dir.join(case["merged"].as_str().unwrap()));
-        for to in ["diffusers", "comfyui", "lycoris", "kohya", "onetrainer"] {
-            let out = tmp.path().join(format!("{label}.{to}"));
+        // `--to onetrainer` names after the base's layout by default; `onetrainer-other` is
+        // `--names` the other one (fused layers split, split layers fused).
+        let other = if case["base_layout"] == "original" {
+            Names::Diffusers
+        } else {
+            Names::Original
+        };
+        for target in [
+            "diffusers",
+            "comfyui",
+            "lycoris",
+            "kohya",
+            "onetrainer",
+            "onetrainer-other",
+        ] {
+            let (to, names) = match target {
+                "onetrainer-other" => ("onetrainer", Some(other)),
+                t => (t, None),
+            };
+            let out = tmp.path().join(format!("{label}.{target}"));
             let opts = ExportOptions {
+                names,
                 base: Some(&base),
                 allow_lossy: false,
                 zip: false,
@@ -298,7 +317,7 @@ fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
                     if r.refused.is_some() { " refused" } else { "" }
                 ),
             };
-            table.push_str(&format!("{label:<40} {to:<11} {verdict}\n"));
+            table.push_str(&format!("{label:<40} {target:<17} {verdict}\n"));
             if !out.exists() {
                 continue;
             }
@@ -308,7 +327,9 @@ fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
                 Semantics::Producer
             };
             let read = oftool::bake::load_adapter_with(&out, semantics).unwrap();
-            let baked = tmp.path().join(format!("{label}.{to}.baked.safetensors"));
+            let baked = tmp
+                .path()
+                .join(format!("{label}.{target}.baked.safetensors"));
             let input = BakeInput {
                 label: out.display().to_string(),
                 path: out.clone(),
@@ -324,7 +345,7 @@ fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
                 &MergeOptions::default(),
                 &NoProgress,
             ) {
-                failures.push(format!("{label} --to {to}: bake: {e}"));
+                failures.push(format!("{label} --to {target}: bake: {e}"));
                 continue;
             }
             round_trips += 1;
@@ -335,7 +356,7 @@ fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
                 let (ratio, i) = worst(g, w, *wd);
                 if ratio > 1.0 {
                     failures.push(format!(
-                        "{label} --to {to} {key}: element {i}: {} vs reference {} ({ratio:.2}× tolerance)",
+                        "{label} --to {target} {key}: element {i}: {} vs reference {} ({ratio:.2}× tolerance)",
                         g[i], w[i]
                     ));
                     break;
