@@ -622,9 +622,9 @@ fn dit_split(t: &crate::model::Target) -> Option<(String, Option<u64>)> {
     let mut next = 0usize;
     for r in listed {
         let (start, len) = (usize::try_from(r.start).ok()?, usize::try_from(r.len).ok()?);
-        let (j, o, d) = parts
-            .iter()
-            .find(|(_, o, _)| o.start <= start && start + len <= o.end)?;
+        let (j, o, d) = parts.iter().find(|(_, o, _)| {
+            o.start <= start && start.checked_add(len).is_some_and(|e| e <= o.end)
+        })?;
         if part.is_some_and(|p| p != *j) {
             return None;
         }
