@@ -373,10 +373,19 @@ pub fn run_to(
         table,
         sd1: layouts::common::sd1_from_metadata(&metadata),
     };
-    if matches!(to.writes, layouts::Writes::Writer(_))
-        && let Some(split) = layouts::split_rows(&adapter, to, &ctx)?
-    {
-        adapter = split;
+    if matches!(to.writes, layouts::Writes::Writer(_)) {
+        let (split, apart) = layouts::split_rows(&adapter, to, &ctx)?;
+        if let Some(split) = split {
+            adapter = split;
+        }
+        for (j, why) in apart.iter().rev() {
+            for &i in origin.get(*j).into_iter().flatten() {
+                refused_layers.push((i, why.clone()));
+            }
+            if *j < origin.len() {
+                origin.remove(*j);
+            }
+        }
     }
     if names == Some(BaseLayout::Original) {
         let fused = layouts::fused::fuse(&adapter);

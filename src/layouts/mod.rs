@@ -447,10 +447,12 @@ fn not_found(path: &Path) -> Error {
 /// Write `adapter` in `layout`: the files and the per-layer verdicts (nothing on disk yet).
 pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<Written> {
     match layout.writes {
-        Writes::Writer(write) => match split_row_layers(adapter, ctx, layout.id == "comfyui")? {
-            Some(split) => write(&split, ctx),
-            None => write(adapter, ctx),
-        },
+        Writes::Writer(write) => {
+            match split_row_layers(adapter, ctx, matches!(layout.id, "comfyui" | "kohya"))? {
+                Some(split) => write(&split, ctx),
+                None => write(adapter, ctx),
+            }
+        }
         Writes::Canonical => Err(Error::usage(format!(
             "`{}` is written by `oftool convert IN -o OUT.oft`",
             layout.id
@@ -465,12 +467,32 @@ pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<W
 
 /// [`export`]'s renaming of row-slice layers, for a caller that reports on the layers as
 /// written (`None`: no layer lists rows).
+/// Layers that cannot be put in their tensor's stored row order come back apart, by index,
+/// with the reason (the caller reports them impossible and leaves them out).
 pub fn split_rows(
     adapter: &Adapter,
     layout: &Layout,
     ctx: &Context<'_>,
-) -> Result<Option<Adapter>> {
-    split_row_layers(adapter, ctx, layout.id == "comfyui")
+) -> Result<(Option<Adapter>, Vec<(usize, String)>)> {
+    let mut refused = Vec::new();
+    let whole_reordered = matches!(layout.id, "comfyui" | "kohya");
+    let mut kept = adapter.clone();
+    if whole_reordered {
+        kept.layers.clear();
+        for (i, layer) in adapter.layers.iter().enumerate() {
+            let mut l = layer.clone();
+            match in_stored_order(&mut l) {
+                Some(Err(why)) => refused.push((i, why)),
+                _ => kept.layers.push(layer.clone()),
+            }
+        }
+    }
+    let split = split_row_layers(&kept, ctx, whole_reordered)?;
+    Ok(match (split, refused.is_empty()) {
+        (Some(a), _) => (Some(a), refused),
+        (None, true) => (None, refused),
+        (None, false) => (Some(kept), refused),
+    })
 }
 
 /// Other layouts name whole modules: a layer on rows of a fused tensor (`target.rows`, e.g. q
@@ -685,7 +707,8 @@ fn in_stored_order(layer: &mut crate::model::Layer) -> Option<std::result::Resul
         if st.spec.wiring != crate::model::Wiring::Identity {
             return fail(
                 "its rows are stored in another order than it rotates them, and a butterfly \
-                 stage does not carry through the reordering",
+                 stage does not carry through the reordering (ComfyUI's own name map for it \
+                 swaps the halves of the difference instead); bake the adapter (oftool merge)",
             );
         }
         if st.spec.shared {
