@@ -465,15 +465,15 @@ pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<W
     }
 }
 
+/// What [`split_rows`] gives: the adapter with its row-slice layers renamed (`None`: none
+/// changed) and the layers left out, by index, with the reason.
+pub type SplitRows = (Option<Adapter>, Vec<(usize, String)>);
+
 /// [`export`]'s renaming of row-slice layers, for a caller that reports on the layers as
 /// written (`None`: no layer lists rows).
 /// Layers that cannot be put in their tensor's stored row order come back apart, by index,
 /// with the reason (the caller reports them impossible and leaves them out).
-pub fn split_rows(
-    adapter: &Adapter,
-    layout: &Layout,
-    ctx: &Context<'_>,
-) -> Result<(Option<Adapter>, Vec<(usize, String)>)> {
+pub fn split_rows(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<SplitRows> {
     let mut refused = Vec::new();
     let whole_reordered = matches!(layout.id, "comfyui" | "kohya");
     let mut kept = adapter.clone();
