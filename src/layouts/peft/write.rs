@@ -369,9 +369,13 @@ fn group(adapter: &Adapter, ctx: &Context<'_>, mapped: &mut [LayerOutcome]) -> R
             Err(e) => mapped[i].2 = Status::Impossible { reason: e },
         }
     }
-    // Layers naming no component beside one named component are that component's (a PEFT name
-    // beside a `transformer.`-prefixed one, a row slice renamed by the base).
+    // A diffusion transformer's layers naming no component beside `transformer` ones are the
+    // transformer's (a PEFT name beside a `transformer.`-prefixed one, a row slice renamed by
+    // the base).
     if groups.len() == 2
+        && groups
+            .iter()
+            .any(|(c, _)| c.as_deref() == Some(names::TRANSFORMER))
         && let Some(k) = groups.iter().position(|(c, _)| c.is_none())
     {
         let (_, loose) = groups.remove(k);
