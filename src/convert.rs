@@ -276,8 +276,20 @@ pub struct ExportReport {
     pub layers: Vec<report::LayerReport>,
 }
 
+/// Which of a diffusion transformer's base layouts `--to` names its modules in (`--names`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Names {
+    /// The diffusers transformer's (`transformer_blocks.0.attn.to_q`): fused layers split.
+    Diffusers,
+    /// The original single-file layout's (`double_blocks.0.img_attn.qkv`): split layers fused.
+    Original,
+}
+
 /// Options of `convert --to <layout>`.
 pub struct ExportOptions<'a> {
+    /// `--names`: a diffusion transformer's module names (default: the base's layout for
+    /// `onetrainer`, the adapter's own without `--base`).
+    pub names: Option<Names>,
     /// A base checkpoint, to recover names and measure the weight change.
     pub base: Option<&'a Path>,
     /// Write layers that would change.
@@ -297,14 +309,39 @@ pub fn run_to(
     let mut inputs = vec![input];
     inputs.extend(opts.base);
     refuse_overwriting_input(output, &inputs)?;
-    let (found, mut adapter) = layouts::read(input)?;
+    let (found, source) = layouts::read(input)?;
+    let opened = opts.base.map(Base::open).transpose()?;
+    // A diffusion transformer's layers in the names the target layout's tool loads: PEFT's
+    // are the diffusers transformer's, and a diffusers base's names are every layout's (a
+    // fused input-side layer split into its q, k, v modules): reported per source layer.
+    use crate::resolve::dit::BaseLayout;
+    let base_layout = opened.as_ref().and_then(Base::dit).map(|d| d.layout);
+    let names = match (to.id, opts.names) {
+        ("peft", _) => Some(BaseLayout::Diffusers),
+        (_, Some(Names::Diffusers)) => Some(BaseLayout::Diffusers),
+        (_, Some(Names::Original)) => Some(BaseLayout::Original),
+        ("onetrainer", None) => base_layout,
+        (_, None) => base_layout.filter(|&l| l == BaseLayout::Diffusers),
+    };
+    // Either way the layers are bound in diffusers names first (a fused layer binds to no
+    // split base), then fused for the original names.
+    let retargeted = match names {
+        Some(_) => layouts::fused::retarget(&source, BaseLayout::Diffusers),
+        None => layouts::fused::Retargeted {
+            origin: (0..source.layers.len()).map(|i| vec![i]).collect(),
+            adapter: source.clone(),
+            refused: Vec::new(),
+        },
+    };
+    let mut origin = retargeted.origin;
+    let mut refused_layers = retargeted.refused;
+    let mut adapter = retargeted.adapter;
     let mut table = None;
     // The writers' name lookup and weight-change figures read one model: a file, or the one
     // group of a sharded base (figures then need a single file). A pipeline folder binds, but
     // its layers are named without it.
     let mut base_file = None;
-    if let Some(b) = opts.base {
-        let base = Base::open(b)?;
+    if let Some(base) = opened {
         bind(&mut adapter, &base)?;
         if let Some(t) = base.single_table() {
             let names = t.pipeline_names();
@@ -331,10 +368,48 @@ pub fn run_to(
         .into_iter()
         .collect();
     let ctx = report::Context {
+        dit_names: names.filter(|_| to.id == "onetrainer"),
         base: base_file.as_deref(),
         table,
         sd1: layouts::common::sd1_from_metadata(&metadata),
     };
+    if matches!(to.writes, layouts::Writes::Writer(_)) {
+        let (split, apart) = layouts::split_rows(&adapter, to, &ctx)?;
+        if let Some(split) = split {
+            adapter = split;
+        }
+        for (j, why) in apart.iter().rev() {
+            for &i in origin.get(*j).into_iter().flatten() {
+                refused_layers.push((i, why.clone()));
+            }
+            if *j < origin.len() {
+                origin.remove(*j);
+            }
+        }
+    }
+    if names == Some(BaseLayout::Original) {
+        let fused = layouts::fused::fuse(&adapter);
+        let sources = |js: &[usize]| -> Vec<usize> {
+            let mut v: Vec<usize> = js
+                .iter()
+                .filter_map(|&j| origin.get(j))
+                .flatten()
+                .copied()
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        for (j, why) in &fused.refused {
+            for i in sources(&[*j]) {
+                if !refused_layers.iter().any(|(k, _)| *k == i) {
+                    refused_layers.push((i, why.clone()));
+                }
+            }
+        }
+        origin = fused.origin.iter().map(|js| sources(js)).collect();
+        adapter = fused.adapter;
+    }
     // No other layout cuts a block-diagonal matrix: a truncated layer is impossible there.
     let truncated: Vec<usize> = (adapter.layers.iter().enumerate())
         .filter(|(_, l)| l.stages.iter().any(|s| s.spec.truncated))
@@ -378,7 +453,12 @@ pub fn run_to(
             *m = (None, None, report::Status::Impossible { reason });
         }
     }
-    let layers = report::reports(&adapter, &written, &ctx)?;
+    let layers = fold_reports(
+        &source,
+        &origin,
+        &refused_layers,
+        report::reports(&adapter, &written, &ctx)?,
+    );
     let count = |f: fn(&report::Status) -> bool| layers.iter().filter(|l| f(&l.status)).count();
     let impossible: Vec<(String, String)> = layers
         .iter()
@@ -436,6 +516,69 @@ pub fn run_to(
         refused,
         layers,
     })
+}
+
+/// One report row per source layer: the rows of the layers it was split into (`origin[i]` is
+/// the source layer of row `i`) folded into one, its worst verdict, its largest changes and
+/// every name it was written under.
+fn fold_reports(
+    source: &crate::model::Adapter,
+    origin: &[Vec<usize>],
+    refused: &[(usize, String)],
+    rows: Vec<report::LayerReport>,
+) -> Vec<report::LayerReport> {
+    let identity = origin.len() == source.layers.len()
+        && origin.iter().enumerate().all(|(i, o)| o.as_slice() == [i]);
+    if identity && refused.is_empty() {
+        return rows;
+    }
+    let mut out: Vec<report::LayerReport> = Vec::new();
+    for (i, layer) in source.layers.iter().enumerate() {
+        if let Some((_, reason)) = refused.iter().find(|(j, _)| *j == i) {
+            out.push(report::LayerReport {
+                layer: layer.target.name.clone(),
+                written_as: None,
+                status: report::Status::Impossible {
+                    reason: reason.clone(),
+                },
+                max_rotation_change: None,
+                max_scale_change: None,
+                max_weight_change: None,
+            });
+            continue;
+        }
+        let mine: Vec<&report::LayerReport> = origin
+            .iter()
+            .zip(&rows)
+            .filter(|(o, _)| o.contains(&i))
+            .map(|(_, r)| r)
+            .collect();
+        let worst = |f: fn(&report::Status) -> bool| {
+            mine.iter()
+                .filter(|r| f(&r.status))
+                .map(|r| r.status.clone())
+                .next()
+        };
+        let status = worst(|s| matches!(s, report::Status::Impossible { .. }))
+            .or_else(|| worst(|s| matches!(s, report::Status::Lossy { .. })))
+            .unwrap_or(report::Status::Exact);
+        let names: Vec<&str> = mine
+            .iter()
+            .filter_map(|r| r.written_as.as_deref())
+            .collect();
+        let max = |f: fn(&report::LayerReport) -> Option<f64>| {
+            mine.iter().filter_map(|r| f(r)).reduce(f64::max)
+        };
+        out.push(report::LayerReport {
+            layer: layer.target.name.clone(),
+            written_as: (!names.is_empty()).then(|| names.join(", ")),
+            status,
+            max_rotation_change: max(|r| r.max_rotation_change),
+            max_scale_change: max(|r| r.max_scale_change),
+            max_weight_change: max(|r| r.max_weight_change),
+        });
+    }
+    out
 }
 
 /// Write the files: one file atomically; a directory built beside the target and renamed into

@@ -43,6 +43,7 @@ fn exercise(adapter: &Adapter) -> Vec<&'static str> {
     let _ = crate::validate::check_adapter(adapter);
     let _ = crate::inspect::report(std::path::Path::new("fuzz"), "fuzz", None, adapter);
     let ctx = Context {
+        dit_names: None,
         base: None,
         table: None,
         sd1: None,

@@ -251,6 +251,12 @@ enum Command {
         /// Pack a directory layout (diffusers/PEFT) into one zip archive at the output path.
         #[arg(long)]
         zip: bool,
+        /// --to onetrainer, diffusion transformers: OneTrainer's DIFFUSERS key layout
+        /// (`transformer.transformer_blocks.0.attn.to_q`; fused layers split exactly) or its COMFY
+        /// one (`diffusion_model.double_blocks.0.img_attn.qkv`; q, k, v layers with identical
+        /// rotations fused). Default: the layout of --base; without it, the adapter's own names.
+        #[arg(long, value_enum)]
+        names: Option<NamesArg>,
         /// Print the per-layer report as JSON: exact / lossy (with figures) / impossible.
         #[arg(long)]
         json: bool,
@@ -373,6 +379,15 @@ const DEFAULT_LORA_RANK: usize = 32;
 enum SideArg {
     Input,
     Output,
+}
+
+/// `convert --names`.
+#[derive(Clone, Copy, ValueEnum)]
+enum NamesArg {
+    /// The diffusers transformer's module names.
+    Diffusers,
+    /// The original single-file layout's (fused attention) names.
+    Original,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -581,11 +596,17 @@ fn convert_command(
     output: &Path,
     to: &'static Layout,
     base: Option<&Path>,
-    allow_lossy: bool,
-    zip: bool,
+    (allow_lossy, zip, names): (bool, bool, Option<NamesArg>),
     as_json: bool,
     lora: &LoraFlags,
 ) -> Result<Output, Error> {
+    if names.is_some() && to.id != "onetrainer" {
+        return Err(Error::usage(format!(
+            "--names applies to --to onetrainer, not --to {}: PEFT takes the diffusers names, \
+             ComfyUI and LyCORIS the names their loaders map onto either base",
+            to.id
+        )));
+    }
     if let Writes::LowRank = to.writes {
         let Some(base) = base else {
             return Err(Error::usage(
@@ -630,6 +651,10 @@ fn convert_command(
         Writes::No(why) => return Err(layouts::not_writable(to, why)),
         Writes::Writer(_) => {
             let opts = convert::ExportOptions {
+                names: names.map(|n| match n {
+                    NamesArg::Diffusers => convert::Names::Diffusers,
+                    NamesArg::Original => convert::Names::Original,
+                }),
                 base,
                 allow_lossy,
                 zip,
@@ -743,6 +768,7 @@ fn run(command: Command) -> Result<Output, Error> {
             base,
             allow_lossy,
             zip,
+            names,
             json: j,
             lora,
         } => convert_command(
@@ -750,8 +776,7 @@ fn run(command: Command) -> Result<Output, Error> {
             &output,
             to,
             base.as_deref(),
-            allow_lossy,
-            zip,
+            (allow_lossy, zip, names),
             j,
             &lora,
         ),

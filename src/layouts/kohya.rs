@@ -265,6 +265,129 @@ fn map_legacy(layer: &Layer, name: &str, alpha: f64, dim: usize) -> Mapped {
     })
 }
 
+/// One layer of a `networks.oft_flux` file: the BFL module and which of its splits.
+struct FluxSplit {
+    /// The original-layout module (`double_blocks.0.img_attn.qkv`).
+    module: String,
+    /// The split's index (`oft_blocks.<i>`).
+    index: usize,
+}
+
+/// FLUX.1 layers as kohya's `networks.oft_flux` splits (`None`: not a FLUX.1 adapter): per
+/// layer, its module and split, or why it is none. kohya splits a fused module into its q, k, v
+/// (and `linear1`'s MLP input) rows, each its own rotation, and stores every split of it.
+fn flux_splits(adapter: &Adapter) -> Option<Vec<std::result::Result<FluxSplit, String>>> {
+    use crate::resolve::dit::{self, BaseLayout};
+    let fams = [&dit::FLUX1];
+    let flux = dit::expected(adapter.layers.iter().map(|l| l.target.name.as_str()))
+        .is_some_and(|e| e.families.iter().any(|f| f.id == dit::FLUX1.id));
+    if !flux {
+        return None;
+    }
+    let mut out: Vec<std::result::Result<(String, usize, usize), String>> = Vec::new();
+    for layer in &adapter.layers {
+        let name = &layer.target.name;
+        let found = if layer.target.rows.is_some() {
+            None
+        } else if let Some(p) = dit::place_as(name, &fams, BaseLayout::Original) {
+            let parts = p.map.diffusers.len();
+            (parts == 1).then(|| (dit::fill(p.map.original, &p.index), 0, 1))
+        } else {
+            // The final adaLN's halves are swapped between the layouts: output-side blocks in
+            // diffusers row order are no blocks of the original weight.
+            let swapped =
+                |p: &dit::Place| matches!(p.map.kind, dit::Kind::Swap | dit::Kind::SwapIfTwo);
+            dit::place_as(name, &fams, BaseLayout::Diffusers)
+                .filter(|p| !swapped(p))
+                .and_then(|p| {
+                    let cp = dit::counterparts(&p, BaseLayout::Original)
+                        .into_iter()
+                        .next()?;
+                    let parts = p.map.diffusers.len();
+                    Some((cp.module, cp.part.unwrap_or(0), parts))
+                })
+        };
+        out.push(found.ok_or_else(|| {
+            format!(
+                "`{name}` is no FLUX.1 module kohya's oft_flux adapts whole or as one split of \
+                 a fused one (a rotation of a whole fused module is no rotation per split)"
+            )
+        }));
+    }
+    // Every split of a fused module, once each.
+    let mut res = Vec::new();
+    for o in &out {
+        res.push(match o {
+            Err(e) => Err(e.clone()),
+            Ok((module, index, parts)) => {
+                let mine: Vec<usize> = out
+                    .iter()
+                    .filter_map(|x| x.as_ref().ok())
+                    .filter(|x| &x.0 == module)
+                    .map(|x| x.1)
+                    .collect();
+                let mut sorted = mine.clone();
+                sorted.sort_unstable();
+                if sorted.iter().copied().ne(0..*parts) {
+                    Err(format!(
+                        "kohya's oft_flux stores every split of `{module}` ({parts} splits), \
+                         one each; the adapter has splits {sorted:?}"
+                    ))
+                } else {
+                    Ok(FluxSplit {
+                        module: module.clone(),
+                        index: *index,
+                    })
+                }
+            }
+        });
+    }
+    Some(res)
+}
+
+/// One output-side FLUX.1 layer as a split of a `networks.oft_flux` module.
+fn map_flux(layer: &Layer, split: &FluxSplit, alpha: f64, dim: usize) -> Mapped {
+    if layer.stages.len() != 1 || layer.stages[0].spec.wiring != Wiring::Identity {
+        return Err(
+            "several stages or a butterfly wiring: kohya's oft_flux holds one block-diagonal \
+             rotation per split"
+                .into(),
+        );
+    }
+    let mut e = blocks::encode(layer, Shape::Diag, "kohya's oft_flux")?;
+    let (n, b) = (e.blocks, e.block_size);
+    if n != dim {
+        return Err(format!(
+            "{n} blocks, but kohya's oft_flux takes one block count per file (`network_dim` = \
+             {dim}, from the first module)"
+        ));
+    }
+    let module = format!(
+        "{}{}",
+        names::KOHYA_OFT_UNET,
+        split.module.replace('.', "_")
+    );
+    let mut tensors = vec![f32_tensor(
+        format!("{module}.oft_blocks.{}", split.index),
+        vec![n, b, b],
+        &e.values,
+    )?];
+    if split.index == 0 {
+        tensors.push(f32_tensor(format!("{module}.alpha"), vec![], &[alpha])?);
+    }
+    if layer.row_scale.is_some() {
+        e.denoted.row_scale = None;
+        e.lossy
+            .push("kohya's oft_flux has no row scale (`rescale`); it is dropped".into());
+    }
+    Ok(Mapping {
+        name: format!("{module}.oft_blocks.{}", split.index),
+        tensors,
+        denoted: e.denoted,
+        lossy: e.lossy,
+    })
+}
+
 /// kohya trains SDXL on its sgm-named U-Net, so its SDXL files name U-Net modules the ldm/sgm
 /// way (`lora_unet_input_blocks_4_1_…`); SD 1.x/2.x files use diffusers names. With a base, a
 /// U-Net layer of an SDXL base is named the sgm way.
@@ -315,7 +438,23 @@ fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
     let legacy = outputs * 2 > adapter.layers.len();
     let alpha = blocks::free_alpha_for(adapter);
     let dim = legacy_dim(adapter);
+    let flux = legacy.then(|| flux_splits(adapter)).flatten();
+    let mut index = 0;
     let (tensors, mapped) = report::map_layers(adapter, |layer| {
+        let i = index;
+        index += 1;
+        if let Some(splits) = &flux {
+            return match (layer.side, splits.get(i)) {
+                (Side::Output, Some(Ok(split))) => map_flux(layer, split, alpha, dim),
+                (Side::Output, Some(Err(why))) => Err(why.clone()),
+                _ => Err(
+                    "an input-side layer in a file of output-side (`networks.oft_flux`) \
+                          layers: one kohya file holds one network module; convert the \
+                          input-side layers separately"
+                        .into(),
+                ),
+            };
+        }
         let name = file_name(layer, te_count, ctx)?;
         match (legacy, layer.side) {
             (true, Side::Output) => map_legacy(layer, &name, alpha, dim),
@@ -333,7 +472,14 @@ fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
     let summary = packed::Summary::of(adapter, &mapped, ctx);
     let mut metadata = report::kept_metadata(adapter);
     let flag = |v: bool| if v { "True" } else { "False" };
-    let (module, args) = if legacy {
+    let (module, args) = if flux.is_some() {
+        metadata.insert("ss_network_dim".into(), dim.to_string());
+        metadata.insert("ss_network_alpha".into(), format!("{alpha}"));
+        (
+            "networks.oft_flux",
+            serde_json::json!({"enable_all_linear": flag(summary.all_linear)}),
+        )
+    } else if legacy {
         metadata.insert("ss_network_dim".into(), dim.to_string());
         metadata.insert("ss_network_alpha".into(), format!("{alpha}"));
         (

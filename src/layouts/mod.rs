@@ -30,6 +30,7 @@ pub(crate) mod codec;
 pub(crate) mod comfyui;
 pub(crate) mod common;
 pub(crate) mod container;
+pub mod fused;
 pub(crate) mod kohya;
 pub(crate) mod lora;
 pub(crate) mod lycoris;
@@ -446,10 +447,12 @@ fn not_found(path: &Path) -> Error {
 /// Write `adapter` in `layout`: the files and the per-layer verdicts (nothing on disk yet).
 pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<Written> {
     match layout.writes {
-        Writes::Writer(write) => match split_row_layers(adapter, ctx)? {
-            Some(split) => write(&split, ctx),
-            None => write(adapter, ctx),
-        },
+        Writes::Writer(write) => {
+            match split_row_layers(adapter, ctx, matches!(layout.id, "comfyui" | "kohya"))? {
+                Some(split) => write(&split, ctx),
+                None => write(adapter, ctx),
+            }
+        }
         Writes::Canonical => Err(Error::usage(format!(
             "`{}` is written by `oftool convert IN -o OUT.oft`",
             layout.id
@@ -462,23 +465,85 @@ pub fn export(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<W
     }
 }
 
+/// What [`split_rows`] gives: the adapter with its row-slice layers renamed (`None`: none
+/// changed) and the layers left out, by index, with the reason.
+pub type SplitRows = (Option<Adapter>, Vec<(usize, String)>);
+
+/// [`export`]'s renaming of row-slice layers, for a caller that reports on the layers as
+/// written (`None`: no layer lists rows).
+/// Layers that cannot be put in their tensor's stored row order come back apart, by index,
+/// with the reason (the caller reports them impossible and leaves them out).
+pub fn split_rows(adapter: &Adapter, layout: &Layout, ctx: &Context<'_>) -> Result<SplitRows> {
+    let mut refused = Vec::new();
+    let whole_reordered = matches!(layout.id, "comfyui" | "kohya");
+    let mut kept = adapter.clone();
+    if whole_reordered {
+        kept.layers.clear();
+        for (i, layer) in adapter.layers.iter().enumerate() {
+            let mut l = layer.clone();
+            match in_stored_order(&mut l) {
+                Some(Err(why)) => refused.push((i, why)),
+                _ => kept.layers.push(layer.clone()),
+            }
+        }
+    }
+    let split = split_row_layers(&kept, ctx, whole_reordered)?;
+    Ok(match (split, refused.is_empty()) {
+        (Some(a), _) => (Some(a), refused),
+        (None, true) => (None, refused),
+        (None, false) => (Some(kept), refused),
+    })
+}
+
 /// Other layouts name whole modules: a layer on rows of a fused tensor (`target.rows`, e.g. q
 /// of OpenCLIP's `in_proj_weight`) is renamed to the split module those rows are in the
 /// diffusers pipeline (`text_encoder_2` `…self_attn.q_proj`), found through the base. `None`
 /// when no layer lists rows; an error when the base is missing or names no such module.
-fn split_row_layers(adapter: &Adapter, ctx: &Context<'_>) -> Result<Option<Adapter>> {
+///
+/// `whole_reordered`: a layer on every row of a tensor in another order (the final adaLN's
+/// swapped halves) stays on that tensor, its blocks and row scale put in the tensor's row order
+/// (ComfyUI, whose diffusers-name map swaps the halves of the difference instead of rotating
+/// the rows it holds).
+fn split_row_layers(
+    adapter: &Adapter,
+    ctx: &Context<'_>,
+    whole_reordered: bool,
+) -> Result<Option<Adapter>> {
     if adapter.layers.iter().all(|l| l.target.rows.is_none()) {
         return Ok(None);
     }
     let mut out = adapter.clone();
     let mut problems = Vec::new();
     for layer in out.layers.iter_mut().filter(|l| l.target.rows.is_some()) {
+        if whole_reordered && let Some(done) = in_stored_order(layer) {
+            if let Err(why) = done {
+                problems.push(why);
+            }
+            continue;
+        }
         let t = &layer.target;
+
         let listed = t.rows.as_deref().unwrap_or_default();
         let shown: Vec<String> = listed
             .iter()
             .map(|r| format!("[{}, {}]", r.start, r.len))
             .collect();
+        if let Some((module, rows)) = dit_split(t) {
+            layer.target.name = module;
+            // A trainer's name said `unet` for want of a better word; PEFT's names say none.
+            if layer.target.component.is_some() {
+                layer.target.component = Some(names::TRANSFORMER.into());
+            }
+            layer.target.convention = "diffusers".into();
+            if let (Some(shape), Some(n)) = (layer.target.shape.as_mut(), rows)
+                && let Some(first) = shape.first_mut()
+            {
+                *first = n;
+            }
+            layer.target.rows = None;
+            layer.base_binding = None;
+            continue;
+        }
         let split = ctx.names().and_then(|(table, names)| {
             let [only] = listed else { return None };
             let whole = crate::model::Target {
@@ -544,6 +609,139 @@ fn split_row_layers(adapter: &Adapter, ctx: &Context<'_>) -> Result<Option<Adapt
         )
         .hint("pass --base with the checkpoint the layers are bound to, or keep them in .oft and bake them with oftool merge"))
     }
+}
+
+/// A diffusion-transformer layer on rows of a module (`target.rows`, with the module's shape)
+/// that are exactly one diffusers module, in that module's row order: its name and rows. The
+/// rows may be a whole diffusers tensor already (a kohya split bound to a diffusers base), one
+/// part of a fused original module (`img_attn.qkv` rows 16..32: `to_k`), or a reordered one
+/// (the final adaLN's swapped halves).
+fn dit_split(t: &crate::model::Target) -> Option<(String, Option<u64>)> {
+    use crate::resolve::dit;
+    let listed = t.rows.as_deref()?;
+    let shape = t.shape.as_ref()?;
+    let rows = usize::try_from(*shape.first()?).ok()?;
+    let cols: usize = shape
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
+    let place = dit::place(&t.name, &[])?;
+    let total: u64 = listed.iter().map(|r| r.len).sum();
+    let whole = matches!(listed, [r] if r.start == 0 && r.len == rows as u64);
+    if place.layout() == dit::BaseLayout::Diffusers {
+        return whole.then(|| {
+            (
+                dit::counterparts(&place, dit::BaseLayout::Diffusers)[0]
+                    .module
+                    .clone(),
+                Some(total),
+            )
+        });
+    }
+    // Each listed range as (part, rows of that part); together one part, in order, every row.
+    let parts = dit::original_parts(place.map, rows, cols)?;
+    let mut part = None;
+    let mut next = 0usize;
+    for r in listed {
+        let (start, len) = (usize::try_from(r.start).ok()?, usize::try_from(r.len).ok()?);
+        let (j, o, d) = parts.iter().find(|(_, o, _)| {
+            o.start <= start && start.checked_add(len).is_some_and(|e| e <= o.end)
+        })?;
+        if part.is_some_and(|p| p != *j) {
+            return None;
+        }
+        part = Some(*j);
+        let from = d.start + (start - o.start);
+        if from != next {
+            return None;
+        }
+        next = from + len;
+    }
+    let j = part?;
+    let full = parts
+        .iter()
+        .filter(|(k, _, _)| *k == j)
+        .map(|(_, o, _)| o.len())
+        .sum::<usize>();
+    if next != full {
+        return None;
+    }
+    let names = dit::counterparts(&place, dit::BaseLayout::Diffusers);
+    names.get(j).map(|c| (c.module.clone(), Some(total)))
+}
+
+/// A layer on every row of its tensor in another order (`rows` a permutation of whole ranges)
+/// rewritten on the tensor in stored order: its blocks reordered with the rows, and its row
+/// scale. `None`: not such a layer; an error: a layer whose blocks straddle the ranges or whose
+/// stages are wired (a butterfly does not commute with the reordering).
+fn in_stored_order(layer: &mut crate::model::Layer) -> Option<std::result::Result<(), String>> {
+    let t = &layer.target;
+    let listed = t.rows.clone()?;
+    let n = t.shape.as_ref()?.first().copied()?;
+    if listed.len() < 2 || listed.iter().map(|r| r.len).sum::<u64>() != n {
+        return None;
+    }
+    let mut sorted = listed.clone();
+    sorted.sort_by_key(|r| r.start);
+    let mut at = 0;
+    for r in &sorted {
+        if r.start != at {
+            return None;
+        }
+        at = r.end()?;
+    }
+    let name = t.name.clone();
+    let fail = |why: &str| Some(Err(format!("`{name}`: {why}")));
+    if layer.side != crate::model::Side::Output {
+        return None;
+    }
+    // Each stored range's offset in the layer's (view) row order.
+    let mut offset = 0u64;
+    let mut view: Vec<(u64, u64, u64)> = Vec::new();
+    for r in &listed {
+        view.push((r.start, offset, r.len));
+        offset += r.len;
+    }
+    view.sort_by_key(|v| v.0);
+    for st in &mut layer.stages {
+        if st.spec.wiring != crate::model::Wiring::Identity {
+            return fail(
+                "its rows are stored in another order than it rotates them, and a butterfly \
+                 stage does not carry through the reordering (ComfyUI's own name map for it \
+                 swaps the halves of the difference instead); bake the adapter (oftool merge)",
+            );
+        }
+        if st.spec.shared {
+            continue;
+        }
+        let b = st.spec.block_size.max(1);
+        if view.iter().any(|&(_, o, l)| o % b != 0 || l % b != 0) {
+            return fail("its blocks straddle the reordered row ranges");
+        }
+        let mut q = Vec::with_capacity(st.q.len());
+        for &(_, o, l) in &view {
+            for k in (o / b)..((o + l) / b) {
+                q.extend_from_slice(st.q_row(k as usize));
+            }
+        }
+        if q.len() != st.q.len() {
+            return fail("its blocks do not cover its rows");
+        }
+        st.q = q;
+    }
+    if let Some((_, scale)) = layer.row_scale.as_mut() {
+        let mut v = Vec::with_capacity(scale.len());
+        for &(_, o, l) in &view {
+            match scale.get(o as usize..(o + l) as usize) {
+                Some(s) => v.extend_from_slice(s),
+                None => return fail("its row scale does not cover its rows"),
+            }
+        }
+        *scale = v;
+    }
+    layer.target.rows = None;
+    layer.base_binding = None;
+    Some(Ok(()))
 }
 
 /// The error for `--to` a layout oftool only reads.

@@ -9,6 +9,7 @@
 //! on `_`, formats.md §10.3). Base-side key naming (checkpoint layouts) is `crate::resolve`'s.
 
 use crate::model::{Adapter, Layer};
+use crate::resolve::dit::BaseLayout;
 use crate::resolve::{AliasTable, PipelineNames};
 
 pub const UNET: &str = "unet";
@@ -213,12 +214,27 @@ pub fn kohya_name(layer: &Layer, te_count: usize) -> Result<String, String> {
         Some(c) => c,
         None if is_te_module => TEXT_ENCODER.to_string(),
         None if crate::resolve::is_unet_module(&module) => UNET.to_string(),
-        None => {
-            return Err(format!(
-                "`{name}` is no Stable Diffusion U-Net or text-encoder module: the kohya-style \
-                 names these tools use exist only for diffusion pipelines"
-            ));
-        }
+        // A diffusion transformer's module: an original name is ComfyUI's own (`lora_unet_`
+        // and the module, as its key map names every model key), a diffusers one the
+        // transformer's (PEFT names say no component).
+        None => match (crate::resolve::dit::place_as(&module, &[], BaseLayout::Diffusers))
+            .or_else(|| crate::resolve::dit::place_as(&module, &[], BaseLayout::Original))
+            .map(|p| p.layout())
+        {
+            Some(BaseLayout::Original) => {
+                let bare = (crate::resolve::dit::ROOTS.iter())
+                    .find_map(|r| module.strip_prefix(r))
+                    .unwrap_or(&module);
+                return Ok(format!("{LORA_UNET}{}", bare.replace('.', "_")));
+            }
+            Some(BaseLayout::Diffusers) => TRANSFORMER.to_string(),
+            None => {
+                return Err(format!(
+                    "`{name}` is no Stable Diffusion U-Net or text-encoder module: the \
+                     kohya-style names these tools use exist only for diffusion pipelines"
+                ));
+            }
+        },
     };
     let prefix = match comp.as_str() {
         UNET => return Ok(format!("{LORA_UNET}{flat}")),

@@ -11,7 +11,7 @@ use super::codec::packed::{self, CONV_LIST_KEY, Trainer, WEIGHT};
 use super::report::{self, Context, Written};
 use super::{Claim, Layout, Probe, Reader, Source, Variant, Writes, names};
 use crate::error::Result;
-use crate::model::{Adapter, Side};
+use crate::model::{Adapter, Layer, Side};
 use serde_json::Value;
 
 pub static LAYOUT: Layout = Layout {
@@ -62,11 +62,28 @@ fn import(src: &Source<'_>) -> Result<Adapter> {
     packed::read_trainer(src, &trainer)
 }
 
+/// A diffusion transformer's layer in OneTrainer's COMFY (`diffusion_model.` + original name)
+/// or DIFFUSERS (`transformer.` + diffusers name) key layout, when `--names` (or the base) asks
+/// for one and the layer's name is in that layout.
+fn dit_name(layer: &Layer, ctx: &Context<'_>) -> Option<String> {
+    use crate::resolve::dit::{self, BaseLayout};
+    let want = ctx.dit_names?;
+    let place = dit::place_as(&layer.target.name, &[], want)?;
+    let module = dit::counterparts(&place, want).into_iter().next()?.module;
+    Some(match want {
+        BaseLayout::Original => format!("{}{module}", names::COMFY_UNET),
+        BaseLayout::Diffusers => format!("{}.{module}", names::TRANSFORMER),
+    })
+}
+
 /// `--to onetrainer`: input-side layers only, under kohya names.
 fn write(adapter: &Adapter, ctx: &Context<'_>) -> Result<Written> {
     let te_count = names::te_count(adapter);
     let (tensors, mapped) = report::map_layers(adapter, |layer| {
-        let name = names::kohya_name(layer, te_count)?;
+        let name = match dit_name(layer, ctx) {
+            Some(n) => n,
+            None => names::kohya_name(layer, te_count)?,
+        };
         if layer.side == Side::Output {
             return Err(
                 "OneTrainer's OFT_2 rotates input columns; an output-side rotation is no \

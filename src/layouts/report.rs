@@ -150,6 +150,9 @@ pub struct Written {
 
 /// What a writer may consult beyond the adapter.
 pub struct Context<'a> {
+    /// A diffusion transformer's module names in this base layout's key layout (OneTrainer's
+    /// COMFY `diffusion_model.…` / DIFFUSERS `transformer.…`), when asked for.
+    pub dit_names: Option<crate::resolve::dit::BaseLayout>,
     /// The base checkpoint, if given.
     pub base: Option<&'a Path>,
     /// Its names, to recover dotted module paths from flattened ones.

@@ -1181,6 +1181,139 @@ pub fn diffusers_parts(
     }
 }
 
+/// Where a module name sits in the family tables: the map, which of its modules (`part`: the
+/// index into [`Map::diffusers`] for a diffusers name, `None` for the original name) and the
+/// block index the templates' `{i}` stands for.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub map: &'static Map,
+    pub part: Option<usize>,
+    pub index: String,
+}
+
+impl Place {
+    /// The layout the name was in.
+    pub fn layout(&self) -> BaseLayout {
+        match self.part {
+            Some(_) => BaseLayout::Diffusers,
+            None => BaseLayout::Original,
+        }
+    }
+}
+
+/// A module as another layout names it: the module (bare, no root or adapter prefix) and, for a
+/// split module that is some rows of a fused one, which part of the fused module it is
+/// (`part` indexes [`Map::diffusers`], whose row order [`original_parts`] gives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counterpart {
+    pub module: String,
+    pub part: Option<usize>,
+}
+
+/// The bare module of an adapter or base name: without PEFT's wrapper, an adapter prefix or a
+/// root, flattened (`_` for `.`) when `flat`.
+fn bare(name: &str) -> (String, bool) {
+    let n = name.strip_prefix("base_model.model.").unwrap_or(name);
+    let n = ADAPTER_PREFIXES
+        .iter()
+        .chain(ROOTS.iter().filter(|r| !r.is_empty()))
+        .find_map(|p| n.strip_prefix(p))
+        .unwrap_or(n);
+    let flat = !n.contains('.');
+    (n.to_string(), flat)
+}
+
+/// Where `name` (a module of an adapter or a base, dotted or flattened, under any prefix) sits
+/// in the tables of `families` (every family when empty): the first family whose templates
+/// match it, original names before diffusers ones. `None` for a name no map holds (a family
+/// without fused layers, such as Qwen-Image, keeps its names in both layouts).
+pub fn place(name: &str, families: &[&'static Family]) -> Option<Place> {
+    place_as(name, families, BaseLayout::Original)
+        .or_else(|| place_as(name, families, BaseLayout::Diffusers))
+}
+
+/// [`place`] among the names of one layout only (some modules have the same name in one
+/// family's original layout and another's diffusers one: SD3's `context_embedder`).
+pub fn place_as(name: &str, families: &[&'static Family], layout: BaseLayout) -> Option<Place> {
+    let (module, flat) = bare(name);
+    let families: Vec<&'static Family> = if families.is_empty() {
+        FAMILIES.to_vec()
+    } else {
+        families.to_vec()
+    };
+    let hit = |template: &str| -> Option<String> {
+        if flat {
+            matches(&template.replace('.', "_"), &module).map(str::to_string)
+        } else {
+            matches(template, &module).map(str::to_string)
+        }
+    };
+    if layout == BaseLayout::Original {
+        for family in &families {
+            for map in family.maps {
+                if let Some(index) = hit(map.original) {
+                    return Some(Place {
+                        map,
+                        part: None,
+                        index,
+                    });
+                }
+            }
+        }
+        return None;
+    }
+    for family in &families {
+        for map in family.maps {
+            for (j, t) in map.diffusers.iter().enumerate() {
+                if let Some(index) = hit(t) {
+                    return Some(Place {
+                        map,
+                        part: Some(j),
+                        index,
+                    });
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The resolver query the writers ask: which modules a module at `place` is in base layout
+/// `to`, in the fused module's row order. The original name of a fused module is several
+/// diffusers modules (each `part` some rows of it, [`original_parts`]); a diffusers module is
+/// the one original module it is (some of) the rows of; a renamed module is one module.
+pub fn counterparts(place: &Place, to: BaseLayout) -> Vec<Counterpart> {
+    let map = place.map;
+    match (place.part, to) {
+        (None, BaseLayout::Original) => vec![Counterpart {
+            module: fill(map.original, &place.index),
+            part: None,
+        }],
+        (Some(j), BaseLayout::Diffusers) => vec![Counterpart {
+            module: fill(
+                map.diffusers[j.min(map.diffusers.len().saturating_sub(1))],
+                &place.index,
+            ),
+            part: None,
+        }],
+        (None, BaseLayout::Diffusers) => {
+            let fused = map.diffusers.len() > 1;
+            map.diffusers
+                .iter()
+                .enumerate()
+                .map(|(j, t)| Counterpart {
+                    module: fill(t, &place.index),
+                    part: fused.then_some(j),
+                })
+                .collect()
+        }
+        (Some(j), BaseLayout::Original) => vec![Counterpart {
+            module: fill(map.original, &place.index),
+            part: (map.diffusers.len() > 1).then_some(j),
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1232,6 +1365,46 @@ mod tests {
             diffusers_parts(&two, &[Some((32, 16))]).unwrap(),
             vec![(0, 16..32), (0, 0..16)]
         );
+    }
+
+    #[test]
+    fn counterparts_in_either_layout() {
+        let names = |n: &str, to| {
+            let p = place(n, &[]).unwrap();
+            counterparts(&p, to)
+                .into_iter()
+                .map(|c| (c.module, c.part))
+                .collect::<Vec<_>>()
+        };
+        let fused = names(
+            "diffusion_model.single_blocks.3.linear1",
+            BaseLayout::Diffusers,
+        );
+        assert_eq!(fused.len(), 4);
+        assert_eq!(
+            fused[3],
+            ("single_transformer_blocks.3.proj_mlp".to_string(), Some(3))
+        );
+        assert_eq!(
+            names(
+                "lycoris_transformer_blocks_0_attn_to_k",
+                BaseLayout::Original
+            ),
+            vec![("double_blocks.0.img_attn.qkv".to_string(), Some(1))]
+        );
+        assert_eq!(
+            names(
+                "model.model.final_layer.adaLN_modulation.1",
+                BaseLayout::Diffusers
+            ),
+            vec![("norm_out.linear".to_string(), None)]
+        );
+        let p = place("transformer.transformer_blocks.2.attn.to_v", &[]).unwrap();
+        assert_eq!(
+            (p.layout(), p.part, p.index.as_str()),
+            (BaseLayout::Diffusers, Some(2), "2")
+        );
+        assert!(place("lm_head", &[]).is_none());
     }
 
     #[test]

@@ -300,3 +300,268 @@ fn flux_family_adapters_do_not_fit_each_others_bases() {
         );
     }
 }
+
+/// Every `fixtures/dit` case × every `--to` layout (and OneTrainer's other key layout): the verdict
+/// (exact / lossy / impossible counts, or the refusal's category) is the recorded one, and
+/// every conversion that was written, read back and baked into the case's base, equals the
+/// case's reference (ComfyUI's files read as ComfyUI reads them). In process: 250 conversions
+/// as processes would cost CI a minute.
+#[test]
+fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
+    use oftool::bake::{BakeInput, MergeOptions, NoProgress};
+    use oftool::convert::{ExportOptions, Names, run_to};
+    use oftool::layouts::{Semantics, find};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut table = String::new();
+    let mut failures = Vec::new();
+    let mut round_trips = 0;
+    for dir in dit_cases() {
+        let label = dir.file_name().unwrap().to_string_lossy().to_string();
+        let case = read_json(&dir.join("case.json"));
+        let base = dir.join(case["base"].as_str().unwrap());
+        let adapter = dir.join(case["adapter"].as_str().unwrap());
+        let want_all = all(&dir.join(case["merged"].as_str().unwrap()));
+        // `--to onetrainer` names after the base's layout by default; `onetrainer-other` is
+        // `--names` the other one (fused layers split, split layers fused).
+        let other = if case["base_layout"] == "original" {
+            Names::Diffusers
+        } else {
+            Names::Original
+        };
+        for target in [
+            "diffusers",
+            "comfyui",
+            "lycoris",
+            "kohya",
+            "onetrainer",
+            "onetrainer-other",
+        ] {
+            let (to, names) = match target {
+                "onetrainer-other" => ("onetrainer", Some(other)),
+                t => (t, None),
+            };
+            let out = tmp.path().join(format!("{label}.{target}"));
+            let opts = ExportOptions {
+                names,
+                base: Some(&base),
+                allow_lossy: false,
+                zip: false,
+            };
+            let verdict = match run_to(&adapter, &out, find(to).unwrap(), &opts) {
+                Err(e) => format!("error[{}]", e.category()),
+                Ok(r) => format!(
+                    "{}/{}/{}{}",
+                    r.exact,
+                    r.lossy,
+                    r.impossible,
+                    if r.refused.is_some() { " refused" } else { "" }
+                ),
+            };
+            table.push_str(&format!("{label:<40} {target:<17} {verdict}\n"));
+            if !out.exists() {
+                continue;
+            }
+            let semantics = if to == "comfyui" {
+                Semantics::ComfyUi
+            } else {
+                Semantics::Producer
+            };
+            let read = oftool::bake::load_adapter_with(&out, semantics).unwrap();
+            let baked = tmp
+                .path()
+                .join(format!("{label}.{target}.baked.safetensors"));
+            let input = BakeInput {
+                label: out.display().to_string(),
+                path: out.clone(),
+                adapter: read,
+                mode: Default::default(),
+                runtime_strength: None,
+                strength: None,
+            };
+            if let Err(e) = oftool::bake::merge(
+                &base,
+                vec![input],
+                &baked,
+                &MergeOptions::default(),
+                &NoProgress,
+            ) {
+                failures.push(format!("{label} --to {target}: bake: {e}"));
+                continue;
+            }
+            round_trips += 1;
+            let got_all = all(&baked);
+            for layer in case["layers"].as_array().unwrap() {
+                let key = layer["base_key"].as_str().unwrap();
+                let ((g, _, _), (w, _, wd)) = (&got_all[key], &want_all[key]);
+                let (ratio, i) = worst(g, w, *wd);
+                if ratio > 1.0 {
+                    failures.push(format!(
+                        "{label} --to {target} {key}: element {i}: {} vs reference {} ({ratio:.2}× tolerance)",
+                        g[i], w[i]
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    insta::assert_snapshot!("dit_convert_verdicts", table);
+    assert!(round_trips >= 100, "only {round_trips} conversions written");
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Every file below `p` (or `p` itself), relative to `p`.
+fn files_under(p: &std::path::Path) -> Vec<PathBuf> {
+    if p.is_file() {
+        return vec![PathBuf::new()];
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap() {
+        let path = e.unwrap().path();
+        let name = PathBuf::from(path.file_name().unwrap());
+        out.extend(files_under(&path).into_iter().map(|f| {
+            if f.as_os_str().is_empty() {
+                name.clone()
+            } else {
+                name.join(f)
+            }
+        }));
+    }
+    out.sort();
+    out
+}
+
+/// The real clients' checks of `convert` output (`fixtures/dit/clients/<case>.<layout>.json`,
+/// written by `fixtures/clients_dit.py --oftool`: PEFT's `merge_and_unload` on the diffusers
+/// `FluxTransformer2DModel`, ComfyUI's own loader on the fused Flux base): every recorded check
+/// passed, oftool still writes the files the client loaded byte for byte, and oftool's bake of
+/// them equals the client's merge.
+#[test]
+fn dit_client_checks_passed_and_still_hold() {
+    use oftool::bake::{BakeInput, MergeOptions, NoProgress};
+    let dir = repo().join("fixtures/dit/clients");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layouts = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    let mut records: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.ends_with(".json") && !n.ends_with(".report.json") && !n.ends_with(".selftest.json")
+        })
+        .collect();
+    records.sort();
+    for path in &records {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let record = read_json(path);
+        if record["passed"] != true {
+            failures.push(format!("{name}: the client check did not pass"));
+            continue;
+        }
+        layouts.insert(record["layout"].as_str().unwrap().to_string());
+        let cmd: Vec<String> = record["oftool"]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let o = cmd.iter().position(|a| a == "-o").expect("-o");
+        let committed = repo().join(&cmd[o + 1]);
+        let fresh = tmp.path().join(&name);
+        let mut args = cmd[1..].to_vec();
+        args[o] = fresh.to_string_lossy().to_string();
+        args.retain(|a| a != "--json");
+        let run = Command::cargo_bin("oftool")
+            .unwrap()
+            .current_dir(repo())
+            .env("SOURCE_DATE_EPOCH", "0")
+            .args(&args)
+            .output()
+            .unwrap();
+        if !run.status.success() {
+            failures.push(format!("{name}: {}", String::from_utf8_lossy(&run.stderr)));
+            continue;
+        }
+        let (a, b) = (files_under(&committed), files_under(&fresh));
+        if a != b {
+            failures.push(format!("{name}: different file sets {a:?} vs {b:?}"));
+            continue;
+        }
+        for f in &a {
+            let at = |root: &std::path::Path| {
+                if f.as_os_str().is_empty() {
+                    root.to_path_buf()
+                } else {
+                    root.join(f)
+                }
+            };
+            let x = std::fs::read(at(&committed)).unwrap();
+            let y = std::fs::read(at(&fresh)).unwrap();
+            if x != y {
+                failures.push(format!(
+                    "{name}: {} is no longer written byte for byte",
+                    f.display()
+                ));
+            }
+        }
+        // oftool's bake of what the client loaded equals the client's merge.
+        let case = repo()
+            .join("fixtures/dit")
+            .join(record["case"].as_str().unwrap());
+        let base = case.join(read_json(&case.join("case.json"))["base"].as_str().unwrap());
+        let semantics = if record["layout"] == "comfyui" {
+            oftool::layouts::Semantics::ComfyUi
+        } else {
+            oftool::layouts::Semantics::Producer
+        };
+        let input = BakeInput {
+            label: name.clone(),
+            path: committed.clone(),
+            adapter: oftool::bake::load_adapter_with(&committed, semantics).unwrap(),
+            mode: Default::default(),
+            runtime_strength: None,
+            strength: None,
+        };
+        let baked = tmp.path().join(format!("{name}.baked.safetensors"));
+        oftool::bake::merge(
+            &base,
+            vec![input],
+            &baked,
+            &MergeOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+        let (got, client) = (
+            all(&baked),
+            all(&repo().join(record["merged"].as_str().unwrap())),
+        );
+        for (key, (w, _, wd)) in &client {
+            let Some((g, _, _)) = got.get(key) else {
+                failures.push(format!("{name}: the client's `{key}` is not in the base"));
+                continue;
+            };
+            let (ratio, i) = worst(g, w, *wd);
+            if ratio > 1.0 {
+                failures.push(format!(
+                    "{name} {key}: element {i}: oftool {} vs the client {} ({ratio:.2}× tolerance)",
+                    g[i], w[i]
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        layouts.contains("diffusers") && layouts.contains("comfyui"),
+        "client checks for both clients: {layouts:?}"
+    );
+}

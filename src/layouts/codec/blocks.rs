@@ -332,8 +332,8 @@ pub enum Shape {
 
 const OUTPUT_SIDE_ONLY: &str = "it rotates the input columns (PEFT ≥ 0.14, OneTrainer, kohya oft_v2, BOFT), \
      and an input-side rotation is no output-side one: LyCORIS/ComfyUI `oft_blocks` rotate output rows. \
-     For ComfyUI use --to onetrainer (read by the ComfyUI-OFTv2 custom node) or bake the adapter \
-     (oftool merge) and load the checkpoint";
+     For ComfyUI use --to onetrainer (read by the ComfyUI-OFTv2 custom node), bake the adapter \
+     (oftool merge) and load the checkpoint, or write a LoRA (convert --to lora --base BASE)";
 
 /// The module shape a layer fits, or why none does.
 pub fn fit(layer: &Layer) -> std::result::Result<Shape, String> {

@@ -369,6 +369,21 @@ fn group(adapter: &Adapter, ctx: &Context<'_>, mapped: &mut [LayerOutcome]) -> R
             Err(e) => mapped[i].2 = Status::Impossible { reason: e },
         }
     }
+    // A diffusion transformer's layers naming no component beside `transformer` ones are the
+    // transformer's (a PEFT name beside a `transformer.`-prefixed one, a row slice renamed by
+    // the base).
+    if groups.len() == 2
+        && groups
+            .iter()
+            .any(|(c, _)| c.as_deref() == Some(names::TRANSFORMER))
+        && let Some(k) = groups.iter().position(|(c, _)| c.is_none())
+    {
+        let (_, loose) = groups.remove(k);
+        if let Some((_, v)) = groups.first_mut() {
+            v.extend(loose);
+            v.sort_by_key(|(i, _)| *i);
+        }
+    }
     if groups.len() > 1 && groups.iter().any(|(c, _)| c.is_none()) {
         return Err(Error::new(
             Category::Conversion,
