@@ -341,12 +341,19 @@ bench_big() {
     local params need free frac gen_keys="$dir/keys.tsv" note="full size"
     params=$(key_params "$keys")
     need=$(awk -v p="$params" 'BEGIN { printf "%.0f", p * 2 * 2.2 }')
-    rm -rf "$dir"; mkdir -p "$dir"
+    # Data kept from an earlier session (--keep) is reused when it has the same keys.
+    local reuse=0
+    if [ "$REGEN" = 0 ] && [ -f "$dir/generated.json" ] && [ -n "${FRACTION:-}" ] && subset_keys "$keys" "$FRACTION" | cmp -s - "$gen_keys"; then
+        reuse=1
+    else
+        rm -rf "$dir"; mkdir -p "$dir"
+    fi
     free=$(free_bytes)
     frac=${FRACTION:-}
     if [ -z "$frac" ]; then
         frac=$(awk -v f="$free" -v n="$need" 'BEGIN { x = f / n; if (x >= 1) print 1; else printf "%.2f", int(x * 20) / 20 }')
     fi
+    [ "$reuse" = 1 ] && frac=$FRACTION
     if [ "$frac" != 1 ]; then
         note="reduced: first $frac of the blocks ($(awk -v f="$free" 'BEGIN { printf "%.0f", f / 1e9 }') GB free in $DATA, the full size needs $(awk -v n="$need" 'BEGIN { printf "%.0f", n / 1e9 }') GB)"
         awk -v f="$frac" 'BEGIN { exit !(f > 0) }' || { echo "   $name: not enough space in $DATA ($free bytes free, $need needed)"; return; }
@@ -354,16 +361,19 @@ bench_big() {
     subset_keys "$keys" "$frac" > "$gen_keys"
     params=$(key_params "$gen_keys")
     local base adapter out extra=() label
-    echo "== $name: generating ($note): $(awk -v p="$params" 'BEGIN { printf "%.2f", p / 1e9 }') B parameters, BF16"
+    echo "== $name: $([ "$reuse" = 1 ] && echo "reusing" || echo "generating") ($note): $(awk -v p="$params" 'BEGIN { printf "%.2f", p / 1e9 }') B parameters, BF16"
     if [ "$name" = flux ]; then
-        "$GEN" "$gen_keys" "$dir" --oft adapter --block "$block" --dtype bf16 > "$dir/generated.json"
-        "$GEN" "$gen_keys" "$dir" --onetrainer onetrainer --block "$block" > "$dir/onetrainer.json"
         base=$dir/base.safetensors out=$dir/out.safetensors
         extra=("$dir/onetrainer.safetensors")
+        if [ "$reuse" = 0 ]; then
+            "$GEN" "$gen_keys" "$dir" --oft adapter --block "$block" --dtype bf16 > "$dir/generated.json.tmp"
+            "$GEN" "$gen_keys" "$dir" --onetrainer onetrainer --block "$block" > "$dir/onetrainer.json"
+        fi
     else
-        "$GEN" "$gen_keys" "$dir" --oft adapter --block "$block" --dtype bf16 --shards 4 > "$dir/generated.json"
         base=$dir/base out=$dir/out
+        [ "$reuse" = 1 ] || "$GEN" "$gen_keys" "$dir" --oft adapter --block "$block" --dtype bf16 --shards 4 > "$dir/generated.json.tmp"
     fi
+    [ "$reuse" = 1 ] || mv "$dir/generated.json.tmp" "$dir/generated.json"
     adapter=$dir/adapter.oft
     local layers rotated flop size
     layers=$(json_num adapter_layers "$dir/generated.json")

@@ -56,6 +56,10 @@ const WRITER_QUEUE: usize = 6;
 /// Writeback window: every this many bytes written, the writer starts the kernel writing them
 /// to disk and waits for the window before (see [`Writeback`]).
 const WRITEBACK_STEP: u64 = 32 << 20;
+/// Bytes of tensors read for computing and not yet written that the stream may hold at once
+/// (a tensor larger than this alone still goes through, by itself). Bounds the peak memory
+/// whatever the tensor sizes: a FLUX.1 `linear1` is 132 MB in BF16.
+const BYTES_IN_FLIGHT: u64 = 320 << 20;
 /// How far ahead of the reader the base is requested from disk (`POSIX_FADV_WILLNEED`).
 const READ_AHEAD: u64 = 128 << 20;
 
@@ -222,14 +226,31 @@ impl FileStream<'_, '_> {
         let file = File::create(self.out).map_err(|e| Error::io(self.out, e))?;
         let source = File::open(self.input).map_err(|e| Error::io(self.input, e))?;
         let reader_file = File::open(self.input).map_err(|e| Error::io(self.input, e))?;
+        let budget = Budget::new(BYTES_IN_FLIGHT);
+        let budget = &budget;
         std::thread::scope(|s| -> Result<(u64, usize)> {
             let (tx, rx) = sync_channel::<Piece>(WRITER_QUEUE);
-            let writer = s.spawn(move || self.write(rx, file, source, &header_bytes));
+            let writer = s.spawn(move || {
+                let _close = budget.closer();
+                self.write(rx, file, source, &header_bytes, budget)
+            });
             let (wtx, wrx) = sync_channel(self.opts.in_flight.max(1));
             let (order, header) = (&order, &header);
-            let reader =
-                s.spawn(move || self.read(backend, wtx, &reader_file, order, header, data_start));
-            let computed = backend.run_stage(|| self.compute(backend, wrx, &tx));
+            let reader = s.spawn(move || {
+                self.read(
+                    backend,
+                    wtx,
+                    &reader_file,
+                    order,
+                    header,
+                    data_start,
+                    budget,
+                )
+            });
+            let computed = backend.run_stage(|| {
+                let _close = budget.closer();
+                self.compute(backend, wrx, &tx)
+            });
             drop(tx);
             let written = writer
                 .join()
@@ -245,6 +266,7 @@ impl FileStream<'_, '_> {
 
     /// Reader: walks the tensors in file order, merges untouched runs into one range and reads
     /// and loads the next tensor to compute while the previous one computes.
+    #[allow(clippy::too_many_arguments)]
     fn read<'k, B: Backend>(
         &self,
         backend: &B,
@@ -253,6 +275,7 @@ impl FileStream<'_, '_> {
         order: &'k [String],
         header: &safetensors::tensor::Metadata,
         data_start: u64,
+        budget: &Budget,
     ) -> Result<()> {
         let mut pending: Option<(u64, u64)> = None;
         let mut ahead = ReadAhead::new(file);
@@ -283,6 +306,9 @@ impl FileStream<'_, '_> {
                 && tx.send(Work::Copy { offset: o, len: l }).is_err()
             {
                 return Ok(());
+            }
+            if !budget.acquire(len) {
+                return Ok(()); // a later stage failed; its error is reported
             }
             // pread rather than the mapping, so only the tensors in flight are resident.
             let bytes = crate::base::read_range(file, start, end - begin)
@@ -365,6 +391,7 @@ impl FileStream<'_, '_> {
         file: File,
         mut source: File,
         header: &[u8],
+        budget: &Budget,
     ) -> Result<u64> {
         let out = self.out;
         let mut wb = Writeback::new(&file);
@@ -410,12 +437,68 @@ impl FileStream<'_, '_> {
                         n += piece.len() as u64;
                         wb.written(n).map_err(|e| Error::io(out, e))?;
                     }
+                    budget.release(bytes.as_bytes().len() as u64);
                 }
             }
         }
         let f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
         f.sync_all().map_err(|e| Error::io(out, e))?;
         Ok(n)
+    }
+}
+
+/// The bytes of computed tensors in flight (read, not yet written), shared by the reader (which
+/// waits for room before reading a tensor) and the writer (which frees it). Closed when the
+/// compute stage or the writer ends, so a reader waiting for room never waits for a stage that
+/// failed.
+struct Budget {
+    limit: u64,
+    state: std::sync::Mutex<(u64, bool)>,
+    room: std::sync::Condvar,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Self {
+        Budget {
+            limit,
+            state: std::sync::Mutex::new((0, false)),
+            room: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Wait until `n` more bytes fit (or nothing is in flight); false once closed.
+    fn acquire(&self, n: u64) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !st.1 && st.0 > 0 && st.0 + n > self.limit {
+            st = self.room.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.1 {
+            return false;
+        }
+        st.0 += n;
+        true
+    }
+
+    fn release(&self, n: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(n);
+        self.room.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.room.notify_all();
+    }
+
+    /// Closes the budget when dropped (at the end of a stage, also when it fails or panics).
+    fn closer(&self) -> impl Drop + '_ {
+        struct Closer<'b>(&'b Budget);
+        impl Drop for Closer<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        Closer(self)
     }
 }
 
