@@ -506,7 +506,9 @@ fn write_sharded(
             filled = 0;
         }
         filled += numel(&k.1) * 2;
-        groups.last_mut().map(|g| g.push(k.clone()));
+        if let Some(g) = groups.last_mut() {
+            g.push(k.clone());
+        }
     }
     let n = groups.len();
     let mut map = serde_json::Map::new();

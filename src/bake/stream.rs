@@ -55,13 +55,15 @@ const WRITE_PIECE: usize = 256 << 10;
 const WRITER_QUEUE: usize = 6;
 /// Writeback window: every this many bytes written, the writer starts the kernel writing them
 /// to disk and waits for the window before (see [`Writeback`]).
-const WRITEBACK_STEP: u64 = 32 << 20;
+const WRITEBACK_STEP: u64 = 64 << 20;
 /// Bytes of tensors read for computing and not yet written that the stream may hold at once
 /// (a tensor larger than this alone still goes through, by itself). Bounds the peak memory
-/// whatever the tensor sizes: a FLUX.1 `linear1` is 132 MB in BF16.
-const BYTES_IN_FLIGHT: u64 = 320 << 20;
+/// whatever the tensor sizes: a FLUX.1 `linear1` is 132 MB in BF16. Measured on a cold
+/// Flux-size bake (bench/README.md): 192 MiB was as fast as 320 MiB, with 435 against 626 MiB
+/// peak RSS.
+const BYTES_IN_FLIGHT: u64 = 192 << 20;
 /// How far ahead of the reader the base is requested from disk (`POSIX_FADV_WILLNEED`).
-const READ_AHEAD: u64 = 128 << 20;
+const READ_AHEAD: u64 = 256 << 20;
 
 /// Write the baked base to `out` (a file for a single-file base, else a folder mirroring the
 /// base's, with its other files copied), atomically.
