@@ -354,7 +354,9 @@ bench_big() {
         frac=$(awk -v f="$free" -v n="$need" 'BEGIN { x = f / n; if (x >= 1) print 1; else printf "%.2f", int(x * 20) / 20 }')
     fi
     [ "$reuse" = 1 ] && frac=$FRACTION
-    if [ "$frac" != 1 ]; then
+    if [ "$frac" != 1 ] && [ -n "${FRACTION:-}" ]; then
+        note="reduced: first $frac of the blocks (FRACTION; $(awk -v f="$free" 'BEGIN { printf "%.0f", f / 1e9 }') GB free in $DATA now, the full size needs $(awk -v n="$need" 'BEGIN { printf "%.0f", n / 1e9 }') GB)"
+    elif [ "$frac" != 1 ]; then
         note="reduced: first $frac of the blocks ($(awk -v f="$free" 'BEGIN { printf "%.0f", f / 1e9 }') GB free in $DATA, the full size needs $(awk -v n="$need" 'BEGIN { printf "%.0f", n / 1e9 }') GB)"
         awk -v f="$frac" 'BEGIN { exit !(f > 0) }' || { echo "   $name: not enough space in $DATA ($free bytes free, $need needed)"; return; }
     fi
