@@ -728,4 +728,38 @@ mod tests {
             .fold(0.0, f64::max);
         assert!(err < 2e-6, "f32 path off by {err}");
     }
+
+    /// `apply_input_into` (the fused bake's path) gives the bits `apply` gives, chunk by chunk,
+    /// for the 32 × 32 kernel and the general GEMM; and refuses what it does not handle.
+    #[test]
+    fn apply_input_into_matches_apply() {
+        for (b, blocks) in [(32, 2), (8, 3), (128, 1)] {
+            let tri = b * (b - 1) / 2;
+            let q: Vec<f64> = (0..blocks * tri)
+                .map(|i| ((i * 7919 % 997) as f64 / 997.0 - 0.5) * 0.02)
+                .collect();
+            let stage = Stage::cayley(blocks as u64, b as u64, q);
+            let cols = blocks * b;
+            let rows = INPUT_CHUNK_ROWS + 45;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| (i * 104729 % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let st = PreparedStage::<f32>::new(&stage, cols).unwrap();
+            let mut want = w.clone();
+            st.apply(Side::Input, &mut want, cols).unwrap();
+            let mut got = vec![f32::NAN; w.len()];
+            for (src, dst) in w
+                .chunks(INPUT_CHUNK_ROWS * cols)
+                .zip(got.chunks_mut(INPUT_CHUNK_ROWS * cols))
+            {
+                assert!(st.apply_input_into(src, dst, cols));
+            }
+            assert_eq!(got, want, "b = {b}");
+            // Too many rows for one chunk, or a length that is no whole row: refused.
+            let mut dst = vec![0f32; w.len()];
+            assert!(!st.apply_input_into(&w, &mut dst, cols));
+            assert!(!st.apply_input_into(&w[..cols + 1], &mut dst[..cols + 1], cols));
+            assert!(!st.apply_input_into(&w[..cols], &mut dst[..2 * cols], cols));
+        }
+    }
 }

@@ -650,3 +650,30 @@ fn output_header(
         .collect();
     crate::tensors::encode_header(meta, tensors).map_err(|e| e.or_at(path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-flight budget lets a tensor larger than the limit through alone, waits for room
+    /// otherwise, and stops a waiting reader once a stage has ended.
+    #[test]
+    fn budget_bounds_and_closes() {
+        let b = Budget::new(100);
+        assert!(b.acquire(150)); // alone: allowed although over the limit
+        b.release(150);
+        assert!(b.acquire(60));
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.acquire(60)); // 120 > 100: waits for the release
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            b.release(60);
+            assert!(waiter.join().unwrap());
+        });
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.acquire(60)); // waits, then the budget closes
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(b.closer());
+            assert!(!waiter.join().unwrap());
+        });
+    }
+}
