@@ -12,7 +12,8 @@
 # against the rotation's GFLOP/s (examples/fma_peak.rs). Both drop the page cache before every
 # timed run (as root), run BIG_RUNS (3) rounds, and delete their data afterwards (--keep: don't).
 # If BENCH_DATA has less free space than 2.2 × the base, only the first blocks/layers that fit
-# are generated (FLUX_FRACTION / LLM_LAYERS override) and the figures say so.
+# are generated (FRACTION=0.7 forces a fraction; the same FRACTION reuses --keep data) and the
+# figures say so. With --against BIN the other build is timed in every round too.
 #
 # Environment: BENCH_DATA (default ../benchdata beside the checkout; needs ~3× the base size free: 5 GB for
 # SD1.5, 16 GB with --sdxl), RUNS (5), SDXL_RUNS (default RUNS), PEFT_RUNS (3),
@@ -51,7 +52,7 @@ while [ $# -gt 0 ]; do
         --profile) PROFILE=1 ;;
         --regen) REGEN=1 ;;
         --against) AGAINST=$2; shift ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
