@@ -30,7 +30,14 @@
 //!   above and a Llama's `q/k/v/o_proj`, `gate/up/down_proj`) on the input side, with the
 //!   largest block size ≤ B that divides the input features (S > 1: a BOFT of S butterfly
 //!   stages in PEFT's wiring, even block size, 2^(S−1)·b dividing the input features);
-//! * `--no-base`: write only the adapter (another adapter for an existing base).
+//! * `--no-base`: write only the adapter (another adapter for an existing base);
+//! * `--shards N` (with `--oft`): the base as a hub-style sharded folder `OUT_DIR/base/`
+//!   (`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`);
+//! * `--onetrainer NAME --block B`: only a OneTrainer `OFT_2` COMFY-layout adapter
+//!   `OUT_DIR/NAME.safetensors` on every FLUX.1 attention and MLP Linear.
+//!
+//! KEYS may also be a `../shared/keys/*.tsv` file (`name<TAB>[d0, d1]`); `--oft` then also
+//! targets FLUX.1's attention and MLP Linears ([`FLUX_TARGETS`]), named with the base's keys.
 //!
 //! Existing files are overwritten. Prints a one-line JSON summary on stdout.
 
