@@ -3,6 +3,17 @@
 # PEFT. See bench/README.md for what is measured and how to read it.
 #
 #   bench/run.sh [--sdxl] [--sdxl-only] [--runs N] [--sdxl-runs N] [--peft-runs N] [--diag] [--profile] [--regen] [--against BIN]
+#   bench/run.sh --flux | --llm [--sd15] [--sdxl] [--big-runs N] [--keep] [--against BIN]
+#
+# --flux: a FLUX.1-dev-size BF16 single file (../shared/keys/flux1-dev.original.tsv, 11.9 B
+# parameters, 22.2 GiB), baked with a b = 32 .oft on every attention and MLP Linear and with a
+# OneTrainer OFT_2 COMFY-layout adapter; --llm: a Llama-3-8B-size BF16 checkpoint in 4 shards
+# (bench/llama3-8b.tsv, 8.0 B parameters), b = 256 on every Linear, and this CPU's FMA peak
+# against the rotation's GFLOP/s (examples/fma_peak.rs). Both drop the page cache before every
+# timed run (as root), run BIG_RUNS (3) rounds, and delete their data afterwards (--keep: don't).
+# If BENCH_DATA has less free space than 2.2 × the base, only the first blocks/layers that fit
+# are generated (FRACTION=0.7 forces a fraction; the same FRACTION reuses --keep data) and the
+# figures say so. With --against BIN the other build is timed in every round too.
 #
 # Environment: BENCH_DATA (default ../benchdata beside the checkout; needs ~3× the base size free: 5 GB for
 # SD1.5, 16 GB with --sdxl), RUNS (5), SDXL_RUNS (default RUNS), PEFT_RUNS (3),
@@ -23,11 +34,17 @@ DATA=${BENCH_DATA:-$ROOT/../benchdata}
 RUNS=${RUNS:-5}
 SDXL_RUNS=${SDXL_RUNS:-$RUNS}
 PEFT_RUNS=${PEFT_RUNS:-3}
-DO_SD15=1 DO_SDXL=0 DIAG=0 PROFILE=0 REGEN=0 AGAINST=
+DO_SD15=1 DO_SDXL=0 DO_FLUX=0 DO_LLM=0 DIAG=0 PROFILE=0 REGEN=0 AGAINST= KEEP=0
+BIG_RUNS=${BIG_RUNS:-3}
 while [ $# -gt 0 ]; do
     case "$1" in
         --sdxl) DO_SDXL=1 ;;
         --sdxl-only) DO_SDXL=1 DO_SD15=0 ;;
+        --flux) DO_FLUX=1 DO_SD15=0 ;;
+        --llm) DO_LLM=1 DO_SD15=0 ;;
+        --sd15) DO_SD15=1 ;;
+        --big-runs) BIG_RUNS=$2; shift ;;
+        --keep) KEEP=1 ;;
         --runs) RUNS=$2; SDXL_RUNS=$2; shift ;;
         --sdxl-runs) SDXL_RUNS=$2; shift ;;
         --peft-runs) PEFT_RUNS=$2; shift ;;
@@ -35,7 +52,7 @@ while [ $# -gt 0 ]; do
         --profile) PROFILE=1 ;;
         --regen) REGEN=1 ;;
         --against) AGAINST=$2; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -48,13 +65,15 @@ TMP=$(mktemp -d "$DATA/.run-XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 
 echo "== building (release)"
-(cd "$ROOT" && cargo build --release --quiet --bin oftool --example make_bench_checkpoint)
+(cd "$ROOT" && cargo build --release --quiet --bin oftool --example make_bench_checkpoint --example fma_peak)
 # Snapshot the binaries and the source state they were built from: the whole session then runs
 # one binary even if the sources change meanwhile.
 cp "$ROOT/target/release/oftool" "$TMP/oftool"
 cp "$ROOT/target/release/examples/make_bench_checkpoint" "$TMP/make_bench_checkpoint"
 OFTOOL="$TMP/oftool"
 GEN="$TMP/make_bench_checkpoint"
+cp "$ROOT/target/release/examples/fma_peak" "$TMP/fma_peak"
+PEAK="$TMP/fma_peak"
 if [ -n "$AGAINST" ]; then
     cp "$AGAINST" "$TMP/oftool-against"
     AGAINST="$TMP/oftool-against"
@@ -80,7 +99,12 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR == 0)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'; }
 mib() { awk -v a="$1" 'BEGIN { printf "%.0f", a / 1048576 }'; }
 json_num() { grep -o -m1 "\"$1\": *[0-9.e+-]*" "$2" | sed 's/.*: *//' || true; }
-settle() { rm -f "$@"; sync; sleep 1; } # ext4 with discard: let deletes finish before timing
+# ext4 with discard: let deletes finish before timing. DROP=1: also drop the page cache (the
+# --flux/--llm runs read a cold base).
+settle() {
+    rm -rf "$@"; sync; sleep 1
+    if [ "${DROP:-0}" = 1 ]; then echo 1 > /proc/sys/vm/drop_caches || { echo "cannot drop caches (not root?)" >&2; exit 1; }; fi
+}
 
 # Busy fraction (%) of all CPUs over the last second, from /proc/stat.
 busy_pct() {
@@ -109,9 +133,9 @@ time_cp() {
     BUSY=$(quiet_cpu)
     t0=$(now_ns)
     if [ -n "$TIME" ]; then
-        "$TIME" -f '%U %S' -o "$TMP/time.txt" sh -c 'cp "$1" "$2" && sync "$2"' sh "$base" "$out"
+        "$TIME" -f '%U %S' -o "$TMP/time.txt" sh -c 'cp -r "$1" "$2" && if [ -d "$2" ]; then sync "$2"/*; else sync "$2"; fi' sh "$base" "$out"
     else
-        cp "$base" "$out" && sync "$out"
+        cp -r "$base" "$out" && if [ -d "$out" ]; then sync "$out"/*; else sync "$out"; fi
     fi
     t1=$(now_ns)
     echo "$(secs "$t0" "$t1") $([ -n "$TIME" ] && tail -1 "$TMP/time.txt" | awk '{ printf "%.2f", $1 + $2 }' || echo nan) $BUSY"
@@ -294,9 +318,128 @@ bench_model() {
     settle "$out"
 }
 
+# ---------------------------------------------------------------- --flux / --llm
+free_bytes() { df -B1 --output=avail "$DATA" | tail -1 | tr -d ' '; }
+# Parameters in a keys file (`name<TAB>[d0, d1]` or `name<TAB>d0,d1`); with a pattern, only
+# of the keys matching it.
+key_params() {
+    awk -F'\t' -v pat="${2:-.}" '!/^#/ && NF == 2 && $1 ~ pat { g = $2; gsub(/[][ ]/, "", g); n = split(g, d, ","); p = 1; for (i = 1; i <= n; i++) p *= d[i]; s += p } END { printf "%.0f", s }' "$1"
+}
+# The keys of the first ceil(count × frac) blocks of each kind (`double_blocks`, `single_blocks`,
+# `layers`) and every key outside blocks.
+subset_keys() {
+    awk -F'\t' -v frac="$2" '
+        function kind(k,   m) { if (match(k, /(double_blocks|single_blocks|layers)\.[0-9]+\./)) { m = substr(k, RSTART, RLENGTH); split(m, a, "."); K = a[1]; N = a[2] + 0; return 1 } return 0 }
+        NR == FNR { if (!/^#/ && kind($1) && N + 1 > max[K]) max[K] = N + 1; next }
+        /^#/ { print; next }
+        { if (!kind($1)) { print; next } lim = max[K] * frac; if (lim > int(lim)) lim = int(lim) + 1; if (N < lim) print }
+    ' "$1" "$1"
+}
+
+BIG_LINES=() PEAK_LINE=
+bench_big() {
+    local name=$1 keys=$2 block=$3 dir="$DATA/$1"
+    local params need free frac gen_keys="$dir/keys.tsv" note="full size"
+    params=$(key_params "$keys")
+    need=$(awk -v p="$params" 'BEGIN { printf "%.0f", p * 2 * 2.2 }')
+    # Data kept from an earlier session (--keep) is reused when it has the same keys.
+    local reuse=0
+    if [ "$REGEN" = 0 ] && [ -f "$dir/generated.json" ] && [ -n "${FRACTION:-}" ] && subset_keys "$keys" "$FRACTION" | cmp -s - "$gen_keys"; then
+        reuse=1
+    else
+        rm -rf "$dir"; mkdir -p "$dir"
+    fi
+    free=$(free_bytes)
+    frac=${FRACTION:-}
+    if [ -z "$frac" ]; then
+        frac=$(awk -v f="$free" -v n="$need" 'BEGIN { x = f / n; if (x >= 1) print 1; else printf "%.2f", int(x * 20) / 20 }')
+    fi
+    [ "$reuse" = 1 ] && frac=$FRACTION
+    if [ "$frac" != 1 ] && [ -n "${FRACTION:-}" ]; then
+        note="reduced: first $frac of the blocks (FRACTION; $(awk -v f="$free" 'BEGIN { printf "%.0f", f / 1e9 }') GB free in $DATA now, the full size needs $(awk -v n="$need" 'BEGIN { printf "%.0f", n / 1e9 }') GB)"
+    elif [ "$frac" != 1 ]; then
+        note="reduced: first $frac of the blocks ($(awk -v f="$free" 'BEGIN { printf "%.0f", f / 1e9 }') GB free in $DATA, the full size needs $(awk -v n="$need" 'BEGIN { printf "%.0f", n / 1e9 }') GB)"
+        awk -v f="$frac" 'BEGIN { exit !(f > 0) }' || { echo "   $name: not enough space in $DATA ($free bytes free, $need needed)"; return; }
+    fi
+    subset_keys "$keys" "$frac" > "$gen_keys"
+    params=$(key_params "$gen_keys")
+    local base adapter out extra=() label
+    echo "== $name: $([ "$reuse" = 1 ] && echo "reusing" || echo "generating") ($note): $(awk -v p="$params" 'BEGIN { printf "%.2f", p / 1e9 }') B parameters, BF16"
+    if [ "$name" = flux ]; then
+        base=$dir/base.safetensors out=$dir/out.safetensors
+        extra=("$dir/onetrainer.safetensors")
+        if [ "$reuse" = 0 ]; then
+            "$GEN" "$gen_keys" "$dir" --oft adapter --block "$block" --dtype bf16 > "$dir/generated.json.tmp"
+            "$GEN" "$gen_keys" "$dir" --onetrainer onetrainer --block "$block" > "$dir/onetrainer.json"
+        fi
+    else
+        base=$dir/base out=$dir/out
+        [ "$reuse" = 1 ] || "$GEN" "$gen_keys" "$dir" --oft adapter --block "$block" --dtype bf16 --shards 4 > "$dir/generated.json.tmp"
+    fi
+    [ "$reuse" = 1 ] || mv "$dir/generated.json.tmp" "$dir/generated.json"
+    adapter=$dir/adapter.oft
+    local layers rotated flop size
+    layers=$(json_num adapter_layers "$dir/generated.json")
+    size=$(du -sb "$base" | cut -f1)
+    if [ "$name" = flux ]; then
+        rotated=$(key_params "$gen_keys" '(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]|txt_mlp\.[02]|linear[12])\.weight$')
+    else
+        rotated=$(key_params "$gen_keys" '_proj\.weight$')
+    fi
+    flop=$(awk -v r="$rotated" -v b="$block" 'BEGIN { printf "%.0f", 2 * b * r }')
+    echo "   base $(mib "$size") MiB, $layers layers of b = $block, $(awk -v r="$rotated" 'BEGIN { printf "%.2f", r / 1e9 }') B weights rotated ($(awk -v f="$flop" 'BEGIN { printf "%.0f", f / 1e9 }') GFLOP); page cache dropped before every run"
+    local cp_t=() of_t=() of_c=() of_rss=() ot_t=() ot_rss=() ot_c=() ag_t=() pair=() otpair=() agpair=() i step c r o a n
+    n=2; [ ${#extra[@]} -gt 0 ] && n=$((n + 1)); [ -n "$AGAINST" ] && n=$((n + 1))
+    for i in $(seq 1 "$BIG_RUNS"); do
+        for step in $(seq 0 $((n - 1))); do
+            case $(((i + step) % n)) in
+                0) c=($(DROP=1 time_cp "$base" "$out")) ;;
+                1) r=($(DROP=1 time_oftool "$base" "$adapter" "$out")) ;;
+                2) if [ ${#extra[@]} -gt 0 ]; then o=($(DROP=1 time_oftool "$base" "${extra[0]}" "$out")); else a=($(DROP=1 OFTOOL="$AGAINST" time_oftool "$base" "$adapter" "$out")); fi ;;
+                3) a=($(DROP=1 OFTOOL="$AGAINST" time_oftool "$base" "$adapter" "$out")) ;;
+            esac
+        done
+        [ "${r[3]}" = "$layers" ] || { echo "oftool baked ${r[3]} layers, expected $layers" >&2; exit 1; }
+        cp_t+=("${c[0]}") of_t+=("${r[0]}") of_c+=("${r[4]}") of_rss+=("${r[1]}") pair+=("$(ratio "${r[0]}" "${c[0]}")")
+        printf '   run %d: cp+sync %s s (cpu %s, busy %s%%), oftool .oft %s s (cpu %s, busy %s%%, %s MiB) ratio %s' \
+            "$i" "${c[0]}" "${c[1]}" "${c[2]}" "${r[0]}" "${r[4]}" "${r[5]}" "$(mib "${r[1]}")" "${pair[-1]}"
+        if [ ${#extra[@]} -gt 0 ]; then
+            ot_t+=("${o[0]}") ot_c+=("${o[4]}") ot_rss+=("${o[1]}") otpair+=("$(ratio "${o[0]}" "${c[0]}")")
+            printf ', OneTrainer %s s (cpu %s, %s MiB, %s layers) ratio %s' "${o[0]}" "${o[4]}" "$(mib "${o[1]}")" "${o[3]}" "${otpair[-1]}"
+        fi
+        if [ -n "$AGAINST" ]; then
+            ag_t+=("${a[0]}") agpair+=("$(ratio "${r[0]}" "${a[0]}")")
+            printf ', other oftool %s s (this/other %s)' "${a[0]}" "${agpair[-1]}"
+        fi
+        echo
+    done
+    local cp_m of_m
+    cp_m=$(median "${cp_t[@]}") of_m=$(median "${of_t[@]}")
+    BIG_LINES+=("$name .oft b=$block|$note|$(mib "$size")|$BIG_RUNS|$cp_m|$of_m|$(ratio "$of_m" "$cp_m") / $(median "${pair[@]}")|$(mib "$(median "${of_rss[@]}")")|$(median "${of_c[@]}")|$(awk -v f="$flop" -v t="$of_m" 'BEGIN { printf "%.1f", f / t / 1e9 }')")
+    if [ ${#extra[@]} -gt 0 ]; then
+        local ot_m; ot_m=$(median "${ot_t[@]}")
+        BIG_LINES+=("$name OneTrainer COMFY b=$block|$note|$(mib "$size")|$BIG_RUNS|$cp_m|$ot_m|$(ratio "$ot_m" "$cp_m") / $(median "${otpair[@]}")|$(mib "$(median "${ot_rss[@]}")")|$(median "${ot_c[@]}")|")
+    fi
+    if [ -n "$AGAINST" ]; then
+        AGAINST_LINES+=("$name|$BIG_RUNS|$of_m|$(median "${ag_t[@]}")|$(ratio "$of_m" "$(median "${ag_t[@]}")")|$(median "${agpair[@]}")|$(median "${of_c[@]}")|")
+    fi
+    echo "   median of $BIG_RUNS: cp+sync $cp_m s, oftool $of_m s, bake/cp $(ratio "$of_m" "$cp_m"); rotation $(awk -v f="$flop" -v t="$of_m" 'BEGIN { printf "%.1f", f / t / 1e9 }') GFLOP/s over the whole bake"
+    if [ "$name" = llm ]; then
+        echo "== this CPU's FMA peak and the rotation kernel (examples/fma_peak.rs)"
+        BUSY=$(quiet_cpu)
+        PEAK_LINE=$("$PEAK" --block 256 --block 32)
+        echo "   $PEAK_LINE (others busy $BUSY%)"
+        PEAK_LINE="$PEAK_LINE|$(awk -v f="$flop" -v t="$of_m" 'BEGIN { printf "%.1f", f / t / 1e9 }')"
+    fi
+    settle "$out"
+    [ "$KEEP" = 1 ] || rm -rf "$dir"
+}
+
 PEFT_LINE=
 [ "$DO_SD15" = 1 ] && bench_model sd15 "$ROOT/tests/data/keys/sd15_diffusers_unet.txt" "$RUNS"
 [ "$DO_SDXL" = 1 ] && bench_model sdxl "$ROOT/tests/data/keys/sdxl_diffusers_unet.txt" "$SDXL_RUNS"
+[ "$DO_FLUX" = 1 ] && bench_big flux "$ROOT/../shared/keys/flux1-dev.original.tsv" 32
+[ "$DO_LLM" = 1 ] && bench_big llm "$ROOT/bench/llama3-8b.tsv" 256
 
 echo
 echo "== results ($(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(df -T "$DATA" | awk 'NR == 2 { print $2 }') at $DATA; oftool $REV)"
@@ -313,6 +456,19 @@ for l in "${CPU_LINES[@]}"; do
     IFS='|' read -r n c o q <<< "$l"
     echo "| $n | $c | $o | $q |"
 done
+if [ ${#BIG_LINES[@]} -gt 0 ]; then
+    echo
+    echo "| case | size | base MiB | runs | cp+sync s (cold) | oftool s (cold) | bake/cp (median / per-run) | peak RSS MiB | oftool CPU s | rotation GFLOP/s over the bake |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
+    for l in "${BIG_LINES[@]}"; do
+        IFS='|' read -r n z s k c o q r u g <<< "$l"
+        echo "| $n | $z | $s | $k | $c | $o | **$q** | $r | $u | $g |"
+    done
+fi
+if [ -n "$PEAK_LINE" ]; then
+    echo
+    echo "FMA peak and rotation kernel: ${PEAK_LINE%|*}; rotation over the whole LLM bake ${PEAK_LINE##*|} GFLOP/s"
+fi
 if [ -n "$AGAINST" ]; then
     echo
     echo "| model | runs | this oftool s | other oftool s | this/other | median of per-run this/other | CPU s this / other |"

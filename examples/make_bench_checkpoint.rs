@@ -30,7 +30,14 @@
 //!   above and a Llama's `q/k/v/o_proj`, `gate/up/down_proj`) on the input side, with the
 //!   largest block size ≤ B that divides the input features (S > 1: a BOFT of S butterfly
 //!   stages in PEFT's wiring, even block size, 2^(S−1)·b dividing the input features);
-//! * `--no-base`: write only the adapter (another adapter for an existing base).
+//! * `--no-base`: write only the adapter (another adapter for an existing base);
+//! * `--shards N` (with `--oft`): the base as a hub-style sharded folder `OUT_DIR/base/`
+//!   (`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`);
+//! * `--onetrainer NAME --block B`: only a OneTrainer `OFT_2` COMFY-layout adapter
+//!   `OUT_DIR/NAME.safetensors` on every FLUX.1 attention and MLP Linear.
+//!
+//! KEYS may also be a `../shared/keys/*.tsv` file (`name<TAB>[d0, d1]`); `--oft` then also
+//! targets FLUX.1's attention and MLP Linears ([`FLUX_TARGETS`]), named with the base's keys.
 //!
 //! Existing files are overwritten. Prints a one-line JSON summary on stdout.
 
@@ -60,6 +67,20 @@ const LLM_TARGETS: [&str; 7] = [
     "gate_proj",
     "up_proj",
     "down_proj",
+];
+/// FLUX.1's attention and MLP Linears in its original layout (`--oft` and `--onetrainer` target
+/// them too): the fused `qkv` and `linear1` get one input-side rotation each.
+const FLUX_TARGETS: [&str; 10] = [
+    "img_attn.qkv",
+    "img_attn.proj",
+    "txt_attn.qkv",
+    "txt_attn.proj",
+    "img_mlp.0",
+    "img_mlp.2",
+    "txt_mlp.0",
+    "txt_mlp.2",
+    "linear1",
+    "linear2",
 ];
 /// OFT block size.
 const BLOCK: usize = 32;
@@ -111,6 +132,8 @@ fn parse_keys(path: &Path) -> Result<Vec<(String, Vec<usize>)>, String> {
                 n + 1
             )
         })?;
+        // `d0,d1` (tests/data/keys) or `[d0, d1]` (../shared/keys/*.tsv).
+        let dims = dims.trim().trim_start_matches('[').trim_end_matches(']');
         let shape = dims
             .split(',')
             .map(|d| d.trim().parse::<usize>())
@@ -323,7 +346,7 @@ fn write_oft(
         };
         let hit = |t: &&str| module == *t || module.ends_with(&format!(".{t}"));
         let conv_1x1 = shape.len() == 4 && shape[2] == 1 && shape[3] == 1;
-        if !(TARGETS.iter().any(hit) || LLM_TARGETS.iter().any(hit))
+        if !(TARGETS.iter().any(hit) || LLM_TARGETS.iter().any(hit) || FLUX_TARGETS.iter().any(hit))
             || (shape.len() != 2 && !conv_1x1)
         {
             continue;
@@ -370,7 +393,11 @@ fn write_oft(
         layers.push(Layer {
             target: Target {
                 name: module.to_string(),
-                convention: "peft".into(),
+                convention: if FLUX_TARGETS.iter().any(hit) {
+                    "unknown".into() // the base's own key, as a FLUX.1 single file names it
+                } else {
+                    "peft".into()
+                },
                 component: None,
                 module: ModuleKind::Unknown,
                 shape: None,
@@ -402,6 +429,111 @@ fn write_oft(
     Ok((n, params))
 }
 
+/// `--onetrainer`: a OneTrainer `OFT_2` adapter in its COMFY key layout
+/// (`diffusion_model.<module>.oft_R.weight`, F32 `[in/b, b·(b−1)/2]`, `ot_config` metadata) on
+/// every FLUX.1 attention and MLP Linear: one input-side rotation per fused Linear, as OneTrainer
+/// trains them (fixtures/dit/flux1-onetrainer-comfy-original holds a real one).
+fn write_onetrainer(
+    keys: &[(String, Vec<usize>)],
+    path: &Path,
+    block: usize,
+) -> Result<(usize, usize), String> {
+    let tri = block * (block - 1) / 2;
+    let mut infos = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut params = 0;
+    for (name, shape) in keys {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if shape.len() != 2
+            || !FLUX_TARGETS
+                .iter()
+                .any(|t| module.ends_with(&format!(".{t}")))
+        {
+            continue;
+        }
+        let cols = shape[1];
+        if !cols.is_multiple_of(block) {
+            return Err(format!(
+                "`{name}`: {cols} features are not a multiple of {block}"
+            ));
+        }
+        let key = format!("diffusion_model.{module}.oft_R.weight");
+        let n = cols / block * tri;
+        let mut rng = Rng::new(&key);
+        let start = data.len();
+        for _ in 0..n {
+            data.extend_from_slice(&rng.pair(0.003).0.to_le_bytes());
+        }
+        infos.push((
+            key,
+            TensorInfo {
+                dtype: Dtype::F32,
+                shape: vec![cols / block, tri],
+                data_offsets: (start, data.len()),
+            },
+        ));
+        params += n;
+    }
+    let layers = infos.len();
+    let config = serde_json::json!({
+        "training_method": "LORA",
+        "model_type": "FLUX_DEV_1",
+        "output_model_format": "COMFY_LORA",
+        "peft_type": "OFT_2",
+        "oft_block_size": block,
+        "oft_block_share": false,
+        "oft_scaled": false,
+    });
+    let meta = HashMap::from([("ot_config".to_string(), config.to_string())]);
+    let mut bytes = header_bytes(Some(meta), infos)?;
+    bytes.extend_from_slice(&data);
+    std::fs::write(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((layers, params))
+}
+
+/// `--shards N`: the base as a hub-style sharded folder `OUT_DIR/base/` (keys in order, cut
+/// into N shards of about equal bytes, `model-0000i-of-0000N.safetensors` and
+/// `model.safetensors.index.json`). Returns the folder and the bytes written.
+fn write_sharded(
+    keys: &[(String, Vec<usize>)],
+    dir: &Path,
+    shards: usize,
+    dtype: Dtype,
+) -> Result<(PathBuf, u64), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let total: usize = keys.iter().map(|(_, s)| numel(s) * 2).sum();
+    let per = total.div_ceil(shards.max(1));
+    let mut groups: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut filled = 0;
+    for k in keys {
+        if filled >= per && groups.len() < shards {
+            groups.push(Vec::new());
+            filled = 0;
+        }
+        filled += numel(&k.1) * 2;
+        if let Some(g) = groups.last_mut() {
+            g.push(k.clone());
+        }
+    }
+    let n = groups.len();
+    let mut map = serde_json::Map::new();
+    let mut bytes = 0;
+    for (i, g) in groups.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        bytes += write_base(g, &dir.join(&file), dtype)?;
+        for (name, _) in g {
+            map.insert(name.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": map });
+    let path = dir.join("model.safetensors.index.json");
+    let text = serde_json::to_string_pretty(&index).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((path, bytes))
+}
+
 /// Command-line options after KEYS.txt and OUT_DIR.
 struct Opts {
     only: Option<usize>,
@@ -410,6 +542,8 @@ struct Opts {
     block: usize,
     stages: usize,
     base: bool,
+    onetrainer: Option<String>,
+    shards: usize,
 }
 
 fn main() {
@@ -417,7 +551,7 @@ fn main() {
     let usage = || -> ! {
         eprintln!(
             "usage: make_bench_checkpoint KEYS.txt OUT_DIR [--adapter-layers N] [--dtype f16|bf16] \
-             [--oft NAME --block B [--stages S]] [--no-base]"
+             [--oft NAME --block B [--stages S]] [--onetrainer NAME --block B] [--shards N] [--no-base]"
         );
         std::process::exit(2);
     };
@@ -431,6 +565,8 @@ fn main() {
         block: BLOCK,
         stages: 1,
         base: true,
+        onetrainer: None,
+        shards: 1,
     };
     let mut it = args[3..].iter();
     while let Some(a) = it.next() {
@@ -448,6 +584,8 @@ fn main() {
             "--block" => o.block = val().parse().unwrap_or_else(|_| usage()),
             "--stages" => o.stages = val().parse().unwrap_or_else(|_| usage()),
             "--no-base" => o.base = false,
+            "--onetrainer" => o.onetrainer = Some(val()),
+            "--shards" => o.shards = val().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -457,17 +595,34 @@ fn main() {
     let run = || -> Result<serde_json::Value, String> {
         let keys = parse_keys(&keys_path)?;
         std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        if let Some(name) = &o.onetrainer {
+            let path = out.join(format!("{name}.safetensors"));
+            let (layers, params) = write_onetrainer(&keys, &path, o.block)?;
+            return Ok(serde_json::json!({
+                "adapter": path.display().to_string(),
+                "adapter_layers": layers,
+                "adapter_parameters": params,
+            }));
+        }
         if let Some(name) = &o.oft {
             let start = std::time::Instant::now();
-            let base_bytes = if o.base {
-                write_base(&keys, &out.join("base.safetensors"), o.dtype)?
+            let (base, base_bytes) = if !o.base {
+                (String::new(), 0)
+            } else if o.shards > 1 {
+                let (index, bytes) = write_sharded(&keys, &out.join("base"), o.shards, o.dtype)?;
+                (index.display().to_string(), bytes)
             } else {
-                0
+                let path = out.join("base.safetensors");
+                let bytes = write_base(&keys, &path, o.dtype)?;
+                (path.display().to_string(), bytes)
             };
             let path = out.join(format!("{name}.oft"));
             let (layers, params) = write_oft(&keys, &path, o.block, o.stages.max(1))?;
             return Ok(serde_json::json!({
                 "keys": keys_path.display().to_string(),
+                "base": base,
+                "tensors": keys.len(),
+                "parameters": keys.iter().map(|(_, s)| numel(s)).sum::<usize>(),
                 "base_bytes": base_bytes,
                 "adapter": path.display().to_string(),
                 "adapter_layers": layers,

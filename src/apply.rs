@@ -332,10 +332,8 @@ impl<T: Real> PreparedStage<T> {
 
     /// `W ← W · Eᵀ`: `W'[:, σ[kb+t]] = Σ_u W[:, σ[kb+u]] · R_k[t][u]`.
     fn apply_input(&self, data: &mut [T], cols: usize) {
-        let b = self.b;
         data.par_chunks_mut(INPUT_CHUNK_ROWS * cols)
             .for_each(|chunk| {
-                let m = chunk.len() / cols;
                 // Identity wiring reads the chunk in place; a butterfly gathers columns first.
                 let gathered: Option<Vec<T>> = self.sigma.as_ref().map(|s| {
                     chunk
@@ -345,61 +343,7 @@ impl<T: Real> PreparedStage<T> {
                 });
                 let src: &[T] = gathered.as_deref().unwrap_or(chunk);
                 let mut dst = vec![T::default(); chunk.len()];
-                if self.rotations.len() == 1 {
-                    // One shared block: the chunk is an (m·blocks × b) matrix times Rᵀ.
-                    let r = self.block(0);
-                    // SAFETY: src/dst hold m·cols = m·blocks·b elements; R is b × b.
-                    unsafe {
-                        T::gemm(
-                            m * self.blocks,
-                            b,
-                            b,
-                            src.as_ptr(),
-                            b as isize,
-                            1,
-                            r.as_ptr(),
-                            1,
-                            b as isize,
-                            dst.as_mut_ptr(),
-                            b as isize,
-                            1,
-                        )
-                    };
-                } else {
-                    for k in 0..self.blocks {
-                        let r = self.block(k);
-                        // SAFETY: block k's columns [kb, kb+b) of m rows of stride `cols` lie in src/dst.
-                        if unsafe {
-                            T::rows_times_rt(
-                                m,
-                                b,
-                                src.as_ptr().add(k * b),
-                                cols,
-                                r,
-                                dst.as_mut_ptr().add(k * b),
-                            )
-                        } {
-                            continue;
-                        }
-                        // SAFETY: as above.
-                        unsafe {
-                            T::gemm(
-                                m,
-                                b,
-                                b,
-                                src.as_ptr().add(k * b),
-                                cols as isize,
-                                1,
-                                r.as_ptr(),
-                                1,
-                                b as isize,
-                                dst.as_mut_ptr().add(k * b),
-                                cols as isize,
-                                1,
-                            )
-                        };
-                    }
-                }
+                self.rotate_rows(src, &mut dst, cols);
                 match &self.sigma {
                     None => chunk.copy_from_slice(&dst),
                     Some(s) => {
@@ -412,6 +356,92 @@ impl<T: Real> PreparedStage<T> {
                     }
                 }
             });
+    }
+
+    /// Input side, identity wiring, one chunk of rows: `dst = src · Eᵀ` into another buffer
+    /// (every element of `dst` is written). The same arithmetic as [`PreparedStage::apply`] on
+    /// a chunk of at most [`INPUT_CHUNK_ROWS`] rows, without its scratch buffer and copy back:
+    /// the fused 16-bit bake ping-pongs between two reused buffers. Returns false, touching
+    /// nothing, where the stage needs [`PreparedStage::apply`] (a butterfly wiring, a truncated
+    /// stage, or sizes that do not fit).
+    pub fn apply_input_into(&self, src: &[T], dst: &mut [T], cols: usize) -> bool {
+        let stored = self.rotations.len();
+        let fits = self.sigma.is_none()
+            && !self.truncated
+            && self.b > 0
+            && (stored == 1 || stored == self.blocks)
+            && self.blocks.checked_mul(self.b) == Some(cols)
+            && cols > 0
+            && src.len() == dst.len()
+            && src.len().is_multiple_of(cols)
+            && src.len() / cols <= INPUT_CHUNK_ROWS;
+        if !fits {
+            return false;
+        }
+        self.rotate_rows(src, dst, cols);
+        true
+    }
+
+    /// `dst = src · Eᵀ` on the gathered columns of `src.len() / cols` rows (identity order):
+    /// one small GEMM (or the specialised kernel) per block.
+    fn rotate_rows(&self, src: &[T], dst: &mut [T], cols: usize) {
+        let b = self.b;
+        let m = src.len() / cols;
+        if self.rotations.len() == 1 {
+            // One shared block: the chunk is an (m·blocks × b) matrix times Rᵀ.
+            let r = self.block(0);
+            // SAFETY: src/dst hold m·cols = m·blocks·b elements; R is b × b.
+            unsafe {
+                T::gemm(
+                    m * self.blocks,
+                    b,
+                    b,
+                    src.as_ptr(),
+                    b as isize,
+                    1,
+                    r.as_ptr(),
+                    1,
+                    b as isize,
+                    dst.as_mut_ptr(),
+                    b as isize,
+                    1,
+                )
+            };
+            return;
+        }
+        for k in 0..self.blocks {
+            let r = self.block(k);
+            // SAFETY: block k's columns [kb, kb+b) of m rows of stride `cols` lie in src/dst.
+            if unsafe {
+                T::rows_times_rt(
+                    m,
+                    b,
+                    src.as_ptr().add(k * b),
+                    cols,
+                    r,
+                    dst.as_mut_ptr().add(k * b),
+                )
+            } {
+                continue;
+            }
+            // SAFETY: as above.
+            unsafe {
+                T::gemm(
+                    m,
+                    b,
+                    b,
+                    src.as_ptr().add(k * b),
+                    cols as isize,
+                    1,
+                    r.as_ptr(),
+                    1,
+                    b as isize,
+                    dst.as_mut_ptr().add(k * b),
+                    cols as isize,
+                    1,
+                )
+            };
+        }
     }
 
     /// `W ← Eᵀ · W`: `W'[σ[kb+t], :] = Σ_u R_k[u][t] · W[σ[kb+u], :]`.
@@ -697,5 +727,39 @@ mod tests {
             .map(|(a, b)| (a - *b as f64).abs())
             .fold(0.0, f64::max);
         assert!(err < 2e-6, "f32 path off by {err}");
+    }
+
+    /// `apply_input_into` (the fused bake's path) gives the bits `apply` gives, chunk by chunk,
+    /// for the 32 × 32 kernel and the general GEMM; and refuses what it does not handle.
+    #[test]
+    fn apply_input_into_matches_apply() {
+        for (b, blocks) in [(32, 2), (8, 3), (128, 1)] {
+            let tri = b * (b - 1) / 2;
+            let q: Vec<f64> = (0..blocks * tri)
+                .map(|i| ((i * 7919 % 997) as f64 / 997.0 - 0.5) * 0.02)
+                .collect();
+            let stage = Stage::cayley(blocks as u64, b as u64, q);
+            let cols = blocks * b;
+            let rows = INPUT_CHUNK_ROWS + 45;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| (i * 104729 % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let st = PreparedStage::<f32>::new(&stage, cols).unwrap();
+            let mut want = w.clone();
+            st.apply(Side::Input, &mut want, cols).unwrap();
+            let mut got = vec![f32::NAN; w.len()];
+            for (src, dst) in w
+                .chunks(INPUT_CHUNK_ROWS * cols)
+                .zip(got.chunks_mut(INPUT_CHUNK_ROWS * cols))
+            {
+                assert!(st.apply_input_into(src, dst, cols));
+            }
+            assert_eq!(got, want, "b = {b}");
+            // Too many rows for one chunk, or a length that is no whole row: refused.
+            let mut dst = vec![0f32; w.len()];
+            assert!(!st.apply_input_into(&w, &mut dst, cols));
+            assert!(!st.apply_input_into(&w[..cols + 1], &mut dst[..cols + 1], cols));
+            assert!(!st.apply_input_into(&w[..cols], &mut dst[..2 * cols], cols));
+        }
     }
 }

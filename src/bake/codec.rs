@@ -22,6 +22,8 @@ pub(crate) enum TensorBytes {
     F32(Vec<f32>),
     F16(Vec<half::f16>),
     Bf16(Vec<half::bf16>),
+    /// Little-endian bytes as stored (a 16-bit tensor rotated over its own stored bytes).
+    Bytes(Vec<u8>),
 }
 
 impl TensorBytes {
@@ -32,6 +34,7 @@ impl TensorBytes {
             TensorBytes::F32(v) => bytemuck::cast_slice(v),
             TensorBytes::F16(v) => bytemuck::cast_slice(v),
             TensorBytes::Bf16(v) => bytemuck::cast_slice(v),
+            TensorBytes::Bytes(v) => v,
         }
     }
 }
@@ -122,6 +125,14 @@ pub(crate) fn halves_checked<H: Half>(key: &str, out: Vec<H>, dtype: Dtype) -> R
     match first_where(&out, |x| !x.finite()) {
         Some(i) => Err(overflow(key, i, dtype)),
         None => Ok(H::into_bytes(out)),
+    }
+}
+
+/// Fail on the first 16-bit value that is not finite.
+pub(crate) fn check_halves<H: Half>(key: &str, out: &[H], dtype: Dtype) -> Result<()> {
+    match first_where(out, |x| !x.finite()) {
+        Some(i) => Err(overflow(key, i, dtype)),
+        None => Ok(()),
     }
 }
 

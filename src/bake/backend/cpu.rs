@@ -93,8 +93,8 @@ fn unsupported(key: &str, dtype: Dtype) -> Error {
 /// Apply the edits to a loaded tensor and round once to the stored dtype.
 fn compute(t: &TensorJob<'_>, loaded: Loaded) -> Result<TensorBytes> {
     match (loaded, t.dtype) {
-        (Loaded::Raw(bytes), Dtype::F16) => fused_input::<half::f16>(t, &bytes),
-        (Loaded::Raw(bytes), Dtype::BF16) => fused_input::<half::bf16>(t, &bytes),
+        (Loaded::Raw(bytes), Dtype::F16) => fused_input::<half::f16>(t, bytes),
+        (Loaded::Raw(bytes), Dtype::BF16) => fused_input::<half::bf16>(t, bytes),
         (Loaded::F32(mut data), Dtype::F16) => {
             apply_edits(t, &mut data)?;
             codec::f32_to_halves::<half::f16>(t.key, &data, t.dtype)
@@ -173,7 +173,11 @@ fn apply_edit<T: Real>(e: &Edit<'_>, data: &mut [T], cols: usize) -> Result<()> 
 /// widened to f32, rotated by every edit and rounded back, so no tensor-sized f32 copy exists.
 /// Chunks are the rows [`INPUT_CHUNK_ROWS`] apart that the general path uses, so results are
 /// bit-identical to it.
-fn fused_input<H: Half>(t: &TensorJob<'_>, bytes: &[u8]) -> Result<TensorBytes> {
+///
+/// The result is written over the stored bytes (each chunk is widened before it is rounded
+/// back), and the f32 work happens in two buffers per thread that are reused from chunk to
+/// chunk and tensor to tensor: no tensor-sized allocation, no zeroing, no copy back.
+fn fused_input<H: Half>(t: &TensorJob<'_>, mut bytes: Vec<u8>) -> Result<TensorBytes> {
     let (rows, cols) = t.view();
     let mut prepared = Vec::with_capacity(t.edits.len());
     for e in t.edits {
@@ -190,31 +194,67 @@ fn fused_input<H: Half>(t: &TensorJob<'_>, bytes: &[u8]) -> Result<TensorBytes> 
             e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
         ));
     }
-    let input = codec::as_halves::<H>(bytes);
-    let mut out = vec![H::default(); input.len()];
+    let Ok(halves) = bytemuck::try_cast_slice_mut::<u8, H>(&mut bytes) else {
+        // Misaligned bytes (not from this allocator): rotate a copy.
+        let mut copy = codec::as_halves::<H>(&bytes).into_owned();
+        rotate_chunks(&prepared, &mut copy, cols).map_err(|err| err.tensor(t.key))?;
+        return codec::halves_checked(t.key, copy, t.dtype);
+    };
+    rotate_chunks(&prepared, halves, cols).map_err(|err| err.tensor(t.key))?;
+    codec::check_halves(t.key, halves, t.dtype)?;
+    Ok(TensorBytes::Bytes(bytes))
+}
+
+/// Prepared stages of each edit and its row scale.
+type Prepared<'a> = [(Vec<PreparedStage<f32>>, Option<&'a [f64]>)];
+
+thread_local! {
+    /// The two f32 buffers a thread rotates chunks in (grown as needed, never shrunk or zeroed
+    /// again; freed with the thread, i.e. with the backend's pool).
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::Cell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// At least `n` elements of a reused buffer (zeroed only where it grows).
+fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Rotate 16-bit rows in place, chunk by chunk ([`fused_input`]).
+fn rotate_chunks<H: Half>(prepared: &Prepared<'_>, halves: &mut [H], cols: usize) -> Result<()> {
     let chunk = INPUT_CHUNK_ROWS * cols.max(1);
-    out.par_chunks_mut(chunk)
-        .zip(input.par_chunks(chunk))
+    halves
+        .par_chunks_mut(chunk)
         .enumerate()
-        .try_for_each(|(c, (o, i))| -> Result<()> {
-            let mut buf = vec![0f32; i.len()];
-            H::to_f32s(i, &mut buf);
-            for (stages, scale) in &prepared {
+        .try_for_each(|(c, h)| -> Result<()> {
+            // Taken out of the cell (not borrowed) while in use, so a nested use on this
+            // thread would find empty buffers rather than a borrowed cell.
+            let (mut a, mut b) = SCRATCH.with(|cell| cell.take());
+            let (mut cur, mut other) = (scratch(&mut a, h.len()), scratch(&mut b, h.len()));
+            H::to_f32s(h, cur);
+            for (stages, scale) in prepared {
                 for st in stages {
-                    st.apply(Side::Input, &mut buf, cols)?;
+                    if st.apply_input_into(cur, other, cols) {
+                        std::mem::swap(&mut cur, &mut other);
+                    } else {
+                        st.apply(Side::Input, cur, cols)?;
+                    }
                 }
                 if let Some(s) = scale {
-                    for (r, row) in buf.chunks_exact_mut(cols).enumerate() {
+                    for (r, row) in cur.chunks_exact_mut(cols).enumerate() {
                         let f = s.get(c * INPUT_CHUNK_ROWS + r).copied().unwrap_or(1.0) as f32;
                         row.iter_mut().for_each(|x| *x *= f);
                     }
                 }
             }
-            H::from_f32s(&buf, o);
+            H::from_f32s(cur, h);
+            SCRATCH.with(|cell| cell.replace((a, b)));
             Ok(())
         })
-        .map_err(|err| err.tensor(t.key))?;
-    codec::halves_checked(t.key, out, t.dtype)
 }
 
 #[cfg(test)]
