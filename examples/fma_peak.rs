@@ -15,8 +15,9 @@
 //!
 //! Prints one JSON object.
 
-use oftool::apply::PreparedStage;
+use oftool::apply::{INPUT_CHUNK_ROWS, PreparedStage, bf16_to_f32s, f32_to_bf16s};
 use oftool::model::{RotationMap, Side, Stage, StageSpec, Wiring};
+use rayon::prelude::*;
 use std::time::Instant;
 
 #[cfg(target_arch = "x86_64")]
@@ -62,14 +63,14 @@ fn peak(threads: usize) -> f64 {
     f64::NAN
 }
 
-/// GFLOP/s of oftool's input-side rotation with block size `b` on a `rows × cols` matrix.
-fn rotation(b: usize, rows: usize, cols: usize) -> Result<f64, String> {
+/// A Cayley stage of `cols / b` blocks of size `b` with small pseudo-random parameters.
+fn stage(b: usize, cols: usize) -> Stage {
     let blocks = cols / b;
     let tri = b * (b - 1) / 2;
     let q: Vec<f64> = (0..blocks * tri)
         .map(|i| ((i as f64 * 0.618).fract() - 0.5) * 0.006)
         .collect();
-    let stage = Stage {
+    Stage {
         spec: StageSpec {
             blocks: Some(blocks as u64),
             block_size: b as u64,
@@ -82,21 +83,115 @@ fn rotation(b: usize, rows: usize, cols: usize) -> Result<f64, String> {
         q,
         q_f64: false,
         inverse: false,
-    };
-    let prepared = PreparedStage::<f32>::new(&stage, cols).map_err(|e| e.to_string())?;
-    let mut w: Vec<f32> = (0..rows * cols)
-        .map(|i| ((i as f32 * 0.37).sin()) * 0.02)
-        .collect();
+    }
+}
+
+/// Best of 5 timings of `f`, in seconds.
+fn best_of(mut f: impl FnMut()) -> f64 {
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let start = Instant::now();
-        prepared
-            .apply(Side::Input, &mut w, cols)
-            .map_err(|e| e.to_string())?;
+        f();
         best = best.min(start.elapsed().as_secs_f64());
     }
-    std::hint::black_box(&w);
-    Ok(2.0 * b as f64 * (rows * cols) as f64 / best / 1e9)
+    best
+}
+
+/// What each way of rotating a `rows × cols` f32 matrix by a stage of block size `b` achieves
+/// (GFLOP/s; 2·b FLOP per weight):
+/// * `apply`: [`PreparedStage::apply`] on the whole matrix in place (allocates per chunk);
+/// * `kernel`: [`PreparedStage::apply_input_into`] chunk by chunk ([`INPUT_CHUNK_ROWS`] rows)
+///   into a second buffer — what the bake's fused 16-bit path runs;
+/// * `gemm_crate`: the same chunks through the `gemm` crate (one call per block, no
+///   parallelism inside; the chunks are spread over the pool as above);
+/// * `bf16_bake`: the fused path with its conversions: BF16 chunk widened to f32, rotated by
+///   `kernel`, rounded back in place ([`oftool::apply::bf16_to_f32s`], [`oftool::apply::f32_to_bf16s`]).
+fn rotation(b: usize, rows: usize, cols: usize) -> Result<serde_json::Value, String> {
+    let prepared = PreparedStage::<f32>::new(&stage(b, cols), cols).map_err(|e| e.to_string())?;
+    let blocks: Vec<Vec<f32>> = prepared.blocks().to_vec();
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i as f32 * 0.37).sin()) * 0.02)
+        .collect();
+    let flop = 2.0 * b as f64 * (rows * cols) as f64;
+    let gflops = |secs: f64| (flop / secs / 1e8).round() / 10.0;
+    let chunk = INPUT_CHUNK_ROWS * cols;
+
+    let mut whole = w.clone();
+    let apply = best_of(|| {
+        let _ = prepared.apply(Side::Input, &mut whole, cols);
+    });
+
+    let mut out = vec![0f32; w.len()];
+    let kernel = best_of(|| {
+        out.par_chunks_mut(chunk)
+            .zip(w.par_chunks(chunk))
+            .for_each(|(d, s)| {
+                prepared.apply_input_into(s, d, cols);
+            })
+    });
+    let reference = out.clone();
+
+    let gemm_crate = best_of(|| {
+        out.par_chunks_mut(chunk)
+            .zip(w.par_chunks(chunk))
+            .for_each(|(d, s)| {
+                let m = s.len() / cols;
+                for (k, r) in blocks.iter().enumerate() {
+                    // SAFETY: block k's columns of m rows of stride `cols` lie in s and d;
+                    // R is b × b (Rᵀ read through its strides).
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            b,
+                            b,
+                            d.as_mut_ptr().add(k * b),
+                            1,
+                            cols as isize,
+                            false,
+                            s.as_ptr().add(k * b),
+                            1,
+                            cols as isize,
+                            r.as_ptr(),
+                            b as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        )
+                    }
+                }
+            })
+    });
+    let gemm_diff = out
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+
+    let halves: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let mut h = halves.clone();
+    let bf16_bake = best_of(|| {
+        h.copy_from_slice(&halves);
+        h.par_chunks_mut(chunk).for_each_init(
+            || (vec![0f32; chunk], vec![0f32; chunk]),
+            |(a, d), c| {
+                let (a, d) = (&mut a[..c.len()], &mut d[..c.len()]);
+                bf16_to_f32s(c, a);
+                prepared.apply_input_into(a, d, cols);
+                f32_to_bf16s(d, c);
+            },
+        )
+    });
+    Ok(serde_json::json!({
+        "apply": gflops(apply),
+        "kernel": gflops(kernel),
+        "gemm_crate": gflops(gemm_crate),
+        "gemm_crate_max_abs_diff": gemm_diff,
+        "bf16_bake": gflops(bf16_bake),
+    }))
 }
 
 fn main() {
@@ -142,14 +237,19 @@ fn main() {
             std::process::exit(2);
         }
         match pool.install(|| rotation(b, rows, cols)) {
-            Ok(g) => {
-                rot.insert(
-                    format!("b{b}"),
-                    serde_json::json!({
-                        "gflops": (g * 10.0).round() / 10.0,
-                        "of_peak": (g / all * 1000.0).round() / 1000.0,
-                    }),
-                );
+            Ok(mut g) => {
+                let of_peak = |x: &serde_json::Value| {
+                    x.as_f64()
+                        .map(|v| (v / all * 1000.0).round() / 1000.0)
+                        .unwrap_or(f64::NAN)
+                };
+                let share = serde_json::json!({
+                    "kernel": of_peak(&g["kernel"]),
+                    "gemm_crate": of_peak(&g["gemm_crate"]),
+                    "bf16_bake": of_peak(&g["bf16_bake"]),
+                });
+                g["of_peak"] = share;
+                rot.insert(format!("b{b}"), g);
             }
             Err(e) => {
                 eprintln!("fma_peak: {e}");

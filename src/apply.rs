@@ -24,17 +24,22 @@ mod sealed {
 pub trait Real:
     sealed::Sealed + Copy + Send + Sync + Default + std::ops::MulAssign + 'static
 {
-    /// A specialised kernel for `dst = src · Rᵀ` on `m` rows of one `b × b` block, if this type
-    /// has one for `b` on this CPU (returns whether it ran).
+    /// `R` (`b × b`, row-major) packed for this type's specialised kernel, if it has one for
+    /// `b` on this CPU ([`Real::rows_times_packed`] then takes the packed block).
+    fn pack(_r: &[Self], _b: usize) -> Option<Vec<Self>> {
+        None
+    }
+    /// `dst = src · Rᵀ` on `m` rows of one `b × b` block with R as [`Real::pack`] packed it
+    /// (returns whether it ran: false for a packing of another size).
     ///
     /// # Safety
     /// `m` rows of `b` elements, `stride` apart, must be valid at `src` and `dst`.
-    unsafe fn rows_times_rt(
+    unsafe fn rows_times_packed(
         _m: usize,
         _b: usize,
         _src: *const Self,
         _stride: usize,
-        _r: &[Self],
+        _packed: &[Self],
         _dst: *mut Self,
     ) -> bool {
         false
@@ -64,65 +69,145 @@ pub trait Real:
     );
 }
 
-/// `dst[r][t] = Σ_u src[r][u] · R[t][u]` for `m` rows of 32 (row stride `stride`), with AVX2
-/// FMA and R held in cache: for 32 × 32 blocks this beats a general GEMM, whose packing of such
-/// thin operands costs as much as the arithmetic. Each output is one fixed-order FMA chain, so
-/// results do not depend on how rows are split between threads.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows32_fma(m: usize, src: *const f32, stride: usize, r: &[f32], dst: *mut f32) {
-    let mut rt = [0f32; 1024];
-    for t in 0..32 {
-        for u in 0..32 {
-            rt[u * 32 + t] = r[t * 32 + u];
-        }
-    }
-    let mut row = 0;
-    while row < m {
-        let pair = row + 1 < m;
-        let (mut y0, mut y1) = ([0f32; 32], [0f32; 32]);
-        // SAFETY (whole block): the caller guarantees m rows of 32 readable/writable elements
-        // at `stride` apart from `src` and `dst`.
-        let x0 = unsafe { std::slice::from_raw_parts(src.add(row * stride), 32) };
-        let x1 = if pair {
-            unsafe { std::slice::from_raw_parts(src.add((row + 1) * stride), 32) }
-        } else {
-            x0
-        };
-        for u in 0..32 {
-            let (a0, a1) = (x0[u], x1[u]);
-            let rr = &rt[u * 32..u * 32 + 32];
-            for t in 0..32 {
-                y0[t] = a0.mul_add(rr[t], y0[t]);
-                y1[t] = a1.mul_add(rr[t], y1[t]);
+/// Output columns per panel of the packed AVX2 kernel (two 8-wide vectors).
+const PANEL: usize = 16;
+
+/// Rᵀ of one `b × b` block packed for [`rows_packed_fma`]: panel `p` (output columns
+/// `16p .. 16p + 16`) holds, for each `u`, the 16 values `R[16p + j][u]` side by side, so the
+/// kernel reads each panel front to back.
+fn pack_rt(r: &[f32], b: usize) -> Vec<f32> {
+    let mut packed = vec![0f32; b * b];
+    for p in 0..b / PANEL {
+        for u in 0..b {
+            for j in 0..PANEL {
+                packed[(p * b + u) * PANEL + j] = r[(p * PANEL + j) * b + u];
             }
         }
-        unsafe { std::ptr::copy_nonoverlapping(y0.as_ptr(), dst.add(row * stride), 32) };
-        if pair {
-            unsafe { std::ptr::copy_nonoverlapping(y1.as_ptr(), dst.add((row + 1) * stride), 32) };
+    }
+    packed
+}
+
+/// `ROWS` rows times one packed panel: `dst[i][j] = Σ_u src[i][u] · panel[u][j]` for 16
+/// columns, each output one FMA chain over `u = 0 .. b` in order from 0 (so the result of an
+/// element does not depend on how rows are grouped or split between threads).
+///
+/// # Safety
+/// `ROWS` rows of `b` elements, `stride` apart, readable at `src` and 16 writable at `dst`
+/// (same stride); `panel` holds `b × 16` values; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_fma<const ROWS: usize>(
+    b: usize,
+    src: *const f32,
+    stride: usize,
+    panel: *const f32,
+    dst: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+    for u in 0..b {
+        // SAFETY (whole function): within the bounds the caller guarantees.
+        let (r0, r1) = unsafe {
+            (
+                _mm256_loadu_ps(panel.add(u * PANEL)),
+                _mm256_loadu_ps(panel.add(u * PANEL + 8)),
+            )
+        };
+        for (i, a) in acc.iter_mut().enumerate() {
+            let x = unsafe { _mm256_broadcast_ss(&*src.add(i * stride + u)) };
+            a[0] = _mm256_fmadd_ps(x, r0, a[0]);
+            a[1] = _mm256_fmadd_ps(x, r1, a[1]);
         }
-        row += 2;
+    }
+    for (i, a) in acc.iter().enumerate() {
+        unsafe {
+            _mm256_storeu_ps(dst.add(i * stride), a[0]);
+            _mm256_storeu_ps(dst.add(i * stride + 8), a[1]);
+        }
+    }
+}
+
+/// `dst = src · Rᵀ` for `m` rows of one `b × b` block (`b` a multiple of 16) with R packed by
+/// [`pack_rt`]: panels of 16 output columns, each held in L1 while 6-row tiles stream past it
+/// (12 accumulators in registers). Each output is one fixed-order FMA chain.
+///
+/// # Safety
+/// `m` rows of `b` elements, `stride` apart, must be valid at `src` and `dst`; `packed` holds
+/// `b × b` values; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_packed_fma(
+    m: usize,
+    b: usize,
+    src: *const f32,
+    stride: usize,
+    packed: &[f32],
+    dst: *mut f32,
+) {
+    for p in 0..b / PANEL {
+        // SAFETY (whole loop): panel p lies in `packed`; rows and columns within the caller's.
+        let panel = unsafe { packed.as_ptr().add(p * b * PANEL) };
+        let (src, dst) = unsafe { (src, dst.add(p * PANEL)) };
+        let mut row = 0;
+        while row + 6 <= m {
+            unsafe {
+                tile_fma::<6>(
+                    b,
+                    src.add(row * stride),
+                    stride,
+                    panel,
+                    dst.add(row * stride),
+                )
+            };
+            row += 6;
+        }
+        let (s, d) = unsafe { (src.add(row * stride), dst.add(row * stride)) };
+        unsafe {
+            match m - row {
+                5 => tile_fma::<5>(b, s, stride, panel, d),
+                4 => tile_fma::<4>(b, s, stride, panel, d),
+                3 => tile_fma::<3>(b, s, stride, panel, d),
+                2 => tile_fma::<2>(b, s, stride, panel, d),
+                1 => tile_fma::<1>(b, s, stride, panel, d),
+                _ => {}
+            }
+        }
     }
 }
 
 impl Real for f32 {
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows_times_rt(
+    fn pack(r: &[f32], b: usize) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if b.is_multiple_of(PANEL)
+            && r.len() == b * b
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
+            return Some(pack_rt(r, b));
+        }
+        let _ = (r, b);
+        None
+    }
+
+    unsafe fn rows_times_packed(
         m: usize,
         b: usize,
         src: *const f32,
         stride: usize,
-        r: &[f32],
+        packed: &[f32],
         dst: *mut f32,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if b == 32 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        if b.is_multiple_of(PANEL)
+            && packed.len() == b * b
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
         {
             // SAFETY: forwarded from the caller's contract; the CPU has the features.
-            unsafe { rows32_fma(m, src, stride, r, dst) };
+            unsafe { rows_packed_fma(m, b, src, stride, packed, dst) };
             return true;
         }
-        let _ = (m, b, src, stride, r, dst);
+        let _ = (m, b, src, stride, packed, dst);
         false
     }
 
@@ -175,6 +260,59 @@ impl Real for f64 {
         // SAFETY: forwarded from the caller's contract.
         unsafe { matrixmultiply::dgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc) }
     }
+}
+
+/// BF16 to f32, element for element as [`half::bf16::to_f32`] (a NaN comes out quiet), in
+/// one branch-free pass that the compiler vectorises (AVX2 where the CPU has it; `half`'s own
+/// slice conversion is a scalar loop for BF16).
+pub fn bf16_to_f32s(h: &[half::bf16], out: &mut [f32]) {
+    #[inline(always)]
+    fn body(h: &[half::bf16], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(h) {
+            let i = x.to_bits() as u32;
+            let nan = (i & 0x7FFF) > 0x7F80;
+            *o = f32::from_bits(if nan { (i | 0x40) << 16 } else { i << 16 });
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn wide(h: &[half::bf16], out: &mut [f32]) {
+        body(h, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { wide(h, out) };
+    }
+    body(h, out)
+}
+
+/// f32 to BF16, rounding to nearest even exactly as [`half::bf16::from_f32`] (a NaN keeps its
+/// high mantissa bits and comes out quiet), in one branch-free, vectorised pass.
+pub fn f32_to_bf16s(v: &[f32], out: &mut [half::bf16]) {
+    #[inline(always)]
+    fn body(v: &[f32], out: &mut [half::bf16]) {
+        for (o, x) in out.iter_mut().zip(v) {
+            let x = x.to_bits();
+            let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+            // Adding 0x7FFF plus the kept part's lowest bit carries into it exactly when the
+            // dropped half is above one half, or exactly one half and the kept part is odd.
+            let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+            let bits = if nan { (x >> 16) | 0x40 } else { rounded };
+            *o = half::bf16::from_bits(bits as u16);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn wide(v: &[f32], out: &mut [half::bf16]) {
+        body(v, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { wide(v, out) };
+    }
+    body(v, out)
 }
 
 /// A weight viewed as a row-major 2-D matrix `(rows, cols)`: Linear `(out, in)`, Conv
@@ -245,6 +383,9 @@ pub struct PreparedStage<T> {
     pub blocks: usize,
     /// One `b × b` block per stored block (1 when shared), row-major.
     rotations: Vec<Vec<T>>,
+    /// The same blocks packed for the type's specialised kernel ([`Real::pack`]); empty where
+    /// it has none for this block size.
+    packed: Vec<Vec<T>>,
     /// Gather list; `None` for the identity wiring.
     sigma: Option<Vec<usize>>,
     /// The block-diagonal matrix is cut to the axis it is applied to (spec §8.7).
@@ -297,14 +438,20 @@ impl<T: Real> PreparedStage<T> {
         let sigma =
             gather(&stage.spec.wiring, blocks, b).map_err(|e| Error::new(Category::Wiring, e.0))?;
         let identity = sigma.iter().enumerate().all(|(i, &s)| i == s);
-        let rotations = stage_blocks(stage, interpolate)?
+        let rotations: Vec<Vec<T>> = stage_blocks(stage, interpolate)?
             .into_iter()
             .map(|r| r.into_iter().map(T::from_f64).collect())
             .collect();
+        let packed = rotations
+            .iter()
+            .map(|r| T::pack(r, b))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         Ok(PreparedStage {
             b,
             blocks,
             rotations,
+            packed,
             sigma: (!identity).then_some(sigma),
             truncated: stage.spec.truncated,
         })
@@ -383,11 +530,49 @@ impl<T: Real> PreparedStage<T> {
     }
 
     /// `dst = src · Eᵀ` on the gathered columns of `src.len() / cols` rows (identity order):
-    /// one small GEMM (or the specialised kernel) per block.
+    /// the packed kernel per block where the type has one for this block size, else one small
+    /// GEMM per block.
     fn rotate_rows(&self, src: &[T], dst: &mut [T], cols: usize) {
         let b = self.b;
         let m = src.len() / cols;
-        if self.rotations.len() == 1 {
+        let shared = self.rotations.len() == 1;
+        if !self.packed.is_empty() {
+            let done = if shared {
+                // One shared block: the chunk is an (m·blocks × b) matrix of stride b.
+                // SAFETY: src/dst hold m·cols = m·blocks·b elements.
+                unsafe {
+                    T::rows_times_packed(
+                        m * self.blocks,
+                        b,
+                        src.as_ptr(),
+                        b,
+                        self.packed.first().map_or(&[][..], Vec::as_slice),
+                        dst.as_mut_ptr(),
+                    )
+                }
+            } else {
+                (0..self.blocks).all(|k| {
+                    self.packed.get(k).is_some_and(|packed| {
+                        // SAFETY: block k's columns [kb, kb+b) of m rows of stride `cols` lie
+                        // in src/dst.
+                        unsafe {
+                            T::rows_times_packed(
+                                m,
+                                b,
+                                src.as_ptr().add(k * b),
+                                cols,
+                                packed,
+                                dst.as_mut_ptr().add(k * b),
+                            )
+                        }
+                    })
+                })
+            };
+            if done {
+                return;
+            }
+        }
+        if shared {
             // One shared block: the chunk is an (m·blocks × b) matrix times Rᵀ.
             let r = self.block(0);
             // SAFETY: src/dst hold m·cols = m·blocks·b elements; R is b × b.
@@ -412,19 +597,6 @@ impl<T: Real> PreparedStage<T> {
         for k in 0..self.blocks {
             let r = self.block(k);
             // SAFETY: block k's columns [kb, kb+b) of m rows of stride `cols` lie in src/dst.
-            if unsafe {
-                T::rows_times_rt(
-                    m,
-                    b,
-                    src.as_ptr().add(k * b),
-                    cols,
-                    r,
-                    dst.as_mut_ptr().add(k * b),
-                )
-            } {
-                continue;
-            }
-            // SAFETY: as above.
             unsafe {
                 T::gemm(
                     m,
@@ -522,6 +694,7 @@ impl<T: Real> PreparedStage<T> {
             b: self.b,
             blocks: self.blocks,
             rotations: self.rotations.clone(),
+            packed: self.packed.clone(),
             sigma: None,
             truncated: false,
         };
@@ -727,6 +900,66 @@ mod tests {
             .map(|(a, b)| (a - *b as f64).abs())
             .fold(0.0, f64::max);
         assert!(err < 2e-6, "f32 path off by {err}");
+    }
+
+    /// The vectorised BF16 conversions give `half`'s bits: every BF16 value to f32, and f32
+    /// values around every rounding boundary (ties, NaNs, infinities, overflow) to BF16.
+    #[test]
+    fn bf16_conversions_match_half() {
+        let all: Vec<half::bf16> = (0..=u16::MAX).map(half::bf16::from_bits).collect();
+        let mut wide = vec![0f32; all.len()];
+        bf16_to_f32s(&all, &mut wide);
+        for (h, w) in all.iter().zip(&wide) {
+            assert_eq!(w.to_bits(), h.to_f32().to_bits(), "{:#06x}", h.to_bits());
+        }
+        let v: Vec<f32> = (0..=u16::MAX as u32)
+            .flat_map(|hi| {
+                [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x4000, 0xC000]
+                    .map(|lo| f32::from_bits((hi << 16) | lo))
+            })
+            .collect();
+        let mut narrow = vec![half::bf16::ZERO; v.len()];
+        f32_to_bf16s(&v, &mut narrow);
+        for (x, n) in v.iter().zip(&narrow) {
+            assert_eq!(
+                n.to_bits(),
+                half::bf16::from_f32(*x).to_bits(),
+                "{:#010x}",
+                x.to_bits()
+            );
+        }
+    }
+
+    /// The packed kernel (every block size a multiple of 16, tails of 1–5 rows) against the
+    /// general GEMM path on the same blocks, and each output one FMA chain in order.
+    #[test]
+    fn packed_kernel_matches_fma_chains() {
+        for (b, blocks, rows) in [(16, 2, 7), (32, 3, 13), (48, 1, 6), (64, 2, 11)] {
+            let tri = b * (b - 1) / 2;
+            let q: Vec<f64> = (0..blocks * tri)
+                .map(|i| ((i * 7919 % 997) as f64 / 997.0 - 0.5) * 0.02)
+                .collect();
+            let stage = Stage::cayley(blocks as u64, b as u64, q);
+            let cols = blocks * b;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| (i * 104729 % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let st = PreparedStage::<f32>::new(&stage, cols).unwrap();
+            let mut got = vec![f32::NAN; w.len()];
+            assert!(st.apply_input_into(&w, &mut got, cols));
+            for r in 0..rows {
+                for k in 0..blocks {
+                    let rk = st.block(k);
+                    for t in 0..b {
+                        let mut acc = 0f32;
+                        for u in 0..b {
+                            acc = w[r * cols + k * b + u].mul_add(rk[t * b + u], acc);
+                        }
+                        assert_eq!(got[r * cols + k * b + t], acc, "b = {b}, row {r}");
+                    }
+                }
+            }
+        }
     }
 
     /// `apply_input_into` (the fused bake's path) gives the bits `apply` gives, chunk by chunk,

@@ -65,10 +65,10 @@ impl Half for half::f16 {
 
 impl Half for half::bf16 {
     fn to_f32s(h: &[Self], out: &mut [f32]) {
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, out)
+        crate::apply::bf16_to_f32s(h, out)
     }
     fn from_f32s(v: &[f32], out: &mut [Self]) {
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, v)
+        crate::apply::f32_to_bf16s(v, out)
     }
     fn finite(&self) -> bool {
         self.is_finite()
