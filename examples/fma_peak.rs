@@ -104,8 +104,9 @@ fn best_of(mut f: impl FnMut()) -> f64 {
 ///   into a second buffer — what the bake's fused 16-bit path runs;
 /// * `gemm_crate`: the same chunks through the `gemm` crate (one call per block, no
 ///   parallelism inside; the chunks are spread over the pool as above);
-/// * `bf16_bake`: the fused path with its conversions: BF16 chunk widened to f32, rotated by
-///   `kernel`, rounded back in place ([`oftool::apply::bf16_to_f32s`], [`oftool::apply::f32_to_bf16s`]).
+/// * `bf16_bake`: the bake's fused path with its conversions: per chunk and block, the BF16
+///   columns widened into a contiguous f32 buffer, rotated by the kernel
+///   ([`PreparedStage::rotate_blocks`], 256 columns at a time; `cols` a multiple of that), rounded back in place ([`oftool::apply::bf16_to_f32s`], [`oftool::apply::f32_to_bf16s`]).
 fn rotation(b: usize, rows: usize, cols: usize) -> Result<serde_json::Value, String> {
     let prepared = PreparedStage::<f32>::new(&stage(b, cols), cols).map_err(|e| e.to_string())?;
     let blocks: Vec<Vec<f32>> = prepared.blocks().to_vec();
@@ -178,10 +179,21 @@ fn rotation(b: usize, rows: usize, cols: usize) -> Result<serde_json::Value, Str
         h.par_chunks_mut(chunk).for_each_init(
             || (vec![0f32; chunk], vec![0f32; chunk]),
             |(a, d), c| {
-                let (a, d) = (&mut a[..c.len()], &mut d[..c.len()]);
-                bf16_to_f32s(c, a);
-                prepared.apply_input_into(a, d, cols);
-                f32_to_bf16s(d, c);
+                // As the bake does it (bake/backend/cpu.rs `rotate_blockwise`): 256 columns
+                // (whole blocks) at a time, widened into a contiguous buffer, rotated, rounded back.
+                let rows = c.len() / cols;
+                let width = (256 / b).max(1) * b;
+                let (a, d) = (&mut a[..rows * width], &mut d[..rows * width]);
+                for g in 0..cols / width {
+                    let lo = g * width;
+                    for (r, s) in a.chunks_exact_mut(width).enumerate() {
+                        bf16_to_f32s(&c[r * cols + lo..r * cols + lo + width], s);
+                    }
+                    prepared.rotate_blocks(lo / b, width / b, a, d);
+                    for (r, v) in d.chunks_exact(width).enumerate() {
+                        f32_to_bf16s(v, &mut c[r * cols + lo..r * cols + lo + width]);
+                    }
+                }
             },
         )
     });

@@ -529,6 +529,62 @@ impl<T: Real> PreparedStage<T> {
         true
     }
 
+    /// Whether [`PreparedStage::rotate_blocks`] runs this stage on rows of `cols` features:
+    /// identity wiring, not truncated, exactly `cols` features, and the type's packed kernel
+    /// for this block size on this CPU.
+    pub fn blockwise(&self, cols: usize) -> bool {
+        let stored = self.rotations.len();
+        !self.packed.is_empty()
+            && self.packed.len() == stored
+            && self.sigma.is_none()
+            && !self.truncated
+            && (stored == 1 || stored == self.blocks)
+            && self.blocks.checked_mul(self.b) == Some(cols)
+    }
+
+    /// Blocks `first .. first + count` alone, on their columns gathered contiguously:
+    /// `dst = src · E_partᵀ` for `src.len() / (count·b)` rows of `count·b` values each. The
+    /// same bits as [`PreparedStage::apply_input_into`] gives those columns, whatever the
+    /// number of rows: a caller that gathers a few blocks' columns at a time keeps its work in
+    /// cache (rows a power of two apart in memory all fall in the same cache sets). Returns
+    /// false, touching nothing, where the stage is not [`PreparedStage::blockwise`] or the
+    /// sizes do not fit.
+    pub fn rotate_blocks(&self, first: usize, count: usize, src: &[T], dst: &mut [T]) -> bool {
+        let b = self.b;
+        let width = count * b;
+        let fits = self.blockwise(self.blocks * b)
+            && count > 0
+            && first
+                .checked_add(count)
+                .is_some_and(|end| end <= self.blocks)
+            && src.len() == dst.len()
+            && src.len().is_multiple_of(width);
+        if !fits {
+            return false;
+        }
+        let m = src.len() / width;
+        (0..count).all(|j| {
+            let packed = match self.packed.len() {
+                1 => self.packed.first(),
+                _ => self.packed.get(first + j),
+            };
+            packed.is_some_and(|p| {
+                // SAFETY: block j's columns [jb, jb+b) of m rows of stride `width` lie in
+                // src and dst.
+                unsafe {
+                    T::rows_times_packed(
+                        m,
+                        b,
+                        src.as_ptr().add(j * b),
+                        width,
+                        p,
+                        dst.as_mut_ptr().add(j * b),
+                    )
+                }
+            })
+        })
+    }
+
     /// `dst = src · Eᵀ` on the gathered columns of `src.len() / cols` rows (identity order):
     /// the packed kernel per block where the type has one for this block size, else one small
     /// GEMM per block.

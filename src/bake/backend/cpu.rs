@@ -226,6 +226,12 @@ fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 
 /// Rotate 16-bit rows in place, chunk by chunk ([`fused_input`]).
 fn rotate_chunks<H: Half>(prepared: &Prepared<'_>, halves: &mut [H], cols: usize) -> Result<()> {
+    if let [(stages, scale)] = prepared
+        && let [st] = stages.as_slice()
+        && st.blockwise(cols)
+    {
+        return rotate_blockwise(st, *scale, halves, cols);
+    }
     let chunk = INPUT_CHUNK_ROWS * cols.max(1);
     halves
         .par_chunks_mut(chunk)
@@ -254,6 +260,62 @@ fn rotate_chunks<H: Half>(prepared: &Prepared<'_>, halves: &mut [H], cols: usize
             H::from_f32s(cur, h);
             SCRATCH.with(|cell| cell.replace((a, b)));
             Ok(())
+        })
+}
+
+/// Columns gathered at a time by [`rotate_blockwise`] (rounded to whole blocks; at least one):
+/// 256 rows of 256 f32 values are 256 KiB, in L2 beside their result.
+const GROUP_COLS: usize = 256;
+
+/// [`rotate_chunks`] for the common case of one stage that [`PreparedStage::blockwise`] runs
+/// (and its row scale): per chunk of rows, the columns of a few blocks at a time are widened
+/// into a contiguous buffer, rotated into another and rounded back in place, so the f32 work
+/// stays in cache. The same bits as the general path: each output is the same FMA chain,
+/// scaled and rounded the same way.
+fn rotate_blockwise<H: Half>(
+    st: &PreparedStage<f32>,
+    scale: Option<&[f64]>,
+    halves: &mut [H],
+    cols: usize,
+) -> Result<()> {
+    let b = st.b;
+    let group = (GROUP_COLS / b).max(1);
+    let chunk = INPUT_CHUNK_ROWS * cols;
+    halves
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .try_for_each(|(c, h)| -> Result<()> {
+            let rows = h.len() / cols;
+            let (mut a, mut d) = SCRATCH.with(|cell| cell.take());
+            let mut first = 0;
+            let mut ok = true;
+            while ok && first < st.blocks {
+                let count = group.min(st.blocks - first);
+                let (lo, width) = (first * b, count * b);
+                let src = scratch(&mut a, rows * width);
+                let dst = scratch(&mut d, rows * width);
+                for (r, s) in src.chunks_exact_mut(width).enumerate() {
+                    H::to_f32s(&h[r * cols + lo..r * cols + lo + width], s);
+                }
+                ok = st.rotate_blocks(first, count, src, dst);
+                for (r, v) in dst.chunks_exact_mut(width).enumerate() {
+                    if let Some(s) = scale {
+                        let f = s.get(c * INPUT_CHUNK_ROWS + r).copied().unwrap_or(1.0) as f32;
+                        v.iter_mut().for_each(|x| *x *= f);
+                    }
+                    H::from_f32s(v, &mut h[r * cols + lo..r * cols + lo + width]);
+                }
+                first += count;
+            }
+            SCRATCH.with(|cell| cell.replace((a, d)));
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    Category::TargetShape,
+                    "internal error: a blockwise stage refused its blocks",
+                ))
+            }
         })
 }
 
@@ -367,6 +429,37 @@ mod tests {
                 run(&[rows, cols], &[two], &w)
             );
         }
+    }
+
+    /// The blockwise fused path (groups of whole blocks, a last short group, a last short
+    /// chunk of rows, a row scale) gives the bits of the general one: widen, rotate the whole
+    /// rows, scale, round.
+    #[test]
+    fn blockwise_matches_whole_rows() {
+        let (b, blocks) = (32, 10);
+        let (rows, cols) = (INPUT_CHUNK_ROWS + 37, b * blocks);
+        let tri = b * (b - 1) / 2;
+        let q: Vec<f64> = (0..blocks * tri)
+            .map(|i| ((i * 7919 % 997) as f64 / 997.0 - 0.5) * 0.02)
+            .collect();
+        let st =
+            PreparedStage::<f32>::new(&Stage::cayley(blocks as u64, b as u64, q), cols).unwrap();
+        if !st.blockwise(cols) {
+            return; // no packed kernel on this CPU: the general path runs
+        }
+        let h: Vec<half::bf16> = (0..rows * cols)
+            .map(|i| half::bf16::from_f32((i * 104729 % 1009) as f32 / 1009.0 - 0.5))
+            .collect();
+        let scale: Vec<f64> = (0..rows).map(|r| 1.0 + r as f64 / 1000.0).collect();
+        let mut got = h.clone();
+        rotate_blockwise(&st, Some(&scale), &mut got, cols).unwrap();
+        let mut w: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+        st.apply(Side::Input, &mut w, cols).unwrap();
+        for (row, &f) in w.chunks_exact_mut(cols).zip(&scale) {
+            row.iter_mut().for_each(|x| *x *= f as f32);
+        }
+        let want: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
