@@ -14,9 +14,12 @@ use crate::model::Side;
 use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
-/// The CPU backend and its thread pool.
+/// The CPU backend and its thread pools.
 pub(crate) struct Cpu {
     pool: rayon::ThreadPool,
+    /// One thread on which the reader thread evaluates the next tensor's stages (the main pool
+    /// may be entirely taken by the compute stage, which waits there for its next tensor).
+    prep: rayon::ThreadPool,
 }
 
 impl Cpu {
@@ -26,16 +29,22 @@ impl Cpu {
             .num_threads(threads.unwrap_or(0))
             .build()
             .map_err(|e| Error::usage(format!("cannot start {threads:?} threads: {e}")))?;
-        Ok(Cpu { pool })
+        let prep = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .map_err(|e| Error::usage(format!("cannot start a thread: {e}")))?;
+        Ok(Cpu { pool, prep })
     }
 }
 
 /// A tensor as the reader hands it on: F16/BF16 decoded to f32, F32/F64 to f64, or the raw
-/// bytes of a 16-bit tensor that takes the fused path.
+/// bytes of a 16-bit tensor that takes the fused path with its stages already evaluated (the
+/// R blocks of the next tensor are built on the reader's side while the previous one rotates
+/// on the pool: at b = 256 each block is an LU solve of ~45 MFLOP in f64).
 pub(crate) enum Loaded {
     F32(Vec<f32>),
     F64(Vec<f64>),
-    Raw(Vec<u8>),
+    Raw(Vec<u8>, Vec<PreparedEdit>),
 }
 
 impl Backend for Cpu {
@@ -62,7 +71,10 @@ impl Backend for Cpu {
             .tensor(t.key));
         }
         Ok(match t.dtype {
-            Dtype::F16 | Dtype::BF16 if fusable(t) => Loaded::Raw(bytes),
+            Dtype::F16 | Dtype::BF16 if fusable(t) => {
+                let prepared = self.prep.install(|| prepare_fused(t))?;
+                Loaded::Raw(bytes, prepared)
+            }
             Dtype::F16 => Loaded::F32(codec::halves_to_f32::<half::f16>(&bytes)),
             Dtype::BF16 => Loaded::F32(codec::halves_to_f32::<half::bf16>(&bytes)),
             _ => Loaded::F64(codec::wide_to_f64(&bytes, t.dtype)),
@@ -93,8 +105,8 @@ fn unsupported(key: &str, dtype: Dtype) -> Error {
 /// Apply the edits to a loaded tensor and round once to the stored dtype.
 fn compute(t: &TensorJob<'_>, loaded: Loaded) -> Result<TensorBytes> {
     match (loaded, t.dtype) {
-        (Loaded::Raw(bytes), Dtype::F16) => fused_input::<half::f16>(t, bytes),
-        (Loaded::Raw(bytes), Dtype::BF16) => fused_input::<half::bf16>(t, bytes),
+        (Loaded::Raw(bytes, p), Dtype::F16) => fused_input::<half::f16>(t, bytes, &p),
+        (Loaded::Raw(bytes, p), Dtype::BF16) => fused_input::<half::bf16>(t, bytes, &p),
         (Loaded::F32(mut data), Dtype::F16) => {
             apply_edits(t, &mut data)?;
             codec::f32_to_halves::<half::f16>(t.key, &data, t.dtype)
@@ -177,36 +189,66 @@ fn apply_edit<T: Real>(e: &Edit<'_>, data: &mut [T], cols: usize) -> Result<()> 
 /// The result is written over the stored bytes (each chunk is widened before it is rounded
 /// back), and the f32 work happens in two buffers per thread that are reused from chunk to
 /// chunk and tensor to tensor: no tensor-sized allocation, no zeroing, no copy back.
-fn fused_input<H: Half>(t: &TensorJob<'_>, mut bytes: Vec<u8>) -> Result<TensorBytes> {
-    let (rows, cols) = t.view();
-    let mut prepared = Vec::with_capacity(t.edits.len());
-    for e in t.edits {
-        check_fits(&e.layer, rows, cols).map_err(|err| err.tensor(t.key))?;
-        let stages = e
-            .layer
-            .stages
-            .iter()
-            .map(|st| PreparedStage::<f32>::with_blend(st, cols, e.blend.interpolate))
-            .collect::<Result<Vec<_>>>()
-            .map_err(|err| err.tensor(t.key))?;
-        prepared.push((
-            stages,
-            e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
-        ));
+fn fused_input<H: Half>(
+    t: &TensorJob<'_>,
+    mut bytes: Vec<u8>,
+    prepared: &[PreparedEdit],
+) -> Result<TensorBytes> {
+    let (_, cols) = t.view();
+    if prepared.len() != t.edits.len() {
+        return Err(Error::new(
+            Category::Tensor,
+            "internal error: the stages prepared do not match the edits",
+        )
+        .tensor(t.key));
     }
+    let prepared: Vec<StagesAndScale<'_>> = prepared
+        .iter()
+        .zip(t.edits)
+        .map(|(p, e)| {
+            (
+                p.as_slice(),
+                e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
+            )
+        })
+        .collect();
+    let prepared = prepared.as_slice();
     let Ok(halves) = bytemuck::try_cast_slice_mut::<u8, H>(&mut bytes) else {
         // Misaligned bytes (not from this allocator): rotate a copy.
         let mut copy = codec::as_halves::<H>(&bytes).into_owned();
-        rotate_chunks(&prepared, &mut copy, cols).map_err(|err| err.tensor(t.key))?;
+        rotate_chunks(prepared, &mut copy, cols).map_err(|err| err.tensor(t.key))?;
         return codec::halves_checked(t.key, copy, t.dtype);
     };
-    rotate_chunks(&prepared, halves, cols).map_err(|err| err.tensor(t.key))?;
+    rotate_chunks(prepared, halves, cols).map_err(|err| err.tensor(t.key))?;
     codec::check_halves(t.key, halves, t.dtype)?;
     Ok(TensorBytes::Bytes(bytes))
 }
 
+/// The evaluated stages of one edit of the fused path.
+pub(crate) type PreparedEdit = Vec<PreparedStage<f32>>;
+
+/// Evaluate the stages of every edit of a tensor that takes the fused path.
+fn prepare_fused(t: &TensorJob<'_>) -> Result<Vec<PreparedEdit>> {
+    let (rows, cols) = t.view();
+    t.edits
+        .iter()
+        .map(|e| {
+            check_fits(&e.layer, rows, cols).map_err(|err| err.tensor(t.key))?;
+            e.layer
+                .stages
+                .iter()
+                .map(|st| PreparedStage::<f32>::with_blend(st, cols, e.blend.interpolate))
+                .collect::<Result<Vec<_>>>()
+                .map_err(|err| err.tensor(t.key))
+        })
+        .collect()
+}
+
+/// The prepared stages of one edit and its row scale.
+type StagesAndScale<'a> = (&'a [PreparedStage<f32>], Option<&'a [f64]>);
+
 /// Prepared stages of each edit and its row scale.
-type Prepared<'a> = [(Vec<PreparedStage<f32>>, Option<&'a [f64]>)];
+type Prepared<'a> = [StagesAndScale<'a>];
 
 thread_local! {
     /// The two f32 buffers a thread rotates chunks in (grown as needed, never shrunk or zeroed
@@ -227,7 +269,7 @@ fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// Rotate 16-bit rows in place, chunk by chunk ([`fused_input`]).
 fn rotate_chunks<H: Half>(prepared: &Prepared<'_>, halves: &mut [H], cols: usize) -> Result<()> {
     if let [(stages, scale)] = prepared
-        && let [st] = stages.as_slice()
+        && let [st] = stages
         && st.blockwise(cols)
     {
         return rotate_blockwise(st, *scale, halves, cols);
@@ -243,7 +285,7 @@ fn rotate_chunks<H: Half>(prepared: &Prepared<'_>, halves: &mut [H], cols: usize
             let (mut cur, mut other) = (scratch(&mut a, h.len()), scratch(&mut b, h.len()));
             H::to_f32s(h, cur);
             for (stages, scale) in prepared {
-                for st in stages {
+                for st in *stages {
                     if st.apply_input_into(cur, other, cols) {
                         std::mem::swap(&mut cur, &mut other);
                     } else {
