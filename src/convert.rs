@@ -530,7 +530,16 @@ fn fold_reports(
     let identity = origin.len() == source.layers.len()
         && origin.iter().enumerate().all(|(i, o)| o.as_slice() == [i]);
     if identity && refused.is_empty() {
-        return rows;
+        // Writers may have renamed a layer (a row slice to its split module): the row still
+        // names the source layer, the written name is in `written_as`.
+        return rows
+            .into_iter()
+            .zip(&source.layers)
+            .map(|(row, layer)| report::LayerReport {
+                layer: layer.target.name.clone(),
+                ..row
+            })
+            .collect();
     }
     let mut out: Vec<report::LayerReport> = Vec::new();
     for (i, layer) in source.layers.iter().enumerate() {
