@@ -335,3 +335,117 @@ fn convert_json_names_every_layer_by_its_source() {
         assert_eq!(got, want, "{case} --to {to}");
     }
 }
+
+/// A ComfyUI-saved LyCORIS file (`diffusion_model.` + original names, no metadata) with an
+/// output-side rotation of the whole fused qkv whose blocks each lie in q, k or v: bakes into
+/// the diffusers base tensor by tensor, as the split adapter it equals does. Blocks across
+/// the q/k boundary are refused naming the tensors; a split layer that does not fit its rows
+/// of the fused weight is named with those rows.
+#[test]
+fn an_output_side_fused_layer_bakes_into_split_tensors_when_its_blocks_allow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = raw(&dit("flux1-lyco-oft-original/adapter.safetensors"));
+    let mut blocks = Vec::new();
+    for p in ["to_q", "to_k", "to_v"] {
+        let (_, shape, b) = &src[&format!("lycoris_transformer_blocks_0_attn_{p}.oft_blocks")];
+        assert_eq!(shape, &[4, 4, 4]);
+        blocks.extend_from_slice(b);
+    }
+    let alpha = src["lycoris_transformer_blocks_0_attn_to_q.alpha"].clone();
+    let fused = "diffusion_model.double_blocks.0.img_attn.qkv";
+    let mut a = Raw::new();
+    a.insert(
+        format!("{fused}.oft_blocks"),
+        (Dtype::F32, vec![12, 4, 4], blocks),
+    );
+    a.insert(format!("{fused}.alpha"), alpha.clone());
+    let adapter = tmp.path().join("comfy-saved.safetensors");
+    write_raw(&adapter, &a);
+    for (case, keys) in [
+        (
+            "flux1-lyco-oft-diffusers",
+            vec![
+                "transformer_blocks.0.attn.to_q.weight",
+                "transformer_blocks.0.attn.to_k.weight",
+                "transformer_blocks.0.attn.to_v.weight",
+            ],
+        ),
+        (
+            "flux1-lyco-oft-original",
+            vec!["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"],
+        ),
+    ] {
+        let base = dit(case).join("base.safetensors");
+        let out = tmp.path().join(format!("{case}.safetensors"));
+        ok(&oftool(&[
+            "merge".as_ref(),
+            base.as_os_str(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ]));
+        let merged = dit(case).join("merged.safetensors");
+        for key in keys {
+            let (w, _, dtype) = tensor(&merged, key);
+            let (g, _, _) = tensor(&out, key);
+            assert!(worst(&g, &w, dtype).0 <= 1.0, "{case}: {key}");
+        }
+        let v = oftool(&[
+            "validate".as_ref(),
+            "--base".as_ref(),
+            base.as_os_str(),
+            adapter.as_os_str(),
+        ]);
+        ok(&v);
+    }
+    // Blocks of 12 on 48 rows: the second holds rows of q and k.
+    a.insert(
+        format!("{fused}.oft_blocks"),
+        (Dtype::F32, vec![4, 12, 12], vec![0; 4 * 144 * 4]),
+    );
+    write_raw(&adapter, &a);
+    let out = tmp.path().join("refused.safetensors");
+    let base = dit("flux1-lyco-oft-diffusers/base.safetensors");
+    let o = oftool(&[
+        "merge".as_ref(),
+        base.as_os_str(),
+        adapter.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("error[target-shape]")
+            && err.contains("its blocks mix rows of different tensors")
+            && err.contains("transformer_blocks.0.attn.to_k.weight"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // A diffusers-named split (to_q: 3 blocks of 5 = 15 rows) on the original base's 16 q rows.
+    let mut s = Raw::new();
+    let q = "lycoris_transformer_blocks_0_attn_to_q";
+    s.insert(
+        format!("{q}.oft_blocks"),
+        (Dtype::F32, vec![3, 5, 5], vec![0; 75 * 4]),
+    );
+    s.insert(format!("{q}.alpha"), alpha);
+    write_raw(&adapter, &s);
+    let base = dit("flux1-lyco-oft-original/base.safetensors");
+    let o = oftool(&[
+        "merge".as_ref(),
+        base.as_os_str(),
+        adapter.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "rotates 3 × 5 = 15 output features, but rows 0..16 of \
+             `model.diffusion_model.double_blocks.0.img_attn.qkv.weight` have shape [16, 16]"
+        ),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
