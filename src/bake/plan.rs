@@ -188,13 +188,35 @@ fn place<'a>(
     if let Some((category, _)) = problems.first() {
         let text: Vec<&str> = problems.iter().map(|(_, m)| m.as_str()).collect();
         let e = Error::new(*category, format!("cannot bake: {}", text.join("; ")));
-        return Err(if missing.is_empty() || opts.skip_missing {
+        return Err(if let Some(why) = other_family(base, inputs) {
+            e.hint(why)
+        } else if missing.is_empty() || opts.skip_missing {
             e
         } else {
             e.hint("--skip-missing bakes the layers that resolve and lists the others")
         });
     }
     Ok((placements, missing))
+}
+
+/// Where an adapter's names belong to diffusion-transformer families the base is not (a FLUX.1
+/// adapter on an SD3.5 base: both name `transformer_blocks.N.attn.to_q`, so layers resolve and
+/// then fail on shapes), what to say instead of `--skip-missing`, which cannot help.
+fn other_family(base: &Base, inputs: &[BakeInput]) -> Option<String> {
+    let have = base.dit()?.family;
+    inputs.iter().find_map(|input| {
+        let names = input.adapter.layers.iter().map(|l| l.target.name.as_str());
+        let fams = crate::resolve::dit::expected(names)?.families;
+        if fams.is_empty() || fams.iter().any(|f| f.id == have.id) {
+            return None;
+        }
+        let theirs: Vec<&str> = fams.iter().map(|f| f.name).collect();
+        let theirs = theirs.join(" / ");
+        Some(format!(
+            "the module names of {} are {theirs}'s, the base is {}: bake it into a {theirs} base",
+            input.label, have.name
+        ))
+    })
 }
 
 /// Check the base-binding hash of every bound layer.
