@@ -449,3 +449,40 @@ fn an_output_side_fused_layer_bakes_into_split_tensors_when_its_blocks_allow() {
     );
     assert!(!out.exists());
 }
+
+/// `convert -o .oft --base` binds each layer to one tensor: OneTrainer's COMFY rotation of a
+/// fused qkv on a diffusers base becomes the q, k, v layers it is there, bound and baked as
+/// the adapter itself bakes.
+#[test]
+fn a_fused_adapter_binds_to_a_diffusers_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = dit("flux1-onetrainer-comfy-diffusers");
+    let base = case.join("base.safetensors");
+    let oft = tmp.path().join("bound.oft");
+    ok(&oftool(&[
+        "convert".as_ref(),
+        case.join("adapter.safetensors").as_os_str(),
+        "-o".as_ref(),
+        oft.as_os_str(),
+        "--base".as_ref(),
+        base.as_os_str(),
+    ]));
+    let out = tmp.path().join("out.safetensors");
+    ok(&oftool(&[
+        "merge".as_ref(),
+        base.as_os_str(),
+        oft.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]));
+    same_weights(&out, &case.join("merged.safetensors"), "");
+    let i = oftool(&["inspect".as_ref(), "--json".as_ref(), oft.as_os_str()]);
+    let i: serde_json::Value = serde_json::from_slice(&i.stdout).unwrap();
+    let layers = i["layers"].as_array().unwrap();
+    assert!(layers.iter().all(|l| l["base_binding"] == true), "{i}");
+    assert!(
+        layers
+            .iter()
+            .any(|l| l["target"] == "transformer_blocks.0.attn.to_k")
+    );
+}
