@@ -207,7 +207,18 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     refuse_overwriting_input(output, &inputs)?;
     let (found, mut adapter) = layouts::read(input)?;
     if let Some(b) = base {
-        bind(&mut adapter, &Base::open(b)?)?;
+        let base = Base::open(b)?;
+        // A binding names one tensor: on a diffusers base, an input-side rotation of a fused
+        // module (OneTrainer's COMFY names) becomes its split modules' layers first, as
+        // `merge` applies it.
+        use crate::resolve::dit::BaseLayout;
+        if base
+            .dit()
+            .is_some_and(|d| d.layout == BaseLayout::Diffusers)
+        {
+            adapter = layouts::fused::retarget(&adapter, BaseLayout::Diffusers).adapter;
+        }
+        bind(&mut adapter, &base)?;
     }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
