@@ -226,9 +226,11 @@ fn compose_of_fused_and_split_adapters_bakes_like_both_in_turn() {
     let tmp = tempfile::tempdir().unwrap();
     let a = dit("flux1-onetrainer-comfy-original/adapter.safetensors");
     let b = dit("flux1-peft-oft-original/adapter");
-    for base in [
-        dit("flux1-onetrainer-comfy-original/base.safetensors"),
-        dit("flux1-peft-oft-diffusers/base.safetensors"),
+    // Stacked: the 6 fused qkv / linear1 and the final adaLN; split, their 18 q/k/v, 2
+    // proj_mlp and norm_out.
+    for (base, stacked) in [
+        (dit("flux1-onetrainer-comfy-original/base.safetensors"), 7),
+        (dit("flux1-peft-oft-diffusers/base.safetensors"), 21),
     ] {
         let ab = tmp.path().join("ab.oft");
         let [composed, in_turn] = ["c", "t"].map(|x| tmp.path().join(format!("{x}.safetensors")));
@@ -243,8 +245,11 @@ fn compose_of_fused_and_split_adapters_bakes_like_both_in_turn() {
             ab.as_os_str(),
             "--base".as_ref(),
             base.as_os_str(),
+            "--json".as_ref(),
         ]);
         ok(&compose);
+        let summary: serde_json::Value = serde_json::from_slice(&compose.stdout).unwrap();
+        assert_eq!(summary["stacked_targets"], stacked, "{}", base.display());
         ok(&oftool(&[
             "merge".as_ref(),
             base.as_os_str(),
