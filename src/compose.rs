@@ -341,8 +341,27 @@ fn collapse_pair(a: &Stage, b: &Stage, side: Side) -> std::result::Result<(Stage
     Ok((Stage::cayley(blocks as u64, big as u64, q), change))
 }
 
-/// How many targets have more than one layer (stacked).
-pub fn stacked_targets(adapter: &Adapter) -> usize {
+/// How many targets have more than one layer (stacked): with a base, the tensors on common
+/// rows of which several layers act (whatever names they use); without, the names.
+pub fn stacked_targets(adapter: &Adapter, base: Option<&Base>) -> usize {
+    if base.is_some() {
+        let mut on: HashMap<(usize, String), Vec<(usize, crate::base::RowSlice)>> = HashMap::new();
+        for (i, l) in adapter.layers.iter().enumerate() {
+            for loc in landing(l, base) {
+                on.entry((loc.file, loc.key))
+                    .or_default()
+                    .push((i, loc.rows));
+            }
+        }
+        return on
+            .values()
+            .filter(|v| {
+                v.iter()
+                    .enumerate()
+                    .any(|(n, (i, a))| v[n + 1..].iter().any(|(j, b)| i != j && a.overlaps(b)))
+            })
+            .count();
+    }
     let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
     for l in &adapter.layers {
         *seen
@@ -388,7 +407,7 @@ pub fn run(
         output: out.display().to_string(),
         layers: adapter.layers.len(),
         stages: adapter.layers.iter().map(|l| l.stages.len()).sum(),
-        stacked_targets: stacked_targets(&adapter),
+        stacked_targets: stacked_targets(&adapter, base.as_ref()),
         collapse: collapse_report,
     })
 }
