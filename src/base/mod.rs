@@ -254,8 +254,9 @@ type PerTensor<'a> = (&'a str, Vec<Range<usize>>, Vec<Range<usize>>);
 /// What a layer's name resolves to, before it becomes an error.
 pub(crate) enum Lookup {
     Found(Located),
-    /// Input-side rows of several tensors (a fused module on a split base): one location each,
-    /// with the layer rows it takes (`Located::part`).
+    /// Rows of several tensors (a fused module on a split base; on the output side only when
+    /// each block lies in one tensor): one location each, with the layer rows it takes
+    /// (`Located::part`).
     Split(Vec<Located>),
     Missing,
     /// The keys it could mean.
