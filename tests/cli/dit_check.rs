@@ -403,6 +403,23 @@ fn an_output_side_fused_layer_bakes_into_split_tensors_when_its_blocks_allow() {
         ]);
         ok(&v);
     }
+    // A binding names one tensor: `convert --base` on the split base says what works instead.
+    let oft = tmp.path().join("bound.oft");
+    let o = oftool(&[
+        "convert".as_ref(),
+        adapter.as_os_str(),
+        "-o".as_ref(),
+        oft.as_os_str(),
+        "--base".as_ref(),
+        dit("flux1-lyco-oft-diffusers/base.safetensors").as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("spans several tensors") && err.contains("hint: convert without --base"),
+        "{err}"
+    );
+    assert!(!oft.exists());
     // Blocks of 12 on 48 rows: the second holds rows of q and k.
     a.insert(
         format!("{fused}.oft_blocks"),
