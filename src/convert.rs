@@ -105,10 +105,12 @@ pub fn creation_time(inputs: &[&Path]) -> String {
 /// `base` (dtype, full shape, blake3 of its bytes).
 pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
     let mut problems = Vec::new();
+    let mut spans = false;
     for layer in &mut adapter.layers {
         let loc = match base.lookup(layer) {
             Lookup::Found(loc) => loc,
             Lookup::Split(locs) => {
+                spans = true;
                 problems.push(format!(
                     "`{}` spans several tensors ({}): a binding names one",
                     layer.target.name,
@@ -176,17 +178,24 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
         layer.base_binding = Some(base.binding(&loc)?);
     }
     if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::new(
-            Category::TargetShape,
-            format!(
-                "cannot bind to {}: {}",
-                base.path().display(),
-                problems.join("; ")
-            ),
-        ))
+        return Ok(());
     }
+    let e = Error::new(
+        Category::TargetShape,
+        format!(
+            "cannot bind to {}: {}",
+            base.path().display(),
+            problems.join("; ")
+        ),
+    );
+    Err(if spans {
+        e.hint(
+            "convert without --base (the file is then unbound); merge and validate --base still \
+             place it on these tensors",
+        )
+    } else {
+        e
+    })
 }
 
 /// The naming convention of a base key used as a target name: ldm/sgm for the original
