@@ -5,7 +5,7 @@
 //! layers are stacked, which the `stacked-layers` feature (format 1.1) allows. `--collapse`
 //! multiplies consecutive Cayley stages with nesting partitions into one stage.
 
-use crate::base::Base;
+use crate::base::{Base, Located, Lookup};
 use crate::error::{Category, Error, Result};
 use crate::model::*;
 use crate::rotation::{cayley, inverse_cayley, pack_upper, unpack_skew};
@@ -75,6 +75,23 @@ fn match_key(layer: &Layer, base: Option<&Base>) -> String {
         layer.target.component.as_deref().unwrap_or(""),
         rows_key(layer)
     )
+}
+
+/// Every base tensor (and its rows) a layer lands on; empty without a base or a fit.
+fn landing(layer: &Layer, base: Option<&Base>) -> Vec<Located> {
+    match base.map(|b| b.lookup(layer)) {
+        Some(Lookup::Found(loc)) => vec![loc],
+        Some(Lookup::Split(locs)) => locs,
+        _ => Vec::new(),
+    }
+}
+
+/// Whether two layers' landings share rows of one base tensor.
+fn shares_rows(a: &[Located], b: &[Located]) -> bool {
+    a.iter().any(|x| {
+        b.iter()
+            .any(|y| x.file == y.file && x.key == y.key && x.rows.overlaps(&y.rows))
+    })
 }
 
 /// The rows a layer covers of its named weight, as part of a matching key (`""`: all).
@@ -154,6 +171,8 @@ pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Base>) -> Result<Adapter
     let mut stacked = false;
     let mut namings = std::collections::BTreeSet::new();
     let mut record = Vec::new();
+    // Where each layer of `layers` lands in the base (empty without one, or if it lands nowhere).
+    let mut spots: Vec<Vec<Located>> = Vec::new();
     for (order, input) in inputs.into_iter().enumerate() {
         record.push(serde_json::json!({
             "order": order,
@@ -178,13 +197,18 @@ pub fn compose(inputs: Vec<ComposeInput>, base: Option<&Base>) -> Result<Adapter
                 .hint("bake it with `merge` (or `unmerge`) instead"));
             }
             let key = match_key(&layer, base);
+            let here = landing(&layer, base);
+            // A layer after `i` on common rows (a fused layer and a split one of another
+            // producer, or adaLN rows in another order) must keep applying between them.
+            let between = |i: usize| spots.iter().skip(i + 1).any(|s| shares_rows(s, &here));
             match last.get(&key) {
-                Some(&i) if try_extend(&mut layers[i], &layer) => {}
+                Some(&i) if !between(i) && try_extend(&mut layers[i], &layer) => {}
                 seen => {
-                    stacked |= seen.is_some();
+                    stacked |= seen.is_some() || spots.iter().any(|s| shares_rows(s, &here));
                     last.insert(key, layers.len());
                     namings.insert((order, naming(&layer)));
                     layers.push(layer);
+                    spots.push(here);
                 }
             }
         }
@@ -317,8 +341,27 @@ fn collapse_pair(a: &Stage, b: &Stage, side: Side) -> std::result::Result<(Stage
     Ok((Stage::cayley(blocks as u64, big as u64, q), change))
 }
 
-/// How many targets have more than one layer (stacked).
-pub fn stacked_targets(adapter: &Adapter) -> usize {
+/// How many targets have more than one layer (stacked): with a base, the tensors on common
+/// rows of which several layers act (whatever names they use); without, the names.
+pub fn stacked_targets(adapter: &Adapter, base: Option<&Base>) -> usize {
+    if base.is_some() {
+        let mut on: HashMap<(usize, String), Vec<(usize, crate::base::RowSlice)>> = HashMap::new();
+        for (i, l) in adapter.layers.iter().enumerate() {
+            for loc in landing(l, base) {
+                on.entry((loc.file, loc.key))
+                    .or_default()
+                    .push((i, loc.rows));
+            }
+        }
+        return on
+            .values()
+            .filter(|v| {
+                v.iter()
+                    .enumerate()
+                    .any(|(n, (i, a))| v[n + 1..].iter().any(|(j, b)| i != j && a.overlaps(b)))
+            })
+            .count();
+    }
     let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
     for l in &adapter.layers {
         *seen
@@ -364,7 +407,7 @@ pub fn run(
         output: out.display().to_string(),
         layers: adapter.layers.len(),
         stages: adapter.layers.iter().map(|l| l.stages.len()).sum(),
-        stacked_targets: stacked_targets(&adapter),
+        stacked_targets: stacked_targets(&adapter, base.as_ref()),
         collapse: collapse_report,
     })
 }

@@ -105,10 +105,12 @@ pub fn creation_time(inputs: &[&Path]) -> String {
 /// `base` (dtype, full shape, blake3 of its bytes).
 pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
     let mut problems = Vec::new();
+    let mut spans = false;
     for layer in &mut adapter.layers {
         let loc = match base.lookup(layer) {
             Lookup::Found(loc) => loc,
             Lookup::Split(locs) => {
+                spans = true;
                 problems.push(format!(
                     "`{}` spans several tensors ({}): a binding names one",
                     layer.target.name,
@@ -176,17 +178,24 @@ pub fn bind(adapter: &mut crate::model::Adapter, base: &Base) -> Result<()> {
         layer.base_binding = Some(base.binding(&loc)?);
     }
     if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::new(
-            Category::TargetShape,
-            format!(
-                "cannot bind to {}: {}",
-                base.path().display(),
-                problems.join("; ")
-            ),
-        ))
+        return Ok(());
     }
+    let e = Error::new(
+        Category::TargetShape,
+        format!(
+            "cannot bind to {}: {}",
+            base.path().display(),
+            problems.join("; ")
+        ),
+    );
+    Err(if spans {
+        e.hint(
+            "convert without --base (the file is then unbound); merge and validate --base still \
+             place it on these tensors",
+        )
+    } else {
+        e
+    })
 }
 
 /// The naming convention of a base key used as a target name: ldm/sgm for the original
@@ -207,7 +216,18 @@ pub fn run(input: &Path, output: &Path, base: Option<&Path>) -> Result<ConvertSu
     refuse_overwriting_input(output, &inputs)?;
     let (found, mut adapter) = layouts::read(input)?;
     if let Some(b) = base {
-        bind(&mut adapter, &Base::open(b)?)?;
+        let base = Base::open(b)?;
+        // A binding names one tensor: on a diffusers base, an input-side rotation of a fused
+        // module (OneTrainer's COMFY names) becomes its split modules' layers first, as
+        // `merge` applies it.
+        use crate::resolve::dit::BaseLayout;
+        if base
+            .dit()
+            .is_some_and(|d| d.layout == BaseLayout::Diffusers)
+        {
+            adapter = layouts::fused::retarget(&adapter, BaseLayout::Diffusers).adapter;
+        }
+        bind(&mut adapter, &base)?;
     }
     let problems = check_adapter(&adapter);
     if let Some(p) = problems.first() {
@@ -530,7 +550,16 @@ fn fold_reports(
     let identity = origin.len() == source.layers.len()
         && origin.iter().enumerate().all(|(i, o)| o.as_slice() == [i]);
     if identity && refused.is_empty() {
-        return rows;
+        // Writers may have renamed a layer (a row slice to its split module): the row still
+        // names the source layer, the written name is in `written_as`.
+        return rows
+            .into_iter()
+            .zip(&source.layers)
+            .map(|(row, layer)| report::LayerReport {
+                layer: layer.target.name.clone(),
+                ..row
+            })
+            .collect();
     }
     let mut out: Vec<report::LayerReport> = Vec::new();
     for (i, layer) in source.layers.iter().enumerate() {

@@ -79,6 +79,8 @@ fn place<'a>(
     let mut placements = Vec::new();
     let mut missing = Vec::new();
     let mut problems: Vec<(Category, String)> = Vec::new();
+    // Targeted tensors of a dtype that cannot be rotated, by dtype.
+    let mut unrotatable: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for input in inputs {
         let label = &input.label;
         let first = placements.len();
@@ -107,6 +109,13 @@ fn place<'a>(
                 }
             };
             for (n, loc) in locs.into_iter().enumerate() {
+                if !rotatable(loc.dtype) {
+                    let keys = unrotatable.entry(format!("{:?}", loc.dtype)).or_default();
+                    if !keys.contains(&loc.key) {
+                        keys.push(loc.key.clone());
+                    }
+                    continue;
+                }
                 let layer = part_layer(layer, &loc);
                 let unfit = check_shape(&layer, &loc);
                 if !unfit.is_empty() {
@@ -144,6 +153,28 @@ fn place<'a>(
             ));
         }
     }
+    // A quantized checkpoint (FLUX fp8 downloads: F8_E4M3) fails on every layer alike: one
+    // refusal per dtype, not one line per layer.
+    if let Some((dtype, keys)) = unrotatable.iter().next() {
+        let shown: Vec<String> = keys.iter().take(3).map(|k| format!("`{k}`")).collect();
+        let more = match keys.len().saturating_sub(shown.len()) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        return Err(Error::new(
+            Category::Unsupported,
+            format!(
+                "cannot bake: the base stores {} targeted weight(s) as {dtype} ({}{more}); only \
+                 F64, F32, F16 and BF16 weights can be rotated",
+                keys.len(),
+                shown.join(", ")
+            ),
+        )
+        .hint(
+            "oftool does not re-quantize: bake into the model's BF16, F16 or F32 release and \
+             quantize the result with the tool that made the quantized file",
+        ));
+    }
     if !missing.is_empty() && !opts.skip_missing {
         problems.push((
             Category::TargetMissing,
@@ -157,13 +188,35 @@ fn place<'a>(
     if let Some((category, _)) = problems.first() {
         let text: Vec<&str> = problems.iter().map(|(_, m)| m.as_str()).collect();
         let e = Error::new(*category, format!("cannot bake: {}", text.join("; ")));
-        return Err(if missing.is_empty() || opts.skip_missing {
+        return Err(if let Some(why) = other_family(base, inputs) {
+            e.hint(why)
+        } else if missing.is_empty() || opts.skip_missing {
             e
         } else {
             e.hint("--skip-missing bakes the layers that resolve and lists the others")
         });
     }
     Ok((placements, missing))
+}
+
+/// Where an adapter's names belong to diffusion-transformer families the base is not (a FLUX.1
+/// adapter on an SD3.5 base: both name `transformer_blocks.N.attn.to_q`, so layers resolve and
+/// then fail on shapes), what to say instead of `--skip-missing`, which cannot help.
+fn other_family(base: &Base, inputs: &[BakeInput]) -> Option<String> {
+    let have = base.dit()?.family;
+    inputs.iter().find_map(|input| {
+        let names = input.adapter.layers.iter().map(|l| l.target.name.as_str());
+        let fams = crate::resolve::dit::expected(names)?.families;
+        if fams.is_empty() || fams.iter().any(|f| f.id == have.id) {
+            return None;
+        }
+        let theirs: Vec<&str> = fams.iter().map(|f| f.name).collect();
+        let theirs = theirs.join(" / ");
+        Some(format!(
+            "the module names of {} are {theirs}'s, the base is {}: bake it into a {theirs} base",
+            input.label, have.name
+        ))
+    })
 }
 
 /// Check the base-binding hash of every bound layer.
@@ -186,4 +239,10 @@ fn check_bindings(base: &Base, placements: &[Placement<'_>]) -> Result<()> {
         )
         .hint("--force bakes anyway"))
     }
+}
+
+/// Whether a stored weight of this dtype can be rotated (read into floats and written back).
+fn rotatable(dtype: safetensors::Dtype) -> bool {
+    use safetensors::Dtype;
+    matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
 }

@@ -254,8 +254,9 @@ type PerTensor<'a> = (&'a str, Vec<Range<usize>>, Vec<Range<usize>>);
 /// What a layer's name resolves to, before it becomes an error.
 pub(crate) enum Lookup {
     Found(Located),
-    /// Input-side rows of several tensors (a fused module on a split base): one location each,
-    /// with the layer rows it takes (`Located::part`).
+    /// Rows of several tensors (a fused module on a split base; on the output side only when
+    /// each block lies in one tensor): one location each, with the layer rows it takes
+    /// (`Located::part`).
     Split(Vec<Located>),
     Missing,
     /// The keys it could mean.
@@ -519,7 +520,7 @@ impl Base {
                 None => per.push((key, vec![r], vec![part])),
             }
         }
-        if per.len() > 1 && layer.side == Side::Output {
+        if per.len() > 1 && layer.side == Side::Output && !blocks_within(layer, &per) {
             let keys: Vec<&str> = per.iter().map(|(k, _, _)| *k).collect();
             return Lookup::Unfit(format!(
                 "`{name}` rotates output rows that lie in several tensors ({}): its blocks mix \
@@ -704,14 +705,44 @@ impl Base {
 /// Bytes hashed per read when computing a binding.
 const HASH_PIECE: u64 = 4 << 20;
 
-/// `layer` as it applies at `loc`: itself, or, where it spans several tensors (an input-side
-/// fused module on a split base), the same rotation with its row scale cut to the layer rows
-/// this tensor takes ([`Located::part`]).
+/// Whether an output-side layer's blocks each lie in one of the tensors its rows are split
+/// over (`per`: the layer rows each takes): identity wiring, whole blocks, every part starting
+/// and ending on a block boundary of every stage. It then bakes tensor by tensor, each tensor
+/// rotated by the blocks on its rows.
+fn blocks_within(layer: &Layer, per: &[PerTensor<'_>]) -> bool {
+    layer.stages.iter().all(|s| {
+        let b = usize::try_from(s.spec.block_size).unwrap_or(0);
+        s.spec.wiring == crate::model::Wiring::Identity
+            && !s.spec.truncated
+            && b > 0
+            && per
+                .iter()
+                .flat_map(|(_, _, parts)| parts)
+                .all(|r| r.start % b == 0 && r.end % b == 0)
+    })
+}
+
+/// `layer` as it applies at `loc`: itself, or, where it spans several tensors (a fused module
+/// on a split base), the same rotation with its row scale cut to the layer rows this tensor
+/// takes ([`Located::part`]); on the output side also its blocks cut to those on these rows
+/// ([`Lookup`] splits an output-side layer only where each block lies in one tensor).
 pub fn part_layer<'a>(layer: &'a Layer, loc: &Located) -> std::borrow::Cow<'a, Layer> {
     let Some(part) = &loc.part else {
         return std::borrow::Cow::Borrowed(layer);
     };
     let mut l = layer.clone();
+    if l.side == Side::Output {
+        for st in &mut l.stages {
+            let b = usize::try_from(st.spec.block_size).unwrap_or(1).max(1);
+            let blocks: Vec<usize> = part.iter().flat_map(|r| r.start / b..r.end / b).collect();
+            if !st.spec.shared {
+                st.q = blocks.iter().flat_map(|&k| st.q_row(k).to_vec()).collect();
+            }
+            st.spec.blocks = Some(blocks.len() as u64);
+        }
+        let rows: usize = part.iter().map(|r| r.len()).sum();
+        l.target.rotated_dim = l.target.rotated_dim.map(|_| rows as u64);
+    }
     if let Some((_, scale)) = &mut l.row_scale {
         *scale = part
             .iter()
@@ -752,6 +783,12 @@ pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
         return out;
     }
     let covered = loc.covered_shape();
+    // A row slice (q of a fused qkv) is named with its rows: the tensor itself is larger.
+    let what = if loc.rows.is_whole(shape[0]) {
+        format!("`{key}` has shape")
+    } else {
+        format!("rows {} of `{key}` have shape", loc.rows)
+    };
     let rows = loc.rows.len() as u64;
     let axis = match layer.side {
         Side::Output => rows,
@@ -762,7 +799,7 @@ pub fn check_shape(layer: &Layer, loc: &Located) -> Vec<Error> {
         let n = r.checked_mul(b);
         if !s.fits_axis(axis) {
             out.push(problem(format!(
-                "shape mismatch: stage {j} rotates {r} × {b} = {} {} features, but `{key}` has shape {covered:?} ({axis} on that side)",
+                "shape mismatch: stage {j} rotates {r} × {b} = {} {} features, but {what} {covered:?} ({axis} on that side)",
                 n.map_or("more than 2^64".to_string(), |n| n.to_string()),
                 layer.side.as_str()
             )));
@@ -959,9 +996,21 @@ mod tests {
         assert_eq!(e.category(), Category::TargetShape);
         assert!(e.message().contains("rows 10..14 of a weight of 12 rows"));
         let mut out = layer("double_blocks.0.img_attn.qkv", Side::Output);
+        out.stages = vec![crate::model::Stage::cayley(1, 4, vec![0.1; 6])];
         out.target.rows = Some(vec![crate::model::RowRange { start: 2, len: 4 }]);
         let e = base.locate_all(&out).unwrap_err();
         assert!(e.message().contains("several tensors"), "{e}");
+        // Blocks that each lie in one tensor: split, each tensor rotated by its own blocks.
+        out.target.rows = None;
+        out.row_scale = None;
+        let q: Vec<f64> = (0..6).map(f64::from).collect();
+        out.stages = vec![crate::model::Stage::cayley(6, 2, q)];
+        let locs = base.locate_all(&out).unwrap();
+        assert_eq!(locs.len(), 3);
+        let k = part_layer(&out, &locs[1]);
+        assert_eq!(k.stages[0].spec.blocks, Some(2));
+        assert_eq!(k.stages[0].q, [2.0, 3.0]);
+        assert!(check_shape(&k, &locs[1]).is_empty());
     }
 
     #[test]

@@ -50,10 +50,23 @@ pub struct Family {
     pub id: &'static str,
     /// The family's name in messages.
     pub name: &'static str,
-    pub maps: &'static [Map],
+    /// The name table, in groups so that families sharing blocks (FLUX.1 and Chroma) share
+    /// one definition of them; read it through [`Family::maps`].
+    pub groups: &'static [&'static [Map]],
     /// Modules (in either layout) only this family has: one in a checkpoint or adapter decides
     /// the family; the layout is then the one whose templates match more.
     pub markers: &'static [&'static str],
+}
+
+impl Family {
+    /// Every module map of the family, in table order.
+    pub fn maps(&self) -> impl Iterator<Item = &'static Map> + Clone {
+        self.groups.iter().flat_map(|g| g.iter())
+    }
+
+    fn has_maps(&self) -> bool {
+        self.groups.iter().any(|g| !g.is_empty())
+    }
 }
 
 const fn m(original: &'static str, kind: Kind, diffusers: &'static [&'static str]) -> Map {
@@ -66,123 +79,144 @@ const fn m(original: &'static str, kind: Kind, diffusers: &'static [&'static str
 
 use Kind::*;
 
+/// FLUX.1's attention modules, which Chroma shares.
+const FLUX_ATTENTION: &[Map] = &[
+    m(
+        "double_blocks.{i}.img_attn.qkv",
+        Thirds,
+        &[
+            "transformer_blocks.{i}.attn.to_q",
+            "transformer_blocks.{i}.attn.to_k",
+            "transformer_blocks.{i}.attn.to_v",
+        ],
+    ),
+    m(
+        "double_blocks.{i}.txt_attn.qkv",
+        Thirds,
+        &[
+            "transformer_blocks.{i}.attn.add_q_proj",
+            "transformer_blocks.{i}.attn.add_k_proj",
+            "transformer_blocks.{i}.attn.add_v_proj",
+        ],
+    ),
+    m(
+        "double_blocks.{i}.img_attn.proj",
+        Rename,
+        &["transformer_blocks.{i}.attn.to_out.0"],
+    ),
+    m(
+        "double_blocks.{i}.txt_attn.proj",
+        Rename,
+        &["transformer_blocks.{i}.attn.to_add_out"],
+    ),
+];
+
+/// FLUX.1's MLPs and single-block Linears, which Chroma shares.
+const FLUX_MLP_AND_SINGLE: &[Map] = &[
+    m(
+        "double_blocks.{i}.img_mlp.0",
+        Rename,
+        &["transformer_blocks.{i}.ff.net.0.proj"],
+    ),
+    m(
+        "double_blocks.{i}.img_mlp.2",
+        Rename,
+        &["transformer_blocks.{i}.ff.net.2"],
+    ),
+    m(
+        "double_blocks.{i}.txt_mlp.0",
+        Rename,
+        &["transformer_blocks.{i}.ff_context.net.0.proj"],
+    ),
+    m(
+        "double_blocks.{i}.txt_mlp.2",
+        Rename,
+        &["transformer_blocks.{i}.ff_context.net.2"],
+    ),
+    m(
+        "single_blocks.{i}.linear1",
+        Linear1,
+        &[
+            "single_transformer_blocks.{i}.attn.to_q",
+            "single_transformer_blocks.{i}.attn.to_k",
+            "single_transformer_blocks.{i}.attn.to_v",
+            "single_transformer_blocks.{i}.proj_mlp",
+        ],
+    ),
+    m(
+        "single_blocks.{i}.linear2",
+        Rename,
+        &["single_transformer_blocks.{i}.proj_out"],
+    ),
+];
+
+/// FLUX.1's final projection and input embedders, which Chroma shares.
+const FLUX_PROJECTIONS: &[Map] = &[
+    m("final_layer.linear", Rename, &["proj_out"]),
+    m("img_in", Rename, &["x_embedder"]),
+    m("txt_in", Rename, &["context_embedder"]),
+];
+
 pub static FLUX1: Family = Family {
     id: "flux1",
     name: "FLUX.1",
     markers: &[],
-    maps: &[
-        m(
-            "double_blocks.{i}.img_attn.qkv",
-            Thirds,
-            &[
-                "transformer_blocks.{i}.attn.to_q",
-                "transformer_blocks.{i}.attn.to_k",
-                "transformer_blocks.{i}.attn.to_v",
-            ],
-        ),
-        m(
-            "double_blocks.{i}.txt_attn.qkv",
-            Thirds,
-            &[
-                "transformer_blocks.{i}.attn.add_q_proj",
-                "transformer_blocks.{i}.attn.add_k_proj",
-                "transformer_blocks.{i}.attn.add_v_proj",
-            ],
-        ),
-        m(
-            "double_blocks.{i}.img_attn.proj",
-            Rename,
-            &["transformer_blocks.{i}.attn.to_out.0"],
-        ),
-        m(
-            "double_blocks.{i}.txt_attn.proj",
-            Rename,
-            &["transformer_blocks.{i}.attn.to_add_out"],
-        ),
-        m(
-            "double_blocks.{i}.img_mod.lin",
-            Rename,
-            &["transformer_blocks.{i}.norm1.linear"],
-        ),
-        m(
-            "double_blocks.{i}.txt_mod.lin",
-            Rename,
-            &["transformer_blocks.{i}.norm1_context.linear"],
-        ),
-        m(
-            "double_blocks.{i}.img_mlp.0",
-            Rename,
-            &["transformer_blocks.{i}.ff.net.0.proj"],
-        ),
-        m(
-            "double_blocks.{i}.img_mlp.2",
-            Rename,
-            &["transformer_blocks.{i}.ff.net.2"],
-        ),
-        m(
-            "double_blocks.{i}.txt_mlp.0",
-            Rename,
-            &["transformer_blocks.{i}.ff_context.net.0.proj"],
-        ),
-        m(
-            "double_blocks.{i}.txt_mlp.2",
-            Rename,
-            &["transformer_blocks.{i}.ff_context.net.2"],
-        ),
-        m(
-            "single_blocks.{i}.linear1",
-            Linear1,
-            &[
-                "single_transformer_blocks.{i}.attn.to_q",
-                "single_transformer_blocks.{i}.attn.to_k",
-                "single_transformer_blocks.{i}.attn.to_v",
-                "single_transformer_blocks.{i}.proj_mlp",
-            ],
-        ),
-        m(
-            "single_blocks.{i}.linear2",
-            Rename,
-            &["single_transformer_blocks.{i}.proj_out"],
-        ),
-        m(
-            "single_blocks.{i}.modulation.lin",
-            Rename,
-            &["single_transformer_blocks.{i}.norm.linear"],
-        ),
-        m("final_layer.adaLN_modulation.1", Swap, &["norm_out.linear"]),
-        m("final_layer.linear", Rename, &["proj_out"]),
-        m("img_in", Rename, &["x_embedder"]),
-        m("txt_in", Rename, &["context_embedder"]),
-        m(
-            "time_in.in_layer",
-            Rename,
-            &["time_text_embed.timestep_embedder.linear_1"],
-        ),
-        m(
-            "time_in.out_layer",
-            Rename,
-            &["time_text_embed.timestep_embedder.linear_2"],
-        ),
-        m(
-            "vector_in.in_layer",
-            Rename,
-            &["time_text_embed.text_embedder.linear_1"],
-        ),
-        m(
-            "vector_in.out_layer",
-            Rename,
-            &["time_text_embed.text_embedder.linear_2"],
-        ),
-        m(
-            "guidance_in.in_layer",
-            Rename,
-            &["time_text_embed.guidance_embedder.linear_1"],
-        ),
-        m(
-            "guidance_in.out_layer",
-            Rename,
-            &["time_text_embed.guidance_embedder.linear_2"],
-        ),
+    groups: &[
+        FLUX_ATTENTION,
+        &[
+            m(
+                "double_blocks.{i}.img_mod.lin",
+                Rename,
+                &["transformer_blocks.{i}.norm1.linear"],
+            ),
+            m(
+                "double_blocks.{i}.txt_mod.lin",
+                Rename,
+                &["transformer_blocks.{i}.norm1_context.linear"],
+            ),
+        ],
+        FLUX_MLP_AND_SINGLE,
+        &[
+            m(
+                "single_blocks.{i}.modulation.lin",
+                Rename,
+                &["single_transformer_blocks.{i}.norm.linear"],
+            ),
+            m("final_layer.adaLN_modulation.1", Swap, &["norm_out.linear"]),
+        ],
+        FLUX_PROJECTIONS,
+        &[
+            m(
+                "time_in.in_layer",
+                Rename,
+                &["time_text_embed.timestep_embedder.linear_1"],
+            ),
+            m(
+                "time_in.out_layer",
+                Rename,
+                &["time_text_embed.timestep_embedder.linear_2"],
+            ),
+            m(
+                "vector_in.in_layer",
+                Rename,
+                &["time_text_embed.text_embedder.linear_1"],
+            ),
+            m(
+                "vector_in.out_layer",
+                Rename,
+                &["time_text_embed.text_embedder.linear_2"],
+            ),
+            m(
+                "guidance_in.in_layer",
+                Rename,
+                &["time_text_embed.guidance_embedder.linear_1"],
+            ),
+            m(
+                "guidance_in.out_layer",
+                Rename,
+                &["time_text_embed.guidance_embedder.linear_2"],
+            ),
+        ],
     ],
 };
 
@@ -190,7 +224,7 @@ pub static SD3: Family = Family {
     id: "sd3",
     name: "SD3/SD3.5",
     markers: &["pos_embed.proj"],
-    maps: &[
+    groups: &[&[
         m(
             "joint_blocks.{i}.x_block.attn.qkv",
             Thirds,
@@ -287,14 +321,14 @@ pub static SD3: Family = Family {
             Rename,
             &["time_text_embed.text_embedder.linear_2"],
         ),
-    ],
+    ]],
 };
 
 pub static HUNYUAN_VIDEO: Family = Family {
     id: "hunyuan-video",
     name: "HunyuanVideo",
     markers: &["context_embedder.token_refiner.refiner_blocks.{i}.attn.to_q"],
-    maps: &[
+    groups: &[&[
         m(
             "txt_in.individual_token_refiner.blocks.{i}.self_attn_qkv",
             Thirds,
@@ -460,7 +494,7 @@ pub static HUNYUAN_VIDEO: Family = Family {
             Rename,
             &["time_text_embed.guidance_embedder.linear_2"],
         ),
-    ],
+    ]],
 };
 
 /// Qwen-Image: the same module names in the diffusers and ComfyUI layouts.
@@ -472,7 +506,7 @@ pub static QWEN_IMAGE: Family = Family {
         "transformer_blocks.{i}.txt_mod.1",
         "transformer_blocks.{i}.img_mlp.net.0.proj",
     ],
-    maps: &[],
+    groups: &[],
 };
 
 /// Wan 2.x (names only: no fused tensors; no fixture yet). From diffusers'
@@ -481,7 +515,7 @@ pub static WAN: Family = Family {
     id: "wan",
     name: "Wan 2.x",
     markers: &["blocks.{i}.attn1.to_q", "blocks.{i}.ffn.net.0.proj"],
-    maps: &[
+    groups: &[&[
         m("blocks.{i}.self_attn.q", Rename, &["blocks.{i}.attn1.to_q"]),
         m("blocks.{i}.self_attn.k", Rename, &["blocks.{i}.attn1.to_k"]),
         m("blocks.{i}.self_attn.v", Rename, &["blocks.{i}.attn1.to_v"]),
@@ -559,7 +593,7 @@ pub static WAN: Family = Family {
             &["condition_embedder.image_embedder.ff.net.2"],
         ),
         m("patch_embedding", Rename, &["patch_embedding"]),
-    ],
+    ]],
 };
 
 /// FLUX.2 (`Flux2Transformer2DModel`): FLUX.1's double and single blocks, but the modulation is
@@ -580,7 +614,7 @@ pub static FLUX2: Family = Family {
         "single_transformer_blocks.{i}.attn.to_qkv_mlp_proj",
         "transformer_blocks.{i}.ff.linear_in",
     ],
-    maps: &[
+    groups: &[&[
         m(
             "double_blocks.{i}.img_attn.qkv",
             Thirds,
@@ -678,7 +712,7 @@ pub static FLUX2: Family = Family {
             Rename,
             &["time_guidance_embed.guidance_embedder.linear_2"],
         ),
-    ],
+    ]],
 };
 
 /// Chroma (`ChromaTransformer2DModel`): FLUX.1's blocks without any modulation Linear (no
@@ -694,83 +728,22 @@ pub static CHROMA: Family = Family {
         "distilled_guidance_layer.layers.{i}.in_layer",
         "distilled_guidance_layer.in_proj",
     ],
-    maps: &[
-        m(
-            "double_blocks.{i}.img_attn.qkv",
-            Thirds,
-            &[
-                "transformer_blocks.{i}.attn.to_q",
-                "transformer_blocks.{i}.attn.to_k",
-                "transformer_blocks.{i}.attn.to_v",
-            ],
-        ),
-        m(
-            "double_blocks.{i}.txt_attn.qkv",
-            Thirds,
-            &[
-                "transformer_blocks.{i}.attn.add_q_proj",
-                "transformer_blocks.{i}.attn.add_k_proj",
-                "transformer_blocks.{i}.attn.add_v_proj",
-            ],
-        ),
-        m(
-            "double_blocks.{i}.img_attn.proj",
-            Rename,
-            &["transformer_blocks.{i}.attn.to_out.0"],
-        ),
-        m(
-            "double_blocks.{i}.txt_attn.proj",
-            Rename,
-            &["transformer_blocks.{i}.attn.to_add_out"],
-        ),
-        m(
-            "double_blocks.{i}.img_mlp.0",
-            Rename,
-            &["transformer_blocks.{i}.ff.net.0.proj"],
-        ),
-        m(
-            "double_blocks.{i}.img_mlp.2",
-            Rename,
-            &["transformer_blocks.{i}.ff.net.2"],
-        ),
-        m(
-            "double_blocks.{i}.txt_mlp.0",
-            Rename,
-            &["transformer_blocks.{i}.ff_context.net.0.proj"],
-        ),
-        m(
-            "double_blocks.{i}.txt_mlp.2",
-            Rename,
-            &["transformer_blocks.{i}.ff_context.net.2"],
-        ),
-        m(
-            "single_blocks.{i}.linear1",
-            Linear1,
-            &[
-                "single_transformer_blocks.{i}.attn.to_q",
-                "single_transformer_blocks.{i}.attn.to_k",
-                "single_transformer_blocks.{i}.attn.to_v",
-                "single_transformer_blocks.{i}.proj_mlp",
-            ],
-        ),
-        m(
-            "single_blocks.{i}.linear2",
-            Rename,
-            &["single_transformer_blocks.{i}.proj_out"],
-        ),
-        m("final_layer.linear", Rename, &["proj_out"]),
-        m("img_in", Rename, &["x_embedder"]),
-        m("txt_in", Rename, &["context_embedder"]),
-        m(
-            "distilled_guidance_layer.layers.{i}.in_layer",
-            Rename,
-            &["distilled_guidance_layer.layers.{i}.linear_1"],
-        ),
-        m(
-            "distilled_guidance_layer.layers.{i}.out_layer",
-            Rename,
-            &["distilled_guidance_layer.layers.{i}.linear_2"],
-        ),
+    groups: &[
+        FLUX_ATTENTION,
+        FLUX_MLP_AND_SINGLE,
+        FLUX_PROJECTIONS,
+        &[
+            m(
+                "distilled_guidance_layer.layers.{i}.in_layer",
+                Rename,
+                &["distilled_guidance_layer.layers.{i}.linear_1"],
+            ),
+            m(
+                "distilled_guidance_layer.layers.{i}.out_layer",
+                Rename,
+                &["distilled_guidance_layer.layers.{i}.linear_2"],
+            ),
+        ],
     ],
 };
 
@@ -784,7 +757,7 @@ pub static Z_IMAGE: Family = Family {
     id: "z-image",
     name: "Z-Image",
     markers: &["all_x_embedder.2-1", "all_final_layer.2-1.linear"],
-    maps: &[
+    groups: &[&[
         m(
             "layers.{i}.attention.qkv",
             Thirds,
@@ -838,7 +811,7 @@ pub static Z_IMAGE: Family = Family {
             Rename,
             &["all_final_layer.2-1.adaLN_modulation.1"],
         ),
-    ],
+    ]],
 };
 
 /// HiDream-I1 (`HiDreamImageTransformer2DModel`): the same module names in the diffusers and
@@ -854,7 +827,7 @@ pub static HIDREAM: Family = Family {
         "double_stream_blocks.{i}.block.ff_i.shared_experts.w1",
         "single_stream_blocks.{i}.block.ff_i.shared_experts.w1",
     ],
-    maps: &[],
+    groups: &[],
 };
 
 /// Every family, in detection order (a tie goes to the earlier one).
@@ -928,8 +901,7 @@ pub fn detect<'a>(modules: impl Iterator<Item = &'a str>) -> Option<Detected> {
     let tops: Vec<&str> = FAMILIES
         .iter()
         .flat_map(|f| {
-            f.maps
-                .iter()
+            f.maps()
                 .flat_map(|m| std::iter::once(m.original).chain(m.diffusers.iter().copied()))
                 .chain(f.markers.iter().copied())
         })
@@ -1096,7 +1068,7 @@ pub fn expected<'a>(names: impl Iterator<Item = &'a str>) -> Option<Expected> {
 /// The module templates of a family in one layout (markers count for both layouts when a family
 /// keeps the diffusers names; other families' markers are among their maps' templates).
 fn templates(family: &'static Family, layout: BaseLayout) -> impl Iterator<Item = &'static str> {
-    let maps = family.maps.iter().flat_map(move |m| match layout {
+    let maps = family.maps().flat_map(move |m| match layout {
         BaseLayout::Original => std::slice::from_ref(&m.original).iter().copied(),
         BaseLayout::Diffusers => m.diffusers.iter().copied(),
     });
@@ -1104,7 +1076,7 @@ fn templates(family: &'static Family, layout: BaseLayout) -> impl Iterator<Item 
         .markers
         .iter()
         .copied()
-        .filter(move |_| family.maps.is_empty());
+        .filter(move |_| !family.has_maps());
     maps.chain(markers)
 }
 
@@ -1250,7 +1222,7 @@ pub fn place_as(name: &str, families: &[&'static Family], layout: BaseLayout) ->
     };
     if layout == BaseLayout::Original {
         for family in &families {
-            for map in family.maps {
+            for map in family.maps() {
                 if let Some(index) = hit(map.original) {
                     return Some(Place {
                         map,
@@ -1263,7 +1235,7 @@ pub fn place_as(name: &str, families: &[&'static Family], layout: BaseLayout) ->
         return None;
     }
     for family in &families {
-        for map in family.maps {
+        for map in family.maps() {
             for (j, t) in map.diffusers.iter().enumerate() {
                 if let Some(index) = hit(t) {
                     return Some(Place {
@@ -1349,7 +1321,7 @@ mod tests {
 
     #[test]
     fn parts_of_fused_tensors() {
-        let linear1 = &FLUX1.maps[10];
+        let linear1 = FLUX1.maps().nth(10).unwrap();
         assert_eq!(linear1.kind, Linear1);
         let p = original_parts(linear1, 112, 16).unwrap();
         assert_eq!(p[3], (3, 48..112, 0..64));

@@ -494,7 +494,7 @@ impl AliasTable {
             );
             self.add_dit_module(module, &key, &Rows::Whole);
         }
-        for map in d.family.maps {
+        for map in d.family.maps() {
             match d.layout {
                 dit::BaseLayout::Original => {
                     for (&module, &i) in &under {

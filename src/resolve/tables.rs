@@ -86,7 +86,7 @@ fn dit_table(f: &Family) -> String {
             f.name, f.id
         ),
         "original\trows\tdiffusers",
-        f.maps.iter().map(|m| {
+        f.maps().map(|m| {
             format!(
                 "{}\t{}\t{}",
                 m.original,

@@ -174,6 +174,11 @@ fn another_familys_base_is_refused_naming_the_layers() {
         err.contains("target-missing") && err.contains("oft_unet_single_blocks_1_linear1"),
         "{err}"
     );
+    // Skipping the missing layers cannot make another family's adapter fit: the hint says so.
+    assert!(
+        err.contains("are FLUX.1's, the base is SD3/SD3.5: bake it into a FLUX.1 base"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 

@@ -16,6 +16,7 @@ mod conformance;
 mod convert;
 mod device;
 mod dit;
+mod dit_check;
 mod faults;
 mod fixtures;
 mod fuzz_corpus;
