@@ -64,9 +64,6 @@ const WRITEBACK_STEP: u64 = 64 << 20;
 const BYTES_IN_FLIGHT: u64 = 192 << 20;
 /// How far ahead of the reader the base is requested from disk (`POSIX_FADV_WILLNEED`).
 const READ_AHEAD: u64 = 256 << 20;
-/// Bytes of written tensors' buffers kept for the reader to read the next tensors into (see
-/// [`Buffers`]).
-const BUFFERS_KEPT: usize = 128 << 20;
 
 /// Write the baked base to `out` (a file for a single-file base, else a folder mirroring the
 /// base's, with its other files copied), atomically.
@@ -233,13 +230,11 @@ impl FileStream<'_, '_> {
         let reader_file = File::open(self.input).map_err(|e| Error::io(self.input, e))?;
         let budget = Budget::new(BYTES_IN_FLIGHT);
         let budget = &budget;
-        let buffers = Buffers::default();
-        let buffers = &buffers;
         std::thread::scope(|s| -> Result<(u64, usize)> {
             let (tx, rx) = sync_channel::<Piece>(WRITER_QUEUE);
             let writer = s.spawn(move || {
                 let _close = budget.closer();
-                self.write(rx, file, source, &header_bytes, budget, buffers)
+                self.write(rx, file, source, &header_bytes, budget)
             });
             let (wtx, wrx) = sync_channel(self.opts.in_flight.max(1));
             let (order, header) = (&order, &header);
@@ -251,7 +246,7 @@ impl FileStream<'_, '_> {
                     order,
                     header,
                     data_start,
-                    (budget, buffers),
+                    budget,
                 )
             });
             let computed = backend.run_stage(|| {
@@ -282,7 +277,7 @@ impl FileStream<'_, '_> {
         order: &'k [String],
         header: &safetensors::tensor::Metadata,
         data_start: u64,
-        (budget, buffers): (&Budget, &Buffers),
+        budget: &Budget,
     ) -> Result<()> {
         let mut pending: Option<(u64, u64)> = None;
         let mut ahead = ReadAhead::new(file);
@@ -314,13 +309,13 @@ impl FileStream<'_, '_> {
             {
                 return Ok(());
             }
-            if !budget.acquire(len) {
+            let Some(buf) = budget.acquire_buffer(len) else {
                 return Ok(()); // a later stage failed; its error is reported
-            }
+            };
             // pread rather than the mapping, so only the tensors in flight are resident; into
             // a buffer already written out where one fits (no fresh pages to fault in and zero).
-            let bytes = read_into(file, start, end - begin, buffers.take(end - begin))
-                .map_err(|e| Error::io(self.input, e))?;
+            let bytes =
+                read_into(file, start, end - begin, buf).map_err(|e| Error::io(self.input, e))?;
             let job = TensorJob {
                 key,
                 dtype: info.dtype,
@@ -400,7 +395,6 @@ impl FileStream<'_, '_> {
         mut source: File,
         header: &[u8],
         budget: &Budget,
-        buffers: &Buffers,
     ) -> Result<u64> {
         let out = self.out;
         let mut wb = Writeback::new(&file);
@@ -446,9 +440,10 @@ impl FileStream<'_, '_> {
                         n += piece.len() as u64;
                         wb.written(n).map_err(|e| Error::io(out, e))?;
                     }
-                    budget.release(bytes.as_bytes().len() as u64);
-                    if let TensorBytes::Bytes(v) = bytes {
-                        buffers.give(v);
+                    let n = bytes.as_bytes().len() as u64;
+                    match bytes {
+                        TensorBytes::Bytes(v) => budget.release_buffer(n, Some(v)),
+                        _ => budget.release_buffer(n, None),
                     }
                 }
             }
@@ -476,87 +471,112 @@ fn read_into(file: &File, offset: u64, len: usize, mut buf: Vec<u8>) -> std::io:
     Ok(buf)
 }
 
-/// Buffers of written tensors, handed back by the writer for the reader to read the next
-/// tensors into: a fresh multi-MiB allocation is fresh pages, which the kernel faults in and
-/// zeroes one by one (measured on a cold Flux-size bake: ~12 % of all CPU samples were page
-/// faults and page clearing). At most [`BUFFERS_KEPT`] bytes are kept, the smallest dropped
-/// first.
-#[derive(Default)]
-struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
-
-impl Buffers {
-    /// The smallest kept buffer that holds `len` bytes, or a new empty one (then every kept
-    /// buffer is freed: none fits, and the new one is not to come on top of them).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let best = kept
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.capacity() >= len)
-            .min_by_key(|(_, v)| v.capacity())
-            .map(|(i, _)| i);
-        match best {
-            Some(i) => kept.swap_remove(i),
-            None => {
-                kept.clear();
-                Vec::new()
-            }
-        }
-    }
-
-    /// Keep `v` for a later tensor.
-    fn give(&self, v: Vec<u8>) {
-        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        kept.push(v);
-        kept.sort_by_key(|v| std::cmp::Reverse(v.capacity()));
-        let mut total = 0;
-        kept.retain(|v| {
-            total += v.capacity();
-            total <= BUFFERS_KEPT
-        });
-    }
-}
-
 /// The bytes of computed tensors in flight (read, not yet written), shared by the reader (which
 /// waits for room before reading a tensor) and the writer (which frees it). Closed when the
 /// compute stage or the writer ends, so a reader waiting for room never waits for a stage that
 /// failed.
+///
+/// It also keeps the buffers of written tensors for the reader to read the next tensors into:
+/// a fresh multi-MiB allocation is fresh pages, which the kernel faults in and zeroes one by
+/// one (on a cold Flux-size bake ~12 % of all CPU samples were page faults and page clearing).
+/// Kept buffers count against the same limit, so the memory held stays what the limit says: a
+/// buffer is kept only where it fits beside the bytes in flight, and a reader waiting for room
+/// frees the kept buffers before it waits.
 struct Budget {
     limit: u64,
-    state: std::sync::Mutex<(u64, bool)>,
+    state: std::sync::Mutex<BudgetState>,
     room: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    in_flight: u64,
+    closed: bool,
+    kept: Vec<Vec<u8>>,
+}
+
+impl BudgetState {
+    fn kept_bytes(&self) -> u64 {
+        self.kept.iter().map(|v| v.capacity() as u64).sum()
+    }
 }
 
 impl Budget {
     fn new(limit: u64) -> Self {
         Budget {
             limit,
-            state: std::sync::Mutex::new((0, false)),
+            state: std::sync::Mutex::new(BudgetState::default()),
             room: std::sync::Condvar::new(),
         }
     }
 
-    /// Wait until `n` more bytes fit (or nothing is in flight); false once closed.
-    fn acquire(&self, n: u64) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while !st.1 && st.0 > 0 && st.0 + n > self.limit {
-            st = self.room.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        if st.1 {
-            return false;
-        }
-        st.0 += n;
-        true
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn release(&self, n: u64) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 = st.0.saturating_sub(n);
+    /// Wait until `n` more bytes fit (or nothing is in flight); false once closed.
+    #[cfg(test)]
+    fn acquire(&self, n: u64) -> bool {
+        self.acquire_buffer(n).is_some()
+    }
+
+    /// Wait until `n` more bytes fit (or nothing is in flight) and return a buffer to read
+    /// them into: the smallest kept one that holds them, else a new empty one; `None` once
+    /// closed.
+    fn acquire_buffer(&self, n: u64) -> Option<Vec<u8>> {
+        let mut st = self.lock();
+        let mut buf = None;
+        loop {
+            if st.closed {
+                return None;
+            }
+            if buf.is_none() {
+                // (Again after each wait: the writer may have handed one back meanwhile.)
+                let best = st
+                    .kept
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.capacity() as u64 >= n)
+                    .min_by_key(|(_, v)| v.capacity())
+                    .map(|(i, _)| i);
+                buf = best.map(|i| st.kept.swap_remove(i));
+            }
+            if st.in_flight + st.kept_bytes() + n <= self.limit {
+                break;
+            }
+            if !st.kept.is_empty() {
+                st.kept.clear(); // room before reuse: free what is kept
+            } else if st.in_flight == 0 {
+                break; // larger than the limit: alone
+            } else {
+                st = self.room.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        st.in_flight += n;
+        Some(buf.unwrap_or_default())
+    }
+
+    /// `n` bytes are written; keep their buffer if it fits beside what is in flight.
+    fn release_buffer(&self, n: u64, buf: Option<Vec<u8>>) {
+        let mut st = self.lock();
+        st.in_flight = st.in_flight.saturating_sub(n);
+        if let Some(v) = buf
+            && st.in_flight + st.kept_bytes() + v.capacity() as u64 <= self.limit
+        {
+            st.kept.push(v);
+        }
         self.room.notify_all();
     }
 
+    #[cfg(test)]
+    fn release(&self, n: u64) {
+        self.release_buffer(n, None)
+    }
+
     fn close(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        let mut st = self.lock();
+        st.closed = true;
+        st.kept.clear();
         self.room.notify_all();
     }
 
@@ -723,21 +743,22 @@ fn output_header(
 mod tests {
     use super::*;
 
-    /// Kept buffers: the smallest that fits is handed out; a miss frees them all; at most
-    /// BUFFERS_KEPT bytes are kept, the largest first.
+    /// Kept buffers: kept only beside what is in flight within the limit; the smallest that
+    /// fits is handed out; a reader short of room frees them before waiting.
     #[test]
-    fn buffers_reuse_and_bound() {
-        let b = Buffers::default();
-        b.give(Vec::with_capacity(100));
-        b.give(Vec::with_capacity(300));
-        b.give(Vec::with_capacity(200));
-        assert_eq!(b.take(150).capacity(), 200);
-        assert_eq!(b.take(50).capacity(), 100);
-        assert_eq!(b.take(400).capacity(), 0); // a miss: the 300 is freed too
-        assert_eq!(b.take(10).capacity(), 0);
-        b.give(Vec::with_capacity(BUFFERS_KEPT));
-        b.give(Vec::with_capacity(16));
-        assert_eq!(b.take(1).capacity(), BUFFERS_KEPT); // the 16 did not fit beside it
+    fn budget_keeps_buffers_within_the_limit() {
+        let b = Budget::new(1000);
+        let x = b.acquire_buffer(300).unwrap();
+        let y = b.acquire_buffer(300).unwrap();
+        let z = b.acquire_buffer(300).unwrap();
+        b.release_buffer(300, Some(Vec::with_capacity(300))); // 600 in flight + 300 kept
+        b.release_buffer(300, Some(Vec::with_capacity(200))); // 300 + 500
+        assert_eq!(b.acquire_buffer(150).unwrap().capacity(), 200); // 450 + 300
+        // 450 in flight + 300 kept + 400 > 1000: the kept 300 is freed, then it fits.
+        assert_eq!(b.acquire_buffer(400).unwrap().capacity(), 0);
+        b.release_buffer(850, Some(Vec::with_capacity(5000))); // too large to keep
+        assert_eq!(b.acquire_buffer(10).unwrap().capacity(), 0);
+        drop((x, y, z));
         let file = tempfile::tempfile().unwrap();
         (&file).write_all(b"0123456789").unwrap();
         let got = read_into(&file, 3, 4, Vec::with_capacity(64)).unwrap();
