@@ -33,6 +33,8 @@
 //!   the element (the `codec` helpers do this as part of the final rounding pass).
 //! * **Preparation.** Per-layer state (R blocks, gather lists) is built per tensor in
 //!   [`Backend::compute`] (or `load`); every layer edits one tensor, so this is once per layer.
+//!   The CPU backend builds the fused 16-bit path's in `load`, so that the next tensor's R
+//!   blocks are built while the previous tensor rotates.
 //!
 //! # Adding a backend
 //!
