@@ -8,10 +8,13 @@
 //! * **Peak**: every thread runs 12 independent chains of 8-wide AVX2 FMAs on registers (enough
 //!   chains to cover the FMA latency on both FMA ports), for about half a second; 16 FLOP per
 //!   FMA instruction. Measured on 1 thread and on N threads (default: all cores).
-//! * **Rotation**: oftool's input-side rotation ([`oftool::apply::PreparedStage`], the kernel the
-//!   CPU backend runs per chunk of rows) of an `R × C` f32 matrix (default 4096 × 4096, a Llama
-//!   projection) by a Cayley stage of block size B (default 32 and 256) on a rayon pool of N
-//!   threads: 2·B FLOP per weight, best of 5 runs.
+//! * **Rotation**: oftool's input-side rotation ([`oftool::apply::PreparedStage`]) of an
+//!   `R × C` f32 matrix (default 4096 × 4096, a Llama projection) by a Cayley stage of block
+//!   size B (default 32 and 256) on a rayon pool of N threads, 2·B FLOP per weight, best of 5
+//!   runs, four ways (see `rotation`): `apply` (whole matrix), `kernel` (oftool's packed AVX2
+//!   kernel per chunk of rows), `gemm_crate` (the same chunks through the `gemm` crate, with the
+//!   largest difference from `kernel`) and `bf16_bake` (what the bake runs on a BF16 tensor,
+//!   conversions included). `of_peak` gives each against the N-thread peak.
 //!
 //! Prints one JSON object.
 
