@@ -4,10 +4,12 @@ use crate::error::{Category, Error, Result};
 use crate::model::*;
 use crate::rotation::tri_len;
 use crate::tensors::OwnedTensor;
-use crate::tensors::{MappedFile, atomic_write, from_f64, to_f64};
+use crate::tensors::{MappedFile, atomic_write, bytes_to_f64, from_f64, to_f64};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Metadata key naming the format (value `oft`).
 pub const META_FORMAT: &str = "format";
@@ -27,6 +29,45 @@ fn dtype_name(d: Dtype) -> String {
     format!("{d:?}")
 }
 
+/// The integrity digest of spec §7, fed one tensor at a time in name order, its data in as
+/// many pieces as the caller reads it in.
+struct Digest(blake3::Hasher);
+
+impl Digest {
+    fn new(manifest: &str) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"oft-digest-v1\n");
+        Digest::put(&mut h, manifest.as_bytes());
+        Digest(h)
+    }
+
+    fn put(h: &mut blake3::Hasher, bytes: &[u8]) {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+
+    /// The next tensor's name, dtype and shape, and the length of the data that follows.
+    fn tensor(&mut self, name: &str, dtype: &str, shape: &[usize], len: u64) {
+        let h = &mut self.0;
+        Digest::put(h, name.as_bytes());
+        Digest::put(h, dtype.as_bytes());
+        h.update(&(shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            h.update(&(d as u64).to_le_bytes());
+        }
+        h.update(&len.to_le_bytes());
+    }
+
+    /// The next piece of the current tensor's data.
+    fn data(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(self) -> String {
+        self.0.finalize().to_hex().to_string()
+    }
+}
+
 /// The integrity digest of spec §7.
 fn digest<'a>(
     manifest: &str,
@@ -34,23 +75,12 @@ fn digest<'a>(
 ) -> String {
     let mut sorted: Vec<_> = tensors.collect();
     sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut h = blake3::Hasher::new();
-    let put = |h: &mut blake3::Hasher, bytes: &[u8]| {
-        h.update(&(bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    h.update(b"oft-digest-v1\n");
-    put(&mut h, manifest.as_bytes());
+    let mut d = Digest::new(manifest);
     for (name, dtype, shape, data) in sorted {
-        put(&mut h, name.as_bytes());
-        put(&mut h, dtype.as_bytes());
-        h.update(&(shape.len() as u64).to_le_bytes());
-        for &d in shape {
-            h.update(&(d as u64).to_le_bytes());
-        }
-        put(&mut h, data);
+        d.tensor(name, &dtype, shape, data.len() as u64);
+        d.data(data);
     }
-    h.finalize().to_hex().to_string()
+    d.finish()
 }
 
 fn fits_f32(values: &[f64]) -> bool {
@@ -336,16 +366,32 @@ pub fn read_unverified(path: &Path) -> Result<(Adapter, DigestStatus)> {
 }
 
 pub(crate) fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, DigestStatus)> {
+    read_parsed(path, file, None).map(|(adapter, status, _)| (adapter, status))
+}
+
+/// [`read_mapped`]; with `lazy` (the file the map was made from), every stage's parameters
+/// are left in the file: each `Stage::q` is empty, the returned list says where it lies, and
+/// the digest is computed reading the data in pieces through `lazy` (the map's data pages are
+/// never touched, so they do not become resident). Every check is the same.
+fn read_parsed(
+    path: &Path,
+    file: &MappedFile,
+    lazy: Option<&File>,
+) -> Result<(Adapter, DigestStatus, Vec<Vec<StoredQ>>)> {
     let (manifest, manifest_json) = read_manifest(path, &file.metadata)?;
     let st = file.tensors();
+    let header = file.header();
     let mut tensors = Referenced {
         path,
         st: &st,
         used: BTreeMap::new(),
+        leave: lazy.map(|_| (&header, file.data_start())),
     };
-    let layers = (manifest.layers.iter().enumerate())
+    let (layers, stored): (Vec<Layer>, Vec<Vec<StoredQ>>) = (manifest.layers.iter().enumerate())
         .map(|(i, ls)| read_layer(&mut tensors, i, ls, &manifest.requires))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     let used = tensors.used;
     let stray: Vec<String> = st
         .names()
@@ -365,9 +411,10 @@ pub(crate) fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, Di
         ));
     }
 
-    let status = match file.metadata.get(META_DIGEST) {
-        None => DigestStatus::Missing,
-        Some(stored) => {
+    let mut stored = stored;
+    let status = match (file.metadata.get(META_DIGEST), lazy) {
+        (None, _) => DigestStatus::Missing,
+        (Some(stored_digest), None) => {
             let mut views: Vec<(String, TensorView<'_>)> = st.tensors();
             views.sort_by(|a, b| a.0.cmp(&b.0));
             let computed = digest(
@@ -376,14 +423,11 @@ pub(crate) fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, Di
                     .iter()
                     .map(|(n, v)| (n.as_str(), dtype_name(v.dtype()), v.shape(), v.data())),
             );
-            if &computed == stored {
-                DigestStatus::Ok
-            } else {
-                DigestStatus::Mismatch {
-                    stored: stored.clone(),
-                    computed,
-                }
-            }
+            digest_status(stored_digest, computed)
+        }
+        (Some(stored_digest), Some(handle)) => {
+            let computed = digest_read(path, handle, &header, file.data_start(), manifest_json, &mut stored)?;
+            digest_status(stored_digest, computed)
         }
     };
     Ok((
@@ -393,7 +437,73 @@ pub(crate) fn read_mapped(path: &Path, file: &MappedFile) -> Result<(Adapter, Di
             features: manifest.requires,
         },
         status,
+        stored,
     ))
+}
+
+fn digest_status(stored: &str, computed: String) -> DigestStatus {
+    if computed == stored {
+        DigestStatus::Ok
+    } else {
+        DigestStatus::Mismatch {
+            stored: stored.to_string(),
+            computed,
+        }
+    }
+}
+
+/// Bytes read at a time when a digest is computed through a file handle.
+const DIGEST_PIECE: usize = 4 << 20;
+
+/// The digest of spec §7 with the tensors' data read from `handle` in pieces (nothing held),
+/// recording on the way the blake3 of each stage tensor listed in `stored`, so that its bytes
+/// can be checked again when they are read for the bake.
+fn digest_read(
+    path: &Path,
+    handle: &File,
+    header: &safetensors::tensor::Metadata,
+    data_start: u64,
+    manifest_json: &str,
+    stored: &mut [Vec<StoredQ>],
+) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut at: HashMap<String, (usize, usize)> = HashMap::new();
+    for (i, layer) in stored.iter().enumerate() {
+        for (j, q) in layer.iter().enumerate() {
+            at.insert(q.name.clone(), (i, j));
+        }
+    }
+    let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
+        header.tensors().into_iter().collect();
+    infos.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut d = Digest::new(manifest_json);
+    let mut buf = vec![0u8; DIGEST_PIECE];
+    let mut f = handle;
+    for (name, info) in &infos {
+        let (start, end) = info.data_offsets;
+        let len = end.saturating_sub(start);
+        d.tensor(name, &dtype_name(info.dtype), &info.shape, len as u64);
+        let own_at = at.get(name.as_str()).copied();
+        let mut own = own_at.map(|_| blake3::Hasher::new());
+        f.seek(SeekFrom::Start(data_start + start as u64))
+            .map_err(|e| Error::io(path, e))?;
+        let mut left = len;
+        while left > 0 {
+            let piece = buf.get_mut(..left.min(DIGEST_PIECE)).unwrap_or_default();
+            f.read_exact(piece).map_err(|e| Error::io(path, e))?;
+            d.data(piece);
+            if let Some(h) = &mut own {
+                h.update(piece);
+            }
+            left -= piece.len();
+        }
+        if let (Some(h), Some((i, j))) = (own, own_at)
+            && let Some(q) = stored.get_mut(i).and_then(|l| l.get_mut(j))
+        {
+            q.blake3 = Some(h.finalize());
+        }
+    }
+    Ok(d.finish())
 }
 
 /// Spec §9.1 rule 6: `oft.version`, of a MAJOR this oftool reads.
@@ -586,11 +696,14 @@ struct Referenced<'a> {
     path: &'a Path,
     st: &'a safetensors::SafeTensors<'a>,
     used: BTreeMap<String, ()>,
+    /// Leave stage parameters in the file ([`read_parsed`]): the header and where the data
+    /// section starts.
+    leave: Option<(&'a safetensors::tensor::Metadata, u64)>,
 }
 
 impl Referenced<'_> {
-    /// Spec §9.1 rules 20–21: the tensor `name` that `what` refers to, as f64.
-    fn take(&mut self, name: &str, what: &str) -> Result<(Vec<f64>, Vec<usize>, Dtype)> {
+    /// Spec §9.1 rules 20–21: the tensor `name` that `what` refers to.
+    fn view(&mut self, name: &str, what: &str) -> Result<TensorView<'_>> {
         let (path, st) = (self.path, self.st);
         let view = st.tensor(name).map_err(|_| {
             invalid(
@@ -612,7 +725,40 @@ impl Referenced<'_> {
             ));
         }
         self.used.insert(name.to_string(), ());
+        Ok(view)
+    }
+
+    /// [`Referenced::view`], as f64.
+    fn take(&mut self, name: &str, what: &str) -> Result<(Vec<f64>, Vec<usize>, Dtype)> {
+        let view = self.view(name, what)?;
         Ok((to_f64(&view, name)?, view.shape().to_vec(), view.dtype()))
+    }
+
+    /// A stage's parameters: [`Referenced::take`], or, when they are left in the file, no
+    /// values and where they lie.
+    fn take_q(
+        &mut self,
+        name: &str,
+        what: &str,
+    ) -> Result<(Vec<f64>, Vec<usize>, Dtype, Option<StoredQ>)> {
+        let Some((header, data_start)) = self.leave else {
+            let (q, shape, dtype) = self.take(name, what)?;
+            return Ok((q, shape, dtype, None));
+        };
+        let view = self.view(name, what)?;
+        let (shape, dtype) = (view.shape().to_vec(), view.dtype());
+        let (start, end) = header
+            .info(name)
+            .map(|i| i.data_offsets)
+            .ok_or_else(|| invalid(self.path, Category::Tensor, 20, format!("{what} refers to tensor `{name}`, which the file does not hold")))?;
+        let at = StoredQ {
+            name: name.to_string(),
+            offset: data_start + start as u64,
+            len: end.saturating_sub(start),
+            dtype,
+            blake3: None,
+        };
+        Ok((Vec::new(), shape, dtype, Some(at)))
     }
 }
 
@@ -715,10 +861,11 @@ fn read_layer(
     i: usize,
     ls: &LayerSpec,
     requires: &[String],
-) -> Result<Layer> {
+) -> Result<(Layer, Vec<StoredQ>)> {
     let path = tensors.path;
     let lname = &ls.target.name;
     let mut stages = Vec::with_capacity(ls.stages.len());
+    let mut left = Vec::new();
     if ls.stages.is_empty() {
         return Err(invalid(
             path,
@@ -742,7 +889,8 @@ fn read_layer(
                 ),
             ));
         }
-        let (q, shape, dtype) = tensors.take(&ss.q, &what)?;
+        let (q, shape, dtype, at) = tensors.take_q(&ss.q, &what)?;
+        left.extend(at);
         let stored = if ss.shared {
             1
         } else {
@@ -797,7 +945,7 @@ fn read_layer(
             (Some((rs.position, v)), dtype == Dtype::F64)
         }
     };
-    Ok(Layer {
+    let layer = Layer {
         target: ls.target.clone(),
         side: ls.side,
         stages,
@@ -805,7 +953,8 @@ fn read_layer(
         row_scale_f64,
         constraint: ls.constraint.clone(),
         base_binding: ls.base_binding.clone(),
-    })
+    };
+    Ok((layer, left))
 }
 
 /// What is wrong with a target's `rows` on its own (spec §3.4): an empty list, an empty range,
@@ -842,8 +991,14 @@ pub fn rows_problem(target: &Target) -> Option<String> {
 /// Read a `.oft` file and refuse it if its integrity digest is missing or wrong.
 pub fn read(path: &Path) -> Result<Adapter> {
     let (adapter, status) = read_unverified(path)?;
+    verified(path, status)?;
+    Ok(adapter)
+}
+
+/// Refuse a digest that is missing or wrong.
+fn verified(path: &Path, status: DigestStatus) -> Result<()> {
     match status {
-        DigestStatus::Ok => Ok(adapter),
+        DigestStatus::Ok => Ok(()),
         DigestStatus::Missing => Err(invalid(
             path,
             Category::Digest,
@@ -857,6 +1012,102 @@ pub fn read(path: &Path) -> Result<Adapter> {
             "integrity digest mismatch: the file was modified or corrupted",
         )
         .expected_found(stored, computed)),
+    }
+}
+
+/// [`read`], leaving every stage's parameters in the file for [`DeferredParams::load`]: the
+/// returned adapter's `Stage::q` are all empty and must not be used as values. Every check of
+/// [`read`] runs here, the digest reading the data in pieces (neither held nor mapped), so a
+/// file `read` refuses is refused here; the bake (`crate::bake`) reads a layer's parameters
+/// when it reaches that layer's tensor, so an LLM-size adapter is never in memory at once.
+pub(crate) fn read_deferred(path: &Path) -> Result<(Adapter, DeferredParams)> {
+    let handle = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mapped = MappedFile::from_file(path, &handle)?;
+    let (adapter, status, layers) = read_parsed(path, &mapped, Some(&handle))?;
+    verified(path, status)?;
+    let params = DeferredParams {
+        path: path.to_path_buf(),
+        file: Mutex::new(handle),
+        layers,
+    };
+    Ok((adapter, params))
+}
+
+/// Where one stage's parameters lie in a `.oft` file.
+#[derive(Debug)]
+struct StoredQ {
+    /// The tensor's name.
+    name: String,
+    /// Absolute offset and length of its data.
+    offset: u64,
+    len: usize,
+    dtype: Dtype,
+    /// blake3 of its data as the digest check read it.
+    blake3: Option<blake3::Hash>,
+}
+
+/// The stage parameters of a `.oft` file read with [`read_deferred`], left in the file (kept
+/// open) until a layer is loaded. Each load checks the bytes against those the digest covered.
+#[derive(Debug)]
+pub struct DeferredParams {
+    path: PathBuf,
+    file: Mutex<File>,
+    /// Per layer of the file, per stage.
+    layers: Vec<Vec<StoredQ>>,
+}
+
+impl DeferredParams {
+    /// Layer `index` of the file with its parameters: `skeleton` is that layer as
+    /// [`read_deferred`] returned it (empty `q`).
+    pub(crate) fn load(&self, index: usize, skeleton: &Layer) -> Result<Layer> {
+        let internal = |m: &str| {
+            Error::new(Category::Tensor, format!("internal error: {m}"))
+                .at(&self.path)
+                .tensor(&skeleton.target.name)
+        };
+        let stored = self
+            .layers
+            .get(index)
+            .filter(|s| s.len() == skeleton.stages.len())
+            .ok_or_else(|| internal("a deferred layer does not match the file it was read from"))?;
+        let mut layer = skeleton.clone();
+        for (stage, at) in layer.stages.iter_mut().zip(stored) {
+            if !stage.q.is_empty() {
+                return Err(internal("a deferred stage already holds parameters"));
+            }
+            let bytes = self.read(at)?;
+            if at.blake3 != Some(blake3::hash(&bytes)) {
+                return Err(invalid(
+                    &self.path,
+                    Category::Digest,
+                    8,
+                    format!(
+                        "tensor `{}` changed after the file's integrity digest was checked",
+                        at.name
+                    ),
+                )
+                .hint("do not modify an adapter while a bake reads it; run the bake again"));
+            }
+            stage.q = bytes_to_f64(&bytes, at.dtype, &at.name)?;
+        }
+        Ok(layer)
+    }
+
+    /// The bytes of one stored tensor.
+    fn read(&self, at: &StoredQ) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = self.file.lock().map_err(|_| {
+            Error::new(
+                Category::Io,
+                "internal error: a thread reading the adapter failed",
+            )
+            .at(&self.path)
+        })?;
+        let mut bytes = vec![0u8; at.len];
+        file.seek(SeekFrom::Start(at.offset))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(bytes)
     }
 }
 

@@ -18,9 +18,14 @@ pub struct MappedFile {
 impl MappedFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Self::from_file(path, &file)
+    }
+
+    /// [`MappedFile::open`] on a file already open (`path` names it in errors).
+    pub fn from_file(path: &Path, file: &File) -> Result<Self> {
         // SAFETY: the mapping is read-only; a file truncated underneath us is reported by the
         // safetensors offset checks at parse time (later truncation is documented in SECURITY.md).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = unsafe { Mmap::map(file) }.map_err(|e| Error::io(path, e))?;
         let (_, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| container(path, describe_st_error(&e)).rule(st_error_rule(&e)))?;
         // Parse the whole file once so every offset is checked before anyone reads a tensor.
