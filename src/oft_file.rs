@@ -426,7 +426,14 @@ fn read_parsed(
             digest_status(stored_digest, computed)
         }
         (Some(stored_digest), Some(handle)) => {
-            let computed = digest_read(path, handle, &header, file.data_start(), manifest_json, &mut stored)?;
+            let computed = digest_read(
+                path,
+                handle,
+                &header,
+                file.data_start(),
+                manifest_json,
+                &mut stored,
+            )?;
             digest_status(stored_digest, computed)
         }
     };
@@ -747,10 +754,14 @@ impl Referenced<'_> {
         };
         let view = self.view(name, what)?;
         let (shape, dtype) = (view.shape().to_vec(), view.dtype());
-        let (start, end) = header
-            .info(name)
-            .map(|i| i.data_offsets)
-            .ok_or_else(|| invalid(self.path, Category::Tensor, 20, format!("{what} refers to tensor `{name}`, which the file does not hold")))?;
+        let (start, end) = header.info(name).map(|i| i.data_offsets).ok_or_else(|| {
+            invalid(
+                self.path,
+                Category::Tensor,
+                20,
+                format!("{what} refers to tensor `{name}`, which the file does not hold"),
+            )
+        })?;
         let at = StoredQ {
             name: name.to_string(),
             offset: data_start + start as u64,

@@ -17,6 +17,7 @@
 
 pub(crate) mod backend;
 mod codec;
+mod edit;
 pub(crate) mod plan;
 mod stream;
 
@@ -96,6 +97,22 @@ pub struct BakeInput {
     pub runtime_strength: Option<f64>,
     /// The strength the user asked for (recorded in the output's metadata).
     pub strength: Option<f64>,
+    /// Where the stages' parameters are.
+    pub params: Params,
+}
+
+/// Where a [`BakeInput`]'s stage parameters are.
+#[derive(Debug, Default)]
+pub enum Params {
+    /// In its adapter: every layout but `.oft`, a `.oft` raised to a geodesic strength, and
+    /// `unmerge`'s inverses.
+    #[default]
+    Loaded,
+    /// Still in the `.oft` file, already checked (structure, shapes, digest): the adapter's
+    /// stages hold none (every `Stage::q` is empty) and nothing may read them there. The plan's
+    /// edits read each layer's parameters when the bake reaches its tensor, so the bake holds
+    /// only the layers in flight (an LLM-size adapter is 1.3 GB in f64).
+    Deferred(crate::oft_file::DeferredParams),
 }
 
 /// Load one adapter argument: a file, a PEFT directory, or a folder of per-component PEFT
@@ -110,14 +127,37 @@ pub fn load_adapter_with(path: &Path, semantics: crate::layouts::Semantics) -> R
 }
 
 /// Load adapters for `merge`: geodesic strengths are applied to the adapter here, parity
-/// strengths at bake time; `oft_blocks` files are read as the parity tool reads them.
+/// strengths at bake time; `oft_blocks` files are read as the parity tool reads them. A `.oft`
+/// file that needs no geodesic strength keeps its parameters in the file ([`Params::Deferred`]).
 pub fn load_inputs(args: &[AdapterArg], mode: BlendMode, base: &Path) -> Result<Vec<BakeInput>> {
+    load_inputs_with(args, mode, base, true)
+}
+
+/// [`load_inputs`]; `defer`: whether a `.oft` input may keep its parameters in the file.
+fn load_inputs_with(
+    args: &[AdapterArg],
+    mode: BlendMode,
+    base: &Path,
+    defer: bool,
+) -> Result<Vec<BakeInput>> {
     // Only a truncated stage (PEFT 0.7–0.13) needs the base before the plan: whether it is cut
     // decides whether a strength applies to it.
     let mut checkpoint = None;
     args.iter()
         .map(|a| {
-            let mut adapter = load_adapter_with(&a.path, mode.semantics())?;
+            let geodesic = matches!((mode, a.strength), (BlendMode::Geodesic, Some(_)));
+            let deferred = if defer && !geodesic {
+                read_deferred(&a.path)?
+            } else {
+                None
+            };
+            let (mut adapter, params) = match deferred {
+                Some((adapter, params)) => (adapter, Params::Deferred(params)),
+                None => (
+                    load_adapter_with(&a.path, mode.semantics())?,
+                    Params::Loaded,
+                ),
+            };
             if adapter
                 .layers
                 .iter()
@@ -144,9 +184,21 @@ pub fn load_inputs(args: &[AdapterArg], mode: BlendMode, base: &Path) -> Result<
                 mode,
                 runtime_strength,
                 strength: a.strength,
+                params,
             })
         })
         .collect()
+}
+
+/// A `.oft` file read with its stage parameters left in it, or `None` for any other input
+/// (read eagerly) and for a `.oft` with a truncated stage (cut to the base before the bake).
+fn read_deferred(path: &Path) -> Result<Option<(Adapter, crate::oft_file::DeferredParams)>> {
+    if path.is_dir() || !matches!(layouts::detect(path), Ok(d) if d.id() == "oft") {
+        return Ok(None);
+    }
+    let (adapter, params) = crate::oft_file::read_deferred(path)?;
+    let truncated = (adapter.layers.iter()).any(|l| l.stages.iter().any(|s| s.spec.truncated));
+    Ok((!truncated).then_some((adapter, params)))
 }
 
 /// Give each truncated layer (spec §8.7) the rotated axis of its tensor in `base`, and make a
@@ -264,7 +316,8 @@ pub fn unmerge(
     opts: &MergeOptions,
     progress: &dyn Progress,
 ) -> Result<MergeSummary> {
-    let mut inputs = load_inputs(args, BlendMode::Geodesic, merged)?;
+    // The inverse is computed from the parameters: every input is read whole.
+    let mut inputs = load_inputs_with(args, BlendMode::Geodesic, merged, false)?;
     for input in &mut inputs {
         input.adapter = crate::strength::adapter_inverse(&input.adapter)?;
     }

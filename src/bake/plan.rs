@@ -3,11 +3,12 @@
 //! happens here, before anything is written.
 
 use super::backend::Edit;
-use super::{BakeInput, MergeOptions};
+use super::{BakeInput, MergeOptions, Params};
 use crate::apply::Blend;
 use crate::base::{Base, Located, Lookup, check_shape, first_shared_rows, part_layer};
 use crate::error::{Category, Error, Result};
 use crate::model::{FEATURE_STACKED_LAYERS, Layer};
+use crate::oft_file::DeferredParams;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
@@ -31,6 +32,9 @@ pub(crate) struct Plan<'a> {
 struct Placement<'a> {
     loc: Located,
     layer: Cow<'a, Layer>,
+    /// Where its parameters are, when they are still in a `.oft` file: that file's deferred
+    /// parameters, the layer's index there and the layer as read (without values).
+    deferred: Option<(&'a DeferredParams, usize, &'a Layer)>,
     blend: Blend,
     /// The first (or only) placement of its layer.
     first: bool,
@@ -55,10 +59,17 @@ pub(crate) fn plan<'a>(
     let layers_baked = placements.iter().filter(|p| p.first).count();
     for p in placements {
         if let Some(job) = jobs.get_mut(p.loc.file) {
-            let edit = Edit {
-                layer: p.layer,
-                rows: p.loc.rows,
-                blend: p.blend,
+            let edit = match p.deferred {
+                None => Edit::new(p.layer, p.loc.rows, p.blend),
+                Some((params, index, whole)) => Edit::deferred(
+                    p.layer,
+                    p.loc.rows,
+                    p.blend,
+                    params,
+                    index,
+                    whole,
+                    p.loc.part.clone(),
+                ),
             };
             job.edits.entry(p.loc.key).or_default().push(edit);
         }
@@ -84,8 +95,12 @@ fn place<'a>(
     for input in inputs {
         let label = &input.label;
         let first = placements.len();
-        for layer in &input.adapter.layers {
+        for (index, layer) in input.adapter.layers.iter().enumerate() {
             let name = &layer.target.name;
+            let deferred = match &input.params {
+                Params::Loaded => None,
+                Params::Deferred(params) => Some((params, index, layer)),
+            };
             let locs = match base.lookup(layer) {
                 Lookup::Found(loc) => vec![loc],
                 Lookup::Split(locs) => locs,
@@ -129,6 +144,7 @@ fn place<'a>(
                 placements.push(Placement {
                     loc,
                     layer,
+                    deferred,
                     blend,
                     first: n == 0,
                 });

@@ -727,9 +727,14 @@ fn blocks_within(layer: &Layer, per: &[PerTensor<'_>]) -> bool {
 /// takes ([`Located::part`]); on the output side also its blocks cut to those on these rows
 /// ([`Lookup`] splits an output-side layer only where each block lies in one tensor).
 pub fn part_layer<'a>(layer: &'a Layer, loc: &Located) -> std::borrow::Cow<'a, Layer> {
-    let Some(part) = &loc.part else {
-        return std::borrow::Cow::Borrowed(layer);
-    };
+    match &loc.part {
+        None => std::borrow::Cow::Borrowed(layer),
+        Some(part) => std::borrow::Cow::Owned(slice_part(layer, part)),
+    }
+}
+
+/// The part of `layer` that rows `part` of its rotated axis take ([`part_layer`]).
+pub fn slice_part(layer: &Layer, part: &[Range<usize>]) -> Layer {
     let mut l = layer.clone();
     if l.side == Side::Output {
         for st in &mut l.stages {
@@ -749,7 +754,7 @@ pub fn part_layer<'a>(layer: &'a Layer, loc: &Located) -> std::borrow::Cow<'a, L
             .flat_map(|r| scale.get(r.clone()).unwrap_or_default().iter().copied())
             .collect();
     }
-    std::borrow::Cow::Owned(l)
+    l
 }
 
 /// Every way `layer` does not fit the tensor at `loc` (`target-shape`): a dtype that cannot be

@@ -168,6 +168,7 @@ pub fn run(
         mode: BlendMode::Geodesic,
         runtime_strength: None,
         strength: None,
+        params: crate::bake::Params::Loaded,
     }];
     // A LoRA is made for the base given: binding hashes of another base do not stop it.
     let merge_opts = MergeOptions {
@@ -190,7 +191,7 @@ pub fn run(
     let total_bytes: u64 = units
         .iter()
         .filter_map(|(_, e)| e.first())
-        .filter_map(|e| base.locate(&e.layer).ok())
+        .filter_map(|e| e.layer().ok().and_then(|l| base.locate(&l).ok()))
         .map(|l| (l.shape.iter().product::<usize>() * l.dtype.bitsize() / 8) as u64)
         .sum();
     progress.start(total_bytes);
@@ -201,7 +202,7 @@ pub fn run(
             let Some(first) = edits.first() else {
                 continue;
             };
-            let mut loc = base.locate(&first.layer)?;
+            let mut loc = base.locate(&*first.layer()?)?;
             progress.file(Path::new(key.as_str()));
             let rows = loc.shape.first().copied().unwrap_or(0);
             loc.rows = RowSlice::whole(rows);
@@ -213,7 +214,7 @@ pub fn run(
                 for r in e.rows.ranges() {
                     part.extend_from_slice(&changed[r.start * cols..r.end * cols]);
                 }
-                apply_layer_blended(&e.layer, &mut part, e.rows.len(), cols, e.blend)?;
+                apply_layer_blended(&*e.layer()?, &mut part, e.rows.len(), cols, e.blend)?;
                 let mut at = 0;
                 for r in e.rows.ranges() {
                     let n = r.len() * cols;
@@ -223,7 +224,11 @@ pub fn run(
             }
             let delta: Vec<f64> = changed.iter().zip(&w.data).map(|(a, b)| a - b).collect();
             drop(changed);
-            let layers: Vec<&Layer> = edits.iter().map(|e| &*e.layer).collect();
+            let layers = edits
+                .iter()
+                .map(|e| e.layer())
+                .collect::<Result<Vec<_>>>()?;
+            let layers: Vec<&Layer> = layers.iter().map(|l| &**l).collect();
             let whole = edits.iter().all(|e| e.rows.is_whole(rows));
             let name = module_name(opts.layout, &base, &loc, &layers, whole, te, table.as_ref())
                 .map_err(|m| Error::new(Category::Conversion, m).tensor(key.as_str()))?;

@@ -382,6 +382,7 @@ fn every_dit_case_converts_with_its_verdict_and_bakes_back() {
                 mode: Default::default(),
                 runtime_strength: None,
                 strength: None,
+                params: Default::default(),
             };
             if let Err(e) = oftool::bake::merge(
                 &base,
@@ -531,6 +532,7 @@ fn dit_client_checks_passed_and_still_hold() {
             mode: Default::default(),
             runtime_strength: None,
             strength: None,
+            params: Default::default(),
         };
         let baked = tmp.path().join(format!("{name}.baked.safetensors"));
         oftool::bake::merge(

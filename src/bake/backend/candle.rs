@@ -64,7 +64,13 @@ impl Backend for Candle {
     }
 
     fn compute(&self, t: &TensorJob<'_>, w: Resident) -> Result<TensorBytes> {
-        let edits: Vec<program::Edit<'_>> = t.edits.iter().map(edit).collect();
+        // A `.oft` input's parameters are read here, and dropped with this tensor.
+        let layers = t
+            .edits
+            .iter()
+            .map(|e| e.layer())
+            .collect::<Result<Vec<_>>>()?;
+        let edits: Vec<program::Edit<'_>> = t.edits.iter().zip(&layers).map(edit).collect();
         let run = || -> Result<TensorBytes> {
             let p = program::prepare(t.key, &w, &edits)?;
             let c = program::program(t.key, &w, &p)?;
@@ -83,10 +89,12 @@ impl Backend for Candle {
     }
 }
 
-/// A bake edit as the tensor program takes it.
-fn edit<'a>(e: &'a Edit<'a>) -> program::Edit<'a> {
+/// A bake edit (with its layer, parameters read) as the tensor program takes it.
+fn edit<'a>(
+    (e, layer): (&'a Edit<'a>, &'a std::borrow::Cow<'a, crate::model::Layer>),
+) -> program::Edit<'a> {
     program::Edit {
-        layer: &e.layer,
+        layer,
         rows: Some(&e.rows),
         blend: e.blend,
     }
@@ -143,11 +151,11 @@ mod tests {
         let shape = [rows, cols];
         for side in [Side::Input, Side::Output] {
             let l = layer(2, side);
-            let edits = [Edit {
-                layer: std::borrow::Cow::Borrowed(&l),
-                rows: RowSlice::new(vec![5..7, 0..2]),
-                blend: Blend::default(),
-            }];
+            let edits = [Edit::new(
+                std::borrow::Cow::Borrowed(&l),
+                RowSlice::new(vec![5..7, 0..2]),
+                Blend::default(),
+            )];
             let job = TensorJob {
                 key: "w",
                 dtype: Dtype::F32,
@@ -169,11 +177,11 @@ mod tests {
             );
         }
         let l = layer(2, Side::Input);
-        let edits = [Edit {
-            layer: std::borrow::Cow::Borrowed(&l),
-            rows: RowSlice::range(7..9),
-            blend: Blend::default(),
-        }];
+        let edits = [Edit::new(
+            std::borrow::Cow::Borrowed(&l),
+            RowSlice::range(7..9),
+            Blend::default(),
+        )];
         let job = TensorJob {
             key: "w",
             dtype: Dtype::F32,

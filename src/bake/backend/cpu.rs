@@ -135,7 +135,7 @@ fn fusable(t: &TensorJob<'_>) -> bool {
     let (rows, _) = t.view();
     t.edits
         .iter()
-        .all(|e| e.rows.is_whole(rows) && e.layer.side == Side::Input && e.blend.linear.is_none())
+        .all(|e| e.rows.is_whole(rows) && e.side() == Side::Input && e.blend.linear.is_none())
 }
 
 /// Apply every edit in place, each on its rows: a contiguous range in place, several ranges
@@ -164,16 +164,17 @@ fn apply_edits<T: Real>(t: &TensorJob<'_>, data: &mut [T]) -> Result<()> {
 
 /// One edit on rows that [`crate::base::RowSlice::fits`] the `data` matrix of `cols` columns.
 fn apply_edit<T: Real>(e: &Edit<'_>, data: &mut [T], cols: usize) -> Result<()> {
+    let layer = e.layer()?;
     let n = e.rows.len();
     if let Some(r) = e.rows.contiguous() {
         let slice = &mut data[r.start * cols..r.end * cols];
-        return apply_layer_blended(&e.layer, slice, n, cols, e.blend);
+        return apply_layer_blended(&layer, slice, n, cols, e.blend);
     }
     let mut gathered = Vec::with_capacity(n * cols);
     for r in e.rows.ranges() {
         gathered.extend_from_slice(&data[r.start * cols..r.end * cols]);
     }
-    apply_layer_blended(&e.layer, &mut gathered, n, cols, e.blend)?;
+    apply_layer_blended(&layer, &mut gathered, n, cols, e.blend)?;
     let mut from = 0;
     for r in e.rows.ranges() {
         let len = r.len() * cols;
@@ -207,12 +208,7 @@ fn fused_input<H: Half>(
     let prepared: Vec<StagesAndScale<'_>> = prepared
         .iter()
         .zip(t.edits)
-        .map(|(p, e)| {
-            (
-                p.as_slice(),
-                e.layer.row_scale.as_ref().map(|(_, v)| v.as_slice()),
-            )
-        })
+        .map(|(p, e)| (p.as_slice(), e.row_scale()))
         .collect();
     let prepared = prepared.as_slice();
     let Ok(halves) = bytemuck::try_cast_slice_mut::<u8, H>(&mut bytes) else {
@@ -235,8 +231,10 @@ fn prepare_fused(t: &TensorJob<'_>) -> Result<Vec<PreparedEdit>> {
     t.edits
         .iter()
         .map(|e| {
-            check_fits(&e.layer, rows, cols).map_err(|err| err.tensor(t.key))?;
-            e.layer
+            // A `.oft` input's parameters are read here, and dropped once R is built.
+            let layer = e.layer().map_err(|err| err.tensor(t.key))?;
+            check_fits(&layer, rows, cols).map_err(|err| err.tensor(t.key))?;
+            layer
                 .stages
                 .iter()
                 .map(|st| PreparedStage::<f32>::with_blend(st, cols, e.blend.interpolate))
@@ -424,11 +422,11 @@ mod tests {
         let (rows, cols) = (6, 3);
         let w: Vec<f64> = (0..rows * cols).map(|i| (i as f64 * 0.37).sin()).collect();
         let l = layer(Side::Output, 4);
-        let edit = Edit {
-            layer: std::borrow::Cow::Borrowed(&l),
-            rows: RowSlice::new(vec![4..6, 0..2]),
-            blend: Blend::default(),
-        };
+        let edit = Edit::new(
+            std::borrow::Cow::Borrowed(&l),
+            RowSlice::new(vec![4..6, 0..2]),
+            Blend::default(),
+        );
         let got = run(&[rows, cols], &[edit], &w);
         // Reference: the layer on the 4 × 3 matrix of rows [4, 5, 0, 1], in f64, rounded.
         let order = [4, 5, 0, 1];
@@ -458,16 +456,16 @@ mod tests {
         let w: Vec<f64> = (0..rows * cols).map(|i| (i as f64 * 0.91).cos()).collect();
         for side in [Side::Output, Side::Input] {
             let l = layer(side, 4);
-            let one = Edit {
-                layer: std::borrow::Cow::Borrowed(&l),
-                rows: RowSlice::range(1..5),
-                blend: Blend::default(),
-            };
-            let two = Edit {
-                layer: std::borrow::Cow::Borrowed(&l),
-                rows: RowSlice::new(vec![1..3, 3..5]),
-                blend: Blend::default(),
-            };
+            let one = Edit::new(
+                std::borrow::Cow::Borrowed(&l),
+                RowSlice::range(1..5),
+                Blend::default(),
+            );
+            let two = Edit::new(
+                std::borrow::Cow::Borrowed(&l),
+                RowSlice::new(vec![1..3, 3..5]),
+                Blend::default(),
+            );
             assert_eq!(
                 run(&[rows, cols], &[one], &w),
                 run(&[rows, cols], &[two], &w)
@@ -509,11 +507,11 @@ mod tests {
     #[test]
     fn rows_outside_the_tensor_are_an_error() {
         let l = layer(Side::Output, 4);
-        let edit = Edit {
-            layer: std::borrow::Cow::Borrowed(&l),
-            rows: RowSlice::range(4..8),
-            blend: Blend::default(),
-        };
+        let edit = Edit::new(
+            std::borrow::Cow::Borrowed(&l),
+            RowSlice::range(4..8),
+            Blend::default(),
+        );
         let cpu = Cpu::new(Some(1)).unwrap();
         let job = TensorJob {
             key: "w",

@@ -17,7 +17,10 @@
 //!   applies the layer to the `(rows, cols)` matrix they form and scatters the result back.
 //!   The plan has already checked that every layer fits its rows (`base::check_shape`); a
 //!   backend still refuses, with an error and without panicking, bytes or rows that do not
-//!   match the shape.
+//!   match the shape. A backend gets the layer with [`Edit::layer`], once per tensor: for a
+//!   `.oft` input that reads the layer's parameters from the file (they are not in memory
+//!   before), so it is called where the layer is needed and the result dropped with the
+//!   tensor.
 //! * **Output.** The new bytes of the whole tensor, in the same dtype and of the same length
 //!   (the stream checks the length). Rows no edit covers are returned unchanged.
 //! * **Precision and rounding.** R is built in f64 on the host ([`crate::apply::PreparedStage`];
@@ -46,21 +49,11 @@
 pub(crate) mod candle;
 pub(crate) mod cpu;
 
-use crate::apply::Blend;
-use crate::base::RowSlice;
 use crate::error::Result;
-use crate::model::Layer;
 use safetensors::tensor::Dtype;
 
 pub(crate) use super::codec::TensorBytes;
-
-/// One adapter layer applied to some rows of one base tensor.
-pub(crate) struct Edit<'a> {
-    /// The layer, or the part of it one tensor takes (a fused module on a split base).
-    pub layer: std::borrow::Cow<'a, Layer>,
-    pub rows: RowSlice,
-    pub blend: Blend,
-}
+pub(crate) use super::edit::Edit;
 
 /// A tensor to compute: its key, dtype, full shape and its edits in order.
 pub(crate) struct TensorJob<'a> {
