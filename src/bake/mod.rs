@@ -356,3 +356,163 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::PreparedStage;
+    use crate::error::Category;
+    use crate::model::*;
+    use crate::tensors::{MappedFile, OwnedTensor, from_f64};
+
+    /// A layer of one Cayley stage of 2 blocks of size 2 on `name` (a 4 × 4 weight).
+    fn layer(name: &str, side: Side, q: [f64; 2]) -> Layer {
+        Layer {
+            target: Target {
+                name: name.into(),
+                convention: "unknown".into(),
+                component: None,
+                module: ModuleKind::Linear,
+                shape: Some(vec![4, 4]),
+                rotated_dim: Some(4),
+                rows: None,
+            },
+            side,
+            stages: vec![Stage {
+                spec: StageSpec {
+                    blocks: Some(2),
+                    block_size: 2,
+                    shared: false,
+                    wiring: Wiring::Identity,
+                    map: RotationMap::Cayley,
+                    q: String::new(),
+                    truncated: false,
+                },
+                q: q.to_vec(),
+                q_f64: false,
+                inverse: false,
+            }],
+            row_scale: None,
+            row_scale_f64: false,
+            constraint: None,
+            base_binding: None,
+        }
+    }
+
+    /// A `.oft` input is read without its parameters; the plan's edits read each layer's when
+    /// asked (the fused 16-bit path in `load`, the general path in `compute`), the bake's bytes
+    /// are those of the same adapter read whole, and a file changed after its digest was
+    /// checked is refused when the layer is read, leaving no output.
+    #[test]
+    fn oft_parameters_are_read_per_tensor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let oft = tmp.path().join("a.oft");
+        let adapter = Adapter {
+            provenance: Provenance {
+                source_format: "oft".into(),
+                tool: tool_name(),
+                ..Provenance::default()
+            },
+            layers: vec![
+                layer("blocks.0.a", Side::Input, [0.25, -0.125]),
+                layer("blocks.0.b", Side::Output, [0.5, 0.375]),
+            ],
+            features: Vec::new(),
+        };
+        crate::oft_file::write(&adapter, &oft).unwrap();
+        let adapter = crate::oft_file::read(&oft).unwrap();
+        let values: Vec<f64> = (0..16).map(|i| (i as f64 * 0.37).sin()).collect();
+        let tensor = |name: &str, dtype| OwnedTensor {
+            name: name.into(),
+            dtype,
+            shape: vec![4, 4],
+            bytes: from_f64(&values, dtype).unwrap(),
+        };
+        let base = tmp.path().join("base.safetensors");
+        let tensors = [
+            tensor("blocks.0.a.weight", safetensors::Dtype::BF16),
+            tensor("blocks.0.b.weight", safetensors::Dtype::F32),
+        ];
+        let mut file = std::fs::File::create(&base).unwrap();
+        crate::tensors::write_owned(&mut file, &tensors, Default::default()).unwrap();
+        drop(file);
+
+        let arg = AdapterArg {
+            path: oft.clone(),
+            strength: None,
+        };
+        let lazy = load_inputs(std::slice::from_ref(&arg), BlendMode::Geodesic, &base).unwrap();
+        assert!(matches!(lazy[0].params, Params::Deferred(_)));
+        let stages = || lazy[0].adapter.layers.iter().flat_map(|l| &l.stages);
+        assert!(stages().all(|s| s.q.is_empty()));
+        // A stage without its values cannot be rotated by mistake.
+        for st in stages() {
+            assert!(PreparedStage::<f64>::with_blend(st, 4, None).is_err());
+        }
+        // Read whole: `unmerge`'s inputs, and a geodesic strength.
+        let whole = load_inputs_with(
+            std::slice::from_ref(&arg),
+            BlendMode::Geodesic,
+            &base,
+            false,
+        )
+        .unwrap();
+        assert!(matches!(whole[0].params, Params::Loaded));
+        assert_eq!(whole[0].adapter, adapter);
+        let strong = AdapterArg {
+            strength: Some(0.5),
+            ..arg.clone()
+        };
+        let strong = load_inputs(&[strong], BlendMode::Geodesic, &base).unwrap();
+        assert!(matches!(strong[0].params, Params::Loaded));
+
+        let checkpoint = Base::open(&base).unwrap();
+        let opts = MergeOptions {
+            threads: Some(1),
+            ..MergeOptions::default()
+        };
+        let planned = plan::plan(&checkpoint, &lazy, &opts).unwrap();
+        let edits: Vec<&backend::Edit<'_>> = (planned.jobs.iter())
+            .flat_map(|j| j.edits.values().flatten())
+            .collect();
+        assert_eq!(edits.len(), 2);
+        for (e, want) in edits.iter().zip(&adapter.layers) {
+            assert!(e.is_deferred());
+            assert_eq!(&*e.layer().unwrap(), want);
+        }
+        drop(planned);
+
+        let (lazy_out, whole_out) = (tmp.path().join("lazy.st"), tmp.path().join("whole.st"));
+        merge(&base, lazy, &lazy_out, &opts, &NoProgress).unwrap();
+        merge(&base, whole, &whole_out, &opts, &NoProgress).unwrap();
+        let (a, b) = (
+            std::fs::read(&lazy_out).unwrap(),
+            std::fs::read(&whole_out).unwrap(),
+        );
+        assert!(
+            a == b,
+            "a deferred .oft bakes other bytes than one read whole"
+        );
+        assert_ne!(a, std::fs::read(&base).unwrap());
+
+        // Checked, then changed on disk: refused when the layer's parameters are read.
+        let lazy = load_inputs(std::slice::from_ref(&arg), BlendMode::Geodesic, &base).unwrap();
+        let mapped = MappedFile::open(&oft).unwrap();
+        let header = mapped.header();
+        let at =
+            mapped.data_start() + header.info("layers.1.stages.0.q").unwrap().data_offsets.0 as u64;
+        drop(mapped);
+        let mut bytes = std::fs::read(&oft).unwrap();
+        bytes[at as usize] ^= 1;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&oft).unwrap();
+        std::io::Write::write_all(&mut f, &bytes).unwrap();
+        drop(f);
+        let changed_out = tmp.path().join("changed.st");
+        let err = merge(&base, lazy, &changed_out, &opts, &NoProgress)
+            .err()
+            .expect("a changed file is refused");
+        assert_eq!(err.category(), Category::Digest, "{err}");
+        assert!(err.to_string().contains("layers.1.stages.0.q"), "{err}");
+        assert!(!changed_out.exists());
+    }
+}
