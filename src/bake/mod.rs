@@ -193,7 +193,11 @@ fn load_inputs_with(
 /// A `.oft` file read with its stage parameters left in it, or `None` for any other input
 /// (read eagerly) and for a `.oft` with a truncated stage (cut to the base before the bake).
 fn read_deferred(path: &Path) -> Result<Option<(Adapter, crate::oft_file::DeferredParams)>> {
-    if path.is_dir() || !matches!(layouts::detect(path), Ok(d) if d.id() == "oft") {
+    // A pickle is converted to find its layout; a `.oft` is never one.
+    if path.is_dir()
+        || layouts::container::is_pickle(path)
+        || !matches!(layouts::detect(path), Ok(d) if d.id() == "oft")
+    {
         return Ok(None);
     }
     let (adapter, params) = crate::oft_file::read_deferred(path)?;
