@@ -698,6 +698,9 @@ fn check_targets(path: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
+/// A tensor's values (as f64), shape and dtype.
+type Values = (Vec<f64>, Vec<usize>, Dtype);
+
 /// The tensors of a `.oft` file, and which of them the manifest referenced so far.
 struct Referenced<'a> {
     path: &'a Path,
@@ -736,21 +739,16 @@ impl Referenced<'_> {
     }
 
     /// [`Referenced::view`], as f64.
-    fn take(&mut self, name: &str, what: &str) -> Result<(Vec<f64>, Vec<usize>, Dtype)> {
+    fn take(&mut self, name: &str, what: &str) -> Result<Values> {
         let view = self.view(name, what)?;
         Ok((to_f64(&view, name)?, view.shape().to_vec(), view.dtype()))
     }
 
     /// A stage's parameters: [`Referenced::take`], or, when they are left in the file, no
     /// values and where they lie.
-    fn take_q(
-        &mut self,
-        name: &str,
-        what: &str,
-    ) -> Result<(Vec<f64>, Vec<usize>, Dtype, Option<StoredQ>)> {
+    fn take_q(&mut self, name: &str, what: &str) -> Result<(Values, Option<StoredQ>)> {
         let Some((header, data_start)) = self.leave else {
-            let (q, shape, dtype) = self.take(name, what)?;
-            return Ok((q, shape, dtype, None));
+            return Ok((self.take(name, what)?, None));
         };
         let view = self.view(name, what)?;
         let (shape, dtype) = (view.shape().to_vec(), view.dtype());
@@ -769,7 +767,7 @@ impl Referenced<'_> {
             dtype,
             blake3: None,
         };
-        Ok((Vec::new(), shape, dtype, Some(at)))
+        Ok(((Vec::new(), shape, dtype), Some(at)))
     }
 }
 
@@ -900,7 +898,7 @@ fn read_layer(
                 ),
             ));
         }
-        let (q, shape, dtype, at) = tensors.take_q(&ss.q, &what)?;
+        let ((q, shape, dtype), at) = tensors.take_q(&ss.q, &what)?;
         left.extend(at);
         let stored = if ss.shared {
             1

@@ -513,8 +513,7 @@ mod tests {
         drop(f);
         let changed_out = tmp.path().join("changed.st");
         let err = merge(&base, lazy, &changed_out, &opts, &NoProgress)
-            .err()
-            .expect("a changed file is refused");
+            .expect_err("a changed file is refused");
         assert_eq!(err.category(), Category::Digest, "{err}");
         assert!(err.to_string().contains("layers.1.stages.0.q"), "{err}");
         assert!(!changed_out.exists());
