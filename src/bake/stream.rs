@@ -62,8 +62,10 @@ const WRITEBACK_STEP: u64 = 64 << 20;
 /// Flux-size bake (bench/README.md): 192 MiB was as fast as 320 MiB, with 435 against 626 MiB
 /// peak RSS.
 const BYTES_IN_FLIGHT: u64 = 192 << 20;
-/// How far ahead of the reader the base is requested from disk (`POSIX_FADV_WILLNEED`).
-const READ_AHEAD: u64 = 256 << 20;
+/// How far ahead of the reader the base is requested from disk (`POSIX_FADV_WILLNEED`). Page
+/// cache, not the process's memory. On a cold full-size Flux bake 1 GiB took 53.5-60.6 s
+/// where 256 MiB took 56.5-71.0 s, faster in each of 3 alternating rounds (bench/README.md).
+const READ_AHEAD: u64 = 1 << 30;
 
 /// Write the baked base to `out` (a file for a single-file base, else a folder mirroring the
 /// base's, with its other files copied), atomically.
