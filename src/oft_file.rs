@@ -496,7 +496,8 @@ fn digest_read(
             .map_err(|e| Error::io(path, e))?;
         let mut left = len;
         while left > 0 {
-            let piece = buf.get_mut(..left.min(DIGEST_PIECE)).unwrap_or_default();
+            // Never empty while `left > 0` (`buf` holds DIGEST_PIECE bytes), so the loop ends.
+            let piece = &mut buf[..left.min(DIGEST_PIECE)];
             f.read_exact(piece).map_err(|e| Error::io(path, e))?;
             d.data(piece);
             if let Some(h) = &mut own {
