@@ -57,11 +57,13 @@ const WRITER_QUEUE: usize = 6;
 /// to disk and waits for the window before (see [`Writeback`]).
 const WRITEBACK_STEP: u64 = 64 << 20;
 /// Bytes of tensors read for computing and not yet written that the stream may hold at once
-/// (a tensor larger than this alone still goes through, by itself). Bounds the peak memory
-/// whatever the tensor sizes: a FLUX.1 `linear1` is 132 MB in BF16. Measured on a cold
-/// Flux-size bake (bench/README.md): 192 MiB was as fast as 320 MiB, with 435 against 626 MiB
-/// peak RSS.
-const BYTES_IN_FLIGHT: u64 = 192 << 20;
+/// (a tensor larger than this alone still goes through, by itself), buffers kept for reuse
+/// included. Bounds the peak memory whatever the tensor sizes. It must hold a FLUX.1 single
+/// block's `linear1` and `linear2` at once (132 + 94 MB in BF16): with 192 MiB the reader
+/// waited for each `linear1` to be written before it could read `linear2`, and a cold
+/// full-size Flux bake took 1.19 × cp where 256 MiB took 1.01 × (3 alternating rounds,
+/// bench/README.md, fifth round).
+const BYTES_IN_FLIGHT: u64 = 256 << 20;
 /// How far ahead of the reader the base is requested from disk (`POSIX_FADV_WILLNEED`). Page
 /// cache, not the process's memory. On a cold full-size Flux bake 1 GiB took 53.5-60.6 s
 /// where 256 MiB took 56.5-71.0 s, faster in each of 3 alternating rounds (bench/README.md).
@@ -185,11 +187,9 @@ fn copy_tree(src: &Path, dst: &Path, skip: &[PathBuf]) -> Result<()> {
 /// A piece of output data: a byte range of the base copied as is, or computed bytes.
 enum Piece {
     /// `len` bytes at absolute `offset` of the base file (copied in the kernel where possible).
-    Range {
-        offset: u64,
-        len: u64,
-    },
-    Computed(TensorBytes),
+    Range { offset: u64, len: u64 },
+    /// Computed bytes and what the budget charged for them.
+    Computed(TensorBytes, u64),
 }
 
 /// What the reader hands to the compute stage, in file order.
@@ -205,6 +205,8 @@ enum Work<'k, L> {
         shape: Vec<usize>,
         /// Stored byte length, which the computed bytes must match.
         len: usize,
+        /// What the budget charged for it (released once it is written).
+        charge: u64,
     },
 }
 
@@ -311,7 +313,7 @@ impl FileStream<'_, '_> {
             {
                 return Ok(());
             }
-            let Some(buf) = budget.acquire_buffer(len) else {
+            let Some((buf, charge)) = budget.acquire_buffer(len) else {
                 return Ok(()); // a later stage failed; its error is reported
             };
             // pread rather than the mapping, so only the tensors in flight are resident; into
@@ -331,6 +333,7 @@ impl FileStream<'_, '_> {
                 dtype: info.dtype,
                 shape: info.shape.clone(),
                 len: end - begin,
+                charge,
             };
             if tx.send(work).is_err() {
                 return Ok(());
@@ -359,6 +362,7 @@ impl FileStream<'_, '_> {
                     dtype,
                     shape,
                     len,
+                    charge,
                 } => {
                     let edits = self.edits.get(key).map(Vec::as_slice).unwrap_or(&[]);
                     let job = TensorJob {
@@ -379,7 +383,7 @@ impl FileStream<'_, '_> {
                         .tensor(key));
                     }
                     computed += 1;
-                    Piece::Computed(bytes)
+                    Piece::Computed(bytes, charge)
                 }
             };
             if tx.send(piece).is_err() {
@@ -430,7 +434,7 @@ impl FileStream<'_, '_> {
                         wb.written(n).map_err(|e| Error::io(out, e))?;
                     }
                 }
-                Piece::Computed(bytes) => {
+                Piece::Computed(bytes, charge) => {
                     // Computed bytes go out in small write()s: on this kind of machine one
                     // multi-MiB write costs several times the CPU of the same bytes in
                     // 256 KiB pieces (measured: bench/README.md).
@@ -442,10 +446,9 @@ impl FileStream<'_, '_> {
                         n += piece.len() as u64;
                         wb.written(n).map_err(|e| Error::io(out, e))?;
                     }
-                    let n = bytes.as_bytes().len() as u64;
                     match bytes {
-                        TensorBytes::Bytes(v) => budget.release_buffer(n, Some(v)),
-                        _ => budget.release_buffer(n, None),
+                        TensorBytes::Bytes(v) => budget.release_buffer(charge, Some(v)),
+                        _ => budget.release_buffer(charge, None),
                     }
                 }
             }
@@ -482,8 +485,9 @@ fn read_into(file: &File, offset: u64, len: usize, mut buf: Vec<u8>) -> std::io:
 /// a fresh multi-MiB allocation is fresh pages, which the kernel faults in and zeroes one by
 /// one (on a cold Flux-size bake ~12 % of all CPU samples were page faults and page clearing).
 /// Kept buffers count against the same limit, so the memory held stays what the limit says: a
-/// buffer is kept only where it fits beside the bytes in flight, and a reader waiting for room
-/// frees the kept buffers before it waits.
+/// buffer is kept only where it fits beside the bytes in flight, a reused buffer is charged its
+/// whole capacity (not the smaller tensor read into it, which let the memory held outgrow the
+/// limit), and a reader waiting for room frees the other kept buffers before it waits.
 struct Budget {
     limit: u64,
     state: std::sync::Mutex<BudgetState>,
@@ -523,45 +527,54 @@ impl Budget {
     }
 
     /// Wait until `n` more bytes fit (or nothing is in flight) and return a buffer to read
-    /// them into: the smallest kept one that holds them, else a new empty one; `None` once
-    /// closed.
-    fn acquire_buffer(&self, n: u64) -> Option<Vec<u8>> {
+    /// them into, with what it is charged: the smallest kept buffer that holds them (charged
+    /// its whole capacity, which is what it holds) where that fits, else a new empty one
+    /// (charged `n`); `None` once closed. The charge is handed back to
+    /// [`Budget::release_buffer`].
+    fn acquire_buffer(&self, n: u64) -> Option<(Vec<u8>, u64)> {
         let mut st = self.lock();
-        let mut buf = None;
         loop {
             if st.closed {
                 return None;
             }
-            if buf.is_none() {
-                // (Again after each wait: the writer may have handed one back meanwhile.)
-                let best = st
-                    .kept
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| v.capacity() as u64 >= n)
-                    .min_by_key(|(_, v)| v.capacity())
-                    .map(|(i, _)| i);
-                buf = best.map(|i| st.kept.swap_remove(i));
+            // (Again after each wait: the writer may have handed one back meanwhile.)
+            let best = st
+                .kept
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() as u64 >= n)
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, v)| (i, v.capacity() as u64));
+            let kept = st.kept_bytes();
+            let charge = best.map_or(n, |(_, cap)| cap);
+            let others = kept - best.map_or(0, |(_, cap)| cap);
+            if st.in_flight + others + charge <= self.limit {
+                let buf = best.map(|(i, _)| st.kept.swap_remove(i));
+                st.in_flight += charge;
+                return Some((buf.unwrap_or_default(), charge));
             }
-            if st.in_flight + st.kept_bytes() + n <= self.limit {
-                break;
-            }
-            if !st.kept.is_empty() {
-                st.kept.clear(); // room before reuse: free what is kept
+            if others > 0 {
+                // Room before reuse: free the other kept buffers.
+                st.kept
+                    .retain(|v| best.is_some_and(|(_, cap)| v.capacity() as u64 == cap));
+                st.kept.truncate(1);
+            } else if best.is_some() && st.in_flight + n <= self.limit {
+                st.kept.clear(); // the one that holds `n` is too large: a fresh one fits
             } else if st.in_flight == 0 {
-                break; // larger than the limit: alone
+                st.kept.clear();
+                st.in_flight += n; // larger than the limit: alone
+                return Some((Vec::new(), n));
             } else {
                 st = self.room.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         }
-        st.in_flight += n;
-        Some(buf.unwrap_or_default())
     }
 
-    /// `n` bytes are written; keep their buffer if it fits beside what is in flight.
-    fn release_buffer(&self, n: u64, buf: Option<Vec<u8>>) {
+    /// A tensor charged `charge` is written; keep its buffer if it fits beside what is in
+    /// flight.
+    fn release_buffer(&self, charge: u64, buf: Option<Vec<u8>>) {
         let mut st = self.lock();
-        st.in_flight = st.in_flight.saturating_sub(n);
+        st.in_flight = st.in_flight.saturating_sub(charge);
         if let Some(v) = buf
             && st.in_flight + st.kept_bytes() + v.capacity() as u64 <= self.limit
         {
@@ -746,21 +759,36 @@ mod tests {
     use super::*;
 
     /// Kept buffers: kept only beside what is in flight within the limit; the smallest that
-    /// fits is handed out; a reader short of room frees them before waiting.
+    /// fits is handed out and charged its capacity; a reader short of room frees them before
+    /// waiting.
     #[test]
     fn budget_keeps_buffers_within_the_limit() {
         let b = Budget::new(1000);
-        let x = b.acquire_buffer(300).unwrap();
-        let y = b.acquire_buffer(300).unwrap();
-        let z = b.acquire_buffer(300).unwrap();
-        b.release_buffer(300, Some(Vec::with_capacity(300))); // 600 in flight + 300 kept
-        b.release_buffer(300, Some(Vec::with_capacity(200))); // 300 + 500
-        assert_eq!(b.acquire_buffer(150).unwrap().capacity(), 200); // 450 + 300
-        // 450 in flight + 300 kept + 400 > 1000: the kept 300 is freed, then it fits.
-        assert_eq!(b.acquire_buffer(400).unwrap().capacity(), 0);
-        b.release_buffer(850, Some(Vec::with_capacity(5000))); // too large to keep
-        assert_eq!(b.acquire_buffer(10).unwrap().capacity(), 0);
-        drop((x, y, z));
+        let (x, cx) = b.acquire_buffer(300).unwrap();
+        let (_, cy) = b.acquire_buffer(300).unwrap();
+        let (_, cz) = b.acquire_buffer(300).unwrap();
+        assert_eq!((x.capacity(), cx), (0, 300)); // nothing kept yet: a new buffer
+        b.release_buffer(cx, Some(Vec::with_capacity(300))); // 600 in flight + 300 kept
+        b.release_buffer(cy, Some(Vec::with_capacity(200))); // 300 + 500
+        // The smallest kept buffer that holds 150 bytes, charged its capacity: 500 + 300.
+        let (v, c) = b.acquire_buffer(150).unwrap();
+        assert_eq!((v.capacity(), c), (200, 200));
+        // 500 in flight + 300 kept + 400 > 1000: the kept 300 (too small) is freed, then it fits.
+        let (v, c) = b.acquire_buffer(400).unwrap();
+        assert_eq!((v.capacity(), c), (0, 400)); // 900 in flight, nothing kept
+        b.release_buffer(c, Some(Vec::with_capacity(5000))); // too large to keep: 500
+        b.release_buffer(cz, Some(Vec::with_capacity(450))); // 200 + 450 kept
+        // 100 bytes into the kept 450: charged 450, what it holds (650 in flight), not 100 ...
+        let (v, c) = b.acquire_buffer(100).unwrap();
+        assert_eq!((v.capacity(), c), (450, 450));
+        // ... so 400 more wait until it is written (650 + 400 > 1000).
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.acquire_buffer(400).map(|(_, c)| c));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(!waiter.is_finished());
+            b.release_buffer(c, None);
+            assert_eq!(waiter.join().unwrap(), Some(400));
+        });
         let file = tempfile::tempfile().unwrap();
         (&file).write_all(b"0123456789").unwrap();
         let got = read_into(&file, 3, 4, Vec::with_capacity(64)).unwrap();
