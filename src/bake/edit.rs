@@ -101,6 +101,18 @@ impl<'a> Edit<'a> {
         self.layer.row_scale.as_ref().map(|(_, v)| v.as_slice())
     }
 
+    /// Bytes of parameters this edit holds in memory (none while they are in a `.oft` file).
+    pub fn resident_bytes(&self) -> u64 {
+        let f64s = match self.source {
+            Source::Loaded => {
+                self.layer.stages.iter().map(|s| s.q.len()).sum::<usize>()
+                    + self.row_scale().map_or(0, <[f64]>::len)
+            }
+            Source::Deferred { .. } => 0,
+        };
+        8 * f64s as u64
+    }
+
     /// Whether the parameters are still in the file.
     #[cfg(test)]
     pub fn is_deferred(&self) -> bool {

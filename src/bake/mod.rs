@@ -298,6 +298,7 @@ fn stream_with<B: Backend>(
 ) -> Result<stream::Written> {
     let stream_opts = stream::StreamOptions {
         in_flight: backend.in_flight(),
+        in_flight_bytes: stream::in_flight_limit(plan.resident_bytes()),
     };
     stream::write(
         checkpoint,
@@ -484,7 +485,18 @@ mod tests {
             assert!(e.is_deferred());
             assert_eq!(&*e.layer().unwrap(), want);
         }
+        // Nothing held in memory: the stream gets the whole in-flight budget.
+        assert_eq!(planned.resident_bytes(), 0);
         drop(planned);
+        // Read whole, the parameters are held (8 bytes per value) and counted.
+        let held = plan::plan(&checkpoint, &whole, &opts).unwrap();
+        let values: usize = (adapter.layers.iter())
+            .flat_map(|l| &l.stages)
+            .map(|s| s.q.len())
+            .sum();
+        assert!(values > 0);
+        assert_eq!(held.resident_bytes(), 8 * values as u64);
+        drop(held);
 
         let (lazy_out, whole_out) = (tmp.path().join("lazy.st"), tmp.path().join("whole.st"));
         merge(&base, lazy, &lazy_out, &opts, &NoProgress).unwrap();

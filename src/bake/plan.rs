@@ -28,6 +28,18 @@ pub(crate) struct Plan<'a> {
     pub skipped: Vec<String>,
 }
 
+impl Plan<'_> {
+    /// Bytes of adapter parameters the edits hold in memory (counted once per edit, so a
+    /// layer split across tensors counts once per part: an upper bound).
+    pub fn resident_bytes(&self) -> u64 {
+        self.jobs
+            .iter()
+            .flat_map(|j| j.edits.values().flatten())
+            .map(Edit::resident_bytes)
+            .sum()
+    }
+}
+
 /// A layer (or the part of it that lands on one tensor) and where it lands.
 struct Placement<'a> {
     loc: Located,

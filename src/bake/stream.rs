@@ -41,6 +41,8 @@ impl Progress for NoProgress {}
 pub(crate) struct StreamOptions {
     /// Tensors that may wait between the reader and the compute stage.
     pub in_flight: usize,
+    /// Bytes of tensors that may be in flight ([`in_flight_limit`]).
+    pub in_flight_bytes: u64,
 }
 
 /// What the stream wrote.
@@ -56,14 +58,27 @@ const WRITER_QUEUE: usize = 6;
 /// Writeback window: every this many bytes written, the writer starts the kernel writing them
 /// to disk and waits for the window before (see [`Writeback`]).
 const WRITEBACK_STEP: u64 = 64 << 20;
-/// Bytes of tensors read for computing and not yet written that the stream may hold at once
-/// (a tensor larger than this alone still goes through, by itself), buffers kept for reuse
-/// included. Bounds the peak memory whatever the tensor sizes. It must hold a FLUX.1 single
-/// block's `linear1` and `linear2` at once (132 + 94 MB in BF16): with 192 MiB the reader
-/// waited for each `linear1` to be written before it could read `linear2`, and a cold
-/// full-size Flux bake took 1.19 × cp where 256 MiB took 1.01 × (3 alternating rounds,
+/// Bytes of tensor data a bake may hold at once: the adapter parameters it holds in memory
+/// plus the tensors read for computing and not yet written (buffers kept for reuse included).
+/// With the process's own ~100 MiB this keeps a bake's peak RSS under 512 MiB.
+const MEMORY_BUDGET: u64 = 384 << 20;
+/// The most bytes of tensors in flight. It must hold a FLUX.1 single block's `linear1` and
+/// `linear2` at once (132 + 94 MB in BF16): with 192 MiB the reader waited for each `linear1`
+/// to be written before it could read `linear2`, and a cold full-size Flux bake took 1.19 × cp
+/// where 256 MiB took 1.01 × (3 alternating rounds; LLM-size 1.58 × against 1.22 ×;
 /// bench/README.md, fifth round).
-const BYTES_IN_FLIGHT: u64 = 256 << 20;
+const MAX_IN_FLIGHT: u64 = 256 << 20;
+/// The fewest bytes of tensors in flight, whatever the adapter holds (a tensor larger than the
+/// limit still goes through, alone).
+const MIN_IN_FLIGHT: u64 = 128 << 20;
+
+/// Bytes of tensors the stream may have in flight beside `resident` bytes of adapter
+/// parameters held in memory (a `.oft` file's are read per tensor: none).
+pub(crate) fn in_flight_limit(resident: u64) -> u64 {
+    MEMORY_BUDGET
+        .saturating_sub(resident)
+        .clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT)
+}
 /// How far ahead of the reader the base is requested from disk (`POSIX_FADV_WILLNEED`). Page
 /// cache, not the process's memory. On a cold full-size Flux bake 1 GiB took 53.5-60.6 s
 /// where 256 MiB took 56.5-71.0 s, faster in each of 3 alternating rounds (bench/README.md).
@@ -232,7 +247,7 @@ impl FileStream<'_, '_> {
         let file = File::create(self.out).map_err(|e| Error::io(self.out, e))?;
         let source = File::open(self.input).map_err(|e| Error::io(self.input, e))?;
         let reader_file = File::open(self.input).map_err(|e| Error::io(self.input, e))?;
-        let budget = Budget::new(BYTES_IN_FLIGHT);
+        let budget = Budget::new(self.opts.in_flight_bytes);
         let budget = &budget;
         std::thread::scope(|s| -> Result<(u64, usize)> {
             let (tx, rx) = sync_channel::<Piece>(WRITER_QUEUE);
@@ -794,6 +809,21 @@ mod tests {
         let got = read_into(&file, 3, 4, Vec::with_capacity(64)).unwrap();
         assert_eq!(got, b"3456");
         assert!(read_into(&file, 8, 4, Vec::new()).is_err());
+    }
+
+    /// Adapter parameters held in memory leave less room for tensors in flight, within bounds.
+    #[test]
+    fn in_flight_limit_shares_the_memory_budget() {
+        assert_eq!(in_flight_limit(0), MAX_IN_FLIGHT);
+        assert_eq!(
+            in_flight_limit(MEMORY_BUDGET - MAX_IN_FLIGHT),
+            MAX_IN_FLIGHT
+        );
+        // A OneTrainer Flux adapter read whole: 23.5 M values in f64.
+        let held = 8 * 23_500_000;
+        assert_eq!(in_flight_limit(held), MEMORY_BUDGET - held);
+        assert!(in_flight_limit(held) < MAX_IN_FLIGHT);
+        assert_eq!(in_flight_limit(u64::MAX), MIN_IN_FLIGHT);
     }
 
     /// The in-flight budget lets a tensor larger than the limit through alone, waits for room
