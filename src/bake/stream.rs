@@ -60,7 +60,8 @@ const WRITER_QUEUE: usize = 6;
 const WRITEBACK_STEP: u64 = 64 << 20;
 /// Bytes of tensor data a bake may hold at once: the adapter parameters it holds in memory
 /// plus the tensors read for computing and not yet written (buffers kept for reuse included).
-/// With the process's own ~100 MiB this keeps a bake's peak RSS under 512 MiB.
+/// With the rest of the process (threads' scratch, R blocks, the allocator's slack) the bench's
+/// bakes peaked at 104-470 MiB RSS (bench/README.md, fifth round), under the 512 MiB goal.
 const MEMORY_BUDGET: u64 = 384 << 20;
 /// The most bytes of tensors in flight. It must hold a FLUX.1 single block's `linear1` and
 /// `linear2` at once (132 + 94 MB in BF16): with 192 MiB the reader waited for each `linear1`
@@ -569,10 +570,10 @@ impl Budget {
                 return Some((buf.unwrap_or_default(), charge));
             }
             if others > 0 {
-                // Room before reuse: free the other kept buffers.
-                st.kept
-                    .retain(|v| best.is_some_and(|(_, cap)| v.capacity() as u64 == cap));
-                st.kept.truncate(1);
+                // Room before reuse: free the kept buffers but the one that holds `n`.
+                let keep = best.map(|(i, _)| st.kept.swap_remove(i));
+                st.kept.clear();
+                st.kept.extend(keep);
             } else if best.is_some() && st.in_flight + n <= self.limit {
                 st.kept.clear(); // the one that holds `n` is too large: a fresh one fits
             } else if st.in_flight == 0 {
